@@ -1,0 +1,102 @@
+/**
+ * What a `blktap` subcommand is, and the argument parsing they all share:
+ * `node:util` `parseArgs` in strict mode, `--help` on every command, usage
+ * errors as exit status 2.
+ * @module
+ */
+import { parseArgs, type ParseArgsConfig } from "node:util";
+
+/** One subcommand of the `blktap` executable. */
+export interface Command {
+  /** As typed after `blktap`. */
+  name: string;
+  /** One line for `blktap --help`. */
+  summary: string;
+  /** Full help text, printed by `blktap NAME --help`. */
+  usage: string;
+  /** Runs the command; resolves to the process exit status. */
+  run(argv: string[]): Promise<number>;
+}
+
+/** Wrong arguments: main prints the message and the usage, exits 2. */
+export class UsageError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "UsageError";
+  }
+}
+
+/** `--help` was given: main prints the usage and exits 0. */
+export class HelpRequested extends Error {}
+
+type Options = NonNullable<ParseArgsConfig["options"]>;
+
+/** Positional-argument bounds for {@linkcode parseCommandArgs}. */
+export interface PositionalBounds {
+  min: number;
+  max: number;
+}
+
+/**
+ * Parses `argv` against `options` (plus `-h/--help`), checking the number of
+ * positionals. Throws {@linkcode UsageError} or {@linkcode HelpRequested}.
+ */
+export function parseCommandArgs<O extends Options>(
+  argv: string[],
+  options: O,
+  positionals: PositionalBounds = { min: 0, max: 0 },
+) {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args: argv,
+      options: { ...options, help: { type: "boolean", short: "h" } },
+      allowPositionals: positionals.max > 0,
+      strict: true,
+    });
+  } catch (error) {
+    throw new UsageError((error as Error).message);
+  }
+  if ((parsed.values as Record<string, unknown>).help) throw new HelpRequested();
+  const count = parsed.positionals.length;
+  if (count < positionals.min) throw new UsageError("missing arguments");
+  if (count > positionals.max) {
+    throw new UsageError(`unexpected argument '${parsed.positionals[positionals.max]}'`);
+  }
+  return parsed as unknown as {
+    values: { [K in keyof O]?: O[K]["type"] extends "boolean" ? boolean : string };
+    positionals: string[];
+  };
+}
+
+/** Parses a non-negative integer option; throws UsageError naming the option. */
+export function parseCount(value: string | undefined, option: string): number | undefined {
+  if (value === undefined) return undefined;
+  if (!/^\d+$/.test(value) || !Number.isSafeInteger(Number(value))) {
+    throw new UsageError(`${option} expects a non-negative integer, got '${value}'`);
+  }
+  return Number(value);
+}
+
+const SIZE_UNITS: Record<string, number> = {
+  "": 1,
+  b: 1,
+  k: 2 ** 10,
+  m: 2 ** 20,
+  g: 2 ** 30,
+  t: 2 ** 40,
+};
+
+/**
+ * Parses a size such as `512`, `64K`, `10G`, `1.5T` into bytes.
+ * `bareUnitBytes` is the unit of a number without suffix (the seed's
+ * qcow-create counts MiB).
+ */
+export function parseSize(text: string, bareUnitBytes = 1): number {
+  const match = /^(\d+(?:\.\d+)?)\s*([bkmgt]?)(?:i?b)?$/i.exec(text.trim());
+  if (!match) throw new UsageError(`invalid size '${text}' (examples: 512M, 10G)`);
+  const unit = match[2] === "" ? bareUnitBytes : SIZE_UNITS[match[2].toLowerCase()];
+  const bytes = Math.round(Number(match[1]) * unit);
+  if (!Number.isSafeInteger(bytes)) throw new UsageError(`size '${text}' is too large`);
+  return bytes;
+}

@@ -1,0 +1,8 @@
+/**
+ * Every `blktap` subcommand, in the order `blktap --help` lists them. A
+ * command appears here only once it works.
+ * @module
+ */
+import type { Command } from "./command.ts";
+
+export const COMMANDS: Command[] = [];

@@ -1,0 +1,199 @@
+/**
+ * The block driver interface (DESIGN.md §4): what every format driver
+ * (`aio`, `sync`, `qcow`, `vmdk`, `ram`, ...) offers to the disk process and
+ * the tools. It reads like nbdkit's plugin API: capabilities first, then
+ * data callbacks. Offsets and lengths are guest bytes.
+ *
+ * Drivers extend {@linkcode BlockDriverBase}, which checks every range once
+ * and supplies the default behaviour for callbacks a format does not
+ * implement (write-zeroes by writing zeros, FUA by flushing, one data extent
+ * for block status), so no driver carries its own copy of those.
+ * @module
+ */
+
+/** What a driver can do; front ends advertise exactly these. */
+export interface DriverCapabilities {
+  /** Writes are allowed (false for read-only opens and read-only formats). */
+  readonly canWrite: boolean;
+  /** `flush` makes completed writes durable. */
+  readonly canFlush: boolean;
+  /** `write` with `fua` is cheaper than write + flush. */
+  readonly canFua: boolean;
+  /** `discard` actually frees space (otherwise it is a no-op, as TRIM allows). */
+  readonly canDiscard: boolean;
+  /** `writeZeroes` is cheaper than writing a buffer of zeros. */
+  readonly canZero: boolean;
+  /** `blockStatus` reports real holes and zeros. */
+  readonly canExtents: boolean;
+  /** Several connections may share the disk: flush covers all their writes. */
+  readonly canMultiConn: boolean;
+}
+
+/** One run of guest bytes with the same allocation state. */
+export interface Extent {
+  offsetBytes: number;
+  lengthBytes: number;
+  /** Not allocated in this image or its chain (NBD_STATE_HOLE). */
+  hole: boolean;
+  /** Reads as zeros (NBD_STATE_ZERO). */
+  zero: boolean;
+}
+
+/** Options of a write. */
+export interface WriteOptions {
+  /** Force unit access: durable before the promise resolves. */
+  fua?: boolean;
+}
+
+/** Options of a write-zeroes. */
+export interface ZeroOptions {
+  /** The range may be deallocated instead of written (NBD without NO_HOLE). */
+  mayTrim?: boolean;
+  /** Fail with EOPNOTSUPP rather than fall back to a slow write (FAST_ZERO). */
+  fast?: boolean;
+  fua?: boolean;
+}
+
+/** Errno-style codes a driver may fail with; front ends map them to wire codes. */
+export type BlockErrorCode =
+  | "EINVAL"
+  | "EIO"
+  | "EPERM"
+  | "ENOSPC"
+  | "EOPNOTSUPP"
+  | "EOVERFLOW";
+
+/** A failed block operation, with the image it concerns. */
+export class BlockError extends Error {
+  readonly code: BlockErrorCode;
+  constructor(code: BlockErrorCode, message: string) {
+    super(message);
+    this.name = "BlockError";
+    this.code = code;
+  }
+}
+
+/** The contract every format driver fulfils. */
+export interface BlockDriver {
+  /** Driver name as used in `type:path` (`aio`, `qcow`, ...). */
+  readonly format: string;
+  /** The image this driver serves. */
+  readonly path: string;
+  /** Virtual (guest-visible) size. */
+  readonly sizeBytes: number;
+  readonly capabilities: DriverCapabilities;
+  /**
+   * Fills `buffer` with the guest bytes at `offsetBytes`. Any alignment is
+   * accepted; unallocated ranges read from the parent or as zeros.
+   */
+  read(offsetBytes: number, buffer: Uint8Array): Promise<void>;
+  /**
+   * Writes `data` at `offsetBytes`. Resolves when the data is written (not
+   * necessarily durable unless `fua`). Throws EPERM on a read-only driver.
+   */
+  write(offsetBytes: number, data: Uint8Array, options?: WriteOptions): Promise<void>;
+  /** Resolves once every write that completed before the call is durable. */
+  flush(): Promise<void>;
+  /** Hint that the range is unused; afterwards it may read as zeros or as before. */
+  discard(offsetBytes: number, lengthBytes: number): Promise<void>;
+  /** Makes the range read as zeros. */
+  writeZeroes(offsetBytes: number, lengthBytes: number, options?: ZeroOptions): Promise<void>;
+  /** Allocation state of the range, as consecutive extents covering it from the start. */
+  blockStatus(offsetBytes: number, lengthBytes: number): Promise<Extent[]>;
+  /** Releases files and memory; the driver must not be used afterwards. */
+  close(): Promise<void>;
+}
+
+/** Size of the zero buffer used by the default write-zeroes. */
+const zero_chunk_bytes = 1 << 20;
+let zeroChunk: Uint8Array | undefined;
+
+/**
+ * Base class for drivers: validates ranges and write permission once, then
+ * calls the `_`-prefixed hooks; provides defaults for optional callbacks.
+ */
+export abstract class BlockDriverBase implements BlockDriver {
+  abstract readonly format: string;
+  abstract readonly path: string;
+  abstract readonly sizeBytes: number;
+  abstract readonly capabilities: DriverCapabilities;
+
+  protected abstract _read(offsetBytes: number, buffer: Uint8Array): Promise<void>;
+  protected abstract _write(offsetBytes: number, data: Uint8Array): Promise<void>;
+  protected abstract _flush(): Promise<void>;
+  abstract close(): Promise<void>;
+
+  /** Default: advisory, nothing is freed. */
+  protected _discard(_offsetBytes: number, _lengthBytes: number): Promise<void> {
+    return Promise.resolve();
+  }
+
+  /** Default: write zeros in chunks; refuses when `fast` is asked. */
+  protected async _writeZeroes(offsetBytes: number, lengthBytes: number, options: ZeroOptions) {
+    if (options.fast) throw new BlockError("EOPNOTSUPP", `${this.path}: no fast zeroing`);
+    zeroChunk ??= new Uint8Array(zero_chunk_bytes);
+    for (let done = 0; done < lengthBytes; done += zero_chunk_bytes) {
+      const length = Math.min(zero_chunk_bytes, lengthBytes - done);
+      await this._write(offsetBytes + done, zeroChunk.subarray(0, length));
+    }
+  }
+
+  /** Default: everything is allocated data. */
+  protected _blockStatus(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
+    return Promise.resolve([{ offsetBytes, lengthBytes, hole: false, zero: false }]);
+  }
+
+  /** Throws EINVAL unless `[offset, offset+length)` lies inside the disk. */
+  protected checkRange(offsetBytes: number, lengthBytes: number): void {
+    if (
+      !Number.isSafeInteger(offsetBytes) || !Number.isSafeInteger(lengthBytes) ||
+      offsetBytes < 0 || lengthBytes < 0 || offsetBytes + lengthBytes > this.sizeBytes
+    ) {
+      throw new BlockError(
+        "EINVAL",
+        `${this.path}: range ${offsetBytes}+${lengthBytes} is outside the disk (${this.sizeBytes} bytes)`,
+      );
+    }
+  }
+
+  protected checkWritable(): void {
+    if (!this.capabilities.canWrite) {
+      throw new BlockError("EPERM", `${this.path}: opened read-only`);
+    }
+  }
+
+  read(offsetBytes: number, buffer: Uint8Array): Promise<void> {
+    this.checkRange(offsetBytes, buffer.byteLength);
+    return buffer.byteLength === 0 ? Promise.resolve() : this._read(offsetBytes, buffer);
+  }
+
+  async write(offsetBytes: number, data: Uint8Array, options: WriteOptions = {}): Promise<void> {
+    this.checkWritable();
+    this.checkRange(offsetBytes, data.byteLength);
+    if (data.byteLength > 0) await this._write(offsetBytes, data);
+    if (options.fua) await this._flush();
+  }
+
+  flush(): Promise<void> {
+    return this._flush();
+  }
+
+  discard(offsetBytes: number, lengthBytes: number): Promise<void> {
+    this.checkWritable();
+    this.checkRange(offsetBytes, lengthBytes);
+    return lengthBytes === 0 ? Promise.resolve() : this._discard(offsetBytes, lengthBytes);
+  }
+
+  async writeZeroes(offsetBytes: number, lengthBytes: number, options: ZeroOptions = {}) {
+    this.checkWritable();
+    this.checkRange(offsetBytes, lengthBytes);
+    if (lengthBytes > 0) await this._writeZeroes(offsetBytes, lengthBytes, options);
+    if (options.fua) await this._flush();
+  }
+
+  blockStatus(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
+    this.checkRange(offsetBytes, lengthBytes);
+    if (lengthBytes === 0) return Promise.resolve([]);
+    return this._blockStatus(offsetBytes, lengthBytes);
+  }
+}

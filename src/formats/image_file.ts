@@ -1,0 +1,49 @@
+/**
+ * The file layer beneath format drivers (QEMU's `bs->file`): a growable
+ * byte array on disk. Format drivers (qcow, vmdk, ...) keep their data and
+ * metadata in an {@linkcode ImageFile}; the raw drivers expose one as a disk.
+ * Crash-simulation tests substitute a fault-injecting implementation.
+ * @module
+ */
+
+/** A run of file bytes that is either allocated data or a hole. */
+export interface FileExtent {
+  offsetBytes: number;
+  lengthBytes: number;
+  data: boolean;
+}
+
+/** Byte-addressed storage with explicit durability. */
+export interface ImageFile {
+  /** Path for error messages. */
+  readonly path: string;
+  /** Whether writes may be issued (opened read-write). */
+  readonly writable: boolean;
+  /** Current length of the file. */
+  lengthBytes(): number;
+  /** Fills `buffer` from `offsetBytes`; bytes past the end read as zeros. Any alignment. */
+  read(offsetBytes: number, buffer: Uint8Array): Promise<void>;
+  /** Writes all of `data`; extends the file when writing past its end. Any alignment. */
+  write(offsetBytes: number, data: Uint8Array): Promise<void>;
+  /** Makes every completed write durable (fdatasync). */
+  flush(): Promise<void>;
+  /** Sets the length; growing leaves a hole. */
+  truncate(lengthBytes: number): Promise<void>;
+  /** Deallocates a range inside the file; it reads as zeros afterwards. */
+  punchHole(offsetBytes: number, lengthBytes: number): Promise<void>;
+  /** Preallocates a range, extending the file if needed; contents read as zeros where new. */
+  allocate(offsetBytes: number, lengthBytes: number): Promise<void>;
+  /** Data and hole runs covering `[offset, offset+length)` clipped to the file. */
+  extents(offsetBytes: number, lengthBytes: number): Promise<FileExtent[]>;
+  /** Bytes allocated on disk (`du`). */
+  allocatedBytes(): number;
+  close(): Promise<void>;
+}
+
+/** How an image is opened (CLI `--readonly`, `--cache`). */
+export interface ImageOpenOptions {
+  /** Open without write permission. */
+  readOnly?: boolean;
+  /** `none` = O_DIRECT (default), `writeback` = page cache, as QEMU's cache modes. */
+  cache?: "none" | "writeback";
+}
