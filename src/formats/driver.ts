@@ -55,6 +55,19 @@ export interface ZeroOptions {
 }
 
 /** Errno-style codes a driver may fail with; front ends map them to wire codes. */
+/**
+ * Optional, for drivers that own I/O memory (the ring client owns the ring's
+ * data pages): front ends borrow a buffer, receive a payload straight into it
+ * and pass it to `write`, or pass it to `read` and send from it, so no
+ * payload is copied in TypeScript.
+ */
+export interface BufferLender {
+  /** A buffer of exactly `lengthBytes` from the pool, or undefined when it is exhausted. */
+  borrowBuffer(lengthBytes: number): Uint8Array | undefined;
+  /** Gives a borrowed buffer back once the request using it has completed. */
+  returnBuffer(buffer: Uint8Array): void;
+}
+
 export type BlockErrorCode =
   | "EINVAL"
   | "EIO"
