@@ -56,7 +56,9 @@ export class AioQueue {
     this.#handle = BigInt(check(shim.shim_aio_create(maxInflight), "io_setup"));
     const eventsAddress = Number(shim.shim_aio_events(this.#handle));
     const pointer = Deno.UnsafePointer.create(BigInt(eventsAddress))!;
-    this.#events = new DataView(new Deno.UnsafePointerView(pointer).getArrayBuffer(maxInflight * 16));
+    this.#events = new DataView(
+      new Deno.UnsafePointerView(pointer).getArrayBuffer(maxInflight * 16),
+    );
     this.#slots = new Array(maxInflight).fill(undefined);
     this.#freeSlots = Array.from({ length: maxInflight }, (_, i) => maxInflight - 1 - i);
     this.#records = new Uint8Array(submit_batch_max * REQUEST_RECORD_BYTES);
@@ -123,7 +125,9 @@ export class AioQueue {
   #packBatch(): number[] {
     const slots: number[] = [];
     let iovecCount = 0;
-    while (this.#queued.length > 0 && this.#freeSlots.length > 0 && slots.length < submit_batch_max) {
+    while (
+      this.#queued.length > 0 && this.#freeSlots.length > 0 && slots.length < submit_batch_max
+    ) {
       const next = this.#queued[0];
       if (iovecCount + next.iovecs.length > iovecs_per_batch_max) break;
       this.#queued.shift();
@@ -185,7 +189,9 @@ export class AioQueue {
   /** Destroys the context; requests still in flight must have completed. */
   close(): void {
     if (this.#closed) return;
-    if (this.inflight > 0) throw new Error(`AioQueue.close with ${this.inflight} requests in flight`);
+    if (this.inflight > 0) {
+      throw new Error(`AioQueue.close with ${this.inflight} requests in flight`);
+    }
     this.#closed = true;
     check(shim.shim_aio_destroy(this.#handle), "io_destroy");
   }

@@ -78,7 +78,12 @@ export class File {
   /** Blocking positional read; returns bytes read (short at end of file). */
   pread(bytes: Uint8Array, offsetBytes: number): number {
     return check(
-      shim.shim_pread(this.fd, BigInt(addressOf(bytes)), BigInt(bytes.byteLength), BigInt(offsetBytes)),
+      shim.shim_pread(
+        this.fd,
+        BigInt(addressOf(bytes)),
+        BigInt(bytes.byteLength),
+        BigInt(offsetBytes),
+      ),
       "pread",
       this.path,
     );

@@ -58,7 +58,6 @@ function candidatePaths(): string[] {
   return paths;
 }
 
-
 // Copies an embedded library to a real file once, named by its content.
 function extractEmbedded(path: string): string {
   const bytes = Deno.readFileSync(path);
@@ -104,4 +103,3 @@ function load(): Deno.DynamicLibrary<typeof SYMBOLS> {
 
 /** The loaded shim's symbols. */
 export const shim: ShimSymbols = load().symbols;
-

@@ -63,7 +63,7 @@ export async function probeFormat(path: string): Promise<string> {
   try {
     const head = new Uint8Array(Math.min(probe_bytes, file.lengthBytes()));
     await file.read(0, head);
-    return FORMATS.find((f) => f.probe?.(head))?.name ?? "raw";
+    return FORMATS.find((f) => f.probe?.(head))?.name ?? "aio";
   } finally {
     await file.close();
   }
@@ -93,7 +93,10 @@ function makeContext(options: ImageOpenOptions, chain: string[]): OpenContext {
       const path = resolveBackingName(name, overlayPath);
       const shown = [...chain, path].join(" -> ");
       if (chain.length >= backing_chain_depth_max) {
-        throw new BlockError("EINVAL", `backing chain deeper than ${backing_chain_depth_max}: ${shown}`);
+        throw new BlockError(
+          "EINVAL",
+          `backing chain deeper than ${backing_chain_depth_max}: ${shown}`,
+        );
       }
       const real = realPathOrSelf(path);
       if (chain.some((p) => realPathOrSelf(p) === real)) {
@@ -118,7 +121,9 @@ async function openChained(
   const parsed = parseImageSpec(spec);
   const formatName = parsed.format ?? await probeFormat(parsed.path);
   const entry = findFormat(formatName);
-  if (!entry) throw new BlockError("EINVAL", `${parsed.path}: unknown image format '${formatName}'`);
+  if (!entry) {
+    throw new BlockError("EINVAL", `${parsed.path}: unknown image format '${formatName}'`);
+  }
   return await entry.open(parsed.path, options, makeContext(options, chain));
 }
 

@@ -1,0 +1,145 @@
+/**
+ * The `aio` file layer: libaio with O_DIRECT (cache=none) or through the
+ * page cache (cache=writeback). Requests that are not block-aligned in
+ * memory, offset or length go through aligned bounce buffers; partial
+ * blocks are read-modify-written under a range lock.
+ * @module
+ */
+import { AioQueue, type IoVec } from "../../../ffi/aio.ts";
+import { SysError } from "../../../ffi/errno.ts";
+import { File } from "../../../ffi/file.ts";
+import { addressOf } from "../../../ffi/memory.ts";
+import { giveBounce, takeBounce } from "./bounce_pool.ts";
+import { FdImageFile } from "./fd_image_file.ts";
+import { RangeLock } from "./range_lock.ts";
+
+/** O_DIRECT alignment: 4 KiB satisfies every logical block size in use. */
+export const direct_alignment_bytes = 4096;
+const max_inflight_requests = 256;
+
+let sharedQueue: AioQueue | undefined;
+
+/** One libaio context per process, so requests to all files batch together. */
+function queue(): AioQueue {
+  sharedQueue ??= new AioQueue(max_inflight_requests);
+  return sharedQueue;
+}
+
+function isAligned(value: number, alignment: number): boolean {
+  return value % alignment === 0;
+}
+
+/** An image file served through libaio. */
+export class AioFile extends FdImageFile {
+  readonly direct: boolean;
+  readonly #alignment: number;
+  readonly #writeLocks = new RangeLock();
+  #fdsyncWorks = true;
+
+  constructor(file: File, writable: boolean) {
+    super(file, writable);
+    this.direct = file.direct;
+    this.#alignment = file.direct ? direct_alignment_bytes : 1;
+  }
+
+  #aligned(offsetBytes: number, bytes: Uint8Array): boolean {
+    const a = this.#alignment;
+    return a === 1 ||
+      (isAligned(offsetBytes, a) && isAligned(bytes.byteLength, a) &&
+        isAligned(addressOf(bytes), a));
+  }
+
+  async read(offsetBytes: number, buffer: Uint8Array): Promise<void> {
+    if (this.#aligned(offsetBytes, buffer)) {
+      await this.#readFull(offsetBytes, buffer);
+      return;
+    }
+    const start = offsetBytes - (offsetBytes % this.#alignment);
+    const end = Math.ceil((offsetBytes + buffer.byteLength) / this.#alignment) * this.#alignment;
+    const bounce = takeBounce(end - start);
+    try {
+      const window = bounce.bytes.subarray(0, end - start);
+      await this.#readFull(start, window);
+      buffer.set(window.subarray(offsetBytes - start, offsetBytes - start + buffer.byteLength));
+    } finally {
+      giveBounce(bounce);
+    }
+  }
+
+  // Reads all of `buffer`; a short read means end of file: the rest is zeros.
+  async #readFull(offsetBytes: number, buffer: Uint8Array): Promise<void> {
+    const iov: IoVec[] = [{ address: addressOf(buffer), lengthBytes: buffer.byteLength }];
+    const got = await queue().readv(this.file.fd, offsetBytes, iov, this.path);
+    if (got < buffer.byteLength) {
+      if (got > 0 && offsetBytes + got < this.length) {
+        // A short read inside the file: finish it (possible for buffered I/O).
+        return this.#readFull(offsetBytes + got, buffer.subarray(got));
+      }
+      buffer.fill(0, got);
+    }
+  }
+
+  async write(offsetBytes: number, data: Uint8Array): Promise<void> {
+    const a = this.#alignment;
+    const start = offsetBytes - (offsetBytes % a);
+    const end = Math.ceil((offsetBytes + data.byteLength) / a) * a;
+    this.length = Math.max(this.length, offsetBytes + data.byteLength);
+    const release = await this.#writeLocks.acquire(start, end);
+    try {
+      if (this.#aligned(offsetBytes, data)) {
+        await this.#writeFull(offsetBytes, data);
+      } else {
+        await this.#readModifyWrite(start, end, offsetBytes, data);
+        // The whole last block was written: cut the padding past every issued write.
+        if (end > this.length) this.file.truncate(this.length);
+      }
+    } finally {
+      release();
+    }
+  }
+
+  async #readModifyWrite(start: number, end: number, offsetBytes: number, data: Uint8Array) {
+    const bounce = takeBounce(end - start);
+    try {
+      const window = bounce.bytes.subarray(0, end - start);
+      const a = this.#alignment;
+      const headPartial = offsetBytes !== start;
+      const tailPartial = offsetBytes + data.byteLength !== end;
+      if (headPartial) await this.#readFull(start, window.subarray(0, a));
+      if (tailPartial && !(headPartial && end - a === start)) {
+        await this.#readFull(end - a, window.subarray(end - a - start));
+      }
+      window.set(data, offsetBytes - start);
+      await this.#writeFull(start, window);
+    } finally {
+      giveBounce(bounce);
+    }
+  }
+
+  async #writeFull(offsetBytes: number, data: Uint8Array): Promise<void> {
+    let done = 0;
+    while (done < data.byteLength) {
+      const iov: IoVec[] = [{
+        address: addressOf(data) + done,
+        lengthBytes: data.byteLength - done,
+      }];
+      const wrote = await queue().writev(this.file.fd, offsetBytes + done, iov, this.path);
+      if (wrote === 0) throw new SysError("pwritev", 28, this.path);
+      done += wrote;
+    }
+  }
+
+  async flush(): Promise<void> {
+    if (!this.writable) return;
+    if (this.#fdsyncWorks) {
+      try {
+        await queue().fdsync(this.file.fd, this.path);
+        return;
+      } catch (error) {
+        if (!(error instanceof SysError && error.code === "EINVAL")) throw error;
+        this.#fdsyncWorks = false; // file system without aio fsync
+      }
+    }
+    this.file.fdatasync();
+  }
+}

@@ -1,0 +1,57 @@
+/**
+ * Opens and creates the file layer ({@linkcode ImageFile}) beneath every
+ * format: `aio` (libaio) by default, `sync` when asked. cache=none means
+ * O_DIRECT; where the file system refuses it, the file is opened through
+ * the page cache with a warning, as QEMU does not (it fails) but users of
+ * tmpfs expect.
+ * @module
+ */
+import { SysError } from "../../../ffi/errno.ts";
+import { File } from "../../../ffi/file.ts";
+import { BlockError } from "../driver.ts";
+import type { ImageFile, ImageOpenOptions } from "../image_file.ts";
+import { AioFile } from "./aio_file.ts";
+import { SyncFile } from "./sync_file.ts";
+
+/** Which file layer to use. */
+export type FileEngine = "aio" | "sync";
+
+/** Options for {@linkcode openImageFile}. */
+export interface FileOpenOptions extends ImageOpenOptions {
+  engine?: FileEngine;
+  /** Create a new file; fails if it exists. */
+  createNew?: boolean;
+}
+
+const warnedPaths = new Set<string>();
+
+function openDescriptor(path: string, options: FileOpenOptions): File {
+  const base = { write: !options.readOnly, createNew: options.createNew };
+  const direct = (options.cache ?? "none") === "none" && options.engine !== "sync";
+  if (!direct) return File.open(path, base);
+  try {
+    return File.open(path, { ...base, direct: true });
+  } catch (error) {
+    if (!(error instanceof SysError && error.code === "EINVAL")) throw error;
+    if (!warnedPaths.has(path)) {
+      warnedPaths.add(path);
+      console.error(
+        `blktap: warning: ${path}: O_DIRECT refused by the file system; using the page cache`,
+      );
+    }
+    return File.open(path, base);
+  }
+}
+
+/** Opens `path` as the file layer; refuses directories with a clear error. */
+export function openImageFile(path: string, options: FileOpenOptions = {}): Promise<ImageFile> {
+  const file = openDescriptor(path, options);
+  const { kind } = file.stat();
+  if (kind === "directory" || kind === "other") {
+    file.close();
+    const what = kind === "directory" ? "a directory" : "not a file or block device";
+    return Promise.reject(new BlockError("EINVAL", `${path}: is ${what}`));
+  }
+  const Engine = options.engine === "sync" ? SyncFile : AioFile;
+  return Promise.resolve(new Engine(file, !options.readOnly));
+}

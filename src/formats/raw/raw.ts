@@ -1,0 +1,107 @@
+/**
+ * The raw drivers: a disk whose bytes are the file's bytes. `aio` (libaio,
+ * the default for raw images) and `sync` (blocking) differ only in their
+ * file layer. Discard punches holes, write-zeroes uses fallocate, block
+ * status comes from SEEK_DATA/SEEK_HOLE.
+ * @module
+ */
+import {
+  BlockDriverBase,
+  type DriverCapabilities,
+  type Extent,
+  type ZeroOptions,
+} from "../driver.ts";
+import type { ImageFile, ImageOpenOptions } from "../image_file.ts";
+import type { FormatEntry } from "../open_image.ts";
+import { type FileEngine, openImageFile } from "./open_file.ts";
+import type { FdImageFile } from "./fd_image_file.ts";
+
+/** A raw image served from an {@linkcode ImageFile}. */
+export class RawDriver extends BlockDriverBase {
+  readonly format: string;
+  readonly sizeBytes: number;
+  readonly capabilities: DriverCapabilities;
+  readonly #file: ImageFile;
+
+  constructor(format: string, file: ImageFile) {
+    super();
+    this.format = format;
+    this.#file = file;
+    this.sizeBytes = file.lengthBytes();
+    this.capabilities = {
+      canWrite: file.writable,
+      canFlush: true,
+      canFua: false,
+      canDiscard: file.writable,
+      canZero: file.writable,
+      canExtents: true,
+      canMultiConn: true,
+    };
+  }
+
+  get path(): string {
+    return this.#file.path;
+  }
+
+  protected _read(offsetBytes: number, buffer: Uint8Array): Promise<void> {
+    return this.#file.read(offsetBytes, buffer);
+  }
+
+  protected _write(offsetBytes: number, data: Uint8Array): Promise<void> {
+    return this.#file.write(offsetBytes, data);
+  }
+
+  protected _flush(): Promise<void> {
+    return this.#file.flush();
+  }
+
+  protected override _discard(offsetBytes: number, lengthBytes: number): Promise<void> {
+    return this.#file.punchHole(offsetBytes, lengthBytes);
+  }
+
+  protected override async _writeZeroes(
+    offsetBytes: number,
+    lengthBytes: number,
+    options: ZeroOptions,
+  ) {
+    if (options.mayTrim) {
+      await this.#file.punchHole(offsetBytes, lengthBytes);
+      return;
+    }
+    const fdFile = this.#file as Partial<FdImageFile>;
+    if (fdFile.zeroRange?.(offsetBytes, lengthBytes)) return;
+    await super._writeZeroes(offsetBytes, lengthBytes, options);
+  }
+
+  protected override async _blockStatus(
+    offsetBytes: number,
+    lengthBytes: number,
+  ): Promise<Extent[]> {
+    const fileExtents = await this.#file.extents(offsetBytes, lengthBytes);
+    return fileExtents.map((e) => ({
+      offsetBytes: e.offsetBytes,
+      lengthBytes: e.lengthBytes,
+      hole: !e.data,
+      zero: !e.data,
+    }));
+  }
+
+  close(): Promise<void> {
+    return this.#file.close();
+  }
+}
+
+function rawFormat(name: string, engine: FileEngine, aliases: string[] = []): FormatEntry {
+  return {
+    name,
+    aliases,
+    async open(path: string, options: ImageOpenOptions) {
+      return new RawDriver(name, await openImageFile(path, { ...options, engine }));
+    },
+  };
+}
+
+/** `aio:PATH` (also `raw:PATH`): raw image through libaio. */
+export const AIO_FORMAT: FormatEntry = rawFormat("aio", "aio", ["raw"]);
+/** `sync:PATH`: raw image through blocking system calls. */
+export const SYNC_FORMAT: FormatEntry = rawFormat("sync", "sync");
