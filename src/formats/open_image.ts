@@ -8,6 +8,7 @@
 import { BlockDriver, BlockError } from "./driver.ts";
 import { ImageFile, ImageOpenOptions } from "./image_file.ts";
 import { FORMATS } from "./formats.ts";
+import type { CheckOptions, CheckReport, ImageInfo } from "./inspect.ts";
 import { openImageFile } from "./raw/open_file.ts";
 
 /** What a driver gets to open its file and its parents. */
@@ -33,6 +34,15 @@ export interface FormatEntry {
   probe?(head: Uint8Array): boolean;
   /** Opens `path` (the part after `type:`). */
   open(path: string, options: ImageOpenOptions, context: OpenContext): Promise<BlockDriver>;
+  /** Header facts for `blktap info` (without opening the chain). */
+  info?(path: string): Promise<ImageInfo>;
+  /** Structural check for `blktap check`; must never write unless `repair`. */
+  check?(path: string, options: CheckOptions): Promise<CheckReport>;
+}
+
+/** The registry entry for a format name or alias. */
+export function formatEntry(name: string): FormatEntry | undefined {
+  return findFormat(name);
 }
 
 const backing_chain_depth_max = 64;
