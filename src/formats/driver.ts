@@ -175,9 +175,9 @@ export abstract class BlockDriverBase implements BlockDriver {
     }
   }
 
-  read(offsetBytes: number, buffer: Uint8Array): Promise<void> {
+  async read(offsetBytes: number, buffer: Uint8Array): Promise<void> {
     this.checkRange(offsetBytes, buffer.byteLength);
-    return buffer.byteLength === 0 ? Promise.resolve() : this._read(offsetBytes, buffer);
+    if (buffer.byteLength > 0) await this._read(offsetBytes, buffer);
   }
 
   async write(offsetBytes: number, data: Uint8Array, options: WriteOptions = {}): Promise<void> {
@@ -191,10 +191,10 @@ export abstract class BlockDriverBase implements BlockDriver {
     return this._flush();
   }
 
-  discard(offsetBytes: number, lengthBytes: number): Promise<void> {
+  async discard(offsetBytes: number, lengthBytes: number): Promise<void> {
     this.checkWritable();
     this.checkRange(offsetBytes, lengthBytes);
-    return lengthBytes === 0 ? Promise.resolve() : this._discard(offsetBytes, lengthBytes);
+    if (lengthBytes > 0) await this._discard(offsetBytes, lengthBytes);
   }
 
   async writeZeroes(offsetBytes: number, lengthBytes: number, options: ZeroOptions = {}) {
@@ -204,9 +204,9 @@ export abstract class BlockDriverBase implements BlockDriver {
     if (options.fua) await this._flush();
   }
 
-  blockStatus(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
+  async blockStatus(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
     this.checkRange(offsetBytes, lengthBytes);
-    if (lengthBytes === 0) return Promise.resolve([]);
-    return this._blockStatus(offsetBytes, lengthBytes);
+    if (lengthBytes === 0) return [];
+    return await this._blockStatus(offsetBytes, lengthBytes);
   }
 }
