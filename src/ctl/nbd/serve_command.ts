@@ -1,0 +1,107 @@
+/**
+ * `blktap serve IMAGE`: serves one image over NBD from this process, with
+ * no ring and no daemon (like `qemu-nbd`), for users who want a quick
+ * export and for benchmarks of the NBD front end alone.
+ * @module
+ */
+import { type Command, parseCommandArgs, UsageError } from "../../cli/command.ts";
+import { openImage } from "../../formats/open_image.ts";
+import type { NbdExport } from "./export.ts";
+import { startNbdServer } from "./server.ts";
+
+const usage = `usage: blktap serve IMAGE [--socket PATH] [--tcp HOST:PORT] [--name NAME]
+                    [--description TEXT] [--readonly] [--cache none|writeback]
+
+Serves IMAGE (type:path or a path, format probed) over NBD from this process
+until SIGINT or SIGTERM. Listens on a Unix socket (default
+$TMPDIR/blktap-serve.sock) and, with --tcp, on TCP (port 0 picks one).
+
+Options:
+  --socket PATH        Unix socket to listen on
+  --tcp HOST:PORT      also (or only, with no --socket) listen on TCP
+  --name NAME          export name (default: the empty, default export)
+  --description TEXT   description shown by 'nbdinfo --list'
+  --readonly           refuse writes (EPERM)
+  --cache MODE         none (O_DIRECT, default) or writeback (page cache)
+
+Clients: qemu-img info 'nbd+unix:///NAME?socket=PATH', nbdinfo, nbdcopy, fio --ioengine=nbd.`;
+
+function parseTcp(text: string): { hostname: string; port: number } {
+  const colon = text.lastIndexOf(":");
+  const port = Number(text.slice(colon + 1));
+  if (colon < 0 || !/^\d+$/.test(text.slice(colon + 1)) || port > 65535) {
+    throw new UsageError(`--tcp expects HOST:PORT, got '${text}'`);
+  }
+  const hostname = text.slice(0, colon).replace(/^\[(.*)\]$/, "$1") || "127.0.0.1";
+  return { hostname, port };
+}
+
+function waitForSignal(): Promise<string> {
+  return new Promise((resolve) => {
+    const signals: Deno.Signal[] = ["SIGINT", "SIGTERM"];
+    const handlers = signals.map((signal) => {
+      const handler = () => {
+        signals.forEach((s, i) => Deno.removeSignalListener(s, handlers[i]));
+        resolve(signal);
+      };
+      Deno.addSignalListener(signal, handler);
+      return handler;
+    });
+  });
+}
+
+async function run(argv: string[]): Promise<number> {
+  const { values, positionals } = parseCommandArgs(argv, {
+    socket: { type: "string" },
+    tcp: { type: "string" },
+    name: { type: "string" },
+    description: { type: "string" },
+    readonly: { type: "boolean" },
+    cache: { type: "string" },
+  }, { min: 1, max: 1 });
+  const cache = values.cache ?? "none";
+  if (cache !== "none" && cache !== "writeback") {
+    throw new UsageError(`--cache expects none or writeback, got '${cache}'`);
+  }
+  const tcp = values.tcp === undefined ? undefined : parseTcp(values.tcp);
+  const tmp = Deno.env.get("TMPDIR") ?? "/tmp";
+  const unixPath = values.socket ?? (tcp ? undefined : `${tmp}/blktap-serve.sock`);
+  const readOnly = values.readonly ?? false;
+  const driver = await openImage(positionals[0], { readOnly, cache });
+  const nbdExport: NbdExport = {
+    name: values.name ?? "",
+    description: values.description,
+    driver,
+    readOnly,
+  };
+  try {
+    const server = await startNbdServer({
+      unixPath,
+      tcp,
+      lookup: (name) => (name === nbdExport.name ? nbdExport : undefined),
+      list: () => [nbdExport],
+    });
+    const where = [
+      server.unixPath && `nbd+unix:///${nbdExport.name}?socket=${server.unixPath}`,
+      server.tcp && `nbd://${server.tcp.hostname}:${server.tcp.port}/${nbdExport.name}`,
+    ].filter(Boolean).join(" ");
+    console.log(
+      `blktap serve: ${driver.format}:${driver.path} (${driver.sizeBytes} bytes, cache=${cache}${
+        readOnly ? ", read-only" : ""
+      }) at ${where}`,
+    );
+    await waitForSignal();
+    await server.close();
+  } finally {
+    await driver.close();
+  }
+  return 0;
+}
+
+/** The `serve` subcommand. */
+export const SERVE_COMMAND: Command = {
+  name: "serve",
+  summary: "serve one image over NBD from this process (like qemu-nbd)",
+  usage,
+  run,
+};

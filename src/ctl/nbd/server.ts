@@ -1,0 +1,230 @@
+/**
+ * The NBD server (DESIGN.md §6): one listener (a Unix socket by default,
+ * TCP when asked), exports found by name through the caller's `lookup`,
+ * connections bounded in number, each running the handshake and then the
+ * transmission phase. Inside `blktap ctrl` the exports are ring front ends;
+ * `blktap serve` and the tests serve drivers opened in-process.
+ *
+ * A misbehaving client only ever ends its own connection: every error on a
+ * connection is caught here, logged, and the socket closed.
+ * @module
+ */
+import { type NbdExport } from "./export.ts";
+import { HandshakeAbort, negotiate } from "./handshake.ts";
+import { DEFAULT_LIMITS, type NbdLimits } from "./limits.ts";
+import { PayloadPool } from "./payload_pool.ts";
+import { ReplyWriter } from "./reply_writer.ts";
+import { ShortReadError, SocketReader } from "./socket_reader.ts";
+import { ProtocolError, Transmission } from "./transmission.ts";
+
+export type { NbdExport } from "./export.ts";
+export type { NbdLimits } from "./limits.ts";
+
+/** Severity of a server log line. */
+export type NbdLogLevel = "debug" | "info" | "warn";
+
+/** How to start a server. At least one of `unixPath` and `tcp` is needed. */
+export interface NbdServerOptions {
+  /** Listen on this Unix socket (a stale socket file there is replaced). */
+  unixPath?: string;
+  /** Listen on TCP; `hostname` defaults to 127.0.0.1, `port` 0 picks a free port. */
+  tcp?: { hostname?: string; port: number };
+  /** The export a client names, or undefined. Called at every GO/INFO/EXPORT_NAME. */
+  lookup(name: string): NbdExport | undefined;
+  /** Exports shown to NBD_OPT_LIST. */
+  list(): NbdExport[];
+  /** Overrides of {@linkcode DEFAULT_LIMITS}. */
+  limits?: Partial<NbdLimits>;
+  /** Where log lines go; default: warnings to stderr, the rest dropped. */
+  log?: (level: NbdLogLevel, message: string) => void;
+}
+
+/** A running server. */
+export interface NbdServer {
+  /** The Unix socket path, when listening on one. */
+  readonly unixPath?: string;
+  /** The bound TCP address (with the real port when 0 was asked). */
+  readonly tcp?: { hostname: string; port: number };
+  /** Connections currently open. */
+  readonly connectionCount: number;
+  /** The limits in force. */
+  readonly limits: NbdLimits;
+  /**
+   * Stops listening, lets requests in flight finish (up to
+   * `close_grace_ms`), closes every connection. Exports are not closed:
+   * they belong to the caller.
+   */
+  close(): Promise<void>;
+  /** Closes the connections using export `name` (after its requests finish), e.g. on destroy. */
+  disconnectExport(name: string): Promise<void>;
+}
+
+/** Receive buffer per connection: holds a queue depth's worth of 4 KiB writes. */
+const receive_buffer_bytes = 256 << 10;
+
+interface Connection {
+  conn: Deno.Conn;
+  exportName?: string;
+  transmission?: Transmission;
+  done: Promise<void>;
+}
+
+function defaultLog(level: NbdLogLevel, message: string): void {
+  if (level === "warn") console.error(`blktap nbd: ${message}`);
+}
+
+function closeQuietly(closer: { close(): void }): void {
+  try {
+    closer.close();
+  } catch {
+    // already closed
+  }
+}
+
+function removeStaleSocket(path: string): void {
+  try {
+    if (Deno.lstatSync(path).isSocket) Deno.removeSync(path);
+  } catch {
+    // nothing there
+  }
+}
+
+function delay(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/** Starts listening; resolves once the sockets are bound. */
+export function startNbdServer(options: NbdServerOptions): Promise<NbdServer> {
+  if (!options.unixPath && !options.tcp) {
+    return Promise.reject(new Error("startNbdServer: give unixPath or tcp"));
+  }
+  return Promise.resolve(new Server(options));
+}
+
+class Server implements NbdServer {
+  readonly limits: NbdLimits;
+  readonly unixPath?: string;
+  readonly tcp?: { hostname: string; port: number };
+  readonly #options: NbdServerOptions;
+  readonly #log: (level: NbdLogLevel, message: string) => void;
+  readonly #listeners: Deno.Listener[] = [];
+  readonly #accepting: Promise<void>[] = [];
+  readonly #connections = new Set<Connection>();
+  readonly #pool = new PayloadPool();
+  #closing = false;
+
+  constructor(options: NbdServerOptions) {
+    this.#options = options;
+    this.limits = { ...DEFAULT_LIMITS, ...options.limits };
+    this.#log = options.log ?? defaultLog;
+    if (options.unixPath) {
+      removeStaleSocket(options.unixPath);
+      this.#listeners.push(Deno.listen({ transport: "unix", path: options.unixPath }));
+      this.unixPath = options.unixPath;
+    }
+    if (options.tcp) {
+      const hostname = options.tcp.hostname ?? "127.0.0.1";
+      let listener: Deno.Listener;
+      try {
+        listener = Deno.listen({ hostname, port: options.tcp.port });
+      } catch (error) {
+        for (const l of this.#listeners) closeQuietly(l);
+        throw error;
+      }
+      this.#listeners.push(listener);
+      this.tcp = { hostname, port: (listener.addr as Deno.NetAddr).port };
+    }
+    for (const listener of this.#listeners) this.#accepting.push(this.#acceptLoop(listener));
+  }
+
+  get connectionCount(): number {
+    return this.#connections.size;
+  }
+
+  async #acceptLoop(listener: Deno.Listener): Promise<void> {
+    for (;;) {
+      let conn: Deno.Conn;
+      try {
+        conn = await listener.accept();
+      } catch (error) {
+        if (this.#closing) return;
+        this.#log("warn", `accept failed: ${(error as Error).message}`);
+        await delay(10);
+        continue;
+      }
+      if (this.#closing || this.#connections.size >= this.limits.connections_max) {
+        this.#log("info", `refusing a connection: ${this.#connections.size} open`);
+        closeQuietly(conn);
+        continue;
+      }
+      if ("setNoDelay" in conn) (conn as Deno.TcpConn).setNoDelay(true);
+      const connection: Connection = { conn, done: Promise.resolve() };
+      this.#connections.add(connection);
+      connection.done = this.#serve(connection).finally(() => this.#connections.delete(connection));
+    }
+  }
+
+  async #serve(connection: Connection): Promise<void> {
+    const { conn } = connection;
+    const reader = new SocketReader(conn, receive_buffer_bytes);
+    const writer = new ReplyWriter(conn);
+    const log = this.#log;
+    const timer = setTimeout(() => {
+      log("info", "handshake timed out");
+      closeQuietly(conn);
+    }, this.limits.handshake_timeout_ms);
+    try {
+      const session = await negotiate(reader, writer, {
+        lookup: (name) => this.#options.lookup(name),
+        list: () => this.#options.list(),
+        limits: this.limits,
+        shuttingDown: () => this.#closing,
+        log,
+      });
+      clearTimeout(timer);
+      if (!session) return await writer.idle();
+      connection.exportName = session.nbdExport.name;
+      connection.transmission = new Transmission(reader, writer, session, {
+        pool: this.#pool,
+        limits: this.limits,
+        shuttingDown: () => this.#closing,
+        log,
+      });
+      await connection.transmission.run();
+    } catch (error) {
+      const expected = error instanceof HandshakeAbort || error instanceof ProtocolError ||
+        error instanceof ShortReadError || error instanceof Deno.errors.BadResource ||
+        error instanceof Deno.errors.ConnectionReset || error instanceof Deno.errors.BrokenPipe;
+      log(expected ? "debug" : "warn", `connection ended: ${(error as Error)?.message ?? error}`);
+    } finally {
+      clearTimeout(timer);
+      closeQuietly(conn);
+      // Requests still running hold driver calls and buffers: let them settle.
+      await connection.transmission?.drain().catch(() => {});
+    }
+  }
+
+  async #shutdown(connections: Connection[]): Promise<void> {
+    await Promise.all(connections.map(async (c) => {
+      const drained = c.transmission ? c.transmission.drain() : Promise.resolve();
+      await Promise.race([drained, delay(this.limits.close_grace_ms)]);
+      closeQuietly(c.conn);
+      await c.done;
+    }));
+  }
+
+  disconnectExport(name: string): Promise<void> {
+    return this.#shutdown([...this.#connections].filter((c) => c.exportName === name));
+  }
+
+  async close(): Promise<void> {
+    if (this.#closing) return;
+    this.#closing = true;
+    for (const listener of this.#listeners) closeQuietly(listener);
+    await Promise.all(this.#accepting);
+    // Connections still haggling have nothing in flight: cut them now.
+    for (const c of this.#connections) if (!c.transmission) closeQuietly(c.conn);
+    await this.#shutdown([...this.#connections]);
+    if (this.unixPath) removeStaleSocket(this.unixPath);
+  }
+}

@@ -1,0 +1,510 @@
+/**
+ * The transmission phase of one connection (proto.md "Transmission"):
+ * requests are parsed from a buffered reader and run concurrently, up to
+ * `inflight_requests_max` per connection; replies go out in completion
+ * order through the connection's {@linkcode ReplyWriter}, each reply queued
+ * whole so chunks of two replies never interleave.
+ *
+ * Payloads: when the driver lends buffers (a ring front end lends its data
+ * pages), WRITE payloads are read from the socket straight into a borrowed
+ * buffer and READ data is sent from one; otherwise page-aligned buffers
+ * come from a {@linkcode PayloadPool}, with headroom for the reply header
+ * so a READ reply leaves in one write.
+ * @module
+ */
+import type { BlockDriver, BufferLender, Extent } from "../../formats/driver.ts";
+import type { Session } from "./handshake.ts";
+import type { NbdLimits } from "./limits.ts";
+import { type Payload, payload_headroom_bytes, type PayloadPool } from "./payload_pool.ts";
+import * as P from "./protocol.ts";
+import type { ReplyWriter } from "./reply_writer.ts";
+import type { SocketReader } from "./socket_reader.ts";
+
+/** What a connection's transmission phase shares with its server. */
+export interface TransmissionContext {
+  pool: PayloadPool;
+  limits: NbdLimits;
+  shuttingDown(): boolean;
+  log(level: "debug" | "info" | "warn", message: string): void;
+}
+
+/** The client broke the framing (bad request magic): the connection must end. */
+export class ProtocolError extends Error {}
+
+/** Reads at least this long look for holes first (structured replies only). */
+const sparse_read_bytes_min = 64 << 10;
+/** Holes shorter than this are sent as data: a chunk header costs more than zeros. */
+const hole_chunk_bytes_min = 4096;
+/** More extents than this in one read: send it as one data chunk. */
+const read_chunks_max = 64;
+const error_message_bytes_max = 1024;
+
+const ALLOWED_FLAGS: Record<number, number> = {
+  [P.NBD_CMD_READ]: P.NBD_CMD_FLAG_FUA | P.NBD_CMD_FLAG_DF,
+  [P.NBD_CMD_WRITE]: P.NBD_CMD_FLAG_FUA,
+  [P.NBD_CMD_FLUSH]: P.NBD_CMD_FLAG_FUA,
+  [P.NBD_CMD_TRIM]: P.NBD_CMD_FLAG_FUA,
+  [P.NBD_CMD_CACHE]: P.NBD_CMD_FLAG_FUA,
+  [P.NBD_CMD_WRITE_ZEROES]: P.NBD_CMD_FLAG_FUA | P.NBD_CMD_FLAG_NO_HOLE |
+    P.NBD_CMD_FLAG_FAST_ZERO,
+  [P.NBD_CMD_BLOCK_STATUS]: P.NBD_CMD_FLAG_FUA | P.NBD_CMD_FLAG_REQ_ONE,
+};
+
+const encoder = new TextEncoder();
+
+/** A refused request: the NBD error and a message for the client's user. */
+class RequestError extends Error {
+  constructor(readonly nbdError: number, message: string) {
+    super(message);
+  }
+}
+
+function lenderOf(driver: BlockDriver): BufferLender | undefined {
+  return "borrowBuffer" in driver ? driver as unknown as BufferLender : undefined;
+}
+
+/** One connection in the transmission phase. */
+export class Transmission {
+  readonly #reader: SocketReader;
+  readonly #writer: ReplyWriter;
+  readonly #context: TransmissionContext;
+  readonly #driver: BlockDriver;
+  readonly #lender: BufferLender | undefined;
+  readonly #structured: boolean;
+  readonly #baseAllocation: boolean;
+  readonly #readOnly: boolean;
+  readonly #header = new Uint8Array(64);
+  readonly #headerView = new DataView(this.#header.buffer);
+  #inflight = 0;
+  #waiters: (() => void)[] = [];
+
+  constructor(
+    reader: SocketReader,
+    writer: ReplyWriter,
+    session: Session,
+    context: TransmissionContext,
+  ) {
+    this.#reader = reader;
+    this.#writer = writer;
+    this.#context = context;
+    this.#driver = session.nbdExport.driver;
+    this.#lender = lenderOf(this.#driver);
+    this.#structured = session.structuredReplies;
+    this.#baseAllocation = session.baseAllocation;
+    this.#readOnly = (session.transmissionFlags & P.NBD_FLAG_READ_ONLY) !== 0;
+  }
+
+  /** Requests being processed. */
+  get inflight(): number {
+    return this.#inflight;
+  }
+
+  /**
+   * Serves requests until NBD_CMD_DISC or end of stream, then waits for
+   * the requests in flight and their replies. Throws {@linkcode ProtocolError}
+   * or a socket error when the connection must be cut.
+   */
+  async run(): Promise<void> {
+    const reader = this.#reader;
+    const limits = this.#context.limits;
+    for (;;) {
+      if (
+        reader.available < P.REQUEST_HEADER_BYTES && !(await reader.fill(P.REQUEST_HEADER_BYTES))
+      ) {
+        break;
+      }
+      const v = reader.view;
+      const s = reader.start;
+      if (v.getUint32(s) !== P.NBD_REQUEST_MAGIC) throw new ProtocolError("bad request magic");
+      const flags = v.getUint16(s + 4);
+      const type = v.getUint16(s + 6);
+      const handleHigh = v.getUint32(s + 8);
+      const handleLow = v.getUint32(s + 12);
+      const offset = v.getUint32(s + 16) * 2 ** 32 + v.getUint32(s + 20);
+      const length = v.getUint32(s + 24);
+      reader.start = s + P.REQUEST_HEADER_BYTES;
+      if (type === P.NBD_CMD_DISC) break;
+      while (this.#inflight >= limits.inflight_requests_max) await this.#requestFinished();
+      // A client that does not read its replies stops being read.
+      if (this.#writer.pendingBytes > limits.pending_reply_bytes_max) await this.#writer.idle();
+      this.#inflight++;
+      if (type === P.NBD_CMD_WRITE) {
+        await this.#receiveWrite(flags, handleHigh, handleLow, offset, length);
+      } else {
+        this.#execute(type, flags, handleHigh, handleLow, offset, length);
+      }
+    }
+    await this.drain();
+  }
+
+  /** Resolves once no request is in flight and every reply has been written. */
+  async drain(): Promise<void> {
+    while (this.#inflight > 0) await this.#requestFinished();
+    await this.#writer.idle();
+  }
+
+  #requestFinished(): Promise<void> {
+    return new Promise<void>((resolve) => this.#waiters.push(resolve));
+  }
+
+  #finished(): void {
+    this.#inflight--;
+    if (this.#waiters.length === 0) return;
+    const waiters = this.#waiters;
+    this.#waiters = [];
+    for (const wake of waiters) wake();
+  }
+
+  // Throws RequestError when the request must be refused.
+  #validate(type: number, flags: number, offset: number, length: number): void {
+    const allowed = ALLOWED_FLAGS[type];
+    if (allowed === undefined) throw new RequestError(P.NBD_EINVAL, `unknown command ${type}`);
+    if (this.#context.shuttingDown()) {
+      throw new RequestError(P.NBD_ESHUTDOWN, "server is shutting down");
+    }
+    if ((flags & ~allowed) !== 0) {
+      throw new RequestError(
+        P.NBD_EINVAL,
+        `flags 0x${flags.toString(16)} not valid for command ${type}`,
+      );
+    }
+    if ((flags & P.NBD_CMD_FLAG_DF) && !this.#structured) {
+      throw new RequestError(P.NBD_EINVAL, "DF without structured replies");
+    }
+    const writes = type === P.NBD_CMD_WRITE || type === P.NBD_CMD_TRIM ||
+      type === P.NBD_CMD_WRITE_ZEROES;
+    if (writes && this.#readOnly) throw new RequestError(P.NBD_EPERM, "export is read-only");
+    if (type === P.NBD_CMD_FLUSH) return;
+    if (type === P.NBD_CMD_BLOCK_STATUS && !this.#baseAllocation) {
+      throw new RequestError(P.NBD_EINVAL, "no metadata context negotiated");
+    }
+    if (offset + length > this.#driver.sizeBytes) {
+      // proto.md: a write past the end SHOULD fail with ENOSPC, anything else EINVAL.
+      const error = type === P.NBD_CMD_WRITE ? P.NBD_ENOSPC : P.NBD_EINVAL;
+      throw new RequestError(
+        error,
+        `range ${offset}+${length} is past the end (${this.#driver.sizeBytes})`,
+      );
+    }
+    if (
+      (type === P.NBD_CMD_READ || type === P.NBD_CMD_WRITE) &&
+      length > this.#context.limits.request_bytes_max
+    ) {
+      throw new RequestError(
+        P.NBD_EINVAL,
+        `request of ${length} bytes exceeds ${this.#context.limits.request_bytes_max}`,
+      );
+    }
+    if (type === P.NBD_CMD_BLOCK_STATUS && length === 0) {
+      throw new RequestError(P.NBD_EINVAL, "block status of an empty range");
+    }
+  }
+
+  // The payload must be consumed whatever happens; the driver call runs concurrently.
+  async #receiveWrite(flags: number, hi: number, lo: number, offset: number, length: number) {
+    try {
+      this.#validate(P.NBD_CMD_WRITE, flags, offset, length);
+    } catch (error) {
+      try {
+        await this.#reader.skip(length);
+      } finally {
+        this.#replyError(P.NBD_CMD_WRITE, hi, lo, error);
+        this.#finished();
+      }
+      return;
+    }
+    const borrowed = length > 0 ? this.#lender?.borrowBuffer(length) : undefined;
+    const payload = borrowed ? undefined : this.#context.pool.take(length);
+    const data = borrowed ?? payload!.data;
+    try {
+      await this.#reader.readInto(data);
+    } catch (error) {
+      this.#release(borrowed, payload);
+      this.#finished();
+      throw error;
+    }
+    this.#runWrite(flags, hi, lo, offset, data, borrowed, payload);
+  }
+
+  async #runWrite(
+    flags: number,
+    hi: number,
+    lo: number,
+    offset: number,
+    data: Uint8Array,
+    borrowed: Uint8Array | undefined,
+    payload: Payload | undefined,
+  ) {
+    try {
+      await this.#driver.write(offset, data, { fua: (flags & P.NBD_CMD_FLAG_FUA) !== 0 });
+      this.#replySimple(hi, lo, 0);
+    } catch (error) {
+      this.#replyError(P.NBD_CMD_WRITE, hi, lo, error);
+    } finally {
+      this.#release(borrowed, payload);
+      this.#finished();
+    }
+  }
+
+  #release(borrowed: Uint8Array | undefined, payload: Payload | undefined): void {
+    if (borrowed) this.#lender!.returnBuffer(borrowed);
+    if (payload) this.#context.pool.give(payload);
+  }
+
+  async #execute(
+    type: number,
+    flags: number,
+    hi: number,
+    lo: number,
+    offset: number,
+    length: number,
+  ) {
+    try {
+      this.#validate(type, flags, offset, length);
+      const fua = (flags & P.NBD_CMD_FLAG_FUA) !== 0;
+      switch (type) {
+        case P.NBD_CMD_READ:
+          await this.#read(flags, hi, lo, offset, length);
+          return;
+        case P.NBD_CMD_FLUSH:
+          await this.#driver.flush();
+          break;
+        case P.NBD_CMD_TRIM:
+          await this.#driver.discard(offset, length);
+          if (fua) await this.#driver.flush();
+          break;
+        case P.NBD_CMD_WRITE_ZEROES:
+          await this.#driver.writeZeroes(offset, length, {
+            mayTrim: (flags & P.NBD_CMD_FLAG_NO_HOLE) === 0,
+            fast: (flags & P.NBD_CMD_FLAG_FAST_ZERO) !== 0,
+            fua,
+          });
+          break;
+        case P.NBD_CMD_CACHE:
+          break; // advisory; the drivers keep no cache of their own to warm
+        case P.NBD_CMD_BLOCK_STATUS:
+          await this.#blockStatus(flags, hi, lo, offset, length);
+          return;
+      }
+      this.#replySimple(hi, lo, 0);
+    } catch (error) {
+      this.#replyError(type, hi, lo, error);
+    } finally {
+      this.#finished();
+    }
+  }
+
+  async #read(flags: number, hi: number, lo: number, offset: number, length: number) {
+    if (length === 0) {
+      if (this.#structured) {
+        this.#chunkHeader(P.NBD_REPLY_FLAG_DONE, P.NBD_REPLY_TYPE_NONE, hi, lo, 0);
+      } else this.#replySimple(hi, lo, 0);
+      return;
+    }
+    const sparse = this.#structured && (flags & P.NBD_CMD_FLAG_DF) === 0 &&
+      length >= sparse_read_bytes_min && this.#driver.capabilities.canExtents;
+    if (sparse) {
+      const chunks = await this.#readChunks(offset, length);
+      if (chunks) return this.#sparseRead(hi, lo, offset, length, chunks);
+    }
+    const borrowed = this.#lender?.borrowBuffer(length);
+    const payload = borrowed ? undefined : this.#context.pool.take(length);
+    const data = borrowed ?? payload!.data;
+    try {
+      await this.#driver.read(offset, data);
+    } catch (error) {
+      this.#release(borrowed, payload);
+      throw error;
+    }
+    const headerBytes = this.#structured ? P.STRUCTURED_REPLY_BYTES + 8 : P.SIMPLE_REPLY_BYTES;
+    if (this.#structured) {
+      this.#buildChunkHeader(
+        P.NBD_REPLY_FLAG_DONE,
+        P.NBD_REPLY_TYPE_OFFSET_DATA,
+        hi,
+        lo,
+        8 + length,
+      );
+      this.#headerView.setUint32(20, Math.floor(offset / 2 ** 32));
+      this.#headerView.setUint32(24, offset >>> 0);
+    } else {
+      this.#buildSimple(hi, lo, 0);
+    }
+    if (payload) {
+      const start = payload_headroom_bytes - headerBytes;
+      payload.frame.set(this.#header.subarray(0, headerBytes), start);
+      this.#writer.pushOwned(payload.frame.subarray(start), () => this.#context.pool.give(payload));
+    } else {
+      this.#writer.pushCopy(this.#header.subarray(0, headerBytes));
+      this.#writer.pushOwned(data, () => this.#lender!.returnBuffer(data));
+    }
+  }
+
+  // The read's extents as chunks, or undefined when one data chunk is best.
+  async #readChunks(offset: number, length: number): Promise<Extent[] | undefined> {
+    const extents = clipExtents(await this.#driver.blockStatus(offset, length), offset, length);
+    const chunks: Extent[] = [];
+    for (const e of extents) {
+      const zero = e.zero && e.lengthBytes >= hole_chunk_bytes_min;
+      const last = chunks[chunks.length - 1];
+      if (last && last.zero === zero) last.lengthBytes += e.lengthBytes;
+      else {chunks.push({
+          offsetBytes: e.offsetBytes,
+          lengthBytes: e.lengthBytes,
+          hole: zero,
+          zero,
+        });}
+    }
+    const covered = chunks.reduce((sum, c) => sum + c.lengthBytes, 0);
+    if (covered !== length || chunks.length > read_chunks_max) return undefined;
+    if (chunks.length === 1 && !chunks[0].zero) return undefined;
+    return chunks;
+  }
+
+  // proto.md: chunks of one reply may be in any order, DONE on the last; holes as OFFSET_HOLE.
+  async #sparseRead(hi: number, lo: number, offset: number, length: number, chunks: Extent[]) {
+    const payload = this.#context.pool.take(length);
+    const reads = chunks.filter((c) => !c.zero).map((c) => {
+      const start = c.offsetBytes - offset;
+      return this.#driver.read(c.offsetBytes, payload.data.subarray(start, start + c.lengthBytes));
+    });
+    // Every read must settle before the buffer can go back to the pool.
+    const failed = (await Promise.allSettled(reads)).find((r) => r.status === "rejected");
+    if (failed) {
+      this.#context.pool.give(payload);
+      throw (failed as PromiseRejectedResult).reason;
+    }
+    for (let i = 0; i < chunks.length; i++) {
+      const c = chunks[i];
+      const flags = i === chunks.length - 1 ? P.NBD_REPLY_FLAG_DONE : 0;
+      const v = this.#headerView;
+      if (c.zero) {
+        this.#buildChunkHeader(flags, P.NBD_REPLY_TYPE_OFFSET_HOLE, hi, lo, 12);
+        v.setUint32(20, Math.floor(c.offsetBytes / 2 ** 32));
+        v.setUint32(24, c.offsetBytes >>> 0);
+        v.setUint32(28, c.lengthBytes);
+        this.#writer.pushCopy(this.#header.subarray(0, 32));
+      } else {
+        this.#buildChunkHeader(flags, P.NBD_REPLY_TYPE_OFFSET_DATA, hi, lo, 8 + c.lengthBytes);
+        v.setUint32(20, Math.floor(c.offsetBytes / 2 ** 32));
+        v.setUint32(24, c.offsetBytes >>> 0);
+        this.#writer.pushCopy(this.#header.subarray(0, 28));
+        this.#writer.pushOwned(
+          payload.data.subarray(c.offsetBytes - offset, c.offsetBytes - offset + c.lengthBytes),
+        );
+      }
+    }
+    // Queued after every chunk: the writer releases it once all of them are out.
+    this.#writer.pushOwned(new Uint8Array(0), () => this.#context.pool.give(payload));
+  }
+
+  async #blockStatus(flags: number, hi: number, lo: number, offset: number, length: number) {
+    const extents = clipExtents(await this.#driver.blockStatus(offset, length), offset, length);
+    const limit = (flags & P.NBD_CMD_FLAG_REQ_ONE) ? 1 : this.#context.limits.extents_per_reply_max;
+    const lengths: number[] = [];
+    const states: number[] = [];
+    for (const e of extents) {
+      const state = (e.hole ? P.NBD_STATE_HOLE : 0) | (e.zero ? P.NBD_STATE_ZERO : 0);
+      const n = lengths.length;
+      if (n > 0 && states[n - 1] === state) lengths[n - 1] += e.lengthBytes;
+      else if (n < limit) {
+        lengths.push(e.lengthBytes);
+        states.push(state);
+      } else break;
+    }
+    if (lengths.length === 0) {
+      lengths.push(length);
+      states.push(0);
+    }
+    const body = new Uint8Array(P.STRUCTURED_REPLY_BYTES + 4 + 8 * lengths.length);
+    const view = new DataView(body.buffer);
+    this.#buildChunkHeader(
+      P.NBD_REPLY_FLAG_DONE,
+      P.NBD_REPLY_TYPE_BLOCK_STATUS,
+      hi,
+      lo,
+      body.byteLength - 20,
+    );
+    body.set(this.#header.subarray(0, P.STRUCTURED_REPLY_BYTES));
+    view.setUint32(20, P.BASE_ALLOCATION_ID);
+    for (let i = 0; i < lengths.length; i++) {
+      view.setUint32(24 + 8 * i, lengths[i]);
+      view.setUint32(28 + 8 * i, states[i]);
+    }
+    this.#writer.pushOwned(body);
+  }
+
+  #buildSimple(hi: number, lo: number, error: number): void {
+    const v = this.#headerView;
+    v.setUint32(0, P.NBD_SIMPLE_REPLY_MAGIC);
+    v.setUint32(4, error);
+    v.setUint32(8, hi);
+    v.setUint32(12, lo);
+  }
+
+  #replySimple(hi: number, lo: number, error: number): void {
+    this.#buildSimple(hi, lo, error);
+    this.#writer.pushCopy(this.#header.subarray(0, P.SIMPLE_REPLY_BYTES));
+  }
+
+  #buildChunkHeader(flags: number, type: number, hi: number, lo: number, length: number): void {
+    const v = this.#headerView;
+    v.setUint32(0, P.NBD_STRUCTURED_REPLY_MAGIC);
+    v.setUint16(4, flags);
+    v.setUint16(6, type);
+    v.setUint32(8, hi);
+    v.setUint32(12, lo);
+    v.setUint32(16, length);
+  }
+
+  #chunkHeader(flags: number, type: number, hi: number, lo: number, length: number): void {
+    this.#buildChunkHeader(flags, type, hi, lo, length);
+    this.#writer.pushCopy(this.#header.subarray(0, P.STRUCTURED_REPLY_BYTES));
+  }
+
+  #replyError(type: number, hi: number, lo: number, error: unknown): void {
+    const nbdError = error instanceof RequestError ? error.nbdError : P.nbdErrorOf(error);
+    const message = error instanceof Error ? error.message : String(error);
+    if (!(error instanceof RequestError)) {
+      this.#context.log("warn", `command ${type} failed: ${message}`);
+    }
+    // proto.md: with structured replies a READ never gets a simple reply; errors carry a message.
+    if (!this.#structured) {
+      this.#replySimple(hi, lo, nbdError);
+      return;
+    }
+    const text = encoder.encode(message).subarray(0, error_message_bytes_max);
+    const body = new Uint8Array(P.STRUCTURED_REPLY_BYTES + 6 + text.byteLength);
+    this.#buildChunkHeader(
+      P.NBD_REPLY_FLAG_DONE,
+      P.NBD_REPLY_TYPE_ERROR,
+      hi,
+      lo,
+      6 + text.byteLength,
+    );
+    body.set(this.#header.subarray(0, P.STRUCTURED_REPLY_BYTES));
+    const view = new DataView(body.buffer);
+    view.setUint32(20, nbdError);
+    view.setUint16(24, text.byteLength);
+    body.set(text, 26);
+    this.#writer.pushOwned(body);
+  }
+}
+
+/** Extents restricted to `[offset, offset+length)`, dropping empty ones. */
+function clipExtents(extents: Extent[], offset: number, length: number): Extent[] {
+  const end = offset + length;
+  const clipped: Extent[] = [];
+  let position = offset;
+  for (const e of extents) {
+    const start = Math.max(e.offsetBytes, position);
+    const stop = Math.min(e.offsetBytes + e.lengthBytes, end);
+    if (stop <= start || start !== position) {
+      if (start > position) break; // a gap: stop where coverage stops
+      continue;
+    }
+    clipped.push({ offsetBytes: start, lengthBytes: stop - start, hole: e.hole, zero: e.zero });
+    position = stop;
+  }
+  return clipped;
+}
