@@ -4,5 +4,8 @@
  * @module
  */
 import type { Command } from "./command.ts";
+import { SERVE_COMMAND } from "../ctl/nbd/serve_command.ts";
 
-export const COMMANDS: Command[] = [];
+export const COMMANDS: Command[] = [
+  SERVE_COMMAND,
+];
