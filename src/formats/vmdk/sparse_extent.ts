@@ -1,0 +1,406 @@
+/**
+ * One hosted sparse extent (`KDMV`): a grain directory (GD) of grain table
+ * (GT) sectors, each GT mapping `grainTableEntries` grains to file sectors;
+ * 0 means unallocated, 1 (with the zero-grain flag) a zeroed grain.
+ *
+ * Writes allocate grains at the end of the file in this order (DESIGN.md
+ * §4 integrity rule 1): the whole grain (new bytes, zeros elsewhere) is
+ * written first, then the redundant GT entry, then the primary GT entry.
+ * A crash in between leaves at worst a grain that only the redundant table
+ * names (a leak `check` reports and `--repair` clears), never an entry that
+ * points at unwritten data. Grain tables are preallocated when the image is
+ * created (as QEMU and VMware do), so the directories never change here.
+ *
+ * Concurrency: one allocation per grain at a time (`#allocating`); a second
+ * write to the same new grain waits and then overwrites in place. The
+ * cached copy of a table is updated only after its entry is on disk, and a
+ * table is pinned while a write uses it so the cache cannot evict it and
+ * reload a stale copy.
+ * @module
+ */
+import { inflateSync } from "node:zlib";
+import { BlockError } from "../driver.ts";
+import type { ImageFile } from "../image_file.ts";
+import { giveBounce, takeBounce } from "../raw/bounce_pool.ts";
+import {
+  decodeSparseHeader,
+  directoryAtEnd,
+  HEADER_BYTES,
+  HeaderError,
+  SECTOR_BYTES,
+  type SparseHeader,
+  type SparseLayout,
+  validateSparseHeader,
+} from "./sparse_header.ts";
+
+/** Grain tables kept in memory per extent (2 KiB each: 8 MiB, 128 GiB of 64 KiB grains). */
+const grain_table_cache_tables_max = 4096;
+/** Decompressed grains kept for sequential reads of streamOptimized images. */
+const compressed_grain_cache_max = 4;
+/** Size of a grain marker's fixed part: lba u64, size u32. */
+const grain_marker_bytes = 12;
+
+/** What a run of guest bytes is inside one extent. */
+export type RunKind = "hole" | "zero" | "data" | "compressed";
+
+/** One run of an extent's allocation map (offsets inside the extent). */
+export interface ExtentRun {
+  offsetBytes: number;
+  lengthBytes: number;
+  kind: RunKind;
+  /** Where the bytes are in the extent file (uncompressed data only). */
+  hostOffsetBytes?: number;
+}
+
+/** Reads the header, or the footer copy when the header says "GD at end". */
+export async function readSparseHeader(file: ImageFile): Promise<SparseHeader> {
+  const length = file.lengthBytes();
+  if (length < HEADER_BYTES) throw new HeaderError(`file is too small (${length} bytes)`);
+  const bytes = new Uint8Array(HEADER_BYTES);
+  await file.read(0, bytes);
+  const header = decodeSparseHeader(bytes);
+  if (!directoryAtEnd(bytes)) return header;
+  // streamOptimized as VMware streams it: footer marker, footer header, end-of-stream marker.
+  if (length < 3 * SECTOR_BYTES) throw new HeaderError("file too small for a footer");
+  const footer = new Uint8Array(3 * SECTOR_BYTES);
+  await file.read(length - 3 * SECTOR_BYTES, footer);
+  const view = new DataView(footer.buffer);
+  const footerType = view.getUint32(12, true);
+  const eosType = view.getUint32(2 * SECTOR_BYTES + 12, true);
+  if (footerType !== 3 || eosType !== 0 || view.getBigUint64(2 * SECTOR_BYTES, true) !== 0n) {
+    throw new HeaderError("grain directory at end but no valid footer");
+  }
+  const footerHeader = footer.subarray(SECTOR_BYTES, 2 * SECTOR_BYTES);
+  if (directoryAtEnd(footerHeader)) throw new HeaderError("footer has no grain directory offset");
+  return decodeSparseHeader(footerHeader);
+}
+
+function readU32Table(bytes: Uint8Array): Uint32Array {
+  const table = new Uint32Array(bytes.byteLength / 4);
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  for (let i = 0; i < table.length; i += 1) table[i] = view.getUint32(i * 4, true);
+  return table;
+}
+
+/** Reads `entries` little-endian u32 at `offsetBytes`. */
+export async function readTable(
+  file: ImageFile,
+  offsetBytes: number,
+  entries: number,
+): Promise<Uint32Array> {
+  const bytes = new Uint8Array(entries * 4);
+  await file.read(offsetBytes, bytes);
+  return readU32Table(bytes);
+}
+
+/** A sparse extent opened for reading and, unless compressed, writing. */
+export class SparseExtent {
+  readonly file: ImageFile;
+  readonly layout: SparseLayout;
+  /** Guest bytes this extent serves (the descriptor's size, at most the capacity). */
+  readonly sizeBytes: number;
+  readonly writable: boolean;
+  readonly directory: Uint32Array;
+  readonly redundantDirectory?: Uint32Array;
+  readonly #tables = new Map<number, Uint32Array>();
+  readonly #loading = new Map<number, Promise<Uint32Array>>();
+  readonly #pins = new Map<number, number>();
+  readonly #allocating = new Map<number, Promise<void>>();
+  readonly #inflated = new Map<number, Uint8Array>();
+  #nextGrainBytes: number;
+
+  private constructor(
+    file: ImageFile,
+    layout: SparseLayout,
+    sizeBytes: number,
+    directory: Uint32Array,
+    redundantDirectory: Uint32Array | undefined,
+  ) {
+    this.file = file;
+    this.layout = layout;
+    this.sizeBytes = sizeBytes;
+    this.directory = directory;
+    this.redundantDirectory = redundantDirectory;
+    this.writable = file.writable && !layout.compressed && layout.header.version !== 3;
+    const end = Math.max(file.lengthBytes(), layout.header.overheadSectors * SECTOR_BYTES);
+    this.#nextGrainBytes = Math.ceil(end / layout.grainBytes) * layout.grainBytes;
+  }
+
+  /**
+   * Opens the sparse extent in `file`. `sizeBytes` is the size the
+   * descriptor gives it (default: the header's capacity).
+   */
+  static async open(file: ImageFile, sizeBytes?: number): Promise<SparseExtent> {
+    const header = await readSparseHeader(file);
+    const layout = validateSparseHeader(header, file.lengthBytes());
+    const capacityBytes = header.capacitySectors * SECTOR_BYTES;
+    const size = sizeBytes ?? capacityBytes;
+    if (size > capacityBytes) {
+      throw new HeaderError(`extent of ${size} bytes exceeds its capacity (${capacityBytes})`);
+    }
+    const directory = await readTable(
+      file,
+      header.directoryOffsetSectors * SECTOR_BYTES,
+      layout.directoryEntries,
+    );
+    const redundant = layout.redundant
+      ? await readTable(
+        file,
+        header.redundantDirectoryOffsetSectors * SECTOR_BYTES,
+        layout.directoryEntries,
+      )
+      : undefined;
+    return new SparseExtent(file, layout, size, directory, redundant);
+  }
+
+  #error(code: "EIO" | "EPERM", message: string): BlockError {
+    return new BlockError(code, `${this.file.path}: ${message}`);
+  }
+
+  /** Loads (or finds) grain table `t`; the caller holds a pin on `t`. */
+  #table(t: number): Promise<Uint32Array> {
+    const cached = this.#tables.get(t);
+    if (cached) return Promise.resolve(cached);
+    let loading = this.#loading.get(t);
+    if (!loading) {
+      loading = this.#load(t).finally(() => this.#loading.delete(t));
+      this.#loading.set(t, loading);
+    }
+    return loading;
+  }
+
+  async #load(t: number): Promise<Uint32Array> {
+    const offset = this.directory[t] * SECTOR_BYTES;
+    if (offset + this.layout.tableBytes > this.file.lengthBytes()) {
+      throw this.#error("EIO", `grain table ${t} at sector ${this.directory[t]} lies past the end`);
+    }
+    const table = await readTable(this.file, offset, this.layout.header.grainTableEntries);
+    this.#tables.set(t, table);
+    this.#evict();
+    return table;
+  }
+
+  #evict(): void {
+    if (this.#tables.size <= grain_table_cache_tables_max) return;
+    for (const t of this.#tables.keys()) {
+      if (this.#tables.size <= grain_table_cache_tables_max) break;
+      if (!this.#pins.has(t)) this.#tables.delete(t);
+    }
+  }
+
+  #pin(t: number): void {
+    this.#pins.set(t, (this.#pins.get(t) ?? 0) + 1);
+  }
+
+  #unpin(t: number): void {
+    const count = this.#pins.get(t)! - 1;
+    if (count === 0) this.#pins.delete(t);
+    else this.#pins.set(t, count);
+  }
+
+  /** GT entry of grain `g` (0 when its table is unallocated). */
+  async entryOf(g: number): Promise<number> {
+    const entries = this.layout.header.grainTableEntries;
+    const t = Math.floor(g / entries);
+    if (this.directory[t] === 0) return 0;
+    this.#pin(t);
+    try {
+      return (await this.#table(t))[g % entries];
+    } finally {
+      this.#unpin(t);
+    }
+  }
+
+  #kindOf(entry: number): RunKind {
+    if (entry === 0) return "hole";
+    if (entry === 1 && this.layout.zeroGrains) return "zero";
+    return this.layout.compressed ? "compressed" : "data";
+  }
+
+  /** Fills `buffer` from extent offset `offsetBytes` (inside the extent). */
+  async read(offsetBytes: number, buffer: Uint8Array): Promise<void> {
+    const grainBytes = this.layout.grainBytes;
+    const pieces: Promise<void>[] = [];
+    let done = 0;
+    while (done < buffer.byteLength) {
+      const offset = offsetBytes + done;
+      const g = Math.floor(offset / grainBytes);
+      const inGrain = offset - g * grainBytes;
+      const length = Math.min(grainBytes - inGrain, buffer.byteLength - done);
+      pieces.push(this.#readGrain(g, inGrain, buffer.subarray(done, done + length)));
+      done += length;
+    }
+    await Promise.all(pieces);
+  }
+
+  async #readGrain(g: number, inGrain: number, target: Uint8Array): Promise<void> {
+    const entry = await this.entryOf(g);
+    const kind = this.#kindOf(entry);
+    if (kind === "hole" || kind === "zero") {
+      target.fill(0);
+    } else if (kind === "compressed") {
+      const grain = await this.#inflate(g, entry);
+      target.set(grain.subarray(inGrain, inGrain + target.byteLength));
+    } else {
+      await this.file.read(entry * SECTOR_BYTES + inGrain, target);
+    }
+  }
+
+  async #inflate(g: number, entry: number): Promise<Uint8Array> {
+    const cached = this.#inflated.get(g);
+    if (cached) return cached;
+    const grainBytes = this.layout.grainBytes;
+    const start = entry * SECTOR_BYTES;
+    const fileBytes = this.file.lengthBytes();
+    const compressedMax = 2 * grainBytes + SECTOR_BYTES;
+    let dataStart = start;
+    let dataBytes = Math.min(compressedMax, fileBytes - start);
+    if (this.layout.markers) {
+      const marker = new Uint8Array(grain_marker_bytes);
+      await this.file.read(start, marker);
+      dataBytes = new DataView(marker.buffer).getUint32(8, true);
+      dataStart = start + grain_marker_bytes;
+    }
+    if (dataBytes <= 0 || dataBytes > compressedMax || dataStart + dataBytes > fileBytes) {
+      throw this.#error("EIO", `compressed grain ${g} at sector ${entry} is out of bounds`);
+    }
+    const compressed = new Uint8Array(dataBytes);
+    await this.file.read(dataStart, compressed);
+    let grain: Uint8Array;
+    try {
+      grain = new Uint8Array(inflateSync(compressed, { maxOutputLength: grainBytes }));
+    } catch (error) {
+      throw this.#error("EIO", `compressed grain ${g}: ${(error as Error).message}`);
+    }
+    if (grain.byteLength !== grainBytes) {
+      throw this.#error("EIO", `compressed grain ${g} inflates to ${grain.byteLength} bytes`);
+    }
+    if (this.#inflated.size >= compressed_grain_cache_max) {
+      this.#inflated.delete(this.#inflated.keys().next().value!);
+    }
+    this.#inflated.set(g, grain);
+    return grain;
+  }
+
+  /** Writes `data` at extent offset `offsetBytes`, allocating grains as needed. */
+  async write(offsetBytes: number, data: Uint8Array): Promise<void> {
+    if (!this.writable) {
+      const why = this.layout.compressed ? "compressed (streamOptimized)" : "version 3";
+      throw this.#error("EPERM", `sparse extent is ${why}: read-only`);
+    }
+    const grainBytes = this.layout.grainBytes;
+    const pieces: Promise<void>[] = [];
+    let done = 0;
+    while (done < data.byteLength) {
+      const offset = offsetBytes + done;
+      const g = Math.floor(offset / grainBytes);
+      const inGrain = offset - g * grainBytes;
+      const length = Math.min(grainBytes - inGrain, data.byteLength - done);
+      pieces.push(this.#writeGrain(g, inGrain, data.subarray(done, done + length)));
+      done += length;
+    }
+    await Promise.all(pieces);
+  }
+
+  async #writeGrain(g: number, inGrain: number, data: Uint8Array): Promise<void> {
+    const entries = this.layout.header.grainTableEntries;
+    const t = Math.floor(g / entries);
+    const j = g % entries;
+    if (this.directory[t] === 0) {
+      throw this.#error("EIO", `grain table ${t} is not allocated (unsupported layout)`);
+    }
+    this.#pin(t);
+    try {
+      const table = await this.#table(t);
+      for (let pending = this.#allocating.get(g); pending; pending = this.#allocating.get(g)) {
+        await pending;
+      }
+      const kind = this.#kindOf(table[j]);
+      if (kind === "data") {
+        await this.file.write(table[j] * SECTOR_BYTES + inGrain, data);
+        return;
+      }
+      let finished!: () => void;
+      this.#allocating.set(g, new Promise<void>((resolve) => (finished = resolve)));
+      try {
+        table[j] = await this.#allocate(t, j, inGrain, data);
+      } finally {
+        this.#allocating.delete(g);
+        finished();
+      }
+    } finally {
+      this.#unpin(t);
+    }
+  }
+
+  // Data, then redundant GT entry, then GT entry; returns the grain's sector.
+  async #allocate(t: number, j: number, inGrain: number, data: Uint8Array): Promise<number> {
+    const grainBytes = this.layout.grainBytes;
+    const hostOffset = this.#nextGrainBytes;
+    this.#nextGrainBytes += grainBytes;
+    const sector = hostOffset / SECTOR_BYTES;
+    if (sector > 0xffffffff) throw this.#error("EIO", "file too large for 32-bit grain entries");
+    const bounce = takeBounce(grainBytes);
+    try {
+      const grain = bounce.bytes.subarray(0, grainBytes);
+      grain.fill(0);
+      grain.set(data, inGrain);
+      await this.file.write(hostOffset, grain);
+    } finally {
+      giveBounce(bounce);
+    }
+    const entry = new Uint8Array(4);
+    new DataView(entry.buffer).setUint32(0, sector, true);
+    if (this.redundantDirectory && this.redundantDirectory[t] !== 0) {
+      await this.file.write(this.redundantDirectory[t] * SECTOR_BYTES + j * 4, entry);
+    }
+    await this.file.write(this.directory[t] * SECTOR_BYTES + j * 4, entry);
+    return sector;
+  }
+
+  /** Allocation runs covering `[offset, offset+length)` of the extent. */
+  async status(offsetBytes: number, lengthBytes: number): Promise<ExtentRun[]> {
+    const grainBytes = this.layout.grainBytes;
+    const entries = this.layout.header.grainTableEntries;
+    const runs: ExtentRun[] = [];
+    const end = offsetBytes + lengthBytes;
+    let offset = offsetBytes;
+    while (offset < end) {
+      const g = Math.floor(offset / grainBytes);
+      const t = Math.floor(g / entries);
+      if (this.directory[t] === 0) {
+        const tableEnd = Math.min(end, (t + 1) * entries * grainBytes);
+        pushRun(runs, { offsetBytes: offset, lengthBytes: tableEnd - offset, kind: "hole" });
+        offset = tableEnd;
+        continue;
+      }
+      const entry = await this.entryOf(g);
+      const next = Math.min(end, (g + 1) * grainBytes);
+      const kind = this.#kindOf(entry);
+      const run: ExtentRun = { offsetBytes: offset, lengthBytes: next - offset, kind };
+      if (kind === "data") run.hostOffsetBytes = entry * SECTOR_BYTES + (offset - g * grainBytes);
+      pushRun(runs, run);
+      offset = next;
+    }
+    return runs;
+  }
+
+  flush(): Promise<void> {
+    return this.file.flush();
+  }
+}
+
+/** Appends `run`, merging it into the last run when they continue each other. */
+export function pushRun(runs: ExtentRun[], run: ExtentRun): void {
+  const last = runs[runs.length - 1];
+  if (
+    last && last.kind === run.kind && last.offsetBytes + last.lengthBytes === run.offsetBytes &&
+    (last.hostOffsetBytes === undefined) === (run.hostOffsetBytes === undefined) &&
+    (last.hostOffsetBytes === undefined ||
+      last.hostOffsetBytes + last.lengthBytes === run.hostOffsetBytes)
+  ) {
+    last.lengthBytes += run.lengthBytes;
+    return;
+  }
+  runs.push(run);
+}
