@@ -5,8 +5,10 @@
  */
 import type { FormatEntry } from "./open_image.ts";
 import { AIO_FORMAT, SYNC_FORMAT } from "./raw/raw.ts";
+import { VMDK_FORMAT } from "./vmdk/vmdk.ts";
 
 export const FORMATS: FormatEntry[] = [
+  VMDK_FORMAT,
   AIO_FORMAT,
   SYNC_FORMAT,
 ];
