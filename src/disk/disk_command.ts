@@ -1,0 +1,147 @@
+/**
+ * `blktap disk --minor N`: the per-disk process (the seed's tapdisk). It
+ * connects to ctrl, receives its ring device and image, opens the driver
+ * chain and serves the ring until ctrl goes away.
+ * @module
+ */
+import { type Command, parseCommandArgs, parseCount, UsageError } from "../cli/command.ts";
+import { type Logger, logger } from "../cli/log.ts";
+import { memoryFence } from "../../ffi/memory.ts";
+import type { BlockDriver } from "../formats/driver.ts";
+import { openImage } from "../formats/open_image.ts";
+import { KickChannel } from "../ring/kick_channel.ts";
+import { ShmRingDevice } from "../ring/shm_ring_device.ts";
+import { defaultRunDir } from "../ctl/run_dir.ts";
+import { DiskServer } from "./disk_server.ts";
+import { isNullSpec, openNull } from "./null_driver.ts";
+import { type AttachConfig, DISK_SOCKET_NAME } from "./protocol.ts";
+
+const USAGE = `usage: blktap disk --minor N [--run-dir DIR | --socket PATH]
+
+Serves ring device N for blktap ctrl (which spawns it; not usually run by hand).
+
+Options:
+  --minor N        the ring device (minor) to serve
+  --run-dir DIR    ctrl's run directory (default $XDG_RUNTIME_DIR/blktap, else /run/blktap)
+  --socket PATH    ctrl's disk socket (default DIR/${DISK_SOCKET_NAME})`;
+
+/** Opens an image spec as the disk process serves it. */
+export function openDiskImage(
+  spec: string,
+  config: Pick<AttachConfig, "readOnly" | "cache">,
+): Promise<BlockDriver> {
+  if (isNullSpec(spec)) return Promise.resolve(openNull(spec, config.readOnly));
+  return openImage(spec, { readOnly: config.readOnly, cache: config.cache });
+}
+
+/** One disk process's state. */
+class DiskProcess {
+  readonly #log: Logger;
+  readonly #minor: number;
+  #channel!: KickChannel;
+  #device: ShmRingDevice | undefined;
+  #server: DiskServer | undefined;
+  #config: AttachConfig | undefined;
+  readonly #done: PromiseWithResolvers<number> = Promise.withResolvers();
+
+  constructor(minor: number) {
+    this.#minor = minor;
+    this.#log = logger(`disk ${minor}`);
+  }
+
+  async run(socketPath: string): Promise<number> {
+    const conn = await Deno.connect({ transport: "unix", path: socketPath });
+    this.#channel = new KickChannel(conn, {
+      onKick: () => this.#server?.kick(),
+      onMessage: (m) => this.#onMessage(m),
+      onClose: () => this.#done.resolve(0),
+    });
+    this.#channel.send({ t: "hello", minor: this.#minor, pid: Deno.pid });
+    return await this.#done.promise;
+  }
+
+  #onMessage(message: Record<string, unknown>): void {
+    if (message.t === "attach") {
+      this.#attach(message as unknown as AttachConfig).catch((error) => {
+        this.#log.error(`attach failed: ${error.message}`);
+        this.#channel.send({ t: "failed", error: error.message });
+        this.#done.resolve(1);
+      });
+    } else if (message.t === "call") {
+      this.#call(message).then(
+        (result) => this.#channel.send({ t: "reply", seq: message.seq, ok: true, ...result }),
+        (error) =>
+          this.#channel.send({ t: "reply", seq: message.seq, ok: false, error: error.message }),
+      );
+    }
+  }
+
+  async #attach(config: AttachConfig): Promise<void> {
+    this.#config = config;
+    const driver = await openDiskImage(config.image, config);
+    this.#device = ShmRingDevice.open(config.shmPath, config);
+    this.#server = new DiskServer({
+      ring: this.#device.ring,
+      pool: this.#device.pool,
+      fence: memoryFence,
+      driver,
+      readOnly: config.readOnly,
+      notify: () => this.#channel.kick(),
+      qos: config.qos,
+      log: (m) => this.#log.warn(m),
+    });
+    this.#log.info(`serving ${config.image} (${driver.sizeBytes} bytes) pid ${Deno.pid}`);
+    this.#channel.send({ t: "ready", sizeBytes: driver.sizeBytes });
+    this.#server.kick();
+  }
+
+  async #call(message: Record<string, unknown>): Promise<Record<string, unknown>> {
+    const server = this.#server;
+    if (!server) throw new Error("not attached");
+    switch (message.op) {
+      case "stats":
+        return { stats: server.stats() };
+      case "pause":
+        await server.pause();
+        return {};
+      case "resume":
+        return await this.#resume(server, message.image as string | undefined);
+      case "qos":
+        server.setQos(message.qos as AttachConfig["qos"]);
+        return {};
+      default:
+        throw new Error(`unknown call ${message.op}`);
+    }
+  }
+
+  async #resume(server: DiskServer, image: string | undefined): Promise<Record<string, unknown>> {
+    if (!image) {
+      server.resume();
+      return { sizeBytes: server.driver.sizeBytes };
+    }
+    const driver = await openDiskImage(image, this.#config!);
+    const old = server.driver;
+    server.resume(driver);
+    await old.close().catch(() => {});
+    this.#log.info(`resumed on ${image}`);
+    return { sizeBytes: driver.sizeBytes };
+  }
+}
+
+/** `blktap disk`. */
+export const DISK_COMMAND: Command = {
+  name: "disk",
+  summary: "serve one ring device (spawned by ctrl)",
+  usage: USAGE,
+  async run(argv: string[]): Promise<number> {
+    const { values } = parseCommandArgs(argv, {
+      minor: { type: "string" },
+      "run-dir": { type: "string" },
+      socket: { type: "string" },
+    });
+    const minor = parseCount(values.minor, "--minor");
+    if (minor === undefined) throw new UsageError("--minor is required");
+    const socket = values.socket ?? `${values["run-dir"] ?? defaultRunDir()}/${DISK_SOCKET_NAME}`;
+    return await new DiskProcess(minor).run(socket);
+  },
+};

@@ -1,0 +1,327 @@
+/**
+ * The back end of one disk (DESIGN.md §3): consumes requests from the blkif
+ * ring, validates them, runs them on the driver, writes responses and
+ * publishes them with notification suppression. Independent of how the
+ * ring is mapped and how kicks travel, so tests can run it in-process.
+ *
+ * Batching: every request found in one pass is started in the same
+ * JavaScript turn, so the aio layer submits them with one `io_submit`;
+ * responses completed in one turn are published with one push (one kick).
+ * Ordering: FLUSH_DISKCACHE and WRITE_BARRIER wait until every earlier
+ * request has completed, and later requests wait for them.
+ * @module
+ */
+import * as B from "../ring/blkif.ts";
+import { BackRing, type Fence } from "../ring/ring.ts";
+import type { BlockDriver } from "../formats/driver.ts";
+import { DiskCounters, type DiskStats } from "./counters.ts";
+import { TokenBucket } from "./token_bucket.ts";
+import {
+  isRejected,
+  type ParsedRequest,
+  parseRequest,
+  type ValidationContext,
+} from "./validate.ts";
+
+/** QoS settings; 0 = unlimited. */
+export interface QosSettings {
+  maxIops: number;
+  maxBps: number;
+  /** Bucket depth in milliseconds of the rate. */
+  burstMs: number;
+}
+
+/** What a DiskServer serves. */
+export interface DiskServerOptions {
+  ring: Uint8Array;
+  pool: Uint8Array;
+  fence: Fence;
+  driver: BlockDriver;
+  readOnly: boolean;
+  /** Called when responses were published and the front end asked to be told. */
+  notify: () => void;
+  /** Bound on requests running at once (at most the ring size). */
+  maxInflightRequests?: number;
+  qos?: QosSettings;
+  log?: (message: string) => void;
+}
+
+/** Default in-flight bound: a whole 128-entry ring. */
+export const max_inflight_requests_default = 128;
+
+/** Serves one ring. */
+export class DiskServer {
+  readonly counters = new DiskCounters();
+  readonly #back: BackRing;
+  readonly #ringView: DataView;
+  readonly #options: DiskServerOptions;
+  readonly #maxInflight: number;
+  #driver: BlockDriver;
+  #ctx: ValidationContext;
+  #inflight = 0;
+  /** A request taken from the ring that cannot start yet (ordering or QoS). */
+  #held: ParsedRequest | undefined;
+  /** A flush or barrier is running: nothing else starts. */
+  #ordering = false;
+  #paused = false;
+  #pumpScheduled = false;
+  #pushScheduled = false;
+  #qosTimer: ReturnType<typeof setTimeout> | undefined;
+  #iops: TokenBucket;
+  #bps: TokenBucket;
+  #idleWaiters: (() => void)[] = [];
+  #stopped = false;
+
+  constructor(options: DiskServerOptions) {
+    this.#options = options;
+    this.#back = new BackRing(options.ring, options.fence);
+    this.#ringView = this.#back.sring.view;
+    this.#maxInflight = Math.min(
+      options.maxInflightRequests ?? max_inflight_requests_default,
+      this.#back.entries,
+    );
+    this.#driver = options.driver;
+    this.#ctx = this.#context(options.driver);
+    [this.#iops, this.#bps] = makeBuckets(options.qos);
+  }
+
+  #context(driver: BlockDriver): ValidationContext {
+    const pool = this.#options.pool;
+    return {
+      pool,
+      poolPages: Math.floor(pool.byteLength / B.PAGE_BYTES),
+      sizeBytes: driver.sizeBytes,
+      readOnly: this.#options.readOnly || !driver.capabilities.canWrite,
+    };
+  }
+
+  get driver(): BlockDriver {
+    return this.#driver;
+  }
+
+  /** The front end kicked: look at the ring soon. */
+  kick(): void {
+    if (this.#pumpScheduled || this.#stopped) return;
+    this.#pumpScheduled = true;
+    queueMicrotask(() => {
+      this.#pumpScheduled = false;
+      try {
+        this.#pump();
+      } catch (error) {
+        // A front end breaking the ring protocol: blkback disconnects; we stop.
+        this.#options.log?.(`ring: ${error}; serving stopped`);
+        this.stop();
+      }
+    });
+  }
+
+  #pump(): void {
+    if (this.#stopped) return;
+    for (;;) {
+      if (!this.#startHeld()) break;
+      while (this.#canStart() && this.#back.unconsumedRequests() > 0) {
+        const offset = this.#back.takeRequestOffset();
+        const parsed = parseRequest(this.#ringView, offset, this.#ctx);
+        if (isRejected(parsed)) {
+          this.counters.rejected();
+          this.#respond(parsed.id, parsed.operation, parsed.status);
+          continue;
+        }
+        this.#held = parsed;
+        if (!this.#startHeld()) break;
+      }
+      if (!this.#canStart() || this.#held) break;
+      if (!this.#back.finalCheckForRequests()) break;
+    }
+    this.#checkIdle();
+  }
+
+  #canStart(): boolean {
+    return !this.#paused && !this.#ordering && this.#inflight < this.#maxInflight && !this.#stopped;
+  }
+
+  // Starts the held request if ordering and QoS allow; false if it must wait.
+  #startHeld(): boolean {
+    const request = this.#held;
+    if (!request) return true;
+    if (!this.#canStart()) return false;
+    const isOrdering = request.kind === "flush" || request.kind === "barrier";
+    if (isOrdering && this.#inflight > 0) return false;
+    const waitMs = Math.max(this.#iops.waitMs(1), this.#bps.waitMs(request.lengthBytes));
+    if (waitMs > 0) {
+      this.#qosTimer ??= setTimeout(() => {
+        this.#qosTimer = undefined;
+        this.#pump();
+      }, waitMs);
+      return false;
+    }
+    this.#iops.take(1);
+    this.#bps.take(request.lengthBytes);
+    this.#held = undefined;
+    if (isOrdering) this.#ordering = true;
+    this.#start(request);
+    return true;
+  }
+
+  #start(request: ParsedRequest): void {
+    this.#inflight += 1;
+    const started = performance.now();
+    this.#execute(request).then(
+      () => this.#finish(request, started, B.BLKIF_RSP_OKAY),
+      (error) => {
+        const code = (error as { code?: string }).code;
+        this.#options.log?.(
+          `request ${request.kind} ${request.offsetBytes}+${request.lengthBytes}: ${error}`,
+        );
+        this.#finish(
+          request,
+          started,
+          code === "EOPNOTSUPP" ? B.BLKIF_RSP_EOPNOTSUPP : B.BLKIF_RSP_ERROR,
+        );
+      },
+    );
+  }
+
+  #finish(request: ParsedRequest, started: number, status: number): void {
+    this.#inflight -= 1;
+    if (request.kind === "flush" || request.kind === "barrier") this.#ordering = false;
+    const latencyUs = (performance.now() - started) * 1000;
+    this.counters.complete(
+      request.kind,
+      request.lengthBytes,
+      latencyUs,
+      status === B.BLKIF_RSP_OKAY,
+    );
+    this.#respond(request.id, request.operation, status);
+    this.kick();
+  }
+
+  async #execute(request: ParsedRequest): Promise<void> {
+    const driver = this.#driver;
+    switch (request.kind) {
+      case "read":
+        return await readInto(driver, request.offsetBytes, request.buffers);
+      case "write":
+        return await writeFrom(driver, request.offsetBytes, request.buffers);
+      case "discard":
+        return await driver.discard(request.offsetBytes, request.lengthBytes);
+      case "flush":
+      case "barrier":
+        // Xen: a flush/barrier carrying data is a preflush, the write, then
+        // durable before completion.
+        await driver.flush();
+        if (request.lengthBytes > 0) {
+          await writeFrom(driver, request.offsetBytes, request.buffers);
+          await driver.flush();
+        }
+    }
+  }
+
+  #respond(id: bigint, operation: number, status: number): void {
+    this.#back.putResponse(id, operation, status);
+    if (this.#pushScheduled) return;
+    this.#pushScheduled = true;
+    queueMicrotask(() => {
+      this.#pushScheduled = false;
+      if (this.#back.pushResponsesAndCheckNotify()) this.#options.notify();
+    });
+  }
+
+  #checkIdle(): void {
+    if (this.#inflight > 0 || this.#ordering) return;
+    const waiters = this.#idleWaiters;
+    this.#idleWaiters = [];
+    for (const w of waiters) w();
+  }
+
+  /** Number of requests running. */
+  get inflight(): number {
+    return this.#inflight;
+  }
+
+  stats(): DiskStats {
+    return this.counters.snapshot(this.#inflight);
+  }
+
+  /** Quiesces: no new request starts; resolves once in-flight ones drained and data is flushed. */
+  async pause(): Promise<void> {
+    this.#paused = true;
+    if (this.#inflight > 0 || this.#ordering) {
+      await new Promise<void>((resolve) => this.#idleWaiters.push(resolve));
+    }
+    await this.#driver.flush().catch(() => {});
+  }
+
+  /** Resumes serving, optionally on a new driver (the old one is the caller's to close). */
+  resume(driver?: BlockDriver): void {
+    if (driver) {
+      this.#driver = driver;
+      this.#ctx = this.#context(driver);
+    }
+    this.#paused = false;
+    this.kick();
+  }
+
+  /** Changes QoS limits. */
+  setQos(qos: QosSettings): void {
+    [this.#iops, this.#bps] = makeBuckets(qos);
+    this.kick();
+  }
+
+  /** Stops serving (no new requests; in-flight ones still answer). */
+  stop(): void {
+    this.#stopped = true;
+    if (this.#qosTimer !== undefined) clearTimeout(this.#qosTimer);
+  }
+}
+
+function makeBuckets(qos: QosSettings | undefined): [TokenBucket, TokenBucket] {
+  const burstS = (qos?.burstMs ?? 1000) / 1000;
+  const iops = qos?.maxIops ?? 0;
+  const bps = qos?.maxBps ?? 0;
+  return [
+    new TokenBucket(iops, Math.ceil(iops * burstS)),
+    new TokenBucket(bps, Math.ceil(bps * burstS)),
+  ];
+}
+
+/** A driver that takes several buffers for one contiguous range (optional extension). */
+interface VectoredDriver {
+  readv?(offsetBytes: number, buffers: Uint8Array[]): Promise<void>;
+  writev?(offsetBytes: number, buffers: Uint8Array[]): Promise<void>;
+}
+
+async function readInto(
+  driver: BlockDriver,
+  offsetBytes: number,
+  buffers: Uint8Array[],
+): Promise<void> {
+  if (buffers.length === 1) return await driver.read(offsetBytes, buffers[0]);
+  const vectored = driver as BlockDriver & VectoredDriver;
+  if (vectored.readv) return await vectored.readv(offsetBytes, buffers);
+  // Segments in scattered pool pages: one read through a bounce buffer.
+  const bounce = new Uint8Array(buffers.reduce((n, b) => n + b.byteLength, 0));
+  await driver.read(offsetBytes, bounce);
+  let at = 0;
+  for (const b of buffers) {
+    b.set(bounce.subarray(at, at + b.byteLength));
+    at += b.byteLength;
+  }
+}
+
+async function writeFrom(
+  driver: BlockDriver,
+  offsetBytes: number,
+  buffers: Uint8Array[],
+): Promise<void> {
+  if (buffers.length === 1) return await driver.write(offsetBytes, buffers[0]);
+  const vectored = driver as BlockDriver & VectoredDriver;
+  if (vectored.writev) return await vectored.writev(offsetBytes, buffers);
+  const bounce = new Uint8Array(buffers.reduce((n, b) => n + b.byteLength, 0));
+  let at = 0;
+  for (const b of buffers) {
+    bounce.set(b, at);
+    at += b.byteLength;
+  }
+  await driver.write(offsetBytes, bounce);
+}

@@ -1,0 +1,30 @@
+/**
+ * Messages between ctrl and a disk process over the kick channel (JSON
+ * lines; kicks are single bytes). The disk connects to ctrl's disk socket
+ * and says hello; ctrl answers with the attach configuration.
+ *
+ *   disk -> ctrl  {t:"hello", minor, pid}
+ *   ctrl -> disk  {t:"attach", ...AttachConfig}
+ *   disk -> ctrl  {t:"ready", sizeBytes} | {t:"failed", error}
+ *   ctrl -> disk  {t:"call", seq, op:"stats"|"pause"|"resume"|"qos", ...}
+ *   disk -> ctrl  {t:"reply", seq, ok, error?, ...result}
+ * @module
+ */
+import type { QosSettings } from "./disk_server.ts";
+
+/** Name of ctrl's socket for disk processes, inside the run dir. */
+export const DISK_SOCKET_NAME = "disks.sock";
+
+/** What a disk process serves, sent by ctrl on attach. */
+export interface AttachConfig {
+  minor: number;
+  /** The ring device (shared memory file). */
+  shmPath: string;
+  ringPages: number;
+  poolPages: number;
+  /** `type:path`, or `null:SIZE`. */
+  image: string;
+  readOnly: boolean;
+  cache: "none" | "writeback";
+  qos: QosSettings;
+}

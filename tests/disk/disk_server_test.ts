@@ -1,0 +1,141 @@
+import assert from "node:assert/strict";
+import * as B from "../../src/ring/blkif.ts";
+import { DiskServer } from "../../src/disk/disk_server.ts";
+import { RingDisk } from "../../src/ctl/ring_disk.ts";
+import { TestFrontend } from "../../src/ctl/test_frontend.ts";
+import { testSeed } from "../_helpers/random.ts";
+import { MemoryDriver } from "./_memory_driver.ts";
+
+const noFence = () => {};
+
+/** Front end and back end over one ArrayBuffer, kicks as function calls. */
+function pair(sizeBytes: number, ringPages = 4, poolPages = 4096) {
+  const memory = new Uint8Array((ringPages + poolPages) * B.PAGE_BYTES);
+  const ring = memory.subarray(0, ringPages * B.PAGE_BYTES);
+  const pool = memory.subarray(ringPages * B.PAGE_BYTES);
+  const driver = new MemoryDriver(sizeBytes);
+  const disk = new RingDisk("test", { ring, pool }, { fence: noFence, readOnly: false, sizeBytes });
+  const server = new DiskServer({
+    ring,
+    pool,
+    fence: noFence,
+    driver,
+    readOnly: false,
+    notify: () => disk.onKick(),
+  });
+  disk.attach(() => server.kick(), sizeBytes);
+  return { disk, server, driver, ring, pool };
+}
+
+Deno.test("disk server: verified random load, direct and indirect, depths 1..64", async () => {
+  const rng = testSeed("disk server load");
+  const { disk, driver } = pair(16 << 20);
+  driver.delayMs = 1;
+  let total = 0;
+  for (const depth of [1, 7, 64]) {
+    driver.delayMs = depth === 1 ? 0 : 1;
+    const result = await new TestFrontend(disk, {
+      requests: 3000,
+      depth,
+      indirectFraction: 0.1,
+      seed: rng.int(0, 2 ** 31),
+    }).run();
+    assert.equal(result.errors, 0, result.firstError);
+    assert.equal(result.mismatches, 0, result.firstError);
+    assert.ok(result.verifiedSectors > 0);
+    assert.ok(result.indirect > 0);
+    total += result.requests;
+  }
+  assert.equal(total, 9000);
+  assert.equal(disk.outstanding, 0);
+});
+
+Deno.test("disk server: RingDisk as a BlockDriver (unaligned, large, pool and heap buffers)", async () => {
+  const rng = testSeed("ring disk driver");
+  const size = 8 << 20;
+  const { disk, driver } = pair(size);
+  const model = new Uint8Array(size);
+  for (let i = 0; i < 300; i += 1) {
+    const length = rng.int(1, 3 << 20);
+    const offset = rng.int(0, size - length);
+    if (rng.next() < 0.5) {
+      const data = rng.bytes(length);
+      const borrowed = rng.next() < 0.5 ? disk.borrowBuffer(length) : undefined;
+      if (borrowed) borrowed.set(data);
+      await disk.write(offset, borrowed ?? data);
+      if (borrowed) disk.returnBuffer(borrowed);
+      model.set(data, offset);
+    } else {
+      const out = new Uint8Array(length);
+      await disk.read(offset, out);
+      assert.deepEqual(out, model.subarray(offset, offset + length), `read ${offset}+${length}`);
+    }
+  }
+  await disk.flush();
+  assert.ok(driver.flushes >= 1);
+  assert.deepEqual(driver.bytes, model);
+  assert.equal(disk.pages.freePages, disk.pages.pages);
+});
+
+Deno.test("disk server: a flush starts after earlier writes complete and before later ones", async () => {
+  const { disk, driver } = pair(1 << 20);
+  driver.delayMs = 5;
+  const events: string[] = [];
+  const flush = driver.flush.bind(driver);
+  driver.flush = () => {
+    events.push("flush");
+    return flush();
+  };
+  const write = driver.write.bind(driver);
+  driver.write = async (offset, data, options) => {
+    events.push(`start ${offset}`);
+    await write(offset, data, options);
+    events.push(`end ${offset}`);
+  };
+  const page = disk.pages.allocate(1)!;
+  const seg = [{ gref: page, firstSect: 0, lastSect: 7 }];
+  const done = [
+    disk.submitRw(B.BLKIF_OP_WRITE, 0, seg),
+    disk.submitRw(B.BLKIF_OP_WRITE, 8, seg),
+    disk.submitFlush(),
+    disk.submitRw(B.BLKIF_OP_WRITE, 16, seg),
+  ];
+  assert.deepEqual(await Promise.all(done), [0, 0, 0, 0]);
+  const flushAt = events.indexOf("flush");
+  assert.ok(
+    events.indexOf("end 0") < flushAt && events.indexOf("end 4096") < flushAt,
+    events.join(","),
+  );
+  assert.ok(events.indexOf("start 8192") > flushAt, events.join(","));
+});
+
+Deno.test("disk server: QoS holds IOPS to the limit after the burst", async () => {
+  const sizeBytes = 1 << 20;
+  const memory = new Uint8Array((4 + 64) * B.PAGE_BYTES);
+  const ring = memory.subarray(0, 4 * B.PAGE_BYTES);
+  const pool = memory.subarray(4 * B.PAGE_BYTES);
+  const disk = new RingDisk("qos", { ring, pool }, { fence: noFence, readOnly: false, sizeBytes });
+  const server = new DiskServer({
+    ring,
+    pool,
+    fence: noFence,
+    driver: new MemoryDriver(sizeBytes),
+    readOnly: false,
+    notify: () => disk.onKick(),
+    qos: { maxIops: 200, maxBps: 0, burstMs: 100 },
+  });
+  disk.attach(() => server.kick(), sizeBytes);
+  const started = performance.now();
+  const result = await new TestFrontend(disk, {
+    requests: 120,
+    depth: 8,
+    seed: 1,
+    flushFraction: 0,
+    discardFraction: 0,
+  })
+    .run();
+  const elapsed = performance.now() - started;
+  assert.equal(result.errors, 0);
+  // 20 from the burst, then 100 at 200/s: about 500 ms.
+  assert.ok(elapsed > 400 && elapsed < 2000, `elapsed ${elapsed} ms`);
+});

@@ -1,0 +1,65 @@
+import assert from "node:assert/strict";
+import * as B from "../../src/ring/blkif.ts";
+import { DiskServer } from "../../src/disk/disk_server.ts";
+import { RingDisk } from "../../src/ctl/ring_disk.ts";
+import { fuzzRing, MALFORMATIONS } from "../../src/ctl/malformed.ts";
+import { TestFrontend } from "../../src/ctl/test_frontend.ts";
+import { testSeed } from "../_helpers/random.ts";
+import { MemoryDriver } from "./_memory_driver.ts";
+
+const noFence = () => {};
+
+function pair(sizeBytes: number, readOnly = false) {
+  const ringPages = 4;
+  const memory = new Uint8Array((ringPages + 2048) * B.PAGE_BYTES);
+  const ring = memory.subarray(0, ringPages * B.PAGE_BYTES);
+  const pool = memory.subarray(ringPages * B.PAGE_BYTES);
+  const driver = new MemoryDriver(sizeBytes);
+  const disk = new RingDisk("fuzz", { ring, pool }, { fence: noFence, readOnly, sizeBytes });
+  const server = new DiskServer({
+    ring,
+    pool,
+    fence: noFence,
+    driver,
+    readOnly,
+    notify: () => disk.onKick(),
+  });
+  disk.attach(() => server.kick(), sizeBytes);
+  return { disk, server, driver };
+}
+
+Deno.test("disk validation: 100,000 malformed entries are refused while valid load keeps verifying", async () => {
+  const rng = testSeed("malformed fuzz");
+  const { disk, server, driver } = pair(8 << 20);
+  const before = driver.bytes.slice();
+  const fuzz = await fuzzRing(disk, 100_000, 32, () => rng.next());
+  assert.equal(fuzz.entries, 100_000);
+  assert.equal(fuzz.acceptedMalformed, 0, fuzz.firstWrong);
+  assert.equal(fuzz.wrongStatus, 0, fuzz.firstWrong);
+  for (const kind of MALFORMATIONS) assert.ok(fuzz.byKind[kind] > 1000, `${kind} exercised`);
+  assert.deepEqual(driver.bytes, before, "no malformed request touched the disk");
+  assert.equal(server.stats().invalid, 100_000);
+  // Interleaved: fuzz and a verified load at the same time.
+  const [load, again] = await Promise.all([
+    new TestFrontend(disk, {
+      requests: 5000,
+      depth: 16,
+      indirectFraction: 0.1,
+      seed: rng.int(0, 2 ** 31),
+    }).run(),
+    fuzzRing(disk, 20_000, 16, () => rng.next()),
+  ]);
+  assert.equal(again.wrongStatus, 0, again.firstWrong);
+  assert.equal(load.errors, 0, load.firstError);
+  assert.equal(load.mismatches, 0, load.firstError);
+});
+
+Deno.test("disk validation: writes and discards on a read-only disk are refused, reads served", async () => {
+  const { disk } = pair(1 << 20, true);
+  const page = disk.pages.allocate(1)!;
+  const segment = [{ gref: page, firstSect: 0, lastSect: 7 }];
+  assert.equal(await disk.submitRw(B.BLKIF_OP_WRITE, 0, segment), B.BLKIF_RSP_ERROR);
+  assert.equal(await disk.submitDiscard(0, 8), B.BLKIF_RSP_ERROR);
+  assert.equal(await disk.submitRw(B.BLKIF_OP_READ, 0, segment), B.BLKIF_RSP_OKAY);
+  assert.equal(await disk.submitFlush(), B.BLKIF_RSP_OKAY);
+});
