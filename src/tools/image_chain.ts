@@ -1,0 +1,138 @@
+/**
+ * What `info` and `map` need of an image and its backing chain: the chain
+ * walked through the formats' `info` hooks (without opening data paths),
+ * and each layer opened on its own — its backing replaced by a stand-in
+ * that holds nothing — so block status tells what *that* layer holds.
+ * @module
+ */
+import { BlockDriverBase, BlockError, type DriverCapabilities } from "../formats/driver.ts";
+import type { BlockDriver } from "../formats/driver.ts";
+import type { ImageInfo } from "../formats/inspect.ts";
+import {
+  formatEntry,
+  type OpenContext,
+  openImage,
+  parseImageSpec,
+  probeFormat,
+} from "../formats/open_image.ts";
+import { openImageFile } from "../formats/raw/open_file.ts";
+
+/** Backing chains deeper than this are refused (as `openImage` does). */
+export const chain_depth_max = 64;
+
+/** One image of a chain, top first. */
+export interface ChainLayer {
+  path: string;
+  /** Registry name of its driver. */
+  format: string;
+  info: ImageInfo;
+}
+
+/** Formats whose every byte is allocated (no backing, holes are zeros). */
+export function isRawFormat(format: string): boolean {
+  return format === "aio" || format === "sync" || format === "raw";
+}
+
+function dirname(path: string): string {
+  const slash = path.lastIndexOf("/");
+  return slash < 0 ? "." : slash === 0 ? "/" : path.slice(0, slash);
+}
+
+async function layerInfo(path: string, format: string): Promise<ImageInfo> {
+  const entry = formatEntry(format);
+  if (!entry) throw new BlockError("EINVAL", `${path}: unknown image format '${format}'`);
+  if (entry.info) return await entry.info(path);
+  const stat = await Deno.stat(path);
+  return { format: entry.name, virtualSizeBytes: stat.size };
+}
+
+/** Walks the backing chain of `spec` (`type:path` or a path), top first. */
+export async function describeChain(spec: string): Promise<ChainLayer[]> {
+  const parsed = parseImageSpec(spec);
+  let path = parsed.path;
+  let format = parsed.format ?? await probeFormat(path);
+  const layers: ChainLayer[] = [];
+  for (;;) {
+    const info = await layerInfo(path, format);
+    layers.push({ path, format: formatEntry(format)!.name, info });
+    if (!info.backingFile) return layers;
+    const next = info.backingFile.startsWith("/")
+      ? info.backingFile
+      : `${dirname(path)}/${info.backingFile}`;
+    const shown = [...layers.map((l) => l.path), next].join(" -> ");
+    if (layers.length >= chain_depth_max) {
+      throw new BlockError("EINVAL", `backing chain deeper than ${chain_depth_max}: ${shown}`);
+    }
+    if (layers.some((l) => l.path === next)) {
+      throw new BlockError("EINVAL", `backing file loop: ${shown}`);
+    }
+    try {
+      await Deno.stat(next);
+    } catch {
+      throw new BlockError("EINVAL", `backing file ${next} not found (chain: ${shown})`);
+    }
+    path = next;
+    format = info.backingFormat && formatEntry(info.backingFormat)
+      ? info.backingFormat
+      : await probeFormat(next);
+  }
+}
+
+/** A backing stand-in: the right size, nothing allocated, reads as zeros. */
+class EmptyLayer extends BlockDriverBase {
+  readonly format = "empty";
+  readonly path: string;
+  readonly sizeBytes: number;
+  readonly capabilities: DriverCapabilities = {
+    canWrite: false,
+    canFlush: true,
+    canFua: false,
+    canDiscard: false,
+    canZero: false,
+    canExtents: true,
+    canMultiConn: true,
+  };
+
+  constructor(path: string, sizeBytes: number) {
+    super();
+    this.path = path;
+    this.sizeBytes = sizeBytes;
+  }
+
+  protected _read(_offsetBytes: number, buffer: Uint8Array): Promise<void> {
+    buffer.fill(0);
+    return Promise.resolve();
+  }
+
+  protected _write(): Promise<void> {
+    return Promise.reject(new BlockError("EPERM", `${this.path}: read-only`));
+  }
+
+  protected _flush(): Promise<void> {
+    return Promise.resolve();
+  }
+
+  protected override _blockStatus(offsetBytes: number, lengthBytes: number) {
+    return Promise.resolve([{ offsetBytes, lengthBytes, hole: true, zero: true }]);
+  }
+
+  close(): Promise<void> {
+    return Promise.resolve();
+  }
+}
+
+/** Opens one layer read-only with an empty stand-in for its backing file. */
+export async function openLayerAlone(layer: ChainLayer): Promise<BlockDriver> {
+  const entry = formatEntry(layer.format)!;
+  const context: OpenContext = {
+    openFile: (path, options) => openImageFile(path, options),
+    openBacking: async (name, overlayPath, format) => {
+      const path = name.startsWith("/") ? name : `${dirname(overlayPath)}/${name}`;
+      const real = await openImage(format ? `${format}:${path}` : path, { readOnly: true });
+      const size = real.sizeBytes;
+      await real.close();
+      return new EmptyLayer(path, size);
+    },
+  };
+  return await entry.open(layer.path, { readOnly: true, cache: "writeback" }, context);
+}
