@@ -5,7 +5,13 @@
  */
 import type { Command } from "./command.ts";
 import { SERVE_COMMAND } from "../ctl/nbd/serve_command.ts";
+import { INFO_COMMAND } from "../tools/info.ts";
+import { MAP_COMMAND } from "../tools/map.ts";
+import { CHECK_COMMAND } from "../tools/check.ts";
 
 export const COMMANDS: Command[] = [
   SERVE_COMMAND,
+  INFO_COMMAND,
+  MAP_COMMAND,
+  CHECK_COMMAND,
 ];
