@@ -1,0 +1,252 @@
+/**
+ * The `ram` driver: a disk held in shared memory that several attachments
+ * (disk processes, tools, tests) may serve at once — the seed's "shareable
+ * RAM disk between VMs".
+ *
+ * Syntax: `ram:NAME[,size=SIZE][,load=PATH][,persist]`
+ * - `NAME`: letters, digits, `_`, `-`, `.` (at most 64); names the segment
+ *   `/dev/shm/blktap-ram-NAME` (`$BLKTAP_RAM_DIR` overrides the folder);
+ * - `size=64M`: the size when the disk is created (suffixes K, M, G, T);
+ *   when the disk exists, it must match or be left out;
+ * - `load=PATH`: at creation, the disk is filled from that image (any
+ *   format, `type:path` accepted; commas cannot appear in PATH); without
+ *   `size`, the disk takes the image's size;
+ * - `persist`: the disk survives its last detach (remove it with
+ *   `rm /dev/shm/blktap-ram-NAME*`).
+ *
+ * Lifetime: the segment is removed when the last attachment closes, unless
+ * `persist` was ever given. Attachments are counted by the kernel through
+ * `flock` (see `attachments.ts`): an attacher that crashes releases its
+ * lock. If every attacher crashed, the segment stays with its contents and
+ * the next attach re-uses it — so a restarted disk process finds its data
+ * — and the next clean last detach removes it.
+ *
+ * The memory is the data: reads and writes are copies, flush has nothing
+ * to do (the disk is as volatile as the machine's RAM), and all attachments
+ * see each other's completed writes at once (MAP_SHARED).
+ * @module
+ */
+import { parseSize } from "../../cli/command.ts";
+import { File } from "../../../ffi/file.ts";
+import { NativeMemory } from "../../../ffi/memory.ts";
+import { BlockDriverBase, BlockError, type DriverCapabilities } from "../driver.ts";
+import type { ImageOpenOptions } from "../image_file.ts";
+import type { FormatEntry } from "../open_image.ts";
+import { openImage } from "../open_image.ts";
+import {
+  holdAttachment,
+  lockRamDisk,
+  noAttachments,
+  type RamPaths,
+  ramPaths,
+  removeRamDisk,
+} from "./attachments.ts";
+
+/** A RAM disk spec, parsed. */
+export interface RamSpec {
+  name: string;
+  sizeBytes?: number;
+  load?: string;
+  persist: boolean;
+}
+
+const ram_name_bytes_max = 64;
+/** Copy unit when loading an image into a new RAM disk. */
+const load_chunk_bytes = 4 << 20;
+
+/** Parses `NAME[,size=SIZE][,load=PATH][,persist]`; throws EINVAL naming the problem. */
+export function parseRamSpec(text: string): RamSpec {
+  const [name, ...options] = text.split(",");
+  if (!/^[A-Za-z0-9_.-]+$/.test(name) || name.length > ram_name_bytes_max || name.startsWith(".")) {
+    throw new BlockError("EINVAL", `ram:${text}: invalid RAM disk name '${name}'`);
+  }
+  const spec: RamSpec = { name, persist: false };
+  for (const option of options) {
+    const eq = option.indexOf("=");
+    const key = eq < 0 ? option : option.slice(0, eq);
+    const value = eq < 0 ? undefined : option.slice(eq + 1);
+    if (key === "persist" && value === undefined) spec.persist = true;
+    else if (key === "size" && value) spec.sizeBytes = parseRamSize(text, value);
+    else if (key === "load" && value) spec.load = value;
+    else throw new BlockError("EINVAL", `ram:${text}: unknown option '${option}'`);
+  }
+  return spec;
+}
+
+function parseRamSize(text: string, value: string): number {
+  let bytes: number;
+  try {
+    bytes = parseSize(value);
+  } catch {
+    throw new BlockError("EINVAL", `ram:${text}: invalid size '${value}'`);
+  }
+  if (bytes <= 0) throw new BlockError("EINVAL", `ram:${text}: size must be positive`);
+  return bytes;
+}
+
+function exists(path: string): boolean {
+  try {
+    Deno.statSync(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** A RAM disk attachment. */
+export class RamDriver extends BlockDriverBase {
+  readonly format = "ram";
+  readonly path: string;
+  readonly sizeBytes: number;
+  readonly capabilities: DriverCapabilities;
+  readonly #paths: RamPaths;
+  readonly #memory: NativeMemory;
+  readonly #attachment: Deno.FsFile;
+  #closed = false;
+
+  constructor(
+    name: string,
+    paths: RamPaths,
+    memory: NativeMemory,
+    attachment: Deno.FsFile,
+    writable: boolean,
+  ) {
+    super();
+    this.path = `ram:${name}`;
+    this.#paths = paths;
+    this.#memory = memory;
+    this.#attachment = attachment;
+    this.sizeBytes = memory.bytes.byteLength;
+    this.capabilities = {
+      canWrite: writable,
+      canFlush: true,
+      canFua: true,
+      canDiscard: false,
+      canZero: writable,
+      canExtents: false,
+      canMultiConn: true,
+    };
+  }
+
+  protected _read(offsetBytes: number, buffer: Uint8Array): Promise<void> {
+    buffer.set(this.#memory.bytes.subarray(offsetBytes, offsetBytes + buffer.byteLength));
+    return Promise.resolve();
+  }
+
+  protected _write(offsetBytes: number, data: Uint8Array): Promise<void> {
+    this.#memory.bytes.set(data, offsetBytes);
+    return Promise.resolve();
+  }
+
+  protected _flush(): Promise<void> {
+    return Promise.resolve();
+  }
+
+  protected override _writeZeroes(offsetBytes: number, lengthBytes: number): Promise<void> {
+    this.#memory.bytes.fill(0, offsetBytes, offsetBytes + lengthBytes);
+    return Promise.resolve();
+  }
+
+  /** Detaches; the last detach removes the segment unless it persists. */
+  close(): Promise<void> {
+    if (this.#closed) return Promise.resolve();
+    this.#closed = true;
+    this.#memory.release();
+    const release = lockRamDisk(this.#paths);
+    try {
+      this.#attachment.close(); // drops our shared lock
+      if (noAttachments(this.#paths) && !exists(this.#paths.persist)) {
+        removeRamDisk(this.#paths);
+      }
+    } finally {
+      release();
+    }
+    return Promise.resolve();
+  }
+}
+
+async function loadImage(spec: RamSpec, memory: NativeMemory): Promise<void> {
+  const image = await openImage(spec.load!, { readOnly: true, cache: "writeback" });
+  try {
+    const length = Math.min(image.sizeBytes, memory.bytes.byteLength);
+    for (let done = 0; done < length; done += load_chunk_bytes) {
+      const chunk = Math.min(load_chunk_bytes, length - done);
+      await image.read(done, memory.bytes.subarray(done, done + chunk));
+    }
+  } finally {
+    await image.close();
+  }
+}
+
+async function imageSize(load: string): Promise<number> {
+  const image = await openImage(load, { readOnly: true, cache: "writeback" });
+  const size = image.sizeBytes;
+  await image.close();
+  return size;
+}
+
+// Creates the segment (mutex held); removes it again if loading fails.
+async function createSegment(spec: RamSpec, paths: RamPaths): Promise<void> {
+  const sizeBytes = spec.sizeBytes ?? (spec.load ? await imageSize(spec.load) : undefined);
+  if (sizeBytes === undefined) {
+    throw new BlockError("EINVAL", `ram:${spec.name}: does not exist yet: give size=SIZE`);
+  }
+  const file = File.open(paths.segment, { write: true, createNew: true, mode: 0o600 });
+  try {
+    file.truncate(sizeBytes);
+    if (spec.load) {
+      const memory = NativeMemory.mapShared(file.fd, sizeBytes, 0, paths.segment);
+      try {
+        await loadImage(spec, memory);
+      } finally {
+        memory.release();
+      }
+    }
+  } catch (error) {
+    file.close();
+    Deno.removeSync(paths.segment);
+    throw error;
+  }
+  file.close();
+}
+
+/** Attaches to (creating if needed) the RAM disk `spec`. */
+export async function openRam(text: string, options: ImageOpenOptions = {}): Promise<RamDriver> {
+  const spec = parseRamSpec(text);
+  const paths = ramPaths(spec.name);
+  const release = lockRamDisk(paths);
+  let attachment: Deno.FsFile | undefined;
+  try {
+    if (!exists(paths.segment)) await createSegment(spec, paths);
+    const file = File.open(paths.segment, { write: true });
+    try {
+      const { sizeBytes } = file.stat();
+      if (spec.sizeBytes !== undefined && spec.sizeBytes !== sizeBytes) {
+        throw new BlockError(
+          "EINVAL",
+          `ram:${spec.name}: exists with size ${sizeBytes}, not ${spec.sizeBytes}`,
+        );
+      }
+      if (spec.persist && !exists(paths.persist)) Deno.writeTextFileSync(paths.persist, "");
+      attachment = holdAttachment(paths);
+      const memory = NativeMemory.mapShared(file.fd, sizeBytes, 0, paths.segment);
+      return new RamDriver(spec.name, paths, memory, attachment, !options.readOnly);
+    } finally {
+      file.close(); // the mapping keeps the memory
+    }
+  } catch (error) {
+    attachment?.close();
+    if (noAttachments(paths) && !exists(paths.persist) && !exists(paths.segment)) {
+      removeRamDisk(paths);
+    }
+    throw error;
+  } finally {
+    release();
+  }
+}
+
+/** `ram:NAME[,size=SIZE][,load=PATH][,persist]`. */
+export const RAM_FORMAT: FormatEntry = {
+  name: "ram",
+  open: (path: string, options: ImageOpenOptions) => openRam(path, options),
+};
