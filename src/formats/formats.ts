@@ -6,11 +6,13 @@
 import type { FormatEntry } from "./open_image.ts";
 import { AIO_FORMAT, SYNC_FORMAT } from "./raw/raw.ts";
 import { VMDK_FORMAT } from "./vmdk/vmdk.ts";
+import { RAM_FORMAT } from "./ram/ram.ts";
 import { QCOW_FORMAT } from "./qcow/format.ts";
 
 export const FORMATS: FormatEntry[] = [
   QCOW_FORMAT,
   VMDK_FORMAT,
   AIO_FORMAT,
+  RAM_FORMAT,
   SYNC_FORMAT,
 ];
