@@ -8,10 +8,16 @@ import { SERVE_COMMAND } from "../ctl/nbd/serve_command.ts";
 import { INFO_COMMAND } from "../tools/info.ts";
 import { MAP_COMMAND } from "../tools/map.ts";
 import { CHECK_COMMAND } from "../tools/check.ts";
+import { QCOW_CREATE_COMMAND } from "../tools/qcow_create.ts";
+import { IMG2QCOW_COMMAND } from "../tools/img2qcow.ts";
+import { QCOW2RAW_COMMAND } from "../tools/qcow2raw.ts";
 
 export const COMMANDS: Command[] = [
   SERVE_COMMAND,
   INFO_COMMAND,
   MAP_COMMAND,
   CHECK_COMMAND,
+  QCOW_CREATE_COMMAND,
+  IMG2QCOW_COMMAND,
+  QCOW2RAW_COMMAND,
 ];
