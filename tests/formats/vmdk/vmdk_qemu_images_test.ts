@@ -1,0 +1,105 @@
+/**
+ * Images QEMU writes in every subformat read identically through us, and
+ * `blktap map` agrees with `qemu-img map` on which ranges hold data.
+ */
+import assert from "node:assert/strict";
+import { openVmdk } from "../../../src/formats/vmdk/vmdk.ts";
+import { vmdkCheck } from "../../../src/formats/vmdk/check.ts";
+import { openImage } from "../../../src/formats/open_image.ts";
+import { mapImage } from "../../../src/tools/map.ts";
+import { testSeed } from "../../_helpers/random.ts";
+import { HAVE_QEMU, mergedRuns, qemuImg, qemuMap } from "./_vmdk_helpers.ts";
+
+// Past 2 GiB so twoGbMaxExtentFlat has two extents; the file stays sparse.
+const size_bytes = 2 ** 31 + (8 << 20);
+const SUBFORMATS = ["monolithicSparse", "monolithicFlat", "twoGbMaxExtentFlat", "streamOptimized"];
+
+/** Data regions of the source image: some grain-aligned, some not, one across 2 GiB. */
+function regions(rng: ReturnType<typeof testSeed>): { offset: number; length: number }[] {
+  const list = [
+    { offset: 0, length: 70_000 },
+    { offset: 2 ** 31 - 5000, length: 300_000 },
+    { offset: size_bytes - 4096, length: 4096 },
+  ];
+  for (let i = 0; i < 12; i += 1) {
+    const length = rng.int(1, 400_000);
+    list.push({ offset: rng.int(0, size_bytes - length), length });
+  }
+  return list;
+}
+
+function equalBytes(a: Uint8Array, b: Uint8Array): boolean {
+  if (a.byteLength !== b.byteLength) return false;
+  for (let i = 0; i < a.byteLength; i += 1) if (a[i] !== b[i]) return false;
+  return true;
+}
+
+Deno.test({
+  name: "vmdk: QEMU-written subformats read identically through us",
+  ignore: !HAVE_QEMU,
+  async fn() {
+    const rng = testSeed("vmdk qemu subformats");
+    const dir = await Deno.makeTempDir({ prefix: "vmdk-qemu-" });
+    try {
+      const rawPath = `${dir}/source.raw`;
+      const raw = await Deno.open(rawPath, { write: true, create: true });
+      await raw.truncate(size_bytes);
+      const written = regions(rng);
+      for (const r of written) {
+        const data = rng.bytes(r.length);
+        // A run of zeros inside data: QEMU may leave it unallocated or zero.
+        data.fill(0, Math.floor(r.length / 3), Math.floor(r.length / 2));
+        await raw.seek(r.offset, Deno.SeekMode.Start);
+        for (let done = 0; done < data.length;) done += await raw.write(data.subarray(done));
+      }
+      raw.close();
+      const source = await openImage(`aio:${rawPath}`, { readOnly: true, cache: "writeback" });
+      const probes = [...written];
+      for (let i = 0; i < 40; i += 1) {
+        const length = rng.int(1, 1 << 20);
+        probes.push({ offset: rng.int(0, size_bytes - length), length });
+      }
+      for (const subformat of SUBFORMATS) {
+        const path = `${dir}/${subformat}.vmdk`;
+        const converted = await qemuImg(
+          "convert",
+          "-f",
+          "raw",
+          "-O",
+          "vmdk",
+          "-o",
+          `subformat=${subformat}`,
+          rawPath,
+          path,
+        );
+        assert.equal(converted.code, 0, converted.stderr);
+        const driver = await openVmdk(path, { readOnly: true });
+        assert.equal(driver.sizeBytes, size_bytes, subformat);
+        assert.equal(driver.createType, subformat);
+        for (const p of probes) {
+          const want = new Uint8Array(p.length);
+          const got = new Uint8Array(p.length);
+          await source.read(p.offset, want);
+          await driver.read(p.offset, got);
+          assert.ok(equalBytes(got, want), `${subformat}: bytes at ${p.offset}+${p.length}`);
+        }
+        await driver.close();
+        const report = await vmdkCheck(path, { repair: false });
+        assert.deepEqual(report.corruptions, [], subformat);
+        assert.equal(report.unusable, undefined, subformat);
+        if (subformat === "monolithicSparse" || subformat === "streamOptimized") {
+          const key = (e: { data: boolean; zero: boolean; present: boolean }) =>
+            `${e.data}/${e.zero}/${e.present}`;
+          assert.deepEqual(
+            mergedRuns(await mapImage(path), key),
+            mergedRuns(await qemuMap(path), key),
+            `${subformat}: map`,
+          );
+        }
+      }
+      await source.close();
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
