@@ -194,7 +194,8 @@ class Server implements NbdServer {
     } catch (error) {
       const expected = error instanceof HandshakeAbort || error instanceof ProtocolError ||
         error instanceof ShortReadError || error instanceof Deno.errors.BadResource ||
-        error instanceof Deno.errors.ConnectionReset || error instanceof Deno.errors.BrokenPipe;
+        error instanceof Deno.errors.ConnectionReset || error instanceof Deno.errors.BrokenPipe ||
+        error instanceof Deno.errors.Interrupted;
       log(expected ? "debug" : "warn", `connection ended: ${(error as Error)?.message ?? error}`);
     } finally {
       clearTimeout(timer);

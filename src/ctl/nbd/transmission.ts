@@ -466,7 +466,11 @@ export class Transmission {
     const nbdError = error instanceof RequestError ? error.nbdError : P.nbdErrorOf(error);
     const message = error instanceof Error ? error.message : String(error);
     if (!(error instanceof RequestError)) {
-      this.#context.log("warn", `command ${type} failed: ${message}`);
+      // FAST_ZERO refusals are an expected answer, not a fault.
+      this.#context.log(
+        nbdError === P.NBD_ENOTSUP ? "debug" : "warn",
+        `command ${type} failed: ${message}`,
+      );
     }
     // proto.md: with structured replies a READ never gets a simple reply; errors carry a message.
     if (!this.#structured) {
