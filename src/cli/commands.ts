@@ -5,6 +5,9 @@
  */
 import type { Command } from "./command.ts";
 import { SERVE_COMMAND } from "../ctl/nbd/serve_command.ts";
+import { CTRL_COMMAND } from "../ctl/ctrl_command.ts";
+import { CLIENT_VERBS } from "../ctl/verbs.ts";
+import { DISK_COMMAND } from "../disk/disk_command.ts";
 import { INFO_COMMAND } from "../tools/info.ts";
 import { MAP_COMMAND } from "../tools/map.ts";
 import { CHECK_COMMAND } from "../tools/check.ts";
@@ -13,6 +16,9 @@ import { IMG2QCOW_COMMAND } from "../tools/img2qcow.ts";
 import { QCOW2RAW_COMMAND } from "../tools/qcow2raw.ts";
 
 export const COMMANDS: Command[] = [
+  CTRL_COMMAND,
+  ...CLIENT_VERBS,
+  DISK_COMMAND,
   SERVE_COMMAND,
   INFO_COMMAND,
   MAP_COMMAND,

@@ -61,8 +61,8 @@ export interface LoadResult {
   firstError?: string;
 }
 
-/** mulberry32: small, seedable, fast. */
-function prng(seed: number): () => number {
+/** mulberry32: small, seedable, fast; uniform in [0, 1). */
+export function prng(seed: number): () => number {
   let state = seed >>> 0;
   return () => {
     let t = (state = (state + 0x6d2b79f5) >>> 0);

@@ -1,0 +1,191 @@
+/**
+ * ctrl's client API on `ctrl.sock`: one JSON object per line each way.
+ * A request is `{op, ...args}` (optionally with an `id` echoed back); the
+ * response is `{ok: true, ...result}` or `{ok: false, error}`.
+ *
+ * Ops: create, list, stats, pause, resume, destroy, qos, and for tests and
+ * benchmarks exercise (the verified test front end) and fuzz (malformed
+ * requests).
+ * @module
+ */
+import type { Ctrl } from "./daemon.ts";
+import { fuzzRing } from "./malformed.ts";
+import type { Minor } from "./minor.ts";
+import { type LoadOptions, prng, TestFrontend } from "./test_frontend.ts";
+
+/** Longest request line accepted. */
+export const request_bytes_max = 64 * 1024;
+
+type Args = Record<string, unknown>;
+
+function number(args: Args, key: string): number | undefined {
+  const v = args[key];
+  if (v === undefined || v === null) return undefined;
+  if (typeof v !== "number" || !Number.isFinite(v) || v < 0) {
+    throw new Error(`${key} must be a non-negative number`);
+  }
+  return v;
+}
+
+/** Serves client connections for a {@linkcode Ctrl}. */
+export class CtlApi {
+  readonly #ctrl: Ctrl;
+
+  constructor(ctrl: Ctrl) {
+    this.#ctrl = ctrl;
+  }
+
+  /** Reads requests from `conn` until it closes; requests run concurrently. */
+  async serve(conn: Deno.Conn): Promise<void> {
+    const decoder = new TextDecoder();
+    const buffer = new Uint8Array(65536);
+    let pending = "";
+    try {
+      for (;;) {
+        const n = await conn.read(buffer);
+        if (n === null) break;
+        pending += decoder.decode(buffer.subarray(0, n), { stream: true });
+        if (pending.length > request_bytes_max) throw new Error("request too long");
+        let newline;
+        while ((newline = pending.indexOf("\n")) >= 0) {
+          const line = pending.slice(0, newline);
+          pending = pending.slice(newline + 1);
+          if (line.trim()) this.#handle(conn, line);
+        }
+      }
+    } catch (error) {
+      this.#ctrl.log.debug(`client: ${error}`);
+    } finally {
+      try {
+        conn.close();
+      } catch {
+        // closed
+      }
+    }
+  }
+
+  async #handle(conn: Deno.Conn, line: string): Promise<void> {
+    let response: Args;
+    let id: unknown;
+    try {
+      const request = JSON.parse(line) as Args;
+      id = request.id;
+      response = { ok: true, ...await this.dispatch(request) };
+    } catch (error) {
+      response = { ok: false, error: (error as Error).message };
+    }
+    if (id !== undefined) response.id = id;
+    const bytes = new TextEncoder().encode(JSON.stringify(response) + "\n");
+    try {
+      for (let done = 0; done < bytes.length;) done += await conn.write(bytes.subarray(done));
+    } catch {
+      // client went away
+    }
+  }
+
+  #minor(args: Args): Minor {
+    const key = args.minor;
+    if (typeof key !== "number" && typeof key !== "string") throw new Error("minor is required");
+    const minor = this.#ctrl.find(key);
+    if (!minor) throw new Error(`no such minor: ${key}`);
+    return minor;
+  }
+
+  /** Runs one request. */
+  async dispatch(args: Args): Promise<Args> {
+    const ctrl = this.#ctrl;
+    switch (args.op) {
+      case "create":
+        return await this.#create(args);
+      case "list":
+        return { minors: await Promise.all(ctrl.minors.map((m) => m.stats())) };
+      case "stats":
+        return await this.#minor(args).stats();
+      case "pause":
+        await this.#minor(args).pause();
+        return {};
+      case "resume":
+        await this.#minor(args).resume(args.image as string | undefined);
+        return {};
+      case "destroy":
+        await ctrl.destroy(this.#minor(args));
+        return {};
+      case "qos":
+        return await this.#qos(args);
+      case "exercise":
+        return { ...await this.#exercise(args) };
+      case "fuzz":
+        return await this.#fuzz(args);
+      default:
+        throw new Error(`unknown op '${args.op}'`);
+    }
+  }
+
+  async #create(args: Args): Promise<Args> {
+    if (typeof args.image !== "string" || !args.image) throw new Error("image is required");
+    const cache = args.cache ?? "none";
+    if (cache !== "none" && cache !== "writeback") {
+      throw new Error(`cache must be none or writeback`);
+    }
+    const minor = await this.#ctrl.create({
+      image: args.image,
+      name: typeof args.name === "string" ? args.name : undefined,
+      readOnly: args.readOnly === true,
+      cache,
+      maxIops: number(args, "maxIops"),
+      maxBps: number(args, "maxBps"),
+      burstMs: number(args, "burstMs"),
+    });
+    return { minor: minor.record.minor, name: minor.record.name };
+  }
+
+  async #qos(args: Args): Promise<Args> {
+    const minor = this.#minor(args);
+    const qos = minor.record.qos;
+    await minor.setQos({
+      maxIops: number(args, "maxIops") ?? qos.maxIops,
+      maxBps: number(args, "maxBps") ?? qos.maxBps,
+      burstMs: number(args, "burstMs") ?? qos.burstMs,
+    });
+    return {};
+  }
+
+  async #exercise(args: Args) {
+    const minor = this.#minor(args);
+    const options: LoadOptions = {
+      requests: number(args, "requests"),
+      durationMs: number(args, "durationMs"),
+      depth: number(args, "depth") ?? 8,
+      minBytes: number(args, "minBytes"),
+      maxBytes: number(args, "maxBytes"),
+      indirectFraction: number(args, "indirectFraction"),
+      indirectMaxBytes: number(args, "indirectMaxBytes"),
+      readFraction: number(args, "readFraction"),
+      flushFraction: number(args, "flushFraction"),
+      discardFraction: number(args, "discardFraction"),
+      regionBytes: number(args, "regionBytes"),
+      verify: args.verify !== false,
+      seed: number(args, "seed") ?? Math.floor(Math.random() * 2 ** 31),
+    };
+    if (options.depth < 1 || options.depth > minor.disk.ringEntries) {
+      throw new Error(`depth must be 1..${minor.disk.ringEntries}`);
+    }
+    for (const key of Object.keys(options) as (keyof LoadOptions)[]) {
+      if (options[key] === undefined) delete options[key];
+    }
+    return await new TestFrontend(minor.disk, options).run();
+  }
+
+  async #fuzz(args: Args): Promise<Args> {
+    const minor = this.#minor(args);
+    const seed = number(args, "seed") ?? Math.floor(Math.random() * 2 ** 31);
+    const random = prng(seed);
+    const result = await fuzzRing(
+      minor.disk,
+      number(args, "entries") ?? 10000,
+      number(args, "depth") ?? 16,
+      random,
+    );
+    return { seed, ...result };
+  }
+}

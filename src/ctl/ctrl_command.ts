@@ -1,0 +1,64 @@
+/**
+ * `blktap ctrl`: runs the control daemon in the foreground, systemd-style
+ * (logs to stderr with levels; SIGTERM/SIGINT stop it, the registry stays
+ * so the next ctrl re-attaches every disk).
+ * @module
+ */
+import { type Command, parseCommandArgs, parseCount, UsageError } from "../cli/command.ts";
+import { type LogLevel, setLogLevel } from "../cli/log.ts";
+import { Ctrl } from "./daemon.ts";
+import { defaultRunDir } from "./run_dir.ts";
+
+const USAGE = `usage: blktap ctrl [--run-dir DIR] [OPTIONS]
+
+Runs the blktap control daemon in the foreground: creates minors, spawns and
+supervises one 'blktap disk' process per disk, answers the client verbs
+(create, list, stats, pause, resume, destroy) on DIR/ctrl.sock.
+
+Options:
+  --run-dir DIR          sockets and registry (default $XDG_RUNTIME_DIR/blktap, else /run/blktap)
+  --shm-dir DIR          where ring devices live (default /dev/shm)
+  --log-level LEVEL      error, warn, info (default) or debug
+  --restart-limit N      a disk dying more than N times ... (default 5)
+  --restart-window SEC   ... within SEC seconds is marked failed (default 60)`;
+
+/** `blktap ctrl`. */
+export const CTRL_COMMAND: Command = {
+  name: "ctrl",
+  summary: "run the control daemon (supervises disk processes)",
+  usage: USAGE,
+  async run(argv: string[]): Promise<number> {
+    const { values } = parseCommandArgs(argv, {
+      "run-dir": { type: "string" },
+      "shm-dir": { type: "string" },
+      "log-level": { type: "string" },
+      "restart-limit": { type: "string" },
+      "restart-window": { type: "string" },
+    });
+    if (values["log-level"]) {
+      if (!["error", "warn", "info", "debug"].includes(values["log-level"])) {
+        throw new UsageError(`--log-level must be error, warn, info or debug`);
+      }
+      setLogLevel(values["log-level"] as LogLevel);
+    }
+    const restartLimit = parseCount(values["restart-limit"], "--restart-limit");
+    const windowS = parseCount(values["restart-window"], "--restart-window");
+    const ctrl = new Ctrl({
+      runDir: values["run-dir"] ?? defaultRunDir(),
+      shmDir: values["shm-dir"],
+      policy: {
+        ...(restartLimit !== undefined ? { restartLimit } : {}),
+        ...(windowS !== undefined ? { restartWindowMs: windowS * 1000 } : {}),
+      },
+    });
+    await ctrl.start();
+    const stopped = Promise.withResolvers<void>();
+    const onSignal = () => stopped.resolve();
+    Deno.addSignalListener("SIGTERM", onSignal);
+    Deno.addSignalListener("SIGINT", onSignal);
+    await stopped.promise;
+    ctrl.log.info("stopping");
+    ctrl.stop();
+    return 0;
+  },
+};

@@ -1,0 +1,300 @@
+/**
+ * `blktap ctrl` (the seed's blktapctrl): owns the minors of one run dir.
+ * It listens on `ctrl.sock` (mode 0600; newline-delimited JSON requests
+ * and responses) for the client verbs and on `disks.sock` for its disk
+ * processes, keeps the registry, and re-attaches every registered disk
+ * when it starts. Other front ends (the NBD server) find a minor's
+ * {@linkcode RingDisk} with {@linkcode Ctrl.exportByName}.
+ * @module
+ */
+import { type Logger, logger } from "../cli/log.ts";
+import { DISK_SOCKET_NAME } from "../disk/protocol.ts";
+import { KickChannel } from "../ring/kick_channel.ts";
+import { defaultShmDir, ShmRingDevice } from "../ring/shm_ring_device.ts";
+import { CtlApi } from "./api.ts";
+import { Minor, type SupervisionPolicy } from "./minor.ts";
+import { loadRegistry, type MinorRecord, type RegistryData, saveRegistry } from "./registry.ts";
+import type { RingDisk } from "./ring_disk.ts";
+import { CTRL_SOCKET_NAME, REGISTRY_NAME } from "./run_dir.ts";
+
+/** Ring pages per minor: ring-page-order 2, 128 entries. */
+export const ring_pages_default = 4;
+/** Data pool per minor: 64 MiB (shared memory is only allocated as touched). */
+export const pool_pages_default = 16384;
+/** Most minors one ctrl serves. */
+export const minors_max = 1024;
+/** Most client connections at once. */
+export const client_connections_max = 256;
+
+/** How ctrl runs. */
+export interface CtrlOptions {
+  runDir: string;
+  shmDir?: string;
+  policy?: Partial<SupervisionPolicy>;
+}
+
+/** Parameters of `create`. */
+export interface CreateParams {
+  image: string;
+  name?: string;
+  readOnly?: boolean;
+  cache?: "none" | "writeback";
+  maxIops?: number;
+  maxBps?: number;
+  burstMs?: number;
+}
+
+/** The daemon. */
+export class Ctrl {
+  readonly runDir: string;
+  readonly log: Logger = logger("ctrl");
+  readonly policy: SupervisionPolicy;
+  readonly #shmDir: string;
+  readonly #minors = new Map<number, Minor>();
+  #registry!: RegistryData;
+  #listeners: Deno.Listener[] = [];
+  #clients = 0;
+  readonly #api: CtlApi;
+
+  constructor(options: CtrlOptions) {
+    this.runDir = options.runDir;
+    this.#shmDir = options.shmDir ?? defaultShmDir();
+    this.policy = {
+      restartLimit: 5,
+      restartWindowMs: 60_000,
+      restartDelayMs: 100,
+      ...options.policy,
+    };
+    this.#api = new CtlApi(this);
+  }
+
+  get #registryPath(): string {
+    return `${this.runDir}/${REGISTRY_NAME}`;
+  }
+
+  /** Prepares the run dir, listens, and re-attaches registered disks. */
+  async start(): Promise<void> {
+    Deno.mkdirSync(this.runDir, { recursive: true, mode: 0o700 });
+    const ctrlSocket = `${this.runDir}/${CTRL_SOCKET_NAME}`;
+    await refuseIfRunning(ctrlSocket);
+    this.#registry = loadRegistry(this.#registryPath) ?? {
+      version: 1,
+      instance: crypto.randomUUID().slice(0, 8),
+      minors: [],
+    };
+    const disks = listenUnix(`${this.runDir}/${DISK_SOCKET_NAME}`);
+    this.#listeners.push(disks);
+    this.#acceptDisks(disks);
+    await this.#reattachAll();
+    const clients = listenUnix(ctrlSocket);
+    this.#listeners.push(clients);
+    this.#acceptClients(clients);
+    this.log.info(`listening on ${ctrlSocket} (${this.#minors.size} disks re-attached)`);
+  }
+
+  /** Stops listening; disk processes exit when their channel closes. */
+  stop(): void {
+    for (const l of this.#listeners) {
+      try {
+        l.close();
+      } catch {
+        // closed
+      }
+    }
+  }
+
+  /** Every minor, by number. */
+  get minors(): Minor[] {
+    return [...this.#minors.values()].sort((a, b) => a.record.minor - b.record.minor);
+  }
+
+  /** A minor by number or export name. */
+  find(key: number | string): Minor | undefined {
+    if (typeof key === "number" || /^\d+$/.test(key)) return this.#minors.get(Number(key));
+    return this.minors.find((m) => m.record.name === key);
+  }
+
+  /** The block device behind export `name` (`--name`, default `tapN`), for the NBD server. */
+  exportByName(name: string): RingDisk | undefined {
+    const minor = this.minors.find((m) => m.record.name === name);
+    return minor && minor.state !== "destroyed" ? minor.disk : undefined;
+  }
+
+  /** Export names, for NBD's LIST. */
+  exportNames(): string[] {
+    return this.minors.map((m) => m.record.name);
+  }
+
+  /** Persists the registry (called whenever a minor changes). */
+  saveRegistry(): void {
+    this.#registry.minors = this.minors.map((m) => m.record);
+    saveRegistry(this.#registryPath, this.#registry);
+  }
+
+  #host() {
+    return {
+      diskSocketPath: `${this.runDir}/${DISK_SOCKET_NAME}`,
+      policy: this.policy,
+      log: this.log,
+      changed: () => this.saveRegistry(),
+    };
+  }
+
+  /** Attaches a new disk; resolves once its process serves it. */
+  async create(params: CreateParams): Promise<Minor> {
+    const number = this.#freeMinor();
+    const name = params.name ?? `tap${number}`;
+    if (this.minors.some((m) => m.record.name === name)) {
+      throw new Error(`export name '${name}' is taken`);
+    }
+    const record: MinorRecord = {
+      minor: number,
+      name,
+      image: params.image,
+      readOnly: params.readOnly ?? false,
+      cache: params.cache ?? "none",
+      qos: {
+        maxIops: params.maxIops ?? 0,
+        maxBps: params.maxBps ?? 0,
+        burstMs: params.burstMs ?? 1000,
+      },
+      shmPath: `${this.#shmDir}/blktap.${this.#registry.instance}.${number}`,
+      ringPages: ring_pages_default,
+      poolPages: pool_pages_default,
+      sizeBytes: 0,
+      paused: false,
+    };
+    const device = ShmRingDevice.create(record.shmPath, record);
+    const minor = new Minor(record, this.#host(), device);
+    this.#minors.set(number, minor);
+    try {
+      await minor.start();
+    } catch (error) {
+      this.#minors.delete(number);
+      await minor.destroy();
+      this.saveRegistry();
+      throw error;
+    }
+    return minor;
+  }
+
+  /** Detaches a disk and forgets it. */
+  async destroy(minor: Minor): Promise<void> {
+    await minor.destroy();
+    this.#minors.delete(minor.record.minor);
+    this.saveRegistry();
+    this.log.info(`minor ${minor.record.minor} destroyed`);
+  }
+
+  #freeMinor(): number {
+    for (let n = 0; n < minors_max; n += 1) if (!this.#minors.has(n)) return n;
+    throw new Error(`all ${minors_max} minors are in use`);
+  }
+
+  async #reattachAll(): Promise<void> {
+    const records = this.#registry.minors;
+    await Promise.allSettled(records.map((r) => this.#reattach(r)));
+  }
+
+  async #reattach(record: MinorRecord): Promise<void> {
+    if (record.pid) await killStaleDisk(record.pid, record.minor);
+    let device: ShmRingDevice;
+    try {
+      device = ShmRingDevice.open(record.shmPath, record);
+    } catch {
+      device = ShmRingDevice.create(record.shmPath, record);
+    }
+    const minor = new Minor(record, this.#host(), device);
+    this.#minors.set(record.minor, minor);
+    try {
+      await minor.start();
+    } catch (error) {
+      this.log.error(`minor ${record.minor}: re-attach failed: ${(error as Error).message}`);
+    }
+  }
+
+  async #acceptDisks(listener: Deno.Listener): Promise<void> {
+    try {
+      for await (const conn of listener) this.#diskConnection(conn);
+    } catch (error) {
+      if (!(error instanceof Deno.errors.BadResource)) this.log.error(`disk socket: ${error}`);
+    }
+  }
+
+  // A disk process's connection: routed to its minor once it says hello.
+  #diskConnection(conn: Deno.Conn): void {
+    let target: Minor | undefined;
+    const channel: KickChannel = new KickChannel(conn, {
+      onKick: () => target?.onKick(),
+      onMessage: (m) => {
+        if (target) return target.onMessage(m);
+        const minor = m.t === "hello" ? this.#minors.get(m.minor as number) : undefined;
+        if (!minor) return channel.close();
+        target = minor;
+        minor.connected(channel, m.pid as number);
+      },
+      onClose: () => target?.onClose(channel),
+    });
+  }
+
+  async #acceptClients(listener: Deno.Listener): Promise<void> {
+    try {
+      for await (const conn of listener) {
+        if (this.#clients >= client_connections_max) {
+          conn.close();
+          continue;
+        }
+        this.#clients += 1;
+        this.#api.serve(conn).finally(() => (this.#clients -= 1));
+      }
+    } catch (error) {
+      if (!(error instanceof Deno.errors.BadResource)) this.log.error(`ctrl socket: ${error}`);
+    }
+  }
+}
+
+function listenUnix(path: string): Deno.Listener {
+  try {
+    Deno.removeSync(path);
+  } catch {
+    // absent
+  }
+  const listener = Deno.listen({ transport: "unix", path });
+  Deno.chmodSync(path, 0o600);
+  return listener;
+}
+
+async function refuseIfRunning(socketPath: string): Promise<void> {
+  try {
+    const conn = await Deno.connect({ transport: "unix", path: socketPath });
+    conn.close();
+  } catch {
+    return; // nobody listening: a stale socket at most
+  }
+  throw new Error(`another blktap ctrl is running on ${socketPath}`);
+}
+
+/** Kills a disk process left by a previous ctrl (if that pid still is one) and waits for it. */
+async function killStaleDisk(pid: number, minor: number): Promise<void> {
+  let cmdline: string;
+  try {
+    cmdline = Deno.readTextFileSync(`/proc/${pid}/cmdline`).split("\0").join(" ");
+  } catch {
+    return; // gone
+  }
+  if (!cmdline.includes(" disk --minor " + minor + " ")) return;
+  try {
+    Deno.kill(pid, "SIGKILL");
+  } catch {
+    return;
+  }
+  for (let waited = 0; waited < 5000; waited += 20) {
+    try {
+      const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
+      if (stat.split(") ")[1]?.startsWith("Z")) return; // exited, awaiting its reaper
+    } catch {
+      return;
+    }
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}

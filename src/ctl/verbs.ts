@@ -1,0 +1,249 @@
+/**
+ * The client verbs: `blktap create|list|stats|pause|resume|destroy|exercise`,
+ * each a request to the ctrl of `--run-dir`.
+ * @module
+ */
+import {
+  type Command,
+  parseCommandArgs,
+  parseCount,
+  parseSize,
+  UsageError,
+} from "../cli/command.ts";
+import { ctlRequest } from "./client.ts";
+import { defaultRunDir } from "./run_dir.ts";
+
+const RUN_DIR_HELP =
+  "  --run-dir DIR   ctrl's run directory (default $XDG_RUNTIME_DIR/blktap, else /run/blktap)";
+const runDirOption = { "run-dir": { type: "string" } } as const;
+
+function runDir(values: { "run-dir"?: string }): string {
+  return values["run-dir"] ?? defaultRunDir();
+}
+
+function minorArg(text: string): number | string {
+  return /^\d+$/.test(text) ? Number(text) : text;
+}
+
+const CREATE: Command = {
+  name: "create",
+  summary: "attach an image as a new minor; prints the minor",
+  usage: `usage: blktap create TYPE:PATH [--name NAME] [--readonly] [--cache none|writeback]
+                     [--max-iops N] [--max-bps N] [--burst-ms MS] [--run-dir DIR]
+
+  --name NAME     export name (default tapN)
+  --readonly      refuse writes
+  --cache MODE    none (O_DIRECT, default) or writeback (page cache), as QEMU's cache modes
+  --max-iops N    QoS: requests per second (0 = unlimited)
+  --max-bps N     QoS: bytes per second (suffixes K, M, G)
+  --burst-ms MS   QoS bucket depth in milliseconds of the rate (default 1000)
+${RUN_DIR_HELP}`,
+  async run(argv) {
+    const { values, positionals } = parseCommandArgs(argv, {
+      ...runDirOption,
+      name: { type: "string" },
+      readonly: { type: "boolean" },
+      cache: { type: "string" },
+      "max-iops": { type: "string" },
+      "max-bps": { type: "string" },
+      "burst-ms": { type: "string" },
+    }, { min: 1, max: 1 });
+    const cache = values.cache ?? "none";
+    if (cache !== "none" && cache !== "writeback") {
+      throw new UsageError("--cache must be none or writeback");
+    }
+    const result = await ctlRequest(runDir(values), {
+      op: "create",
+      image: positionals[0],
+      name: values.name,
+      readOnly: values.readonly ?? false,
+      cache,
+      maxIops: parseCount(values["max-iops"], "--max-iops"),
+      maxBps: values["max-bps"] ? parseSize(values["max-bps"]) : undefined,
+      burstMs: parseCount(values["burst-ms"], "--burst-ms"),
+    });
+    console.log(result.minor);
+    return 0;
+  },
+};
+
+const LIST: Command = {
+  name: "list",
+  summary: "list minors: name, pid, state, image, counters",
+  usage:
+    `usage: blktap list [--json] [--run-dir DIR]\n\n  --json          machine-readable output\n${RUN_DIR_HELP}`,
+  async run(argv) {
+    const { values } = parseCommandArgs(argv, { ...runDirOption, json: { type: "boolean" } });
+    const { minors } = await ctlRequest(runDir(values), { op: "list" }) as {
+      minors: Record<string, unknown>[];
+    };
+    if (values.json) {
+      console.log(JSON.stringify(minors, null, 2));
+      return 0;
+    }
+    const rows = [["MINOR", "NAME", "PID", "STATE", "OPS", "ERRORS", "RESTARTS", "IMAGE"]];
+    for (const m of minors) {
+      const disk = m.disk as { ops: Record<string, number>; errors: number } | undefined;
+      const ops = disk ? Object.values(disk.ops).reduce((a, b) => a + b, 0) : "-";
+      rows.push(
+        [m.minor, m.name, m.pid ?? "-", m.state, ops, disk?.errors ?? "-", m.restarts, m.image].map(
+          String,
+        ),
+      );
+    }
+    const widths = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));
+    for (const r of rows) {
+      console.log(r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]))).join("  "));
+    }
+    return 0;
+  },
+};
+
+const STATS: Command = {
+  name: "stats",
+  summary: "counters of one minor (ops, bytes, errors, latency)",
+  usage:
+    `usage: blktap stats MINOR [--json] [--run-dir DIR]\n\n  --json          machine-readable output\n${RUN_DIR_HELP}`,
+  async run(argv) {
+    const { values, positionals } = parseCommandArgs(argv, {
+      ...runDirOption,
+      json: { type: "boolean" },
+    }, {
+      min: 1,
+      max: 1,
+    });
+    const stats = await ctlRequest(runDir(values), {
+      op: "stats",
+      minor: minorArg(positionals[0]),
+    });
+    if (values.json) {
+      console.log(JSON.stringify(stats, null, 2));
+      return 0;
+    }
+    printStats(stats);
+    return 0;
+  },
+};
+
+function printStats(stats: Record<string, unknown>): void {
+  const disk = stats.disk as Record<string, unknown> | undefined;
+  for (const [key, value] of Object.entries(stats)) {
+    if (key !== "disk") console.log(`${key}: ${value}`);
+  }
+  if (!disk) return;
+  const ops = disk.ops as Record<string, number>;
+  console.log(`ops: ${Object.entries(ops).map(([k, v]) => `${k}=${v}`).join(" ")}`);
+  for (
+    const key of [
+      "bytesRead",
+      "bytesWritten",
+      "errors",
+      "invalid",
+      "inflight",
+      "latencyUsP50",
+      "latencyUsP99",
+    ]
+  ) {
+    console.log(`${key}: ${disk[key]}`);
+  }
+}
+
+function simpleVerb(name: string, summary: string, extra = ""): Command {
+  return {
+    name,
+    summary,
+    usage: `usage: blktap ${name} MINOR${
+      extra ? ` [${extra}]` : ""
+    } [--run-dir DIR]\n\n${RUN_DIR_HELP}`,
+    async run(argv) {
+      const { values, positionals } = parseCommandArgs(argv, runDirOption, {
+        min: 1,
+        max: extra ? 2 : 1,
+      });
+      await ctlRequest(runDir(values), {
+        op: name,
+        minor: minorArg(positionals[0]),
+        ...(positionals[1] ? { image: positionals[1] } : {}),
+      });
+      return 0;
+    },
+  };
+}
+
+const EXERCISE: Command = {
+  name: "exercise",
+  summary: "drive a minor with the verified test front end (tests, bench)",
+  usage: `usage: blktap exercise MINOR [OPTIONS] [--run-dir DIR]
+
+Runs the test front end inside ctrl on MINOR's ring: random reads and writes
+verified against a model of what it wrote (reads of sectors it has not
+written are not checked).
+
+  --requests N        stop after N requests (default: --seconds)
+  --seconds S         stop after S seconds (default 10)
+  --depth N           requests in flight (default 8)
+  --min-bytes SIZE    smallest request (default 1K)
+  --max-bytes SIZE    largest direct request (default 44K)
+  --indirect PCT      percent of requests that are indirect, up to --indirect-max (default 0)
+  --indirect-max SIZE largest indirect request (default 1M)
+  --read-pct PCT      percent of reads (default 50)
+  --flush-pct PCT     percent of flushes (default 0.5); --discard-pct likewise
+  --region SIZE       only use the first SIZE bytes of the disk
+  --no-verify         do not fill or check data (benchmarks)
+  --seed N            replay a run
+  --json              machine-readable output
+${RUN_DIR_HELP}`,
+  async run(argv) {
+    const { values, positionals } = parseCommandArgs(argv, {
+      ...runDirOption,
+      requests: { type: "string" },
+      seconds: { type: "string" },
+      depth: { type: "string" },
+      "min-bytes": { type: "string" },
+      "max-bytes": { type: "string" },
+      indirect: { type: "string" },
+      "indirect-max": { type: "string" },
+      "read-pct": { type: "string" },
+      "flush-pct": { type: "string" },
+      "discard-pct": { type: "string" },
+      region: { type: "string" },
+      "no-verify": { type: "boolean" },
+      seed: { type: "string" },
+      json: { type: "boolean" },
+    }, { min: 1, max: 1 });
+    const pct = (v: string | undefined) => (v === undefined ? undefined : Number(v) / 100);
+    const size = (v: string | undefined) => (v === undefined ? undefined : parseSize(v));
+    const seconds = values.seconds === undefined ? undefined : Number(values.seconds);
+    const result = await ctlRequest(runDir(values), {
+      op: "exercise",
+      minor: minorArg(positionals[0]),
+      requests: parseCount(values.requests, "--requests"),
+      durationMs: seconds === undefined ? undefined : seconds * 1000,
+      depth: parseCount(values.depth, "--depth"),
+      minBytes: size(values["min-bytes"]),
+      maxBytes: size(values["max-bytes"]),
+      indirectFraction: pct(values.indirect),
+      indirectMaxBytes: size(values["indirect-max"]),
+      readFraction: pct(values["read-pct"]),
+      flushFraction: pct(values["flush-pct"]),
+      discardFraction: pct(values["discard-pct"]),
+      regionBytes: size(values.region),
+      verify: !values["no-verify"],
+      seed: parseCount(values.seed, "--seed"),
+    });
+    if (values.json) console.log(JSON.stringify(result));
+    else for (const [k, v] of Object.entries(result)) console.log(`${k}: ${v}`);
+    return result.errors === 0 && result.mismatches === 0 ? 0 : 1;
+  },
+};
+
+/** Every client verb, in help order. */
+export const CLIENT_VERBS: Command[] = [
+  CREATE,
+  LIST,
+  STATS,
+  simpleVerb("pause", "quiesce a minor: in-flight requests drain, new ones wait"),
+  simpleVerb("resume", "resume a minor, optionally on another image", "TYPE:PATH"),
+  simpleVerb("destroy", "detach a minor and stop its disk process"),
+  EXERCISE,
+];
