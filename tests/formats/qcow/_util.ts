@@ -1,0 +1,106 @@
+/**
+ * Helpers shared by the qcow tests: temp folders, QEMU oracles, models.
+ * @module
+ */
+import assert from "node:assert/strict";
+import type { BlockDriver } from "../../../src/formats/driver.ts";
+import { hasTool, run, runOk } from "../../_helpers/tools.ts";
+import type { Random } from "../../_helpers/random.ts";
+
+export const hasQemu = hasTool("qemu-img") && hasTool("qemu-io");
+export const noQemu = !hasQemu;
+
+/** Runs `fn` in a fresh temp folder, removed afterwards. */
+export async function inTempDir(fn: (dir: string) => Promise<void>): Promise<void> {
+  const dir = await Deno.makeTempDir({ prefix: "blktap-qcow-" });
+  try {
+    await fn(dir);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+/** A random write: sizes from 1 byte to 200 KiB, aligned or not, often straddling clusters. */
+export function randomWrite(rng: Random, diskBytes: number): [number, number] {
+  const kind = rng.next();
+  let length: number;
+  let offset: number;
+  if (kind < 0.3) {
+    length = rng.int(1, 16) * 4096;
+    offset = rng.int(0, Math.floor((diskBytes - length) / 4096)) * 4096;
+  } else if (kind < 0.5) {
+    length = rng.int(1, 16) * 512;
+    offset = rng.int(0, Math.floor((diskBytes - length) / 512)) * 512;
+  } else {
+    length = rng.int(1, rng.pick([100, 700, 5000, 70_000, 200_000]));
+    offset = rng.int(0, diskBytes - length);
+  }
+  return [offset, length];
+}
+
+/** Fill for a write: mostly random bytes, sometimes zeros (tests zero elision). */
+export function writeData(rng: Random, length: number): Uint8Array {
+  return rng.next() < 0.15 ? new Uint8Array(length) : rng.bytes(length);
+}
+
+/** Reads the whole disk. */
+export async function readAll(driver: BlockDriver): Promise<Uint8Array> {
+  const out = new Uint8Array(driver.sizeBytes);
+  const chunk = 1 << 20;
+  for (let pos = 0; pos < out.byteLength; pos += chunk) {
+    await driver.read(pos, out.subarray(pos, Math.min(pos + chunk, out.byteLength)));
+  }
+  return out;
+}
+
+/** Asserts `qemu-img compare` finds `image` (format `fmt`) identical to raw `expected` bytes. */
+export async function assertQemuSees(
+  dir: string,
+  image: string,
+  expected: Uint8Array,
+  fmt = "qcow",
+): Promise<void> {
+  const rawPath = `${dir}/expected-${crypto.randomUUID()}.raw`;
+  await Deno.writeFile(rawPath, expected);
+  try {
+    const result = await run("qemu-img", ["compare", "-f", "raw", "-F", fmt, rawPath, image]);
+    assert.equal(result.code, 0, `qemu-img compare: ${result.stdout}${result.stderr}`);
+  } finally {
+    await Deno.remove(rawPath);
+  }
+}
+
+/** Data ranges per `qemu-img map`, merged. */
+export async function qemuDataRanges(image: string): Promise<[number, number][]> {
+  const out = JSON.parse(await runOk("qemu-img", ["map", "--output=json", image])) as {
+    start: number;
+    length: number;
+    data: boolean;
+  }[];
+  return mergeRanges(out.filter((e) => e.data).map((e) => [e.start, e.start + e.length]));
+}
+
+/** Data ranges per our block status, merged. */
+export async function ourDataRanges(driver: BlockDriver): Promise<[number, number][]> {
+  const extents = await driver.blockStatus(0, driver.sizeBytes);
+  return mergeRanges(
+    extents.filter((e) => !e.hole).map((e) => [e.offsetBytes, e.offsetBytes + e.lengthBytes]),
+  );
+}
+
+export function mergeRanges(ranges: [number, number][]): [number, number][] {
+  const out: [number, number][] = [];
+  for (const [s, e] of ranges.sort((a, b) => a[0] - b[0])) {
+    const last = out[out.length - 1];
+    if (last && last[1] >= s) last[1] = Math.max(last[1], e);
+    else out.push([s, e]);
+  }
+  return out;
+}
+
+/** First differing offset of two buffers, or -1. */
+export function firstDifference(a: Uint8Array, b: Uint8Array): number {
+  const n = Math.min(a.byteLength, b.byteLength);
+  for (let i = 0; i < n; i += 1) if (a[i] !== b[i]) return i;
+  return a.byteLength === b.byteLength ? -1 : n;
+}
