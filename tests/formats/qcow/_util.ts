@@ -104,3 +104,34 @@ export function firstDifference(a: Uint8Array, b: Uint8Array): number {
   for (let i = 0; i < n; i += 1) if (a[i] !== b[i]) return i;
   return a.byteLength === b.byteLength ? -1 : n;
 }
+
+/**
+ * One batch of the crash tests: up to 8 writes with disjoint ranges, issued
+ * together. Deterministic in `rng`, so a verifier can replay what a writer did.
+ */
+export function crashBatch(rng: Random, diskBytes: number): [number, Uint8Array][] {
+  const count = rng.int(1, 8);
+  const writes: [number, Uint8Array][] = [];
+  for (let i = 0; i < count; i += 1) {
+    let [offset, length] = randomWrite(rng, diskBytes);
+    while (writes.some(([o, d]) => offset < o + d.byteLength && o < offset + length)) {
+      [offset, length] = randomWrite(rng, diskBytes);
+    }
+    writes.push([offset, writeData(rng, length)]);
+  }
+  return writes;
+}
+
+/** Bytes that must read back: equal to `stable` wherever `ambiguous` is 0. */
+export function assertDurable(
+  got: Uint8Array,
+  stable: Uint8Array,
+  ambiguous: Uint8Array,
+  what: string,
+): void {
+  for (let i = 0; i < stable.byteLength; i += 1) {
+    if (ambiguous[i] === 0 && got[i] !== stable[i]) {
+      assert.fail(`${what}: byte ${i} is ${got[i]}, expected ${stable[i]} (flushed)`);
+    }
+  }
+}
