@@ -13,12 +13,14 @@ import { type NbdExport } from "./export.ts";
 import { HandshakeAbort, negotiate } from "./handshake.ts";
 import { DEFAULT_LIMITS, type NbdLimits } from "./limits.ts";
 import { PayloadPool } from "./payload_pool.ts";
+import { type NbdServerStats, newStats } from "./stats.ts";
 import { ReplyWriter } from "./reply_writer.ts";
 import { ShortReadError, SocketReader } from "./socket_reader.ts";
 import { ProtocolError, Transmission } from "./transmission.ts";
 
 export type { NbdExport } from "./export.ts";
 export type { NbdLimits } from "./limits.ts";
+export type { NbdServerStats } from "./stats.ts";
 
 /** Severity of a server log line. */
 export type NbdLogLevel = "debug" | "info" | "warn";
@@ -49,6 +51,8 @@ export interface NbdServer {
   readonly connectionCount: number;
   /** The limits in force. */
   readonly limits: NbdLimits;
+  /** Counters since start (for `blktap ctrl stats`). */
+  readonly stats: NbdServerStats;
   /**
    * Stops listening, lets requests in flight finish (up to
    * `close_grace_ms`), closes every connection. Exports are not closed:
@@ -103,6 +107,7 @@ export function startNbdServer(options: NbdServerOptions): Promise<NbdServer> {
 
 class Server implements NbdServer {
   readonly limits: NbdLimits;
+  readonly stats: NbdServerStats = newStats();
   readonly unixPath?: string;
   readonly tcp?: { hostname: string; port: number };
   readonly #options: NbdServerOptions;
@@ -153,11 +158,13 @@ class Server implements NbdServer {
         continue;
       }
       if (this.#closing || this.#connections.size >= this.limits.connections_max) {
+        this.stats.connections_refused_total++;
         this.#log("info", `refusing a connection: ${this.#connections.size} open`);
         closeQuietly(conn);
         continue;
       }
       if ("setNoDelay" in conn) (conn as Deno.TcpConn).setNoDelay(true);
+      this.stats.connections_total++;
       const connection: Connection = { conn, done: Promise.resolve() };
       this.#connections.add(connection);
       connection.done = this.#serve(connection).finally(() => this.#connections.delete(connection));
@@ -183,9 +190,11 @@ class Server implements NbdServer {
       });
       clearTimeout(timer);
       if (!session) return await writer.idle();
+      this.stats.sessions_total++;
       connection.exportName = session.nbdExport.name;
       connection.transmission = new Transmission(reader, writer, session, {
         pool: this.#pool,
+        stats: this.stats,
         limits: this.limits,
         shuttingDown: () => this.#closing,
         log,
@@ -196,6 +205,9 @@ class Server implements NbdServer {
         error instanceof ShortReadError || error instanceof Deno.errors.BadResource ||
         error instanceof Deno.errors.ConnectionReset || error instanceof Deno.errors.BrokenPipe ||
         error instanceof Deno.errors.Interrupted;
+      if (error instanceof HandshakeAbort || error instanceof ProtocolError) {
+        this.stats.protocol_disconnects_total++;
+      }
       log(expected ? "debug" : "warn", `connection ended: ${(error as Error)?.message ?? error}`);
     } finally {
       clearTimeout(timer);

@@ -15,6 +15,7 @@
 import type { BlockDriver, BufferLender, Extent } from "../../formats/driver.ts";
 import type { Session } from "./handshake.ts";
 import type { NbdLimits } from "./limits.ts";
+import type { NbdServerStats } from "./stats.ts";
 import { type Payload, payload_headroom_bytes, type PayloadPool } from "./payload_pool.ts";
 import * as P from "./protocol.ts";
 import type { ReplyWriter } from "./reply_writer.ts";
@@ -23,6 +24,7 @@ import type { SocketReader } from "./socket_reader.ts";
 /** What a connection's transmission phase shares with its server. */
 export interface TransmissionContext {
   pool: PayloadPool;
+  stats: NbdServerStats;
   limits: NbdLimits;
   shuttingDown(): boolean;
   log(level: "debug" | "info" | "warn", message: string): void;
@@ -123,6 +125,7 @@ export class Transmission {
       const offset = v.getUint32(s + 16) * 2 ** 32 + v.getUint32(s + 20);
       const length = v.getUint32(s + 24);
       reader.start = s + P.REQUEST_HEADER_BYTES;
+      this.#context.stats.requests_total++;
       if (type === P.NBD_CMD_DISC) break;
       while (this.#inflight >= limits.inflight_requests_max) await this.#requestFinished();
       // A client that does not read its replies stops being read.
@@ -463,6 +466,7 @@ export class Transmission {
   }
 
   #replyError(type: number, hi: number, lo: number, error: unknown): void {
+    this.#context.stats.request_errors_total++;
     const nbdError = error instanceof RequestError ? error.nbdError : P.nbdErrorOf(error);
     const message = error instanceof Error ? error.message : String(error);
     if (!(error instanceof RequestError)) {
