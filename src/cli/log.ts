@@ -20,6 +20,11 @@ export function setLogLevel(level: LogLevel): void {
   threshold = level;
 }
 
+/** The current level (passed on to child processes). */
+export function logLevel(): LogLevel {
+  return threshold;
+}
+
 /** A logger whose lines start with `tag`. */
 export function logger(tag: string) {
   const write = (level: LogLevel, message: string) => {

@@ -164,6 +164,7 @@ export class CtlApi {
       flushFraction: number(args, "flushFraction"),
       discardFraction: number(args, "discardFraction"),
       regionBytes: number(args, "regionBytes"),
+      maxErrors: number(args, "maxErrors"),
       verify: args.verify !== false,
       seed: number(args, "seed") ?? Math.floor(Math.random() * 2 ** 31),
     };

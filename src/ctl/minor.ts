@@ -8,7 +8,7 @@
  * @module
  */
 import { memoryFence } from "../../ffi/memory.ts";
-import type { Logger } from "../cli/log.ts";
+import { type Logger, logLevel } from "../cli/log.ts";
 import { selfCommandFor } from "../cli/self_command.ts";
 import type { QosSettings } from "../disk/disk_server.ts";
 import type { DiskStats } from "../disk/counters.ts";
@@ -87,7 +87,7 @@ export class Minor {
   #spawn(): void {
     const child = selfCommandFor(
       ["disk", "--minor", String(this.record.minor), "--socket", this.#host.diskSocketPath],
-      { stdin: "null", stdout: "null", stderr: "inherit" },
+      { stdin: "null", stdout: "null", stderr: "inherit", env: { BLKTAP_LOG_LEVEL: logLevel() } },
     ).spawn();
     this.#child = child;
     this.record.pid = child.pid;

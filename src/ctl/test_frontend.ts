@@ -35,6 +35,8 @@ export interface LoadOptions {
   discardFraction?: number;
   /** Verify reads against the model (default true). */
   verify?: boolean;
+  /** Stop early once this many requests failed (default: never). */
+  maxErrors?: number;
   /** Only touch the first `regionBytes` of the disk (default: all of it). */
   regionBytes?: number;
   seed: number;
@@ -114,6 +116,7 @@ export class TestFrontend {
       flushFraction: 0.005,
       discardFraction: 0.005,
       verify: true,
+      maxErrors: Infinity,
       ...options,
       regionBytes: region,
     };
@@ -156,6 +159,7 @@ export class TestFrontend {
   }
 
   #more(): boolean {
+    if (this.#result.errors >= this.#o.maxErrors) return false;
     if (this.#o.requests !== undefined) return this.#issued < this.#o.requests;
     return performance.now() < this.#deadline;
   }

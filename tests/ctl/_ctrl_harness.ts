@@ -1,0 +1,122 @@
+/**
+ * Runs a `blktap ctrl` for a test: private run dir and shared-memory dir,
+ * requests through the client library, every process it started killed by
+ * pid in `close()`.
+ */
+import { selfCommandFor } from "../../src/cli/self_command.ts";
+import { ctlRequest } from "../../src/ctl/client.ts";
+
+export class CtrlHarness {
+  readonly dir: string;
+  readonly runDir: string;
+  readonly shmDir: string;
+  #child: Deno.ChildProcess | undefined;
+  #diskPids = new Set<number>();
+
+  private constructor(dir: string, shmDir: string) {
+    this.dir = dir;
+    this.runDir = `${dir}/run`;
+    this.shmDir = shmDir;
+  }
+
+  static async start(extraArgs: string[] = []): Promise<CtrlHarness> {
+    const dir = await Deno.makeTempDir({ prefix: "blktap-ctl-" });
+    const shmDir = await Deno.makeTempDir({ dir: "/dev/shm", prefix: "blktap-test-" }).catch(() =>
+      `${dir}/shm`
+    );
+    await Deno.mkdir(shmDir, { recursive: true });
+    const h = new CtrlHarness(dir, shmDir);
+    await h.startCtrl(extraArgs);
+    return h;
+  }
+
+  /** Starts (or restarts) ctrl on the same run dir. */
+  async startCtrl(extraArgs: string[] = []): Promise<void> {
+    this.#child = selfCommandFor(
+      [
+        "ctrl",
+        "--run-dir",
+        this.runDir,
+        "--shm-dir",
+        this.shmDir,
+        "--log-level",
+        "warn",
+        ...extraArgs,
+      ],
+      { stdin: "null", stdout: "null", stderr: "inherit" },
+    ).spawn();
+    for (let i = 0; i < 200; i += 1) {
+      try {
+        await ctlRequest(this.runDir, { op: "list" });
+        return;
+      } catch {
+        await new Promise((r) => setTimeout(r, 50));
+      }
+    }
+    throw new Error("ctrl did not start");
+  }
+
+  get ctrlPid(): number {
+    return this.#child!.pid;
+  }
+
+  /** Kills ctrl with SIGKILL and waits for it. */
+  async killCtrl(): Promise<void> {
+    await this.#remember();
+    this.#child!.kill("SIGKILL");
+    await this.#child!.status;
+  }
+
+  request(request: Record<string, unknown>): Promise<Record<string, unknown>> {
+    return ctlRequest(this.runDir, request);
+  }
+
+  async list(): Promise<Record<string, unknown>[]> {
+    const { minors } = await this.request({ op: "list" });
+    const list = minors as Record<string, unknown>[];
+    for (const m of list) if (typeof m.pid === "number") this.#diskPids.add(m.pid);
+    return list;
+  }
+
+  async #remember(): Promise<void> {
+    await this.list().catch(() => {});
+  }
+
+  /** A disk process's pid, remembered for cleanup. */
+  async diskPid(minor: number): Promise<number> {
+    const m = (await this.list()).find((x) => x.minor === minor);
+    if (!m || typeof m.pid !== "number") throw new Error(`minor ${minor} has no process`);
+    return m.pid;
+  }
+
+  async close(): Promise<void> {
+    await this.#remember();
+    try {
+      this.#child?.kill("SIGKILL");
+      await this.#child?.status;
+    } catch {
+      // gone
+    }
+    for (const pid of this.#diskPids) {
+      try {
+        // Only a disk process of ours: a remembered pid may have been reused.
+        const cmdline = Deno.readTextFileSync(`/proc/${pid}/cmdline`).split("\0").join(" ");
+        if (!cmdline.includes(this.runDir)) continue;
+        Deno.kill(pid, "SIGKILL");
+      } catch {
+        // gone
+      }
+    }
+    await Deno.remove(this.dir, { recursive: true }).catch(() => {});
+    await Deno.remove(this.shmDir, { recursive: true }).catch(() => {});
+  }
+}
+
+/** Creates a zero-filled raw file. */
+export async function rawImage(dir: string, name: string, sizeBytes: number): Promise<string> {
+  const path = `${dir}/${name}`;
+  const file = await Deno.open(path, { write: true, create: true });
+  await file.truncate(sizeBytes);
+  file.close();
+  return path;
+}
