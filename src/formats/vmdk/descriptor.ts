@@ -41,7 +41,9 @@ export const NO_PARENT_CID = "ffffffff";
 export const descriptor_extents_max = 16384;
 
 /** A descriptor that cannot be used. */
-export class DescriptorError extends Error {}
+export class DescriptorError extends Error {
+  readonly kind = "vmdk-descriptor";
+}
 
 const EXTENT_LINE = /^(RW|RDONLY|NOACCESS)\s+(\d+)\s+([A-Za-z]+)(?:\s+"([^"]*)"(?:\s+(\d+))?)?\s*$/;
 const VALUE_LINE = /^([A-Za-z][\w.]*)\s*=\s*(?:"([^"]*)"|(\S*))\s*$/;

@@ -48,7 +48,9 @@ export interface SparseHeader {
 }
 
 /** A header that cannot be used, with the reason. */
-export class HeaderError extends Error {}
+export class HeaderError extends Error {
+  readonly kind = "vmdk-header";
+}
 
 function u64(view: DataView, offset: number, name: string): number {
   const value = view.getBigUint64(offset, true);

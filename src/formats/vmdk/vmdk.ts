@@ -340,12 +340,18 @@ async function readHead(file: ImageFile, bytes: number): Promise<Uint8Array> {
   return head;
 }
 
+// Every open error names the image, also when an extent file failed.
 function describeError(path: string, error: unknown): Error {
+  if (!(error instanceof Error)) return new BlockError("EIO", `${path}: ${String(error)}`);
+  const message = error.message.startsWith(path) ? error.message : `${path}: ${error.message}`;
+  if (error instanceof DescriptorError && /unsupported/.test(error.message)) {
+    return new BlockError("EOPNOTSUPP", message);
+  }
   if (error instanceof HeaderError || error instanceof DescriptorError) {
-    const message = error.message.startsWith(path) ? error.message : `${path}: ${error.message}`;
     return new BlockError("EINVAL", message);
   }
-  return error as Error;
+  if (message === error.message) return error;
+  return new BlockError(error instanceof BlockError ? error.code : "EIO", message);
 }
 
 /** Opens a vmdk image (descriptor file or sparse file) for serving. */

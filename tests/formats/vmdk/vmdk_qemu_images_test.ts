@@ -3,6 +3,7 @@
  * `blktap map` agrees with `qemu-img map` on which ranges hold data.
  */
 import assert from "node:assert/strict";
+import { Buffer } from "node:buffer";
 import { openVmdk } from "../../../src/formats/vmdk/vmdk.ts";
 import { vmdkCheck } from "../../../src/formats/vmdk/check.ts";
 import { openImage } from "../../../src/formats/open_image.ts";
@@ -29,9 +30,7 @@ function regions(rng: ReturnType<typeof testSeed>): { offset: number; length: nu
 }
 
 function equalBytes(a: Uint8Array, b: Uint8Array): boolean {
-  if (a.byteLength !== b.byteLength) return false;
-  for (let i = 0; i < a.byteLength; i += 1) if (a[i] !== b[i]) return false;
-  return true;
+  return Buffer.compare(a, b) === 0;
 }
 
 Deno.test({

@@ -4,6 +4,7 @@
  * result identically, `qemu-img check` must pass, and both maps must agree.
  */
 import assert from "node:assert/strict";
+import { Buffer } from "node:buffer";
 import { createVmdk } from "../../../src/formats/vmdk/create.ts";
 import { openVmdk } from "../../../src/formats/vmdk/vmdk.ts";
 import { vmdkCheck } from "../../../src/formats/vmdk/check.ts";
