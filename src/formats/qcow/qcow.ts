@@ -262,8 +262,19 @@ export class QcowDriver extends BlockDriverBase {
   async #readInTable(l1Index: number, offsetBytes: number, out: Uint8Array): Promise<void> {
     if (this.#l1[l1Index] === 0) return await this.#readBeneath(offsetBytes, out);
     const table = await this.#table(l1Index);
-    const { clusterBytes, l2Entries, clusterBits } = this.#geo;
     const tasks: Promise<void>[] = [];
+    try {
+      this.#planRead(table, offsetBytes, out, tasks);
+    } catch (error) {
+      await Promise.allSettled(tasks); // none left running unobserved
+      throw error;
+    }
+    await Promise.all(tasks);
+  }
+
+  /** Starts the reads of one table's range; throws on a bad entry. */
+  #planRead(table: L2Table, offsetBytes: number, out: Uint8Array, tasks: Promise<void>[]) {
+    const { clusterBytes, l2Entries, clusterBits } = this.#geo;
     const end = offsetBytes + out.byteLength;
     // Runs of clusters read together: unallocated, or contiguous on disk.
     let runStart = offsetBytes;
@@ -303,7 +314,6 @@ export class QcowDriver extends BlockDriverBase {
       pos = clusterEnd;
     }
     flush(end);
-    await Promise.all(tasks);
   }
 
   /** What lies beneath this image at a range: the parent's bytes or zeros. */
@@ -400,10 +410,29 @@ export class QcowDriver extends BlockDriverBase {
    * then publishes the new entries.
    */
   async #writeAllocating(table: L2Table, offsetBytes: number, data: Uint8Array) {
-    const { clusterBytes, l2Entries, clusterBits } = this.#geo;
-    const end = offsetBytes + data.byteLength;
     const writes: Promise<void>[] = [];
     const fresh: { index: number; host: number; bytes: Uint8Array }[] = [];
+    try {
+      await this.#planAllocatingWrite(table, offsetBytes, data, writes, fresh);
+    } catch (error) {
+      await Promise.allSettled(writes); // none left running unobserved
+      throw error;
+    }
+    writes.push(this.#writeClusters(fresh));
+    await Promise.all(writes);
+    const live = await this.#table(table.l1Index);
+    for (const f of fresh) live.set(f.index, f.host);
+  }
+
+  async #planAllocatingWrite(
+    table: L2Table,
+    offsetBytes: number,
+    data: Uint8Array,
+    writes: Promise<void>[],
+    fresh: { index: number; host: number; bytes: Uint8Array }[],
+  ): Promise<void> {
+    const { clusterBytes, l2Entries, clusterBits } = this.#geo;
+    const end = offsetBytes + data.byteLength;
     for (let pos = offsetBytes; pos < end;) {
       const clusterStart = pos - (pos % clusterBytes);
       const clusterEnd = Math.min(end, clusterStart + clusterBytes);
@@ -424,10 +453,6 @@ export class QcowDriver extends BlockDriverBase {
       }
       pos = clusterEnd;
     }
-    writes.push(this.#writeClusters(fresh));
-    await Promise.all(writes);
-    const live = await this.#table(table.l1Index);
-    for (const f of fresh) live.set(f.index, f.host);
   }
 
   /**
