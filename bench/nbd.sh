@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# bench/nbd.sh — blktap's NBD server vs qemu-nbd (--cache=none --aio=native,
+# and writeback) vs nbdkit's file plugin (cache=none, and default), same image
+# file, same client (fio's nbd engine, through the shared nbd-load.sh), servers
+# alternated within each repetition, server and client pinned to different
+# cores. Reuses the shared harness (../shared/bench: lib.sh, nbd-load.sh,
+# summarize.py) and adds blktap configs to its method.
+#
+# Measured path: `blktap serve` — the NBD front end serving the image's
+# driver in-process (no ring, no disk process), until ctrl hosts the server.
+#
+#   usage: bench/nbd.sh [CONFIG...]   (default: every config below)
+#   env:   REPS=3 RUNTIME=10 RAMP=2 IMG=$WORK/base.raw SIZE=2G
+#          SERVER_CPUS=0 CLIENT_CPUS=1 WORK=/tmp/bench-work OUT=bench/results/nbd-<date>.txt
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(dirname "$here")
+SHARED=${SHARED_BENCH:-$repo/../shared/bench}
+[[ -f $SHARED/lib.sh ]] || SHARED=/work/shared/bench
+[[ -f $SHARED/lib.sh ]] || { echo "shared bench harness not found (set SHARED_BENCH)" >&2; exit 2; }
+export SERVER_CPUS=${SERVER_CPUS-0} CLIENT_CPUS=${CLIENT_CPUS-1}
+# shellcheck source=/dev/null
+source "$SHARED/lib.sh"
+trap 'stop_all_servers' EXIT INT TERM
+
+REPS=${REPS:-3}
+export RUNTIME=${RUNTIME:-10} RAMP=${RAMP:-2}
+IMG=${IMG:-$WORK/base.raw}
+SIZE=${SIZE:-2G}
+SOCK=$WORK/nbd.sock
+DENO=${DENO:-$repo/.toolchain/node_modules/@deno/linux-x64-glibc/deno}
+mkdir -p "$repo/bench/results"
+OUT=${OUT:-$repo/bench/results/nbd-$(date -u +%Y%m%dT%H%M%SZ).txt}
+CONFIGS=("$@")
+((${#CONFIGS[@]})) || CONFIGS=(blktap-none qemu-nbd-none-native nbdkit-file-none
+  blktap-writeback qemu-nbd-writeback nbdkit-file-default)
+for tool in fio nbdinfo qemu-nbd nbdkit taskset; do
+  command -v "$tool" >/dev/null || { echo "missing $tool (make deps)" >&2; exit 2; }
+done
+
+if [[ ! -s $IMG ]]; then
+  echo "# creating $IMG ($SIZE, random data, fully allocated)" >&2
+  timeout 600 dd if=/dev/urandom of="$IMG" bs=1M count=$(($(numfmt --from=iec "$SIZE") / 1048576)) status=none
+  sync
+fi
+
+# The sources through deno (always current); BLKTAP_EXE=/path/to/blktap to measure a build.
+if [[ -n ${BLKTAP_EXE:-} ]]; then BLKTAP=("$BLKTAP_EXE"); else BLKTAP=("$DENO" run --quiet --allow-all "$repo/main.ts"); fi
+
+start_cfg() { # CONFIG -> sets SERVER_PID
+  case $1 in
+    blktap-none)          start_server "$1" "$SOCK" "${BLKTAP[@]}" serve "aio:$IMG" --socket "$SOCK" --cache none ;;
+    blktap-writeback)     start_server "$1" "$SOCK" "${BLKTAP[@]}" serve "aio:$IMG" --socket "$SOCK" --cache writeback ;;
+    qemu-nbd-none-native) start_server "$1" "$SOCK" qemu-nbd -f raw --cache=none --aio=native -t -e 8 -k "$SOCK" "$IMG" ;;
+    qemu-nbd-writeback)   start_server "$1" "$SOCK" qemu-nbd -f raw -t -e 8 -k "$SOCK" "$IMG" ;;
+    nbdkit-file-none)     start_server "$1" "$SOCK" nbdkit -f -U "$SOCK" file "$IMG" cache=none ;;
+    nbdkit-file-default)  start_server "$1" "$SOCK" nbdkit -f -U "$SOCK" file "$IMG" ;;
+    *) echo "unknown config $1" >&2; return 1 ;;
+  esac
+}
+
+{
+  echo "# bench/nbd.sh $(date -u +%FT%TZ) $(uname -r) $(nproc) cpus; image $IMG ($(stat -c %s "$IMG") bytes)"
+  echo "# blktap path measured: blktap serve (NBD front end + in-process aio driver, no ring): ${BLKTAP[*]}"
+  echo "# method: shared nbd-load.sh (fio nbd engine), RUNTIME=$RUNTIME RAMP=$RAMP REPS=$REPS, server cpus $SERVER_CPUS, client cpus $CLIENT_CPUS"
+} | tee "$OUT"
+
+for rep in $(seq 1 "$REPS"); do
+  for cfg in "${CONFIGS[@]}"; do
+    sync; timeout 120 cat "$IMG" >/dev/null   # same (warm) page-cache state before every server
+    start_cfg "$cfg"; pid=$SERVER_PID
+    SERVER_PID=$(server_child "$pid") LABEL=$cfg TOOLS=fio REPS=1 "$SHARED/nbd-load.sh" "$SOCK" |
+      sed "s/ rep=1 / rep=$rep /" | tee -a "$OUT"
+    stop_server "$pid"
+  done
+done
+
+echo | tee -a "$OUT"
+python3 "$SHARED/summarize.py" "$OUT" | tee -a "$OUT.summary"
+# blktap against each peer and the best peer of the same cache mode: medians of per-repetition ratios.
+python3 - "$OUT" <<'PY' | tee -a "$OUT.summary"
+import statistics as st, sys
+from collections import defaultdict
+v = defaultdict(dict)   # (label, workload) -> rep -> MBps
+for line in open(sys.argv[1]):
+    p = line.split()
+    if not p or p[0] != "nbd-load":
+        continue
+    kv = dict(x.split("=", 1) for x in p[1:] if "=" in x)
+    if "MBps" in kv:
+        v[(kv["label"], kv["workload"])][kv["rep"]] = float(kv["MBps"])
+modes = {"none": ["qemu-nbd-none-native", "nbdkit-file-none"],
+         "writeback": ["qemu-nbd-writeback", "nbdkit-file-default"]}
+print("\nblktap / peer, median of per-repetition ratios (MB/s; IOPS ratio is the same)")
+print("%-10s %-10s %12s %12s %12s" % ("cache", "workload", "vs qemu-nbd", "vs nbdkit", "vs best"))
+for mode, peers in modes.items():
+    for w in ["randread", "randwrite", "seqread", "seqwrite"]:
+        ours = v.get(("blktap-" + mode, w), {})
+        if not ours:
+            continue
+        cols = []
+        for peer in peers:
+            theirs = v.get((peer, w), {})
+            r = [ours[k] / theirs[k] for k in ours if k in theirs and theirs[k] > 0]
+            cols.append("%.2fx" % st.median(r) if r else "-")
+        best = [ours[k] / max(v.get((p, w), {}).get(k, 0) for p in peers)
+                for k in ours if all(k in v.get((p, w), {}) for p in peers)]
+        cols.append("%.2fx" % st.median(best) if best else "-")
+        print("%-10s %-10s %12s %12s %12s" % (mode, w, *cols))
+PY
+echo "raw lines: $OUT; summary: $OUT.summary"
