@@ -6,6 +6,8 @@
 import assert from "node:assert/strict";
 import { formatNames, openImage } from "../../../src/formats/open_image.ts";
 import * as P from "../../../src/ctl/nbd/protocol.ts";
+import { startNbdServer } from "../../../src/ctl/nbd/server.ts";
+import { MemoryDriver } from "../../_helpers/memory_driver.ts";
 import { RawNbdClient } from "../../_helpers/nbd_client.ts";
 import { missingTools, run, withNbdServer } from "../../_helpers/nbd_harness.ts";
 
@@ -348,6 +350,37 @@ Deno.test({
         // exited
       }
       await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "nbd interop: TCP listener on 127.0.0.1 with a port picked by the system",
+  ignore: missingTools("nbdinfo", "qemu-io").length > 0,
+  async fn() {
+    const nbdExport = { name: "t", driver: new MemoryDriver(8 * MiB), readOnly: false };
+    const server = await startNbdServer({
+      tcp: { port: 0 },
+      lookup: (name) => (name === "t" ? nbdExport : undefined),
+      list: () => [nbdExport],
+    });
+    try {
+      assert.equal(server.tcp?.hostname, "127.0.0.1");
+      assert.ok(server.tcp!.port > 0);
+      const uri = `nbd://127.0.0.1:${server.tcp!.port}/t`;
+      assert.equal((await run("nbdinfo", ["--size", uri])).stdout.trim(), String(8 * MiB));
+      const out = await run("qemu-io", [
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x21 0 1M",
+        "-c",
+        "read -P 0x21 0 1M",
+        uri,
+      ]);
+      assert.doesNotMatch(out.stdout, /Pattern verification failed/);
+    } finally {
+      await server.close();
     }
   },
 });

@@ -283,3 +283,24 @@ Deno.test("nbd server: close waits for requests in flight; disconnectExport ends
     },
   );
 });
+
+Deno.test("nbd server: during close, requests in flight finish and new ones get ESHUTDOWN", async () => {
+  const slow = new MemoryDriver(MiB, { delayMs: 150 });
+  await withNbdServer([{ name: "slow", driver: slow }], async (h) => {
+    const c = await connected(h.socket, "slow");
+    try {
+      await c.request(P.NBD_CMD_WRITE, 0, 1n, 0, 4, pattern(4, 1));
+      await new Promise((resolve) => setTimeout(resolve, 20));
+      const closing = h.server.close();
+      await c.request(P.NBD_CMD_FLUSH, 0, 2n, 0, 0);
+      const replies = [await c.readReply(), await c.readReply()];
+      const byHandle = new Map(replies.map((r) => [r.handle, r.error]));
+      assert.equal(byHandle.get(1n), 0);
+      assert.equal(byHandle.get(2n), P.NBD_ESHUTDOWN);
+      await closing;
+      assert.equal(await c.conn.read(new Uint8Array(1)).catch(() => null), null);
+    } finally {
+      c.close();
+    }
+  });
+});
