@@ -166,6 +166,7 @@ export class CtlApi {
       regionBytes: number(args, "regionBytes"),
       maxErrors: number(args, "maxErrors"),
       verify: args.verify !== false,
+      aligned: args.aligned === true,
       seed: number(args, "seed") ?? Math.floor(Math.random() * 2 ** 31),
     };
     if (options.depth < 1 || options.depth > minor.disk.ringEntries) {

@@ -35,6 +35,12 @@ export interface LoadOptions {
   discardFraction?: number;
   /** Verify reads against the model (default true). */
   verify?: boolean;
+  /**
+   * Page-aligned I/O, as a guest with 4 KiB pages issues it: offsets in
+   * whole pages, segments start at sector 0 of contiguous pages (benchmarks;
+   * O_DIRECT without a bounce).
+   */
+  aligned?: boolean;
   /** Stop early once this many requests failed (default: never). */
   maxErrors?: number;
   /** Only touch the first `regionBytes` of the disk (default: all of it). */
@@ -117,6 +123,7 @@ export class TestFrontend {
       discardFraction: 0.005,
       verify: true,
       maxErrors: Infinity,
+      aligned: false,
       ...options,
       regionBytes: region,
     };
@@ -206,7 +213,8 @@ export class TestFrontend {
     if (indirect && maxBytes > B.indirect_segments_max * B.PAGE_BYTES) {
       throw new RangeError("indirect size");
     }
-    const sectors = this.#randomSectors(minBytes, maxBytes);
+    let sectors = this.#randomSectors(minBytes, maxBytes);
+    if (this.#o.aligned) sectors = Math.ceil(sectors / B.SECTORS_PER_PAGE) * B.SECTORS_PER_PAGE;
     const range = await this.#pickRange(sectors);
     const kind = this.#random() < this.#o.readFraction ? "read" : "write";
     const job = await this.#layout(kind, range.sector, sectors, indirect);
@@ -228,8 +236,9 @@ export class TestFrontend {
   async #pickRange(sectors: number): Promise<{ sector: number; sectors: number }> {
     const total = this.#tags.length;
     sectors = Math.min(sectors, total);
+    const step = this.#o.aligned ? B.SECTORS_PER_PAGE : 1;
     for (let attempt = 0;; attempt += 1) {
-      const sector = Math.floor(this.#random() * (total - sectors + 1));
+      const sector = Math.floor(this.#random() * Math.floor((total - sectors) / step + 1)) * step;
       if (this.#busy.subarray(sector, sector + sectors).every((b) => b === 0)) {
         this.#busy.fill(1, sector, sector + sectors);
         return { sector, sectors };
@@ -245,13 +254,16 @@ export class TestFrontend {
     sectors: number,
     indirect: boolean,
   ): Promise<Job> {
-    let firstSect = this.#random() < 0.5 ? 0 : Math.floor(this.#random() * B.SECTORS_PER_PAGE);
+    const aligned = this.#o.aligned;
+    let firstSect = aligned || this.#random() < 0.5
+      ? 0
+      : Math.floor(this.#random() * B.SECTORS_PER_PAGE);
     // An indirect request holds at most indirect_segments_max pages.
     if (Math.ceil((firstSect + sectors) / B.SECTORS_PER_PAGE) > B.indirect_segments_max) {
       firstSect = 0;
     }
     const pageCount = Math.ceil((firstSect + sectors) / B.SECTORS_PER_PAGE);
-    const scattered = this.#random() < 0.3;
+    const scattered = !aligned && this.#random() < 0.3;
     const runs: [number, number][] = [];
     const pages: number[] = [];
     if (scattered) {

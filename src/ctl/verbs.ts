@@ -170,6 +170,33 @@ function simpleVerb(name: string, summary: string, extra = ""): Command {
   };
 }
 
+const QOS: Command = {
+  name: "qos",
+  summary: "change a minor's QoS limits",
+  usage: `usage: blktap qos MINOR [--max-iops N] [--max-bps N] [--burst-ms MS] [--run-dir DIR]
+
+  --max-iops N    requests per second (0 = unlimited)
+  --max-bps N     bytes per second (suffixes K, M, G; 0 = unlimited)
+  --burst-ms MS   bucket depth in milliseconds of the rate
+${RUN_DIR_HELP}`,
+  async run(argv) {
+    const { values, positionals } = parseCommandArgs(argv, {
+      ...runDirOption,
+      "max-iops": { type: "string" },
+      "max-bps": { type: "string" },
+      "burst-ms": { type: "string" },
+    }, { min: 1, max: 1 });
+    await ctlRequest(runDir(values), {
+      op: "qos",
+      minor: minorArg(positionals[0]),
+      maxIops: parseCount(values["max-iops"], "--max-iops"),
+      maxBps: values["max-bps"] ? parseSize(values["max-bps"]) : undefined,
+      burstMs: parseCount(values["burst-ms"], "--burst-ms"),
+    });
+    return 0;
+  },
+};
+
 const EXERCISE: Command = {
   name: "exercise",
   summary: "drive a minor with the verified test front end (tests, bench)",
@@ -190,6 +217,7 @@ written are not checked).
   --flush-pct PCT     percent of flushes (default 0.5); --discard-pct likewise
   --region SIZE       only use the first SIZE bytes of the disk
   --no-verify         do not fill or check data (benchmarks)
+  --aligned           page-aligned offsets and buffers (O_DIRECT without bounce)
   --seed N            replay a run
   --json              machine-readable output
 ${RUN_DIR_HELP}`,
@@ -208,6 +236,7 @@ ${RUN_DIR_HELP}`,
       "discard-pct": { type: "string" },
       region: { type: "string" },
       "no-verify": { type: "boolean" },
+      aligned: { type: "boolean" },
       seed: { type: "string" },
       json: { type: "boolean" },
     }, { min: 1, max: 1 });
@@ -229,6 +258,7 @@ ${RUN_DIR_HELP}`,
       discardFraction: pct(values["discard-pct"]),
       regionBytes: size(values.region),
       verify: !values["no-verify"],
+      aligned: values.aligned ?? false,
       seed: parseCount(values.seed, "--seed"),
     });
     if (values.json) console.log(JSON.stringify(result));
@@ -245,5 +275,6 @@ export const CLIENT_VERBS: Command[] = [
   simpleVerb("pause", "quiesce a minor: in-flight requests drain, new ones wait"),
   simpleVerb("resume", "resume a minor, optionally on another image", "TYPE:PATH"),
   simpleVerb("destroy", "detach a minor and stop its disk process"),
+  QOS,
   EXERCISE,
 ];

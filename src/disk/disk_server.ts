@@ -285,21 +285,14 @@ function makeBuckets(qos: QosSettings | undefined): [TokenBucket, TokenBucket] {
   ];
 }
 
-/** A driver that takes several buffers for one contiguous range (optional extension). */
-interface VectoredDriver {
-  readv?(offsetBytes: number, buffers: Uint8Array[]): Promise<void>;
-  writev?(offsetBytes: number, buffers: Uint8Array[]): Promise<void>;
-}
-
 async function readInto(
   driver: BlockDriver,
   offsetBytes: number,
   buffers: Uint8Array[],
 ): Promise<void> {
   if (buffers.length === 1) return await driver.read(offsetBytes, buffers[0]);
-  const vectored = driver as BlockDriver & VectoredDriver;
-  if (vectored.readv) return await vectored.readv(offsetBytes, buffers);
-  // Segments in scattered pool pages: one read through a bounce buffer.
+  // Segments in non-adjacent pool pages: one vectored read where the driver has one.
+  if (driver.readv) return await driver.readv(offsetBytes, buffers);
   const bounce = new Uint8Array(buffers.reduce((n, b) => n + b.byteLength, 0));
   await driver.read(offsetBytes, bounce);
   let at = 0;
@@ -315,8 +308,7 @@ async function writeFrom(
   buffers: Uint8Array[],
 ): Promise<void> {
   if (buffers.length === 1) return await driver.write(offsetBytes, buffers[0]);
-  const vectored = driver as BlockDriver & VectoredDriver;
-  if (vectored.writev) return await vectored.writev(offsetBytes, buffers);
+  if (driver.writev) return await driver.writev(offsetBytes, buffers);
   const bounce = new Uint8Array(buffers.reduce((n, b) => n + b.byteLength, 0));
   let at = 0;
   for (const b of buffers) {

@@ -105,6 +105,15 @@ export interface BlockDriver {
    * necessarily durable unless `fua`). Throws EPERM on a read-only driver.
    */
   write(offsetBytes: number, data: Uint8Array, options?: WriteOptions): Promise<void>;
+  /**
+   * Optional: fills `buffers` in order from the guest bytes at `offsetBytes`
+   * (one consecutive range scattered over several buffers, as a blkif
+   * request's segments are). Drivers that can do it as one vectored I/O
+   * override `_readv` in {@linkcode BlockDriverBase}.
+   */
+  readv?(offsetBytes: number, buffers: Uint8Array[]): Promise<void>;
+  /** Optional: writes `buffers` in order at `offsetBytes` (the gather form of `write`). */
+  writev?(offsetBytes: number, buffers: Uint8Array[]): Promise<void>;
   /** Resolves once every write that completed before the call is durable. */
   flush(): Promise<void>;
   /** Hint that the range is unused; afterwards it may read as zeros or as before. */
@@ -151,6 +160,19 @@ export abstract class BlockDriverBase implements BlockDriver {
     }
   }
 
+  /**
+   * Default: one read per buffer, all issued in the same turn (the aio layer
+   * submits them with one io_submit). Override for one vectored request.
+   */
+  protected _readv(offsetBytes: number, buffers: Uint8Array[]): Promise<void> {
+    return _eachBuffer(offsetBytes, buffers, (at, b) => this._read(at, b));
+  }
+
+  /** Default: one write per buffer, issued together; see `_readv`. */
+  protected _writev(offsetBytes: number, buffers: Uint8Array[]): Promise<void> {
+    return _eachBuffer(offsetBytes, buffers, (at, b) => this._write(at, b));
+  }
+
   /** Default: everything is allocated data. */
   protected _blockStatus(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
     return Promise.resolve([{ offsetBytes, lengthBytes, hole: false, zero: false }]);
@@ -187,6 +209,17 @@ export abstract class BlockDriverBase implements BlockDriver {
     if (options.fua) await this._flush();
   }
 
+  readv(offsetBytes: number, buffers: Uint8Array[]): Promise<void> {
+    this.checkRange(offsetBytes, _totalBytes(buffers));
+    return this._readv(offsetBytes, buffers.filter((b) => b.byteLength > 0));
+  }
+
+  writev(offsetBytes: number, buffers: Uint8Array[]): Promise<void> {
+    this.checkWritable();
+    this.checkRange(offsetBytes, _totalBytes(buffers));
+    return this._writev(offsetBytes, buffers.filter((b) => b.byteLength > 0));
+  }
+
   flush(): Promise<void> {
     return this._flush();
   }
@@ -209,4 +242,24 @@ export abstract class BlockDriverBase implements BlockDriver {
     if (lengthBytes === 0) return [];
     return await this._blockStatus(offsetBytes, lengthBytes);
   }
+}
+
+function _totalBytes(buffers: Uint8Array[]): number {
+  let n = 0;
+  for (const b of buffers) n += b.byteLength;
+  return n;
+}
+
+async function _eachBuffer(
+  offsetBytes: number,
+  buffers: Uint8Array[],
+  run: (offsetBytes: number, buffer: Uint8Array) => Promise<void>,
+): Promise<void> {
+  const pending: Promise<void>[] = [];
+  let at = offsetBytes;
+  for (const b of buffers) {
+    pending.push(run(at, b));
+    at += b.byteLength;
+  }
+  await Promise.all(pending);
 }
