@@ -1,0 +1,95 @@
+/**
+ * `blktap check`: exit 0 for clean images (leaks allowed), 1 for corrupt
+ * ones, 2 when the image cannot be checked (including formats without a
+ * check, such as raw); `--repair` fixes what it safely can; `--json`.
+ */
+import assert from "node:assert/strict";
+import { createVmdk } from "../../src/formats/vmdk/create.ts";
+import { openVmdk } from "../../src/formats/vmdk/vmdk.ts";
+import { checkImage } from "../../src/tools/check.ts";
+import { blktap } from "../_helpers/tools.ts";
+import { HAVE_QEMU, qemuImg } from "../formats/vmdk/_vmdk_helpers.ts";
+
+async function patchU32(path: string, offsetBytes: number, value: number) {
+  const file = await Deno.open(path, { write: true });
+  const bytes = new Uint8Array(4);
+  new DataView(bytes.buffer).setUint32(0, value, true);
+  await file.seek(offsetBytes, Deno.SeekMode.Start);
+  await file.write(bytes);
+  file.close();
+}
+
+/** A vmdk with three allocated grains; returns its table locations. */
+async function makeImage(path: string) {
+  createVmdk(path, 8 << 20);
+  const d = await openVmdk(path);
+  for (const offset of [0, 65536, 5 << 20]) await d.write(offset, new Uint8Array(1000).fill(1));
+  const extent = d.sparseExtents[0];
+  const gt = extent.directory[0] * 512;
+  const rgt = extent.redundantDirectory![0] * 512;
+  await d.close();
+  return { gt, rgt };
+}
+
+Deno.test("check: clean, leaked, corrupt, repaired and unusable vmdk images", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "blktap-check-" });
+  try {
+    const clean = `${dir}/clean.vmdk`;
+    await makeImage(clean);
+    assert.equal((await checkImage(clean)).status, 0);
+
+    // An interrupted allocation: grain and redundant entry written, primary not.
+    const leaked = `${dir}/leaked.vmdk`;
+    const { rgt } = await makeImage(leaked);
+    const end = (await Deno.stat(leaked)).size;
+    await Deno.writeFile(leaked, new Uint8Array(65536).fill(5), { append: true });
+    await patchU32(leaked, rgt + 7 * 4, end / 512);
+    const leakResult = await checkImage(leaked);
+    assert.equal(leakResult.status, 0);
+    assert.equal(leakResult.report.leakedClusters, 1);
+    const repairedLeak = await checkImage(leaked, true);
+    assert.equal(repairedLeak.status, 0);
+    assert.equal(repairedLeak.report.leakedClusters, 0);
+    assert.equal((await Deno.stat(leaked)).size, end);
+
+    // Two grains at one place, and a grain past the end of the file.
+    const corrupt = `${dir}/corrupt.vmdk`;
+    const tables = await makeImage(corrupt);
+    const view = new DataView((await Deno.readFile(corrupt)).buffer);
+    await patchU32(corrupt, tables.gt + 1 * 4, view.getUint32(tables.gt, true));
+    await patchU32(corrupt, tables.gt + 9 * 4, 0x7fffff00);
+    const corruptResult = await checkImage(corrupt);
+    assert.equal(corruptResult.status, 1);
+    assert.ok(corruptResult.report.corruptions.some((c) => /both use offset/.test(c)));
+    assert.ok(corruptResult.report.corruptions.some((c) => /past the end/.test(c)));
+    const cli = await blktap(["check", "--json", corrupt]);
+    assert.equal(cli.code, 1);
+    assert.equal(JSON.parse(cli.stdout).status, 1);
+    if (HAVE_QEMU) assert.notEqual((await qemuImg("check", corrupt)).code, 0);
+
+    // Primary and redundant tables disagree: repair copies the primary.
+    const diverged = `${dir}/diverged.vmdk`;
+    const t2 = await makeImage(diverged);
+    await patchU32(diverged, t2.rgt, 12345);
+    assert.equal((await checkImage(diverged)).status, 1);
+    const fixed = await checkImage(diverged, true);
+    assert.equal(fixed.status, 0, JSON.stringify(fixed));
+    assert.ok(fixed.repaired!.length > 0);
+
+    // Unusable: garbage header, raw image (no check), missing file.
+    const garbage = `${dir}/garbage.vmdk`;
+    await Deno.writeFile(garbage, new TextEncoder().encode("KDMV but nothing else"));
+    assert.equal((await checkImage(`vmdk:${garbage}`)).status, 2);
+    const raw = `${dir}/disk.raw`;
+    await Deno.writeFile(raw, new Uint8Array(65536));
+    const rawResult = await blktap(["check", raw]);
+    assert.equal(rawResult.code, 2);
+    assert.match(rawResult.stdout, /no check for raw images/);
+    assert.equal((await blktap(["check", `${dir}/missing.vmdk`])).code, 2);
+    const ok = await blktap(["check", clean]);
+    assert.equal(ok.code, 0);
+    assert.match(ok.stdout, /No errors were found/);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

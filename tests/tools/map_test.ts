@@ -1,0 +1,112 @@
+/**
+ * `blktap map` against `qemu-img map --output=json` for raw, vmdk and qcow
+ * images (with backing chains): the same start, length, depth, present,
+ * zero and data on every range, and the same offset wherever we give one.
+ */
+import assert from "node:assert/strict";
+import { createVmdk } from "../../src/formats/vmdk/create.ts";
+import { openImage } from "../../src/formats/open_image.ts";
+import { type MapEntry, mapImage } from "../../src/tools/map.ts";
+import { testSeed } from "../_helpers/random.ts";
+import { blktap, run } from "../_helpers/tools.ts";
+import { HAVE_QEMU, qemuMap } from "../formats/vmdk/_vmdk_helpers.ts";
+
+const HAVE_QEMU_IO = HAVE_QEMU &&
+  (await run("qemu-io", ["--version"]).catch(() => null))?.code === 0;
+
+/** Entries merged where only the (unknown to one side) host offset differs. */
+function flagRuns(entries: MapEntry[]) {
+  const runs: Omit<MapEntry, "offset">[] = [];
+  for (const { offset: _offset, ...e } of entries) {
+    const last = runs[runs.length - 1];
+    const same = last && last.depth === e.depth && last.present === e.present &&
+      last.zero === e.zero && last.data === e.data && last.start + last.length === e.start;
+    if (same) last.length += e.length;
+    else runs.push({ ...e });
+  }
+  return runs;
+}
+
+/**
+ * Same depth/present/zero/data on every byte, and wherever we give an
+ * offset, QEMU gives the same one. (QEMU splits entries where host offsets
+ * jump; formats that do not tell us their offsets cannot, hence the merge.)
+ */
+function assertSameMap(ours: MapEntry[], qemu: MapEntry[], what: string) {
+  assert.deepEqual(flagRuns(ours), flagRuns(qemu), `${what}: ranges`);
+  for (const e of ours) {
+    if (e.offset === undefined) continue;
+    for (const q of qemu) {
+      if (q.start + q.length <= e.start || e.start + e.length <= q.start) continue;
+      const at = Math.max(q.start, e.start);
+      assert.equal(
+        e.offset + (at - e.start),
+        q.offset === undefined ? undefined : q.offset + (at - q.start),
+        `${what}: offset at ${at}`,
+      );
+    }
+  }
+}
+
+async function qemuIo(path: string, format: string, commands: string[]) {
+  const args = ["-f", format, ...commands.flatMap((c) => ["-c", c]), path];
+  const result = await run("qemu-io", args);
+  assert.equal(result.code, 0, result.stderr);
+}
+
+Deno.test({
+  name: "map: raw, vmdk and qcow chains agree with qemu-img map",
+  ignore: !HAVE_QEMU_IO,
+  async fn() {
+    const rng = testSeed("map vs qemu");
+    const dir = await Deno.makeTempDir({ prefix: "blktap-map-" });
+    try {
+      // raw: data at 4 KiB-aligned places (file system block granularity).
+      const raw = `${dir}/base.raw`;
+      await run("qemu-img", ["create", "-f", "raw", raw, "16M"]);
+      const rawWrites = Array.from({ length: 6 }, () => {
+        const offset = rng.int(0, 4000) * 4096;
+        return `write -P ${rng.int(1, 255)} ${offset} ${rng.int(1, 40) * 4096}`;
+      });
+      await qemuIo(raw, "raw", rawWrites);
+      assertSameMap(await mapImage(raw), await qemuMap(raw, "raw"), "raw");
+
+      // vmdk written by us, at random unaligned places.
+      const vmdk = `${dir}/ours.vmdk`;
+      createVmdk(vmdk, 16 << 20);
+      const driver = await openImage(vmdk);
+      for (let i = 0; i < 20; i += 1) {
+        const length = rng.int(1, 150_000);
+        await driver.write(rng.int(0, (16 << 20) - length), new Uint8Array(length).fill(9));
+      }
+      await driver.close();
+      assertSameMap(await mapImage(vmdk), await qemuMap(vmdk), "vmdk");
+
+      // qcow over raw, and qcow over qcow over raw.
+      const qcowWrites = (n: number) =>
+        Array.from({ length: n }, () => {
+          const length = rng.int(1, 30) * 4096;
+          return `write -P ${rng.int(1, 255)} ${rng.int(0, 3000) * 4096} ${length}`;
+        });
+      const mid = `${dir}/mid.qcow`;
+      const top = `${dir}/top.qcow`;
+      await run("qemu-img", ["create", "-f", "qcow", "-b", "base.raw", "-F", "raw", mid]);
+      await qemuIo(mid, "qcow", qcowWrites(8));
+      await run("qemu-img", ["create", "-f", "qcow", "-b", "mid.qcow", "-F", "qcow", top]);
+      await qemuIo(top, "qcow", qcowWrites(8));
+      assertSameMap(await mapImage(mid), await qemuMap(mid), "qcow over raw");
+      assertSameMap(await mapImage(top), await qemuMap(top), "qcow over qcow over raw");
+      const alone = `${dir}/alone.qcow`;
+      await run("qemu-img", ["create", "-f", "qcow", alone, "16M"]);
+      await qemuIo(alone, "qcow", qcowWrites(5));
+      assertSameMap(await mapImage(alone), await qemuMap(alone), "qcow");
+
+      // The CLI prints the same JSON.
+      const cli = await blktap(["map", "--json", top]);
+      assert.equal(cli.code, 0, cli.stderr);
+      assertSameMap(JSON.parse(cli.stdout), await qemuMap(top), "blktap map --json");
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
