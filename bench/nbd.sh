@@ -33,7 +33,7 @@ mkdir -p "$repo/bench/results"
 OUT=${OUT:-$repo/bench/results/nbd-$(date -u +%Y%m%dT%H%M%SZ).txt}
 CONFIGS=("$@")
 ((${#CONFIGS[@]})) || CONFIGS=(blktap-none qemu-nbd-none-native nbdkit-file-none
-  blktap-writeback qemu-nbd-writeback nbdkit-file-default)
+  blktap-writeback blktap-writeback-aio qemu-nbd-writeback nbdkit-file-default)
 for tool in fio nbdinfo qemu-nbd nbdkit taskset; do
   command -v "$tool" >/dev/null || { echo "missing $tool (make deps)" >&2; exit 2; }
 done
@@ -50,7 +50,10 @@ if [[ -n ${BLKTAP_EXE:-} ]]; then BLKTAP=("$BLKTAP_EXE"); else BLKTAP=("$DENO" r
 start_cfg() { # CONFIG -> sets SERVER_PID
   case $1 in
     blktap-none)          start_server "$1" "$SOCK" "${BLKTAP[@]}" serve "aio:$IMG" --socket "$SOCK" --cache none ;;
-    blktap-writeback)     start_server "$1" "$SOCK" "${BLKTAP[@]}" serve "aio:$IMG" --socket "$SOCK" --cache writeback ;;
+    # Page cache: the sync engine (pread/pwrite hit the cache in microseconds; libaio on a
+    # buffered file submits synchronously and reaps through a thread, the slower choice).
+    blktap-writeback)     start_server "$1" "$SOCK" "${BLKTAP[@]}" serve "sync:$IMG" --socket "$SOCK" --cache writeback ;;
+    blktap-writeback-aio) start_server "$1" "$SOCK" "${BLKTAP[@]}" serve "aio:$IMG" --socket "$SOCK" --cache writeback ;;
     qemu-nbd-none-native) start_server "$1" "$SOCK" qemu-nbd -f raw --cache=none --aio=native -t -e 8 -k "$SOCK" "$IMG" ;;
     qemu-nbd-writeback)   start_server "$1" "$SOCK" qemu-nbd -f raw -t -e 8 -k "$SOCK" "$IMG" ;;
     nbdkit-file-none)     start_server "$1" "$SOCK" nbdkit -f -U "$SOCK" file "$IMG" cache=none ;;
@@ -61,7 +64,8 @@ start_cfg() { # CONFIG -> sets SERVER_PID
 
 {
   echo "# bench/nbd.sh $(date -u +%FT%TZ) $(uname -r) $(nproc) cpus; image $IMG ($(stat -c %s "$IMG") bytes)"
-  echo "# blktap path measured: blktap serve (NBD front end + in-process aio driver, no ring): ${BLKTAP[*]}"
+  echo "# blktap path measured: blktap serve (NBD front end + in-process driver, no ring): ${BLKTAP[*]}"
+  echo "#   blktap-none = aio engine, O_DIRECT; blktap-writeback = sync engine, page cache; blktap-writeback-aio = aio engine, page cache"
   echo "# method: shared nbd-load.sh (fio nbd engine), RUNTIME=$RUNTIME RAMP=$RAMP REPS=$REPS, server cpus $SERVER_CPUS, client cpus $CLIENT_CPUS"
 } | tee "$OUT"
 
@@ -89,23 +93,24 @@ for line in open(sys.argv[1]):
     kv = dict(x.split("=", 1) for x in p[1:] if "=" in x)
     if "MBps" in kv:
         v[(kv["label"], kv["workload"])][kv["rep"]] = float(kv["MBps"])
-modes = {"none": ["qemu-nbd-none-native", "nbdkit-file-none"],
-         "writeback": ["qemu-nbd-writeback", "nbdkit-file-default"]}
+modes = {"none": (["blktap-none"], ["qemu-nbd-none-native", "nbdkit-file-none"]),
+         "writeback": (["blktap-writeback", "blktap-writeback-aio"], ["qemu-nbd-writeback", "nbdkit-file-default"])}
 print("\nblktap / peer, median of per-repetition ratios (MB/s; IOPS ratio is the same)")
-print("%-10s %-10s %12s %12s %12s" % ("cache", "workload", "vs qemu-nbd", "vs nbdkit", "vs best"))
-for mode, peers in modes.items():
-    for w in ["randread", "randwrite", "seqread", "seqwrite"]:
-        ours = v.get(("blktap-" + mode, w), {})
-        if not ours:
-            continue
-        cols = []
-        for peer in peers:
-            theirs = v.get((peer, w), {})
-            r = [ours[k] / theirs[k] for k in ours if k in theirs and theirs[k] > 0]
-            cols.append("%.2fx" % st.median(r) if r else "-")
-        best = [ours[k] / max(v.get((p, w), {}).get(k, 0) for p in peers)
-                for k in ours if all(k in v.get((p, w), {}) for p in peers)]
-        cols.append("%.2fx" % st.median(best) if best else "-")
-        print("%-10s %-10s %12s %12s %12s" % (mode, w, *cols))
+print("%-22s %-10s %12s %12s %12s" % ("blktap config", "workload", "vs qemu-nbd", "vs nbdkit", "vs best"))
+for mode, (ours_labels, peers) in modes.items():
+    for label in ours_labels:
+        for w in ["randread", "randwrite", "seqread", "seqwrite"]:
+            ours = v.get((label, w), {})
+            if not ours:
+                continue
+            cols = []
+            for peer in peers:
+                theirs = v.get((peer, w), {})
+                r = [ours[k] / theirs[k] for k in ours if k in theirs and theirs[k] > 0]
+                cols.append("%.2fx" % st.median(r) if r else "-")
+            best = [ours[k] / max(v.get((p, w), {}).get(k, 0) for p in peers)
+                    for k in ours if all(k in v.get((p, w), {}) for p in peers)]
+            cols.append("%.2fx" % st.median(best) if best else "-")
+            print("%-22s %-10s %12s %12s %12s" % (label, w, *cols))
 PY
 echo "raw lines: $OUT; summary: $OUT.summary"
