@@ -15,8 +15,10 @@ import { HAVE_QEMU, qemuImg } from "./_vmdk_helpers.ts";
 
 const size_bytes = 8 << 20;
 const iterations = 200;
-const lanes = 2;
-const kill_delay_ms_max = 80;
+const lanes = 4;
+/** Kill after 0..this many flushes seen, then a random extra delay (load-independent). */
+const kill_after_flushes_max = 4;
+const kill_delay_ms_max = 30;
 const WRITER = new URL("./_crash_writer.ts", import.meta.url).pathname;
 
 async function waitFor(text: () => string, what: string, timeoutMs: number) {
@@ -27,8 +29,17 @@ async function waitFor(text: () => string, what: string, timeoutMs: number) {
   }
 }
 
+function flushCount(output: string): number {
+  return [...output.matchAll(/^F (\d+)$/gm)].length;
+}
+
 /** Runs one child, kills it, returns how many batches were flushed. */
-async function crashOnce(path: string, seed: number, delayMs: number): Promise<number> {
+async function crashOnce(
+  path: string,
+  seed: number,
+  flushes: number,
+  delayMs: number,
+): Promise<number> {
   const child = new Deno.Command(Deno.execPath(), {
     args: ["run", "--quiet", "--no-check", "-A", WRITER, path, String(seed)],
     stdout: "piped",
@@ -40,6 +51,10 @@ async function crashOnce(path: string, seed: number, delayMs: number): Promise<n
   })();
   try {
     await waitFor(() => output, "READY", 20_000);
+    const deadline = Date.now() + 20_000;
+    while (flushCount(output) < flushes && !output.includes("DONE") && Date.now() < deadline) {
+      await new Promise((r) => setTimeout(r, 1));
+    }
     await new Promise((r) => setTimeout(r, delayMs));
   } finally {
     try {
@@ -50,8 +65,8 @@ async function crashOnce(path: string, seed: number, delayMs: number): Promise<n
     await child.status;
     await reading;
   }
-  const flushes = [...output.matchAll(/^F (\d+)$/gm)].map((m) => Number(m[1]));
-  return flushes.length ? flushes[flushes.length - 1] : 0;
+  const flushed = [...output.matchAll(/^F (\d+)$/gm)].map((m) => Number(m[1]));
+  return flushed.length ? flushed[flushed.length - 1] : 0;
 }
 
 /** The model after `flushed` batches, and the bytes later batches may have touched. */
@@ -102,8 +117,9 @@ async function lane(rng: Random, laneIndex: number, count: number, seedBase: num
     let base = new Uint8Array(size_bytes);
     for (let i = 0; i < count; i += 1) {
       const seed = seedBase + laneIndex * 100_000 + i;
+      const flushes = rng.int(0, kill_after_flushes_max);
       const delay = rng.int(0, kill_delay_ms_max);
-      const flushed = await crashOnce(path, seed, delay);
+      const flushed = await crashOnce(path, seed, flushes, delay);
       const { model, maybe } = expected(base, seed, flushed);
       stats.flushedBatches += flushed;
       if (flushed > 0) stats.killsAfterAFlush += 1;
@@ -111,7 +127,7 @@ async function lane(rng: Random, laneIndex: number, count: number, seedBase: num
         base = await verify(dir, path, model, maybe);
       } catch (error) {
         throw new Error(
-          `lane ${laneIndex} iteration ${i} (seed ${seed}, delay ${delay} ms): ${error}`,
+          `lane ${laneIndex} iteration ${i} (seed ${seed}, ${flushes} flushes + ${delay} ms): ${error}`,
         );
       }
     }
