@@ -25,6 +25,7 @@ import { giveBounce, takeBounce } from "../raw/bounce_pool.ts";
 import {
   decodeSparseHeader,
   directoryAtEnd,
+  hasSparseMagic,
   HEADER_BYTES,
   HeaderError,
   SECTOR_BYTES,
@@ -58,8 +59,7 @@ export async function readSparseHeader(file: ImageFile): Promise<SparseHeader> {
   if (length < HEADER_BYTES) throw new HeaderError(`file is too small (${length} bytes)`);
   const bytes = new Uint8Array(HEADER_BYTES);
   await file.read(0, bytes);
-  const header = decodeSparseHeader(bytes);
-  if (!directoryAtEnd(bytes)) return header;
+  if (!hasSparseMagic(bytes) || !directoryAtEnd(bytes)) return decodeSparseHeader(bytes);
   // streamOptimized as VMware streams it: footer marker, footer header, end-of-stream marker.
   if (length < 3 * SECTOR_BYTES) throw new HeaderError("file too small for a footer");
   const footer = new Uint8Array(3 * SECTOR_BYTES);

@@ -88,7 +88,17 @@ async function makeBases(dir: string): Promise<Base[]> {
     const path = `${dir}/stream.vmdk`;
     const r = await qemuImg("convert", "-O", "vmdk", "-o", "subformat=streamOptimized", raw, path);
     assert.equal(r.code, 0, r.stderr);
-    bases.push({ name: "stream", bytes: await Deno.readFile(path), text: false });
+    const stream = await Deno.readFile(path);
+    bases.push({ name: "stream", bytes: stream, text: false });
+    // The same with its grain directory in a footer, as VMware streams it.
+    const footer = new Uint8Array(3 * 512);
+    new DataView(footer.buffer).setUint32(12, 3, true);
+    footer.set(stream.subarray(0, 512), 512);
+    const withFooter = new Uint8Array(stream.byteLength + footer.byteLength);
+    withFooter.set(stream);
+    withFooter.set(footer, stream.byteLength);
+    new DataView(withFooter.buffer).setBigUint64(56, 0xffffffffffffffffn, true);
+    bases.push({ name: "stream-footer", bytes: withFooter, text: false });
   }
   // Flat extents named by the text descriptors below.
   await Deno.writeFile(`${dir}/flat-a.bin`, new Random(3).bytes(1 << 20));

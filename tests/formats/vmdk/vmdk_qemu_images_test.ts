@@ -10,6 +10,7 @@ import { openImage } from "../../../src/formats/open_image.ts";
 import { mapImage } from "../../../src/tools/map.ts";
 import { testSeed } from "../../_helpers/random.ts";
 import { HAVE_QEMU, mergedRuns, qemuImg, qemuMap } from "./_vmdk_helpers.ts";
+import { run } from "../../_helpers/tools.ts";
 
 // Past 2 GiB so twoGbMaxExtentFlat has two extents; the file stays sparse.
 const size_bytes = 2 ** 31 + (8 << 20);
@@ -97,6 +98,100 @@ Deno.test({
         }
       }
       await source.close();
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "vmdk: zeroed-grain entries (QEMU zeroed_grain=on) read as zeros and are rewritten",
+  ignore: !HAVE_QEMU,
+  async fn() {
+    const dir = await Deno.makeTempDir({ prefix: "vmdk-zg-" });
+    try {
+      const path = `${dir}/z.vmdk`;
+      assert.equal(
+        (await qemuImg("create", "-f", "vmdk", "-o", "zeroed_grain=on", path, "4M")).code,
+        0,
+      );
+      const io = await run("qemu-io", [
+        "-f",
+        "vmdk",
+        "-c",
+        "write -P 7 0 256k",
+        "-c",
+        "write -z 64k 64k",
+        "-c",
+        "write -z 1M 128k",
+        path,
+      ]);
+      assert.equal(io.code, 0, io.stderr);
+      const key = (e: { data: boolean; zero: boolean; present: boolean }) =>
+        `${e.data}/${e.zero}/${e.present}`;
+      const ourMap = mergedRuns(await mapImage(path), key);
+      assert.deepEqual(ourMap, mergedRuns(await qemuMap(path), key));
+      assert.ok(ourMap.some(([, , k]) => k === "false/true/true"), "zeroed grains mapped");
+      const model = new Uint8Array(4 << 20);
+      model.fill(7, 0, 256 << 10);
+      model.fill(0, 64 << 10, 128 << 10);
+      const driver = await openVmdk(path);
+      const back = new Uint8Array(model.byteLength);
+      await driver.read(0, back);
+      assert.ok(equalBytes(back, model), "reads as QEMU wrote");
+      // A partial write into a zeroed grain allocates it with zeros around the data.
+      await driver.write((1 << 20) + 1000, new Uint8Array(3000).fill(9));
+      model.fill(9, (1 << 20) + 1000, (1 << 20) + 4000);
+      await driver.close();
+      await Deno.writeFile(`${dir}/model.raw`, model);
+      const compare = await qemuImg("compare", "-f", "vmdk", "-F", "raw", path, `${dir}/model.raw`);
+      assert.equal(compare.code, 0, compare.stdout);
+      assert.equal((await qemuImg("check", path)).code, 0);
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "vmdk: streamOptimized with the grain directory in the footer (as VMware streams it)",
+  ignore: !HAVE_QEMU,
+  async fn() {
+    const rng = testSeed("vmdk footer");
+    const dir = await Deno.makeTempDir({ prefix: "vmdk-footer-" });
+    try {
+      const raw = new Uint8Array(3 << 20);
+      raw.set(rng.bytes(300_000), 500_000);
+      await Deno.writeFile(`${dir}/src.raw`, raw);
+      const path = `${dir}/s.vmdk`;
+      const converted = await qemuImg(
+        "convert",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=streamOptimized",
+        `${dir}/src.raw`,
+        path,
+      );
+      assert.equal(converted.code, 0, converted.stderr);
+      const bytes = await Deno.readFile(path);
+      assert.equal(bytes.byteLength % 512, 0);
+      const header = bytes.slice(0, 512);
+      const footer = new Uint8Array(3 * 512);
+      new DataView(footer.buffer).setUint32(12, 3, true); // footer marker
+      footer.set(header, 512); // the footer's header has the real directory offset
+      const moved = new Uint8Array(bytes.byteLength + footer.byteLength);
+      moved.set(bytes);
+      moved.set(footer, bytes.byteLength);
+      new DataView(moved.buffer).setBigUint64(56, 0xffffffffffffffffn, true);
+      await Deno.writeFile(path, moved);
+      const driver = await openVmdk(path, { readOnly: true });
+      const back = new Uint8Array(raw.byteLength);
+      await driver.read(0, back);
+      await driver.close();
+      assert.ok(equalBytes(back, raw));
+      const compare = await qemuImg("compare", "-f", "vmdk", "-F", "raw", path, `${dir}/src.raw`);
+      assert.equal(compare.code, 0, compare.stdout + compare.stderr);
     } finally {
       await Deno.remove(dir, { recursive: true });
     }
