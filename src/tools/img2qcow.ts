@@ -3,9 +3,11 @@
  * standalone qcow in blktap's layout. Holes in the source are skipped by
  * its block status (SEEK_DATA/SEEK_HOLE); written zeros are detected per
  * 4 KiB cluster in memory and never allocated. Each 2 MiB region with data
- * gets its L2 table and extent at the end of the file, its clusters in
- * their slots, so data goes out in large sequential writes from
- * page-aligned buffers (no O_DIRECT bounce), several regions in flight.
+ * gets its L2 table at the end of the file with its clusters packed right
+ * behind it, so data goes out in large sequential writes from page-aligned
+ * buffers (no O_DIRECT bounce), several regions in flight, and the file is
+ * as small as QEMU's. The BLKX record marks these tables as owning no
+ * extent: tables the driver adds later reserve theirs (see header.ts).
  * Dependency order: data and L2 tables, fdatasync, L1 and header, fdatasync
  * — an interrupted conversion leaves a valid empty image, never a wrong one.
  * @module
@@ -16,6 +18,7 @@ import type { ImageFile } from "../formats/image_file.ts";
 import { openImage } from "../formats/open_image.ts";
 import { openImageFile } from "../formats/raw/open_file.ts";
 import { planQcow, type QcowLayout, setHeadChecksum } from "../formats/qcow/create.ts";
+import { encodeBlkx } from "../formats/qcow/header.ts";
 import { isZeroBytes } from "../formats/qcow/zero.ts";
 import { NativeMemory } from "../../ffi/memory.ts";
 import { Progress } from "./progress.ts";
@@ -151,22 +154,41 @@ class _QcowWriter {
       }
     }
     if (!any && !this.#reserve) return;
-    const tableOffset = this.#tableOffset(region.index);
-    await this.#writeRuns(tableOffset, present, buffer);
-    this.#fillTable(table, tableOffset, present, base);
+    const tableOffset = this.#tableOffset(region.index, present);
+    const hosts = this.#hostOffsets(tableOffset, present, base);
+    await this.#writeRuns(hosts, present, buffer);
+    this.#fillTable(table, hosts);
     await this.#file.write(tableOffset, table);
     _setU64(new DataView(this.#l1.bytes.buffer), region.index * 8, tableOffset);
   }
 
-  #tableOffset(index: number): number {
+  /** Reserved images: fixed places. Sparse: the end of the file, room for the data clusters. */
+  #tableOffset(index: number, present: Uint8Array): number {
     if (this.#reserve) return this.#layout.dataStart + index * this.#stride;
     const offset = this.#fdEnd;
-    this.#fdEnd += this.#stride;
+    this.#fdEnd += 4096 + present.reduce((n, p) => n + p, 0) * this.#clusterBytes;
     return offset;
   }
 
-  /** One write per run of consecutive clusters with data. */
-  async #writeRuns(tableOffset: number, present: Uint8Array, buffer: Uint8Array) {
+  /**
+   * Host offset of every cluster of a region (0: not allocated): its slot in
+   * a reserved image, else packed behind the table in guest order.
+   */
+  #hostOffsets(tableOffset: number, present: Uint8Array, base: number): number[] {
+    const clusters = Math.ceil(
+      Math.min(this.#spanBytes, this.#sizeBytes - base) / this.#clusterBytes,
+    );
+    const hosts = new Array<number>(this.#l2Entries).fill(0);
+    let packed = 0;
+    for (let k = 0; k < clusters; k += 1) {
+      if (this.#reserve) hosts[k] = tableOffset + 4096 + k * this.#clusterBytes;
+      else if (present[k]) hosts[k] = tableOffset + 4096 + (packed++) * this.#clusterBytes;
+    }
+    return hosts;
+  }
+
+  /** One write per run of clusters with data (consecutive in the buffer and the file). */
+  async #writeRuns(hosts: number[], present: Uint8Array, buffer: Uint8Array) {
     const cluster = this.#clusterBytes;
     const writes: Promise<void>[] = [];
     for (let k = 0; k < present.length;) {
@@ -175,26 +197,20 @@ class _QcowWriter {
         continue;
       }
       let m = k + 1;
-      while (m < present.length && present[m]) m += 1;
-      const host = tableOffset + 4096 + k * cluster;
-      writes.push(this.#file.write(host, buffer.subarray(k * cluster, m * cluster)));
+      while (m < present.length && present[m] && hosts[m] === hosts[m - 1] + cluster) m += 1;
+      writes.push(this.#file.write(hosts[k], buffer.subarray(k * cluster, m * cluster)));
       k = m;
     }
     await Promise.all(writes);
   }
 
-  /** The L2 table of a region: every cluster of a reserved image, else those with data. */
-  #fillTable(table: Uint8Array, tableOffset: number, present: Uint8Array, base: number) {
+  /** The L2 table of a region from its clusters' host offsets. */
+  #fillTable(table: Uint8Array, hosts: number[]) {
     table.fill(0);
     const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
-    const clusters = Math.ceil(
-      Math.min(this.#spanBytes, this.#sizeBytes - base) / this.#clusterBytes,
-    );
-    for (let k = 0; k < clusters; k += 1) {
-      if (this.#reserve || present[k]) {
-        _setU64(view, k * 8, tableOffset + 4096 + k * this.#clusterBytes);
-      }
-    }
+    hosts.forEach((host, k) => {
+      if (host !== 0) _setU64(view, k * 8, host);
+    });
   }
 
   /** In a reserved image, regions without source data still get their (zero) tables. */
@@ -205,8 +221,8 @@ class _QcowWriter {
     try {
       for (let index = 0; index < this.#layout.l1Entries; index += 1) {
         if (done.has(index)) continue;
-        const tableOffset = this.#tableOffset(index);
-        this.#fillTable(table.bytes, tableOffset, none, index * this.#spanBytes);
+        const tableOffset = this.#tableOffset(index, none);
+        this.#fillTable(table.bytes, this.#hostOffsets(tableOffset, none, index * this.#spanBytes));
         await this.#file.write(tableOffset, table.bytes);
         _setU64(new DataView(this.#l1.bytes.buffer), index * 8, tableOffset);
       }
@@ -223,6 +239,8 @@ class _QcowWriter {
     const head = NativeMemory.allocate(4096);
     try {
       head.bytes.set(this.#layout.head);
+      // Tables written here own no extent; those added later will.
+      if (!this.#reserve) encodeBlkx(this.#fdEnd, head.bytes);
       setHeadChecksum(head.bytes, this.#l1.bytes.subarray(0, this.#layout.l1Entries * 8));
       await this.#file.write(0, head.bytes);
     } finally {

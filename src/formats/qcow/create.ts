@@ -11,6 +11,7 @@ import type { ImageFile } from "../image_file.ts";
 import { openImageFile } from "../raw/open_file.ts";
 import {
   backing_name_bytes_max,
+  encodeBlkx,
   encodeHeader,
   l1Checksum,
   l1EntriesFor,
@@ -75,6 +76,8 @@ export function planQcow(options: QcowCreateOptions): QcowLayout {
   }, head);
   head.set(name, QCOW_HEADER_BYTES + XEN_HEADER_BYTES);
   const l1RegionBytes = Math.ceil((l1Entries * 8) / 4096) * 4096;
+  // Every table this image will ever have owns its extent.
+  if (!backed) encodeBlkx(XEN_L1_OFFSET_BYTES + l1RegionBytes, head);
   return {
     clusterBits,
     l2Bits,

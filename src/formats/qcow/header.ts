@@ -9,7 +9,14 @@
  * 36 crypt_method u32    40 l1_table_offset u64                      = 48
  * 48 xmagic "XEN\xfb"    52 cksum              56 min_cluster_alloc
  * 60 flags (0x01 sparse, 0x02 L1 big-endian)                         = 64
+ * 64 "BLKX" extent_tables_from u64 (ours, standalone images only)    = 76
  * ```
+ * The BLKX record says which L2 tables own the 2 MiB extent behind them:
+ * those at or past `extent_tables_from`. img2qcow packs the tables and data
+ * it writes densely (as small as QEMU's output) and sets it to the end of
+ * what it wrote, so later writes reserve extents for new tables only.
+ * Without the record, every table of a trusted extent image owns its
+ * extent, as in the 2006 tools.
  * Everything is big-endian. L1 and L2 entries are u64 file offsets; 0 means
  * unallocated; bit 63 marks a compressed cluster whose byte length sits in
  * the bits just below it (QEMU: `entry >> (63 - cluster_bits)`).
@@ -28,6 +35,9 @@ export const XEN_FLAG_SPARSE = 0x01;
 export const XEN_FLAG_L1_BIG_ENDIAN = 0x02;
 /** blktap's layout puts the L1 table on its own page. */
 export const XEN_L1_OFFSET_BYTES = 4096;
+/** "BLKX": blktap's record at offset 64 of standalone images. */
+export const BLKX_MAGIC = 0x424c4b58;
+export const BLKX_OFFSET_BYTES = 64;
 /** QEMU refuses backing names longer than this. */
 export const backing_name_bytes_max = 1023;
 /** Largest L1 table we load: 4 Mi entries (8 TiB with 4 KiB clusters). */
@@ -63,6 +73,8 @@ export interface QcowHeader {
   /** Derived: entries in the L1 table. */
   l1Entries: number;
   xen?: XenHeader;
+  /** From the BLKX record: L2 tables at or past this file offset own their extent. */
+  extentTablesFromBytes?: number;
 }
 
 /** Cluster and table geometry derived from a header. */
@@ -141,6 +153,12 @@ export function decodeHeader(path: string, head: Uint8Array, fileBytes: number):
   };
   _validate(path, header, fileBytes);
   header.xen = _decodeXen(view, header);
+  if (
+    header.xen && header.backingFileOffset === 0 && view.byteLength >= 76 &&
+    view.getUint32(BLKX_OFFSET_BYTES) === BLKX_MAGIC
+  ) {
+    header.extentTablesFromBytes = u64(view, BLKX_OFFSET_BYTES + 4);
+  }
   return header;
 }
 
@@ -225,6 +243,13 @@ export function encodeHeader(fields: HeaderFields, out: Uint8Array): void {
   view.setUint32(36, 0);
   setU64(view, 40, fields.l1TableOffset);
   if (fields.xen) encodeXen(fields.xen, out);
+}
+
+/** Writes the BLKX record (see the module description) into a header page. */
+export function encodeBlkx(extentTablesFromBytes: number, out: Uint8Array): void {
+  const view = new DataView(out.buffer, out.byteOffset, out.byteLength);
+  view.setUint32(BLKX_OFFSET_BYTES, BLKX_MAGIC);
+  setU64(view, BLKX_OFFSET_BYTES + 4, extentTablesFromBytes);
 }
 
 /** Writes the Xen extension at offset 48 of `out`. */

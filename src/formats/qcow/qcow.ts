@@ -112,6 +112,8 @@ export class QcowDriver extends BlockDriverBase {
   readonly #extentMode: boolean;
   /** The Xen checksum is ours to keep up to date. */
   readonly #xenTrusted: boolean;
+  /** In extent mode, tables at or past this offset own their extent (BLKX record). */
+  readonly #extentTablesFrom: number;
   #fdEnd: number;
   #flushTail: Promise<void> = Promise.resolve();
   #pendingFlush?: Promise<void>;
@@ -131,6 +133,7 @@ export class QcowDriver extends BlockDriverBase {
     this.#xenTrusted = xen !== undefined && image.checksumValid;
     this.#extentMode = this.#xenTrusted && parent === undefined &&
       xen!.minClusterAlloc === this.#geo.l2Entries;
+    this.#extentTablesFrom = image.header.extentTablesFromBytes ?? 0;
     const tablesMax = Math.floor(l2_cache_bytes_max / this.#geo.l2TableBytes);
     this.#cache = new L2Cache(tablesMax, (i) => this.#loadTable(i), () => this.#commitQueued());
     this.capabilities = {
@@ -445,7 +448,8 @@ export class QcowDriver extends BlockDriverBase {
       } else {
         const bytes = await this.#newClusterBytes(entry, clusterStart, pos, slice);
         if (bytes) {
-          const host = this.#extentMode && !entry.compressed
+          const ownsExtent = this.#extentMode && table.offsetBytes >= this.#extentTablesFrom;
+          const host = ownsExtent && !entry.compressed
             ? this.#slotOf(table, index)
             : this.#allocateCluster();
           fresh.push({ index, host, bytes });
