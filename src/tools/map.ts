@@ -30,6 +30,8 @@ interface LayerRun {
   /** Not allocated in this layer. */
   hole: boolean;
   zero: boolean;
+  /** Stored in a file (QEMU's BDRV_BLOCK_DATA); may be zero too (a flat file's hole). */
+  data: boolean;
   hostOffsetBytes?: number;
 }
 
@@ -58,7 +60,8 @@ async function layerRuns(
           offsetBytes: r.offsetBytes,
           lengthBytes: r.lengthBytes,
           hole: r.kind === "hole",
-          zero: r.kind === "hole" || r.kind === "zero",
+          zero: r.kind === "hole" || r.kind === "zero" || r.kind === "flat-hole",
+          data: r.kind === "data" || r.kind === "compressed" || r.kind === "flat-hole",
           hostOffsetBytes: r.hostOffsetBytes,
         });
       }
@@ -71,6 +74,7 @@ async function layerRuns(
           // A raw file has no "unallocated": its holes are allocated zeros.
           hole: raw ? false : e.hole,
           zero: e.zero,
+          data: !e.zero,
           hostOffsetBytes: raw ? e.offsetBytes : undefined,
         });
       }
@@ -84,6 +88,7 @@ async function layerRuns(
       lengthBytes: offsetBytes + lengthBytes - covered,
       hole: true,
       zero: true,
+      data: false,
     });
   }
   return runs;
@@ -136,7 +141,7 @@ async function mapWindow(
         depth: chosen.depth,
         present: true,
         zero: chosen.run.zero,
-        data: !chosen.run.zero,
+        data: chosen.run.data,
       }
       : {
         start: position,

@@ -41,8 +41,12 @@ const compressed_grain_cache_max = 4;
 /** Size of a grain marker's fixed part: lba u64, size u32. */
 const grain_marker_bytes = 12;
 
-/** What a run of guest bytes is inside one extent. */
-export type RunKind = "hole" | "zero" | "data" | "compressed";
+/**
+ * What a run of guest bytes is inside one extent: unallocated, a zeroed
+ * grain, stored data, a compressed grain, or a hole of a flat extent file
+ * (stored but reading as zeros; QEMU maps it as both data and zero).
+ */
+export type RunKind = "hole" | "zero" | "data" | "compressed" | "flat-hole";
 
 /** One run of an extent's allocation map (offsets inside the extent). */
 export interface ExtentRun {

@@ -184,12 +184,7 @@ export class VmdkDriver extends BlockDriverBase {
       if (extent.sparse) {
         pieceRuns = (await extent.sparse.status(offset, length)).map(shift);
       } else if (extent.file) {
-        pieceRuns = [shift({
-          offsetBytes: offset,
-          lengthBytes: length,
-          kind: "data",
-          hostOffsetBytes: extent.flatOffsetBytes + offset,
-        })];
+        pieceRuns = (await flatRuns(extent, offset, length)).map(shift);
       } else {
         pieceRuns = [shift({ offsetBytes: offset, lengthBytes: length, kind: "zero" })];
       }
@@ -208,7 +203,7 @@ export class VmdkDriver extends BlockDriverBase {
     const extents: Extent[] = [];
     for (const run of await this.mapRuns(offsetBytes, lengthBytes)) {
       const hole = run.kind === "hole";
-      const zero = hole || run.kind === "zero";
+      const zero = hole || run.kind === "zero" || run.kind === "flat-hole";
       const last = extents[extents.length - 1];
       if (last && last.hole === hole && last.zero === zero) {
         last.lengthBytes += run.lengthBytes;
@@ -222,6 +217,35 @@ export class VmdkDriver extends BlockDriverBase {
   async close(): Promise<void> {
     for (const file of this.#files) await file.close();
   }
+}
+
+// A flat extent's runs: the file's data, and its holes (stored, reading as zeros).
+async function flatRuns(extent: ServedExtent, offset: number, length: number) {
+  const runs: ExtentRun[] = [];
+  const base = extent.flatOffsetBytes;
+  let position = offset;
+  for (const e of await extent.file!.extents(base + offset, length)) {
+    const start = e.offsetBytes - base;
+    const kind = e.data ? "data" : "flat-hole";
+    pushRun(runs, {
+      offsetBytes: start,
+      lengthBytes: e.lengthBytes,
+      kind,
+      hostOffsetBytes: e.offsetBytes,
+    });
+    position = start + e.lengthBytes;
+  }
+  if (position < offset + length) {
+    // Past the end of the file: reads as zeros.
+    const run: ExtentRun = {
+      offsetBytes: position,
+      lengthBytes: offset + length - position,
+      kind: "flat-hole",
+    };
+    run.hostOffsetBytes = base + position;
+    pushRun(runs, run);
+  }
+  return runs;
 }
 
 async function readDescriptorAt(file: ImageFile, offsetBytes: number, lengthBytes: number) {
