@@ -45,6 +45,14 @@ const l2_cache_bytes_max = 8 << 20;
 /** Bytes read at open for the header, its extension and the backing name. */
 const head_bytes = 4096;
 
+/** One run of {@linkcode QcowDriver.mapRuns}. */
+export interface QcowMapRun {
+  offsetBytes: number;
+  lengthBytes: number;
+  kind: "hole" | "data" | "compressed";
+  hostOffsetBytes?: number;
+}
+
 /** What the driver learned at open, also used by `check` and `info`. */
 export interface QcowImage {
   header: QcowHeader;
@@ -630,6 +638,45 @@ export class QcowDriver extends BlockDriverBase {
       }
     }
     return extents;
+  }
+
+  /**
+   * This layer alone, with host offsets (for `blktap map`, as `qemu-img map`
+   * prints them): unallocated runs are holes, plain clusters data at their
+   * file offset, compressed clusters data without one.
+   */
+  async mapRuns(offsetBytes: number, lengthBytes: number): Promise<QcowMapRun[]> {
+    this.checkRange(offsetBytes, lengthBytes);
+    const runs: QcowMapRun[] = [];
+    const { clusterBytes, l2Entries, l2SpanBytes, clusterBits } = this.#geo;
+    const end = offsetBytes + lengthBytes;
+    let table: L2Table | undefined;
+    let tableIndex = -1;
+    for (let pos = offsetBytes; pos < end;) {
+      const l1Index = Math.floor(pos / l2SpanBytes);
+      if (l1Index !== tableIndex) {
+        tableIndex = l1Index;
+        table = this.#l1[l1Index] === 0 ? undefined : await this.#table(l1Index);
+      }
+      const clusterEnd = Math.min(end, pos - (pos % clusterBytes) + clusterBytes);
+      const index = Math.floor(pos / clusterBytes) % l2Entries;
+      const entry = table ? decodeEntry(table.hi(index), table.lo(index), clusterBits) : undefined;
+      const run: QcowMapRun = { offsetBytes: pos, lengthBytes: clusterEnd - pos, kind: "hole" };
+      if (entry?.compressed) run.kind = "compressed";
+      else if (entry && entry.offsetBytes !== 0) {
+        run.kind = "data";
+        run.hostOffsetBytes = entry.offsetBytes + (pos % clusterBytes);
+      }
+      const last = runs[runs.length - 1];
+      const joins = last && last.kind === run.kind &&
+        (last.hostOffsetBytes === undefined
+          ? run.hostOffsetBytes === undefined
+          : last.hostOffsetBytes + last.lengthBytes === run.hostOffsetBytes);
+      if (joins) last.lengthBytes += run.lengthBytes;
+      else runs.push(run);
+      pos = clusterEnd;
+    }
+    return runs;
   }
 
   async #statusBeneath(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {

@@ -12,7 +12,7 @@ import {
   QcowFormatError,
 } from "../../../src/formats/qcow/header.ts";
 import { testSeed } from "../../_helpers/random.ts";
-import { run, runOk } from "../../_helpers/tools.ts";
+import { blktap, run, runOk } from "../../_helpers/tools.ts";
 import {
   assertQemuSees,
   firstDifference,
@@ -242,6 +242,10 @@ Deno.test({
           await driver.close();
         }
         assert.deepEqual((await checkQcow(`${dir}/${name}`, { repair: false })).corruptions, []);
+        // `blktap map` (our mapRuns: host offsets too) prints what qemu-img map does.
+        const ours = await blktap(["map", "--json", `${dir}/${name}`]);
+        const theirs = await runOk("qemu-img", ["map", "--output=json", `${dir}/${name}`]);
+        assert.deepEqual(JSON.parse(ours.stdout), JSON.parse(theirs), `${name}: map`);
       }
       // Writing over compressed clusters copies them out first.
       const driver = await openImage(`${dir}/c.qcow`);
