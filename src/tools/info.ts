@@ -33,8 +33,16 @@ export interface InfoReport extends ImageReport {
   backingChain: ImageReport[];
 }
 
+function fileStat(path: string): { size: number; blocks: number | null } {
+  try {
+    return Deno.statSync(path);
+  } catch {
+    return { size: 0, blocks: 0 }; // not a file (a RAM disk)
+  }
+}
+
 function layerReport(layer: ChainLayer): ImageReport {
-  const stat = Deno.statSync(layer.path);
+  const stat = fileStat(layer.path);
   const report: ImageReport = {
     filename: layer.path,
     format: isRawFormat(layer.format) ? "raw" : layer.format,
@@ -68,7 +76,10 @@ export async function imageInfo(spec: string): Promise<InfoReport> {
   const [top, ...below] = layers.map(layerReport);
   return {
     ...top,
-    allocatedBytes: await allocatedBytes(`${layers[0].format}:${layers[0].path}`),
+    // Attaching to a RAM disk could end its life on detach: memory is all allocated.
+    allocatedBytes: layers[0].format === "ram"
+      ? layers[0].info.virtualSizeBytes
+      : await allocatedBytes(`${layers[0].format}:${layers[0].path}`),
     backingChain: below,
   };
 }

@@ -31,6 +31,7 @@ import { File } from "../../../ffi/file.ts";
 import { NativeMemory } from "../../../ffi/memory.ts";
 import { BlockDriverBase, BlockError, type DriverCapabilities } from "../driver.ts";
 import type { ImageOpenOptions } from "../image_file.ts";
+import type { ImageInfo } from "../inspect.ts";
 import type { FormatEntry } from "../open_image.ts";
 import { openImage } from "../open_image.ts";
 import {
@@ -245,8 +246,35 @@ export async function openRam(text: string, options: ImageOpenOptions = {}): Pro
   }
 }
 
+/** Facts about an existing RAM disk, without attaching (an attach could end its life). */
+export function ramInfo(text: string): Promise<ImageInfo> {
+  const spec = parseRamSpec(text);
+  const paths = ramPaths(spec.name);
+  let sizeBytes: number;
+  try {
+    sizeBytes = Deno.statSync(paths.segment).size;
+  } catch {
+    return Promise.reject(new BlockError("EINVAL", `ram:${spec.name}: no such RAM disk`));
+  }
+  const release = lockRamDisk(paths);
+  try {
+    return Promise.resolve({
+      format: "ram",
+      virtualSizeBytes: sizeBytes,
+      details: {
+        segment: paths.segment,
+        attached: !noAttachments(paths),
+        persist: exists(paths.persist),
+      },
+    });
+  } finally {
+    release();
+  }
+}
+
 /** `ram:NAME[,size=SIZE][,load=PATH][,persist]`. */
 export const RAM_FORMAT: FormatEntry = {
   name: "ram",
   open: (path: string, options: ImageOpenOptions) => openRam(path, options),
+  info: ramInfo,
 };

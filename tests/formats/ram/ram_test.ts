@@ -9,6 +9,7 @@ import { BlockError } from "../../../src/formats/driver.ts";
 import { openImage } from "../../../src/formats/open_image.ts";
 import { parseRamSpec } from "../../../src/formats/ram/ram.ts";
 import { createVmdk } from "../../../src/formats/vmdk/create.ts";
+import { imageInfo } from "../../../src/tools/info.ts";
 
 const PEER = new URL("./_ram_peer.ts", import.meta.url).pathname;
 
@@ -132,6 +133,13 @@ Deno.test("ram: persist keeps the disk after the last close", async () => {
     await first.write(1000, new Uint8Array([1, 2, 3]));
     await first.close();
     assert.ok(ramFiles(dir).includes("blktap-ram-keep"));
+    const info = await imageInfo("ram:keep");
+    assert.equal(info.virtualSizeBytes, 128 << 10);
+    assert.deepEqual(info.details, {
+      segment: `${dir}/blktap-ram-keep`,
+      attached: false,
+      persist: true,
+    });
     const second = await openImage("ram:keep");
     assert.equal(second.sizeBytes, 128 << 10);
     const bytes = new Uint8Array(3);
