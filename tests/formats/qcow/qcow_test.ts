@@ -321,3 +321,67 @@ Deno.test("qcow: the L2 cache stays bounded and write-back survives eviction", a
     assert.deepEqual((await checkQcow(image, { repair: false })).corruptions, []);
   });
 });
+
+Deno.test("qcow: legacy blktap images (Xen header without flag 0x02: little-endian L1) read and write", async () => {
+  await inTempDir(async (dir) => {
+    const image = `${dir}/legacy.qcow`;
+    await createQcow(image, { sizeBytes: 8 << 20 });
+    const rng = testSeed("qcow-legacy");
+    const model = new Uint8Array(8 << 20);
+    let driver = await openImage(image);
+    for (let i = 0; i < 50; i += 1) {
+      const [offset, length] = randomWrite(rng, model.byteLength);
+      const data = rng.bytes(length);
+      model.set(data, offset);
+      await driver.write(offset, data);
+    }
+    await driver.close();
+    // Rewrite as the 2006 tapdisk left it: L1 in host (little-endian) order.
+    const bytes = await Deno.readFile(image);
+    const view = new DataView(bytes.buffer);
+    const l1Entries = 4;
+    for (let i = 0; i < l1Entries; i += 1) {
+      const at = 4096 + i * 8;
+      const value = view.getBigUint64(at);
+      view.setBigUint64(at, value, true);
+    }
+    view.setUint32(60, view.getUint32(60) & ~0x02);
+    view.setUint32(52, l1Checksum(bytes.subarray(4096, 4096 + l1Entries * 8)));
+    await Deno.writeFile(image, bytes);
+    const info = await qcowInfo(image);
+    assert.equal(info.details?.l1_big_endian, false);
+    assert.equal(info.details?.l1_checksum_valid, true);
+    driver = await openImage(image);
+    assert.equal(firstDifference(await readAll(driver), model), -1, "legacy image reads");
+    for (let i = 0; i < 50; i += 1) {
+      const [offset, length] = randomWrite(rng, model.byteLength);
+      const data = rng.bytes(length);
+      model.set(data, offset);
+      await driver.write(offset, data);
+    }
+    await driver.close();
+    driver = await openImage(image, { readOnly: true });
+    assert.equal(firstDifference(await readAll(driver), model), -1, "legacy image after writes");
+    await driver.close();
+    assert.deepEqual((await checkQcow(image, { repair: false })).corruptions, []);
+    assert.equal((await qcowInfo(image)).details?.l1_big_endian, false, "byte order kept");
+  });
+});
+
+Deno.test("qcow: a backing file shorter than the overlay reads as zeros past its end", async () => {
+  await inTempDir(async (dir) => {
+    await Deno.writeFile(`${dir}/short.raw`, new Uint8Array(1 << 20).fill(0xee));
+    const image = `${dir}/long.qcow`;
+    await createQcow(image, { sizeBytes: 3 << 20, backingName: "short.raw" });
+    const driver = await openImage(image);
+    await driver.write((1 << 20) - 100, new Uint8Array(300).fill(1));
+    const got = new Uint8Array(3 << 20);
+    await driver.read(0, got);
+    await driver.close();
+    const want = new Uint8Array(3 << 20);
+    want.fill(0xee, 0, 1 << 20);
+    want.fill(1, (1 << 20) - 100, (1 << 20) + 200);
+    assert.equal(firstDifference(got, want), -1);
+    if (hasQemu) await assertQemuSees(dir, image, want);
+  });
+});
