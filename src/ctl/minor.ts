@@ -123,8 +123,9 @@ export class Minor {
   }
 
   onMessage(message: Record<string, unknown>): void {
-    if (message.t === "ready") this.#ready(message.sizeBytes as number);
-    else if (message.t === "reply") this.#reply(message);
+    if (message.t === "ready") {
+      this.#ready(message.sizeBytes as number, message.volatileWrites === true);
+    } else if (message.t === "reply") this.#reply(message);
     else if (message.t === "failed") this.failure = String(message.error);
   }
 
@@ -137,10 +138,10 @@ export class Minor {
     this.#calls.clear();
   }
 
-  async #ready(sizeBytes: number): Promise<void> {
+  async #ready(sizeBytes: number, volatileWrites: boolean): Promise<void> {
     const channel = this.#channel!;
     this.record.sizeBytes = sizeBytes;
-    this.disk.attach(() => channel.kick(), sizeBytes);
+    this.disk.attach(() => channel.kick(), sizeBytes, volatileWrites);
     if (this.record.paused) await this.call("pause").catch(() => {});
     this.state = this.record.paused ? "paused" : "running";
     this.failure = undefined;
@@ -229,6 +230,8 @@ export class Minor {
   /** Quiesces the disk: in-flight requests drain, new ones wait in the ring. */
   async pause(): Promise<void> {
     await this.call("pause");
+    // The disk drained and flushed: nothing acknowledged needs a replay.
+    this.disk.writesDurable();
     this.record.paused = true;
     this.state = "paused";
     this.#host.changed();
@@ -239,7 +242,11 @@ export class Minor {
     const reply = await this.call("resume", image ? { image } : {});
     if (image) this.record.image = image;
     this.record.sizeBytes = reply.sizeBytes as number;
-    this.disk.attach(() => this.#channel?.kick(), this.record.sizeBytes);
+    this.disk.attach(
+      () => this.#channel?.kick(),
+      this.record.sizeBytes,
+      reply.volatileWrites === true,
+    );
     this.record.paused = false;
     this.state = "running";
     this.#host.changed();

@@ -10,8 +10,11 @@
  * When the disk process dies, {@linkcode RingDisk.rearm} re-initialises the
  * ring and writes every unanswered request into it again, in the order they
  * were first issued; block reads and writes are idempotent, so the caller
- * sees delay, never an error. {@linkcode RingDisk.fail} answers everything
- * with an error instead (a disk that keeps crashing).
+ * sees delay, never an error. For disks whose acknowledged writes may die
+ * with the process (write-back metadata), acknowledged writes not yet
+ * covered by a flush are replayed first (src/ctl/replay_log.ts).
+ * {@linkcode RingDisk.fail} answers everything with an error instead (a
+ * disk that keeps crashing).
  * @module
  */
 import {
@@ -31,6 +34,7 @@ import {
   writeSegment,
 } from "../ring/request.ts";
 import { PagePool } from "./page_pool.ts";
+import { type LoggedWrite, replay_log_bytes_max, ReplayLog } from "./replay_log.ts";
 
 /** Largest payload of one ring request: an indirect request's segments. */
 export const request_bytes_max = B.indirect_segments_max * B.PAGE_BYTES;
@@ -46,6 +50,23 @@ interface Pending {
   resolve: (status: number) => void;
   /** Indirect descriptor pages to free on completion. */
   indirect?: { first: number; count: number };
+  /** A write: where its data is, for the replay log. */
+  write?: { sector: number; segments: Segment[] };
+  /** A flush: the replay log sequence it covers. */
+  flushCovers?: number;
+  /** Issued by a replay (not logged again; dropped if the replay restarts). */
+  replay?: boolean;
+}
+
+/** Status given to replay writes abandoned because the disk restarted again. */
+const STATUS_ABANDONED = -1000;
+
+/** How a request is issued. */
+interface IssueOptions {
+  indirect?: Pending["indirect"];
+  write?: Pending["write"];
+  flush?: boolean;
+  replay?: boolean;
 }
 
 /** A minor seen as a block device. */
@@ -66,6 +87,13 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
   #pushScheduled = false;
   #failed = false;
   #rmwLock: Promise<void> = Promise.resolve();
+  /** Set when the disk's acknowledged writes may die with its process. */
+  #keepWrites = false;
+  readonly #log = new ReplayLog();
+  #logFlushing = false;
+  /** While a replay runs, new requests wait here. */
+  #gate: Promise<void> | undefined;
+  #replayGeneration = 0;
 
   constructor(
     name: string,
@@ -116,9 +144,15 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
 
   // ---- supervision ------------------------------------------------------
 
-  /** A disk process is serving: kicks go to it (and one now, for re-issued requests). */
-  attach(kick: () => void, sizeBytes: number): void {
+  /**
+   * A disk process is serving: kicks go to it (and one now, for re-issued
+   * requests). `volatileWrites`: its acknowledged writes may be lost if it
+   * dies before a flush, so keep copies for replay.
+   */
+  attach(kick: () => void, sizeBytes: number, volatileWrites = false): void {
     this.#sizeBytes = sizeBytes;
+    this.#keepWrites = volatileWrites;
+    if (!volatileWrites) this.#log.clear();
     this.#kick = kick;
     this.#pushScheduled = false;
     if (this.#front.pushRequestsAndCheckNotify() || this.#pending.size > 0) kick();
@@ -137,19 +171,68 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
   rearm(): number {
     this.onKick();
     this.#front = FrontRing.init(this.#memory.ring, this.#fence);
+    this.#replayGeneration += 1;
+    // Writes of an interrupted replay are replayed again from the log.
+    for (const [id, p] of this.#pending) {
+      if (!p.replay) continue;
+      this.#pending.delete(id);
+      this.#complete(p, STATUS_ABANDONED);
+    }
+    const held = [...this.#pending.values()];
+    if (this.#log.length === 0) {
+      this.#writeEntries(held);
+    } else {
+      // A replay already running stops at its next batch (generation changed).
+      this.#gate = this.#replay(this.#replayGeneration, held);
+    }
+    return held.length;
+  }
+
+  // Puts recorded requests back into the ring (it has room: they fit before).
+  #writeEntries(entries: Pending[]): void {
     const view = this.#front.sring.view;
-    for (const pending of this.#pending.values()) {
+    for (const pending of entries) {
       const offset = this.#front.nextRequestOffset();
       new Uint8Array(view.buffer, view.byteOffset + offset, B.ENTRY_BYTES).set(pending.entry);
     }
-    this.#front.pushRequestsAndCheckNotify();
-    return this.#pending.size;
+    if (this.#front.pushRequestsAndCheckNotify() || entries.length > 0) this.#kick?.();
+  }
+
+  // Replays the log in order, then re-issues the held requests; new requests
+  // wait on the gate meanwhile so none overtakes a replayed write.
+  async #replay(generation: number, held: Pending[]): Promise<void> {
+    for (const batch of this.#log.batches()) {
+      await Promise.all(batch.map((w) => this.#replayOne(w)));
+      if (generation !== this.#replayGeneration) return;
+    }
+    const stillPending = new Set(this.#pending.values());
+    this.#writeEntries(held.filter((p) => stillPending.has(p)));
+    this.#gate = undefined;
+  }
+
+  async #replayOne(w: LoggedWrite): Promise<void> {
+    const count = Math.ceil(w.data.byteLength / B.PAGE_BYTES);
+    const first = await this.pages.allocateWait(count);
+    try {
+      const at = first * B.PAGE_BYTES;
+      this.pool.set(w.data, at);
+      await this.submitRw(B.BLKIF_OP_WRITE, w.sector, poolSegments(at, w.data.byteLength), true);
+    } finally {
+      this.pages.release(first, count);
+    }
+  }
+
+  /** Everything acknowledged so far is durable (a pause flushed it). */
+  writesDurable(): void {
+    this.#log.clear();
   }
 
   /** The disk is failed: every unanswered and future request gets ERROR. */
   fail(): void {
     this.#failed = true;
     this.#kick = undefined;
+    this.#log.clear();
+    this.#gate = undefined;
     const pending = [...this.#pending.values()];
     this.#pending.clear();
     for (const p of pending) this.#complete(p, B.BLKIF_RSP_ERROR);
@@ -176,7 +259,31 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
 
   #complete(pending: Pending, status: number): void {
     if (pending.indirect) this.pages.release(pending.indirect.first, pending.indirect.count);
+    if (status === B.BLKIF_RSP_OKAY) this.#logCompletion(pending);
     pending.resolve(status);
+  }
+
+  #logCompletion(pending: Pending): void {
+    if (pending.flushCovers !== undefined) this.#log.trim(pending.flushCovers);
+    if (!this.#keepWrites || !pending.write || pending.replay) return;
+    this.#log.add(pending.write.sector, this.#copySegments(pending.write.segments));
+    if (this.#log.bytes > replay_log_bytes_max && !this.#logFlushing) {
+      // Bound the log: a flush makes the logged writes safe.
+      this.#logFlushing = true;
+      this.submitFlush().finally(() => this.#logFlushing = false);
+    }
+  }
+
+  #copySegments(segments: Segment[]): Uint8Array {
+    const out = new Uint8Array(segmentSectors(segments) * B.SECTOR_BYTES);
+    let at = 0;
+    for (const s of segments) {
+      const start = s.gref * B.PAGE_BYTES + s.firstSect * B.SECTOR_BYTES;
+      const end = s.gref * B.PAGE_BYTES + (s.lastSect + 1) * B.SECTOR_BYTES;
+      out.set(this.pool.subarray(start, end), at);
+      at += end - start;
+    }
+    return out;
   }
 
   #wakeSlotWaiters(): void {
@@ -196,11 +303,12 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
   // Writes one entry (filled by `fill`) and records it; resolves to the status.
   async #issue(
     fill: (view: DataView, offset: number, id: bigint) => void,
-    indirect?: Pending["indirect"],
+    options: IssueOptions = {},
   ) {
+    while (this.#gate && !options.replay) await this.#gate;
     await this.#slot();
     if (this.#failed) {
-      if (indirect) this.pages.release(indirect.first, indirect.count);
+      if (options.indirect) this.pages.release(options.indirect.first, options.indirect.count);
       return B.BLKIF_RSP_ERROR;
     }
     const id = this.#nextId++;
@@ -208,9 +316,14 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
     const offset = this.#front.nextRequestOffset();
     fill(view, offset, BigInt(id));
     const entry = new Uint8Array(view.buffer, view.byteOffset + offset, B.ENTRY_BYTES).slice();
-    const done = new Promise<number>((resolve) =>
-      this.#pending.set(id, { entry, resolve, indirect })
-    );
+    const pending: Omit<Pending, "resolve"> = {
+      entry,
+      indirect: options.indirect,
+      write: options.write,
+      replay: options.replay,
+      flushCovers: options.flush ? this.#log.lastSeq : undefined,
+    };
+    const done = new Promise<number>((resolve) => this.#pending.set(id, { ...pending, resolve }));
     this.#schedulePush();
     return await done;
   }
@@ -226,12 +339,21 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
 
   /**
    * A READ or WRITE over `segments` (pool pages), direct when it fits in
-   * 11 segments, else indirect. Resolves to the blkif status.
+   * 11 segments, else indirect. Resolves to the blkif status. `replay`
+   * is for the replay of logged writes only.
    */
-  async submitRw(operation: number, sector: number, segments: Segment[]): Promise<number> {
+  async submitRw(
+    operation: number,
+    sector: number,
+    segments: Segment[],
+    replay = false,
+  ): Promise<number> {
+    const options: IssueOptions = { replay };
+    if (operation === B.BLKIF_OP_WRITE) options.write = { sector, segments };
     if (segments.length <= B.SEGMENTS_PER_REQUEST_MAX) {
-      return await this.#issue((v, o, id) =>
-        writeRwRequest(v, o, { operation, id, sector, segments })
+      return await this.#issue(
+        (v, o, id) => writeRwRequest(v, o, { operation, id, sector, segments }),
+        options,
       );
     }
     if (segments.length > B.indirect_segments_max) {
@@ -251,14 +373,21 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
           nrSegments: segments.length,
           indirectGrefs,
         }),
-      { first, count },
+      { ...options, indirect: { first, count } },
     );
   }
 
   /** FLUSH_DISKCACHE without data. */
   submitFlush(): Promise<number> {
-    return this.#issue((v, o, id) =>
-      writeRwRequest(v, o, { operation: B.BLKIF_OP_FLUSH_DISKCACHE, id, sector: 0, segments: [] })
+    return this.#issue(
+      (v, o, id) =>
+        writeRwRequest(v, o, {
+          operation: B.BLKIF_OP_FLUSH_DISKCACHE,
+          id,
+          sector: 0,
+          segments: [],
+        }),
+      { flush: true },
     );
   }
 

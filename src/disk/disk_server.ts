@@ -183,6 +183,7 @@ export class DiskServer {
   }
 
   #finish(request: ParsedRequest, started: number, status: number): void {
+    if (this.#stopped) return; // the ring may belong to a successor now
     this.#inflight -= 1;
     if (request.kind === "flush" || request.kind === "barrier") this.#ordering = false;
     const latencyUs = (performance.now() - started) * 1000;
@@ -268,7 +269,7 @@ export class DiskServer {
     this.kick();
   }
 
-  /** Stops serving (no new requests; in-flight ones still answer). */
+  /** Stops serving: nothing more is read from or written to the ring. */
   stop(): void {
     this.#stopped = true;
     if (this.#qosTimer !== undefined) clearTimeout(this.#qosTimer);

@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { selfCommandFor } from "../../src/cli/self_command.ts";
 import { testSeed } from "../_helpers/random.ts";
 import { CtrlHarness, rawImage } from "./_ctrl_harness.ts";
 
@@ -13,12 +14,21 @@ type Load = {
   firstError?: string;
 };
 
-Deno.test("supervision: SIGKILL of a disk every few seconds under 60 s of verified load", async () => {
+async function qcowImage(dir: string, name: string, sizeMiB: number): Promise<string> {
+  const path = `${dir}/${name}`;
+  const out = await selfCommandFor(["qcow-create", String(sizeMiB), path], { stdout: "null" })
+    .output();
+  if (!out.success) throw new Error("qcow-create failed");
+  return path;
+}
+
+Deno.test("supervision: SIGKILL of disks every few seconds under 60 s of verified load", async () => {
   const rng = testSeed("supervision kills");
   // Killed on purpose ~15 times a minute: above the default crash-loop limit.
   const h = await CtrlHarness.start(["--restart-limit", "1000"]);
   try {
     const a = await rawImage(h.dir, "victim.raw", 32 * MiB);
+    const q = await qcowImage(h.dir, "victim.qcow", 32);
     const b = await rawImage(h.dir, "bystander.raw", 32 * MiB);
     // QoS keeps the two loads from starving tests running beside this one.
     const qos = { maxIops: 2500, burstMs: 200 };
@@ -26,6 +36,12 @@ Deno.test("supervision: SIGKILL of a disk every few seconds under 60 s of verifi
       op: "create",
       image: `aio:${a}`,
       name: "victim",
+      ...qos,
+    });
+    const { minor: qvictim } = await h.request({
+      op: "create",
+      image: `qcow:${q}`,
+      name: "qvictim",
       ...qos,
     });
     const { minor: bystander } = await h.request({
@@ -36,7 +52,8 @@ Deno.test("supervision: SIGKILL of a disk every few seconds under 60 s of verifi
     });
     const bystanderPid = await h.diskPid(bystander as number);
     const started = Date.now();
-    const loads = [victim, bystander].map((minor) =>
+    const victims = [victim, qvictim];
+    const loads = [victim, qvictim, bystander].map((minor) =>
       h.request({
         op: "exercise",
         minor,
@@ -49,27 +66,29 @@ Deno.test("supervision: SIGKILL of a disk every few seconds under 60 s of verifi
     let kills = 0;
     while (Date.now() - started < load_ms - 4000) {
       await new Promise((r) => setTimeout(r, rng.int(2000, 4000)));
-      const m = (await h.list()).find((x) => x.minor === victim)!;
-      if (m.state === "running" && typeof m.pid === "number") {
-        Deno.kill(m.pid, "SIGKILL");
-        kills += 1;
+      for (const m of (await h.list()).filter((x) => victims.includes(x.minor))) {
+        if (m.state === "running" && typeof m.pid === "number") {
+          Deno.kill(m.pid, "SIGKILL");
+          kills += 1;
+        }
       }
     }
-    const [hurt, spared] = await Promise.all(loads);
+    const [hurt, qhurt, spared] = await Promise.all(loads);
     console.log(
-      `kills: ${kills}; victim: ${hurt.requests} requests, bystander: ${spared.requests} requests`,
+      `kills: ${kills}; raw victim: ${hurt.requests} requests, qcow victim: ${qhurt.requests}, ` +
+        `bystander: ${spared.requests}`,
     );
-    assert.ok(kills >= 12, `only ${kills} kills`);
-    for (const [name, r] of [["victim", hurt], ["bystander", spared]] as const) {
+    assert.ok(kills >= 24, `only ${kills} kills`);
+    const runs = [["victim", hurt], ["qvictim", qhurt], ["bystander", spared]] as const;
+    for (const [name, r] of runs) {
       assert.equal(r.errors, 0, `${name}: ${r.firstError}`);
       assert.equal(r.mismatches, 0, `${name}: ${r.firstError}`);
       assert.ok(r.verifiedSectors > 0);
     }
     const list = await h.list();
-    const v = list.find((x) => x.minor === victim)!;
+    const restarts = list.filter((x) => victims.includes(x.minor)).map((x) => x.restarts as number);
+    assert.equal(restarts[0] + restarts[1], kills);
     const s = list.find((x) => x.minor === bystander)!;
-    assert.equal(v.restarts, kills);
-    assert.equal(v.state, "running");
     assert.equal(s.restarts, 0);
     assert.equal(s.pid, bystanderPid, "the bystander's process never changed");
   } finally {
