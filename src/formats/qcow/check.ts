@@ -10,7 +10,7 @@
 import type { CheckOptions, CheckReport } from "../inspect.ts";
 import type { ImageFile } from "../image_file.ts";
 import { openImageFile } from "../raw/open_file.ts";
-import { decodeEntry, QcowFormatError } from "./header.ts";
+import { decodeEntry, l1Checksum, QcowFormatError } from "./header.ts";
 import { type QcowImage, readQcowImage } from "./qcow.ts";
 
 /** Corruptions listed individually before they are only counted. */
@@ -20,6 +20,11 @@ interface Span {
   start: number;
   end: number;
   what: string;
+  /** For L2 tables and plain clusters: the L1 entry they belong to. */
+  l1Index?: number;
+  /** For plain clusters: the index in their L2 table. */
+  slot?: number;
+  table?: boolean;
 }
 
 class _Findings {
@@ -61,16 +66,70 @@ export async function checkQcow(path: string, options: CheckOptions): Promise<Ch
       corruptions: findings.finish(),
       leakedClusters: leaks.clusters,
     };
-    if (options.repair && report.corruptions.length === 0 && leaks.ranges.length > 0) {
-      for (const r of leaks.ranges) await file.punchHole(r.start, r.end - r.start);
-      await file.flush();
-      report.repaired = [`punched out ${leaks.clusters} leaked clusters`];
-      report.leakedClusters = 0;
+    if (options.repair && report.corruptions.length === 0) {
+      report.repaired = await _repair(file, image, spans, leaks);
+      if (leaks.ranges.length > 0) report.leakedClusters = 0;
     }
     return report;
   } finally {
     await file.close();
   }
+}
+
+/**
+ * What is safe to fix: leaked clusters (nothing references them), and a
+ * stale Xen L1 checksum (left by a crash between the L1 write and the
+ * checksum write) once every extent the layout reserves is verified free.
+ */
+async function _repair(
+  file: ImageFile,
+  image: QcowImage,
+  spans: Span[],
+  leaks: { ranges: { start: number; end: number }[]; clusters: number },
+): Promise<string[]> {
+  const repaired: string[] = [];
+  for (const r of leaks.ranges) await file.punchHole(r.start, r.end - r.start);
+  if (leaks.ranges.length > 0) repaired.push(`punched out ${leaks.clusters} leaked clusters`);
+  const xen = image.header.xen;
+  if (xen && !image.checksumValid && _extentsHold(file, image, spans)) {
+    const value = new Uint8Array(4);
+    new DataView(value.buffer).setUint32(0, l1Checksum(image.l1Bytes));
+    await file.write(52, value);
+    repaired.push("restored the Xen L1 checksum (extent layout verified)");
+  }
+  if (repaired.length > 0) await file.flush();
+  return repaired;
+}
+
+/**
+ * True when trusting the Xen header again is safe: in an extent-layout
+ * image, the extent behind every table that owns one lies inside the file
+ * and holds nothing but that table's own clusters in their own slots.
+ */
+function _extentsHold(file: ImageFile, image: QcowImage, sortedSpans: Span[]): boolean {
+  const { header, geometry: g } = image;
+  if (header.backingFileOffset !== 0 || header.xen!.minClusterAlloc !== g.l2Entries) return true;
+  const from = header.extentTablesFromBytes ?? 0;
+  for (const t of sortedSpans) {
+    if (!t.table || t.start < from) continue;
+    const start = t.start + Math.ceil(g.l2TableBytes / g.clusterBytes) * g.clusterBytes;
+    const end = start + g.l2Entries * g.clusterBytes;
+    if (end > file.lengthBytes()) return false;
+    let lo = 0;
+    let hi = sortedSpans.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (sortedSpans[mid].end <= start) lo = mid + 1;
+      else hi = mid;
+    }
+    for (let i = lo; i < sortedSpans.length && sortedSpans[i].start < end; i += 1) {
+      const s = sortedSpans[i];
+      const own = !s.table && s.l1Index === t.l1Index && s.slot !== undefined && s.slot >= 0 &&
+        s.start === start + s.slot * g.clusterBytes;
+      if (!own) return false;
+    }
+  }
+  return true;
 }
 
 /** Every byte range the image references, with problems found on the way. */
@@ -102,7 +161,7 @@ async function _collectSpans(
       findings.add(`L1 entry ${i}: ${what} at ${offset} lies past the end of the file`);
       continue;
     }
-    spans.push({ start: offset, end: offset + g.l2TableBytes, what });
+    spans.push({ start: offset, end: offset + g.l2TableBytes, what, l1Index: i, table: true });
     await file.read(offset, table);
     for (let k = 0; k < g.l2Entries; k += 1) {
       const hi = view.getUint32(k * 8);
@@ -111,7 +170,7 @@ async function _collectSpans(
       const guest = (i * g.l2Entries + k) * g.clusterBytes;
       const span = _clusterSpan(image, decodeEntry(hi, lo, g.clusterBits), guest, fileBytes);
       if (typeof span === "string") findings.add(span);
-      else spans.push(span);
+      else spans.push({ ...span, l1Index: i, slot: k });
     }
   }
   return spans;
@@ -131,7 +190,7 @@ function _clusterSpan(
     const end = entry.offsetBytes + entry.compressedBytes;
     if (entry.compressedBytes === 0) return `${what}: compressed size 0`;
     if (end > fileBytes) return `${what}: compressed data at ${entry.offsetBytes} past end of file`;
-    return { start: entry.offsetBytes, end, what: `compressed ${what}` };
+    return { start: entry.offsetBytes, end, what: `compressed ${what}`, slot: -1 };
   }
   if (entry.offsetBytes % cluster !== 0) {
     return `${what}: host offset ${entry.offsetBytes} is not cluster-aligned`;

@@ -385,3 +385,45 @@ Deno.test("qcow: a backing file shorter than the overlay reads as zeros past its
     if (hasQemu) await assertQemuSees(dir, image, want);
   });
 });
+
+Deno.test({
+  name: "qcow check --repair: restores a stale Xen checksum only when the extents are verified",
+  ignore: noQemu,
+  fn: async () => {
+    await inTempDir(async (dir) => {
+      const image = `${dir}/a.qcow`;
+      await createQcow(image, { sizeBytes: 16 << 20 });
+      const driver = await openImage(image);
+      await driver.write(4096 * 3, new Uint8Array(10_000).fill(4));
+      await driver.write(9 << 20, new Uint8Array(5000).fill(5));
+      await driver.close();
+      // A crash between the L1 write and the checksum write leaves it stale.
+      const file = await Deno.open(image, { write: true });
+      await file.seek(52, Deno.SeekMode.Start);
+      await file.write(new Uint8Array([1, 2, 3, 4]));
+      file.close();
+      assert.equal((await qcowInfo(image)).details?.l1_checksum_valid, false);
+      const stale = await openImage(image, { readOnly: true }) as QcowDriver;
+      assert.equal(stale.extentMode, false, "a stale checksum turns the extent layout off");
+      await stale.close();
+      const report = await checkQcow(image, { repair: true });
+      assert.deepEqual(report.corruptions, []);
+      assert.match((report.repaired ?? []).join(), /checksum/);
+      assert.equal((await qcowInfo(image)).details?.l1_checksum_valid, true);
+      // QEMU adds a table without an extent: the checksum must stay stale.
+      await runOk("qemu-io", ["-c", "write -P 6 14M 4k", image]);
+      await checkQcow(image, { repair: true });
+      assert.equal((await qcowInfo(image)).details?.l1_checksum_valid, false);
+      const want = new Uint8Array(16 << 20);
+      want.fill(4, 4096 * 3, 4096 * 3 + 10_000);
+      want.fill(5, 9 << 20, (9 << 20) + 5000);
+      want.fill(6, 14 << 20, (14 << 20) + 4096);
+      const d = await openImage(image);
+      await d.write(15 << 20, new Uint8Array(100).fill(7));
+      await d.close();
+      want.fill(7, 15 << 20, (15 << 20) + 100);
+      await assertQemuSees(dir, image, want);
+      assert.deepEqual((await checkQcow(image, { repair: false })).corruptions, []);
+    });
+  },
+});
