@@ -274,7 +274,14 @@ async function refuseIfRunning(socketPath: string): Promise<void> {
   throw new Error(`another blktap ctrl is running on ${socketPath}`);
 }
 
-/** Kills a disk process left by a previous ctrl (if that pid still is one) and waits for it. */
+/** How long a previous ctrl's disk process gets to drain and flush before it is killed. */
+export const stale_disk_grace_ms = 10_000;
+
+/**
+ * Waits for a disk process left by a previous ctrl (if that pid still is
+ * one) to finish: it drains and flushes once its channel closed. Killed
+ * after {@linkcode stale_disk_grace_ms}.
+ */
 async function killStaleDisk(pid: number, minor: number): Promise<void> {
   let cmdline: string;
   try {
@@ -283,18 +290,24 @@ async function killStaleDisk(pid: number, minor: number): Promise<void> {
     return; // gone
   }
   if (!cmdline.includes(" disk --minor " + minor + " ")) return;
+  if (await exited(pid, stale_disk_grace_ms)) return;
   try {
     Deno.kill(pid, "SIGKILL");
   } catch {
     return;
   }
-  for (let waited = 0; waited < 5000; waited += 20) {
+  await exited(pid, 5000);
+}
+
+async function exited(pid: number, timeoutMs: number): Promise<boolean> {
+  for (let waited = 0; waited < timeoutMs; waited += 20) {
     try {
       const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
-      if (stat.split(") ")[1]?.startsWith("Z")) return; // exited, awaiting its reaper
+      if (stat.split(") ")[1]?.startsWith("Z")) return true; // exited, awaiting its reaper
     } catch {
-      return;
+      return true;
     }
     await new Promise((r) => setTimeout(r, 20));
   }
+  return false;
 }

@@ -66,10 +66,16 @@ class DiskProcess {
     this.#channel = new KickChannel(conn, {
       onKick: () => this.#server?.kick(),
       onMessage: (m) => this.#onMessage(m),
-      onClose: () => this.#done.resolve(0),
+      onClose: () => this.#shutdown("ctrl went away"),
     });
     this.#channel.send({ t: "hello", minor: this.#minor, pid: Deno.pid });
-    return await this.#done.promise;
+    const onSignal = () => this.#shutdown("SIGTERM");
+    Deno.addSignalListener("SIGTERM", onSignal);
+    try {
+      return await this.#done.promise;
+    } finally {
+      Deno.removeSignalListener("SIGTERM", onSignal);
+    }
   }
 
   #onMessage(message: Record<string, unknown>): void {
@@ -86,6 +92,25 @@ class DiskProcess {
           this.#channel.send({ t: "reply", seq: message.seq, ok: false, error: error.message }),
       );
     }
+  }
+
+  // Drains what is in flight and flushes before exiting, so a driver with
+  // write-back metadata (qcow) loses nothing it acknowledged.
+  async #shutdown(why: string): Promise<void> {
+    const server = this.#server;
+    this.#server = undefined;
+    if (server) {
+      this.#log.info(`stopping (${why}): draining ${server.inflight} requests`);
+      try {
+        await server.pause();
+        server.stop();
+        await server.driver.close();
+      } catch (error) {
+        this.#log.error(`shutdown: ${(error as Error).message}`);
+      }
+    }
+    this.#channel.close();
+    this.#done.resolve(0);
   }
 
   async #attach(config: AttachConfig): Promise<void> {
