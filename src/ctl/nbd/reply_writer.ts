@@ -86,6 +86,21 @@ export class ReplyWriter {
     this.#kick();
   }
 
+  /**
+   * Runs `release` once every byte queued before this call has been
+   * written (or dropped): for a buffer whose parts went out as several
+   * segments (a sparse READ's data chunks).
+   */
+  pushRelease(release: () => void): void {
+    if (this.#failure !== undefined) {
+      release();
+      return;
+    }
+    this.#seal();
+    this.#queue.push({ bytes: new Uint8Array(0), release });
+    this.#kick();
+  }
+
   /** Resolves once everything queued so far has been written (or dropped). */
   idle(): Promise<void> {
     if (!this.#writing && !this.#scheduled && this.#stagingLength === 0) return Promise.resolve();
@@ -124,7 +139,7 @@ export class ReplyWriter {
         try {
           await this.#writeAll(segment.bytes);
         } finally {
-          this.#pendingBytes -= segment.bytes.byteLength;
+          this.#pendingBytes = Math.max(0, this.#pendingBytes - segment.bytes.byteLength);
           segment.release?.();
         }
       }

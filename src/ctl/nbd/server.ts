@@ -212,8 +212,9 @@ class Server implements NbdServer {
     } finally {
       clearTimeout(timer);
       closeQuietly(conn);
-      // Requests still running hold driver calls and buffers: let them settle.
-      await connection.transmission?.drain().catch(() => {});
+      // Requests still running hold driver calls and buffers: let them settle (bounded).
+      const drained = connection.transmission?.drain().catch(() => {});
+      if (drained) await Promise.race([drained, delay(this.limits.close_grace_ms)]);
     }
   }
 

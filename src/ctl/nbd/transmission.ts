@@ -397,8 +397,8 @@ export class Transmission {
         );
       }
     }
-    // Queued after every chunk: the writer releases it once all of them are out.
-    this.#writer.pushOwned(new Uint8Array(0), () => this.#context.pool.give(payload));
+    // Data chunks above the copy threshold are written from `payload` itself.
+    this.#writer.pushRelease(() => this.#context.pool.give(payload));
   }
 
   async #blockStatus(flags: number, hi: number, lo: number, offset: number, length: number) {
