@@ -304,3 +304,39 @@ Deno.test("nbd server: during close, requests in flight finish and new ones get 
     }
   });
 });
+
+Deno.test("nbd transmission: pipelined sparse and dense reads never share a buffer still being sent", async () => {
+  const driver = new MemoryDriver(16 * MiB);
+  await driver.write(256 * KiB, pattern(512 * KiB, 11));
+  await driver.write(8 * MiB, pattern(MiB, 12));
+  await withNbdServer([{ name: "d", driver }], async (h) => {
+    const c = await connected(h.socket, "d", { structured: true });
+    try {
+      for (let round = 0; round < 5; round++) {
+        await c.request(P.NBD_CMD_READ, 0, 1n, 0, MiB); // holes around 512 KiB of data
+        // Not reading yet: the socket fills and the data chunk waits in the writer,
+        // while the next reads take buffers from the pool.
+        await new Promise((resolve) => setTimeout(resolve, 10));
+        await c.request(P.NBD_CMD_READ, P.NBD_CMD_FLAG_DF, 2n, 8 * MiB, MiB);
+        await c.request(P.NBD_CMD_READ, P.NBD_CMD_FLAG_DF, 3n, 8 * MiB, MiB);
+        await new Promise((resolve) => setTimeout(resolve, 10));
+        const got = new Map<bigint, Uint8Array>();
+        for (let done = 0; done < 3;) {
+          const chunk = await c.readReply();
+          const out = got.get(chunk.handle) ?? new Uint8Array(MiB);
+          got.set(chunk.handle, out);
+          if (chunk.type === P.NBD_REPLY_TYPE_OFFSET_DATA) {
+            const offset = Number(new DataView(chunk.data.buffer).getBigUint64(0));
+            out.set(chunk.data.subarray(8), offset - (chunk.handle === 1n ? 0 : 8 * MiB));
+          }
+          if (chunk.flags & P.NBD_REPLY_FLAG_DONE) done++;
+        }
+        assert.deepEqual(got.get(1n)!.subarray(256 * KiB, 768 * KiB), pattern(512 * KiB, 11));
+        assert.deepEqual(got.get(2n), pattern(MiB, 12));
+        assert.deepEqual(got.get(3n), pattern(MiB, 12));
+      }
+    } finally {
+      c.close();
+    }
+  });
+});
