@@ -52,6 +52,22 @@ Deno.test("check: clean, leaked, corrupt, repaired and unusable vmdk images", as
     assert.equal(repairedLeak.report.leakedClusters, 0);
     assert.equal((await Deno.stat(leaked)).size, end);
 
+    // An interrupted table allocation: tables and redundant directory entry only.
+    const tableLeak = `${dir}/tableleak.vmdk`;
+    createVmdk(tableLeak, 8 << 20, { preallocateTables: false });
+    const t = await openVmdk(tableLeak);
+    const rgdSector = t.sparseExtents[0].layout.header.redundantDirectoryOffsetSectors;
+    await t.close();
+    const tableEnd = (await Deno.stat(tableLeak)).size;
+    await Deno.writeFile(tableLeak, new Uint8Array(65536), { append: true });
+    await patchU32(tableLeak, rgdSector * 512, tableEnd / 512 + 4);
+    const tableLeakResult = await checkImage(tableLeak);
+    assert.equal(tableLeakResult.status, 0, JSON.stringify(tableLeakResult));
+    assert.equal(tableLeakResult.report.leakedClusters, 1);
+    const tableRepaired = await checkImage(tableLeak, true);
+    assert.equal(tableRepaired.report.leakedClusters, 0, JSON.stringify(tableRepaired));
+    assert.equal((await Deno.stat(tableLeak)).size, tableEnd);
+
     // Two grains at one place, and a grain past the end of the file.
     const corrupt = `${dir}/corrupt.vmdk`;
     const tables = await makeImage(corrupt);

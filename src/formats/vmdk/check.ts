@@ -100,9 +100,16 @@ async function checkSparse(extent: SparseExtent, f: Findings, repair: boolean): 
   const { directory, redundantDirectory } = extent;
   for (let t = 0; t < directory.length; t += 1) {
     const primary = directory[t];
-    const backup = redundantDirectory?.[t] ?? 0;
-    if (redundantDirectory && (primary === 0) !== (backup === 0)) {
-      f.corrupt(`${path}: grain directory entry ${t} is ${primary}, redundant entry is ${backup}`);
+    let backup = redundantDirectory?.[t] ?? 0;
+    if (redundantDirectory && primary === 0 && backup !== 0) {
+      // A table allocation interrupted before its directory entry: a leak.
+      if (repair) {
+        await writeU32(extent, extent.layout.header.redundantDirectoryOffsetSectors, t, 0);
+        f.repaired.push(`${path}: redundant grain directory entry ${t}: ${backup} -> 0`);
+      }
+      backup = 0;
+    } else if (redundantDirectory && primary !== 0 && backup === 0) {
+      f.corrupt(`${path}: grain directory entry ${t} is ${primary}, redundant entry is 0`);
     }
     const gt = await loadTable(extent, primary, `grain table ${t}`, metadata, f);
     const rgt = await loadTable(extent, backup, `redundant grain table ${t}`, metadata, f);
@@ -112,7 +119,7 @@ async function checkSparse(extent: SparseExtent, f: Findings, repair: boolean): 
   checkGrains(extent, grains, metadata, f);
   if (extent.layout.compressed) await checkMarkers(extent, grains, f);
   checkOverlaps(metadata, f, path);
-  await countLeaks(extent, grains, fileBytes, f, repair);
+  await countLeaks(extent, grains, metadata, fileBytes, f, repair);
 }
 
 async function loadTable(
@@ -166,12 +173,16 @@ async function compareTables(
       );
     }
     if (repair) {
-      const entry = new Uint8Array(4);
-      new DataView(entry.buffer).setUint32(0, gt[j], true);
-      await extent.file.write(rgtStart + j * 4, entry);
+      await writeU32(extent, rgtStart / SECTOR_BYTES, j, gt[j]);
       f.repaired.push(`grain ${grain}: redundant entry ${rgt[j]} -> ${gt[j]}`);
     }
   }
+}
+
+async function writeU32(extent: SparseExtent, tableSector: number, index: number, value: number) {
+  const bytes = new Uint8Array(4);
+  new DataView(bytes.buffer).setUint32(0, value, true);
+  await extent.file.write(tableSector * SECTOR_BYTES + index * 4, bytes);
 }
 
 function checkGrains(extent: SparseExtent, grains: GrainRef[], metadata: Range[], f: Findings) {
@@ -232,6 +243,7 @@ function checkOverlaps(metadata: Range[], f: Findings, path: string) {
 async function countLeaks(
   extent: SparseExtent,
   grains: GrainRef[],
+  metadata: Range[],
   fileBytes: number,
   f: Findings,
   repair: boolean,
@@ -244,9 +256,19 @@ async function countLeaks(
     grains.filter((g) => g.start >= overheadBytes && g.start < fileBytes)
       .map((g) => Math.floor((g.start - overheadBytes) / grainBytes)),
   );
+  // Grain tables allocated after creation live among the grains.
+  for (const m of metadata) {
+    if (m.start < overheadBytes) continue;
+    const first = Math.floor((m.start - overheadBytes) / grainBytes);
+    const last = Math.floor((m.end - 1 - overheadBytes) / grainBytes);
+    for (let slot = first; slot <= last; slot += 1) used.add(slot);
+  }
   f.leaked += Math.max(0, slots - used.size);
   if (!repair || f.corruptions.length > 0) return;
-  const end = Math.max(overheadBytes, ...grains.map((g) => g.start + grainBytes));
+  // A loop, not Math.max(...): images have more grains than a call has arguments.
+  let end = overheadBytes;
+  for (const g of grains) end = Math.max(end, g.start + grainBytes);
+  for (const m of metadata) end = Math.max(end, Math.ceil(m.end / grainBytes) * grainBytes);
   if (end < fileBytes) {
     await extent.file.truncate(end);
     f.repaired.push(`${extent.file.path}: truncated ${fileBytes - end} unreferenced bytes`);

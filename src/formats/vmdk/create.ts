@@ -22,6 +22,11 @@ import {
 export interface CreateVmdkOptions {
   /** Grain size (default 64 KiB, a power of two of at least 4 KiB). */
   grainBytes?: number;
+  /**
+   * Reserve every grain table now (default, as QEMU does), or leave the
+   * directories empty and let writes allocate tables as they need them.
+   */
+  preallocateTables?: boolean;
 }
 
 const default_grain_bytes = 64 * 1024;
@@ -65,7 +70,8 @@ export function createVmdk(path: string, sizeBytes: number, options: CreateVmdkO
   const grains = Math.ceil(capacitySectors / grainSectors);
   const tableCount = Math.ceil(grains / grain_table_entries);
   if (tableCount > grain_directory_entries_max) throw new Error(`${path}: image too large`);
-  const tableSectors = (grain_table_entries * 4) / SECTOR_BYTES;
+  const preallocate = options.preallocateTables ?? true;
+  const tableSectors = preallocate ? (grain_table_entries * 4) / SECTOR_BYTES : 0;
   const directorySectors = Math.ceil((tableCount * 4) / SECTOR_BYTES);
   const redundantOffset = descriptor_offset_sectors + descriptor_sectors;
   const directoryOffset = redundantOffset + directorySectors + tableSectors * tableCount;
@@ -101,7 +107,10 @@ export function createVmdk(path: string, sizeBytes: number, options: CreateVmdkO
     throw new Error(`${path}: file name too long for the embedded descriptor`);
   }
   const tablesAt = (first: number) =>
-    Array.from({ length: tableCount }, (_, i) => first + directorySectors + i * tableSectors);
+    Array.from(
+      { length: tableCount },
+      (_, i) => preallocate ? first + directorySectors + i * tableSectors : 0,
+    );
   const file = File.open(path, { write: true, createNew: true });
   try {
     file.pwriteAll(encodeSparseHeader(header), 0);

@@ -9,7 +9,9 @@
  * A crash in between leaves at worst a grain that only the redundant table
  * names (a leak `check` reports and `--repair` clears), never an entry that
  * points at unwritten data. Grain tables are preallocated when the image is
- * created (as QEMU and VMware do), so the directories never change here.
+ * created (as QEMU and VMware do); where a directory entry is 0, the
+ * table is allocated first (zeroed tables, then redundant directory entry,
+ * then directory entry), so every pointer names bytes already written.
  *
  * Concurrency: one allocation per grain at a time (`#allocating`); a second
  * write to the same new grain waits and then overwrites in place. The
@@ -110,6 +112,7 @@ export class SparseExtent {
   readonly #loading = new Map<number, Promise<Uint32Array>>();
   readonly #pins = new Map<number, number>();
   readonly #allocating = new Map<number, Promise<void>>();
+  readonly #allocatingTables = new Map<number, Promise<void>>();
   readonly #inflated = new Map<number, Uint8Array>();
   #nextGrainBytes: number;
 
@@ -310,9 +313,7 @@ export class SparseExtent {
     const entries = this.layout.header.grainTableEntries;
     const t = Math.floor(g / entries);
     const j = g % entries;
-    if (this.directory[t] === 0) {
-      throw this.#error("EIO", `grain table ${t} is not allocated (unsupported layout)`);
-    }
+    if (this.directory[t] === 0) await this.#allocateTable(t);
     this.#pin(t);
     try {
       const table = await this.#table(t);
@@ -337,6 +338,59 @@ export class SparseExtent {
     }
   }
 
+  /**
+   * Gives grain table `t` a place: zeroed tables (primary and redundant) at
+   * the end of the file, then the redundant directory entry, then the
+   * directory entry. A crash in between leaves a table only the redundant
+   * directory names: a leak.
+   */
+  async #allocateTable(t: number): Promise<void> {
+    for (
+      let pending = this.#allocatingTables.get(t);
+      pending;
+      pending = this.#allocatingTables.get(t)
+    ) {
+      await pending;
+    }
+    if (this.directory[t] !== 0) return;
+    let finished!: () => void;
+    this.#allocatingTables.set(t, new Promise<void>((resolve) => (finished = resolve)));
+    try {
+      const { grainBytes, tableBytes } = this.layout;
+      const tableSlotBytes = Math.ceil(tableBytes / SECTOR_BYTES) * SECTOR_BYTES;
+      const slotBytes = Math.ceil((2 * tableSlotBytes) / grainBytes) * grainBytes;
+      const hostOffset = this.#nextGrainBytes;
+      this.#nextGrainBytes += slotBytes;
+      const tableSector = hostOffset / SECTOR_BYTES;
+      const redundantSector = (hostOffset + tableSlotBytes) / SECTOR_BYTES;
+      if (redundantSector > 0xffffffff) {
+        throw this.#error("EIO", "file too large for 32-bit offsets");
+      }
+      const bounce = takeBounce(slotBytes);
+      try {
+        const zeros = bounce.bytes.subarray(0, slotBytes);
+        zeros.fill(0);
+        await this.file.write(hostOffset, zeros);
+      } finally {
+        giveBounce(bounce);
+      }
+      const header = this.layout.header;
+      if (this.redundantDirectory) {
+        const rgd = header.redundantDirectoryOffsetSectors * SECTOR_BYTES;
+        await this.file.write(rgd + t * 4, u32Bytes(redundantSector));
+        this.redundantDirectory[t] = redundantSector;
+      }
+      await this.file.write(
+        header.directoryOffsetSectors * SECTOR_BYTES + t * 4,
+        u32Bytes(tableSector),
+      );
+      this.directory[t] = tableSector;
+    } finally {
+      this.#allocatingTables.delete(t);
+      finished();
+    }
+  }
+
   // Data, then redundant GT entry, then GT entry; returns the grain's sector.
   async #allocate(t: number, j: number, inGrain: number, data: Uint8Array): Promise<number> {
     const grainBytes = this.layout.grainBytes;
@@ -353,8 +407,7 @@ export class SparseExtent {
     } finally {
       giveBounce(bounce);
     }
-    const entry = new Uint8Array(4);
-    new DataView(entry.buffer).setUint32(0, sector, true);
+    const entry = u32Bytes(sector);
     if (this.redundantDirectory && this.redundantDirectory[t] !== 0) {
       await this.file.write(this.redundantDirectory[t] * SECTOR_BYTES + j * 4, entry);
     }
@@ -392,6 +445,12 @@ export class SparseExtent {
   flush(): Promise<void> {
     return this.file.flush();
   }
+}
+
+function u32Bytes(value: number): Uint8Array {
+  const bytes = new Uint8Array(4);
+  new DataView(bytes.buffer).setUint32(0, value, true);
+  return bytes;
 }
 
 /** Appends `run`, merging it into the last run when they continue each other. */

@@ -19,6 +19,7 @@ const lanes = 4;
 /** Kill after 0..this many flushes seen, then a random extra delay (load-independent). */
 const kill_after_flushes_max = 4;
 const kill_delay_ms_max = 30;
+const fresh_image_every = 4;
 const WRITER = new URL("./_crash_writer.ts", import.meta.url).pathname;
 
 async function waitFor(text: () => string, what: string, timeoutMs: number) {
@@ -113,9 +114,19 @@ async function lane(rng: Random, laneIndex: number, count: number, seedBase: num
   const dir = await Deno.makeTempDir({ prefix: `vmdk-crash-${laneIndex}-` });
   try {
     const path = `${dir}/disk.vmdk`;
-    createVmdk(path, size_bytes);
+    // Odd lanes: 4 KiB grains (4 grain tables) and no preallocated tables,
+    // on a fresh image every few kills, so kills also land in table allocations.
+    const onDemand = laneIndex % 2 === 1;
     let base = new Uint8Array(size_bytes);
     for (let i = 0; i < count; i += 1) {
+      if (i === 0 || (onDemand && i % fresh_image_every === 0)) {
+        await Deno.remove(path).catch(() => {});
+        createVmdk(path, size_bytes, {
+          preallocateTables: !onDemand,
+          grainBytes: onDemand ? 4096 : 65536,
+        });
+        base = new Uint8Array(size_bytes);
+      }
       const seed = seedBase + laneIndex * 100_000 + i;
       const flushes = rng.int(0, kill_after_flushes_max);
       const delay = rng.int(0, kill_delay_ms_max);

@@ -35,12 +35,19 @@ function randomWrite(rng: ReturnType<typeof testSeed>, grainBytes: number) {
   return { offset, data: rng.bytes(length) };
 }
 
-Deno.test("vmdk: seeded random writes match a model, QEMU reads the same", async () => {
-  const rng = testSeed("vmdk random writes");
+for (const preallocateTables of [true, false]) {
+  const layout = preallocateTables ? "preallocated tables" : "tables allocated on demand";
+  Deno.test(`vmdk: seeded random writes match a model, QEMU reads the same (${layout})`, async () => {
+    await randomWrites(preallocateTables);
+  });
+}
+
+async function randomWrites(preallocateTables: boolean) {
+  const rng = testSeed(`vmdk random writes (preallocateTables=${preallocateTables})`);
   const dir = await Deno.makeTempDir({ prefix: "vmdk-rw-" });
   try {
     const path = `${dir}/disk.vmdk`;
-    createVmdk(path, size_bytes);
+    createVmdk(path, size_bytes, { preallocateTables });
     const model = new Uint8Array(size_bytes);
     const driver = await openVmdk(path);
     const grainBytes = driver.sparseExtents[0].layout.grainBytes;
@@ -78,6 +85,39 @@ Deno.test("vmdk: seeded random writes match a model, QEMU reads the same", async
     const key = (e: { data: boolean; zero: boolean; depth: number }) =>
       `${e.data}/${e.zero}/${e.depth}`;
     assert.deepEqual(mergedRuns(await mapImage(path), key), mergedRuns(await qemuMap(path), key));
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+Deno.test("vmdk: concurrent writes into one unallocated grain table allocate it once", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "vmdk-table-" });
+  try {
+    const path = `${dir}/disk.vmdk`;
+    createVmdk(path, 64 << 20, { preallocateTables: false });
+    const driver = await openVmdk(path);
+    const extent = driver.sparseExtents[0];
+    const grainBytes = extent.layout.grainBytes;
+    const lengthBefore = extent.file.lengthBytes();
+    // 40 grains of table 1 (grains 512..1023), all written at once.
+    await Promise.all(
+      Array.from(
+        { length: 40 },
+        (_, i) => driver.write((512 + i * 7) * grainBytes + 100, new Uint8Array(1000).fill(i + 1)),
+      ),
+    );
+    assert.notEqual(extent.directory[1], 0);
+    assert.equal(extent.directory[0], 0);
+    // One table slot (one grain holds both tables) plus 40 grains.
+    assert.equal(extent.file.lengthBytes(), lengthBefore + 41 * grainBytes);
+    const byte = new Uint8Array(1);
+    await driver.read((512 + 39 * 7) * grainBytes + 1099, byte);
+    assert.equal(byte[0], 40);
+    await driver.close();
+    const report = await vmdkCheck(path, { repair: false });
+    assert.deepEqual(report.corruptions, []);
+    assert.equal(report.leakedClusters, 0);
+    if (HAVE_QEMU) assert.equal((await qemuImg("check", path)).code, 0);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
