@@ -67,6 +67,8 @@ interface IssueOptions {
   write?: Pending["write"];
   flush?: boolean;
   replay?: boolean;
+  /** For a replay write: the replay it belongs to (a later replay supersedes it). */
+  replayGeneration?: number;
 }
 
 /** A minor seen as a block device. */
@@ -202,7 +204,7 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
   // wait on the gate meanwhile so none overtakes a replayed write.
   async #replay(generation: number, held: Pending[]): Promise<void> {
     for (const batch of this.#log.batches()) {
-      await Promise.all(batch.map((w) => this.#replayOne(w)));
+      await Promise.all(batch.map((w) => this.#replayOne(w, generation)));
       if (generation !== this.#replayGeneration) return;
     }
     const stillPending = new Set(this.#pending.values());
@@ -210,13 +212,14 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
     this.#gate = undefined;
   }
 
-  async #replayOne(w: LoggedWrite): Promise<void> {
+  async #replayOne(w: LoggedWrite, generation: number): Promise<void> {
     const count = Math.ceil(w.data.byteLength / B.PAGE_BYTES);
     const first = await this.pages.allocateWait(count);
     try {
       const at = first * B.PAGE_BYTES;
       this.pool.set(w.data, at);
-      await this.submitRw(B.BLKIF_OP_WRITE, w.sector, poolSegments(at, w.data.byteLength), true);
+      const segments = poolSegments(at, w.data.byteLength);
+      await this.submitRw(B.BLKIF_OP_WRITE, w.sector, segments, generation);
     } finally {
       this.pages.release(first, count);
     }
@@ -294,10 +297,15 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
 
   // ---- requests ---------------------------------------------------------
 
-  async #slot(): Promise<void> {
-    while (!this.#failed && this.#front.freeRequests() === 0) {
-      await new Promise<void>((resolve) => this.#slotWaiters.push(resolve));
-    }
+  // What a request must wait for before taking a ring slot, or undefined
+  // if it may take one now. Checked again after every wait and right before
+  // the slot is taken (no await between): several waiters wake together,
+  // and a replay may have started meanwhile.
+  #obstacle(replay: boolean): Promise<void> | undefined {
+    if (this.#failed) return undefined;
+    if (this.#gate && !replay) return this.#gate;
+    if (this.#front.freeRequests() > 0) return undefined;
+    return new Promise<void>((resolve) => this.#slotWaiters.push(resolve));
   }
 
   // Writes one entry (filled by `fill`) and records it; resolves to the status.
@@ -305,8 +313,17 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
     fill: (view: DataView, offset: number, id: bigint) => void,
     options: IssueOptions = {},
   ) {
-    while (this.#gate && !options.replay) await this.#gate;
-    await this.#slot();
+    const replay = options.replay ?? false;
+    let wait = this.#obstacle(replay);
+    while (wait) {
+      await wait;
+      wait = this.#obstacle(replay);
+    }
+    if (options.replay && options.replayGeneration !== this.#replayGeneration) {
+      // Superseded by a newer replay while waiting for a slot.
+      if (options.indirect) this.pages.release(options.indirect.first, options.indirect.count);
+      return STATUS_ABANDONED;
+    }
     if (this.#failed) {
       if (options.indirect) this.pages.release(options.indirect.first, options.indirect.count);
       return B.BLKIF_RSP_ERROR;
@@ -339,16 +356,17 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
 
   /**
    * A READ or WRITE over `segments` (pool pages), direct when it fits in
-   * 11 segments, else indirect. Resolves to the blkif status. `replay`
-   * is for the replay of logged writes only.
+   * 11 segments, else indirect. Resolves to the blkif status.
+   * `replayGeneration` is for the replay of logged writes only.
    */
   async submitRw(
     operation: number,
     sector: number,
     segments: Segment[],
-    replay = false,
+    replayGeneration?: number,
   ): Promise<number> {
-    const options: IssueOptions = { replay };
+    const replay = replayGeneration !== undefined;
+    const options: IssueOptions = { replay, replayGeneration };
     if (operation === B.BLKIF_OP_WRITE) options.write = { sector, segments };
     if (segments.length <= B.SEGMENTS_PER_REQUEST_MAX) {
       return await this.#issue(
