@@ -71,9 +71,14 @@ const WILD_U64 = [
 
 async function makeBases(dir: string): Promise<Base[]> {
   const bases: Base[] = [];
-  for (const [name, grainBytes] of [["sparse64k", 65536], ["sparse4k", 4096]] as const) {
+  const sparseBases = [
+    ["sparse64k", 65536, true],
+    ["sparse4k", 4096, true],
+    ["sparse-ondemand", 4096, false],
+  ] as const;
+  for (const [name, grainBytes, preallocateTables] of sparseBases) {
     const path = `${dir}/${name}.vmdk`;
-    createVmdk(path, 3 << 20, { grainBytes });
+    createVmdk(path, 3 << 20, { grainBytes, preallocateTables });
     const d = await openVmdk(path);
     const rng = new Random(7);
     for (let i = 0; i < 6; i += 1) await d.write(rng.int(0, (3 << 20) - 9000), rng.bytes(9000));
@@ -278,6 +283,37 @@ async function exercise(path: string, dir: string, rng: Random, stats: Record<st
   }
 }
 
+/** Writes into a copy of a mutated image: errors are fine, exceptions are not. */
+async function exerciseWrites(
+  bytes: Uint8Array,
+  copy: string,
+  dir: string,
+  rng: Random,
+  stats: Record<string, number>,
+) {
+  await Deno.writeFile(copy, bytes);
+  let driver;
+  try {
+    driver = await openVmdk(copy, { cache: "writeback" });
+  } catch (error) {
+    assertNamedError(error, dir, "open for writing");
+    return;
+  }
+  try {
+    for (let i = 0; i < 3; i += 1) {
+      const length = Math.min(rng.int(1, 100_000), driver.sizeBytes);
+      await driver.write(rng.int(0, driver.sizeBytes - length), rng.bytes(length));
+    }
+    await driver.flush();
+    stats.written = (stats.written ?? 0) + 1;
+  } catch (error) {
+    assertNamedError(error, dir, "write");
+    stats.writeErrors = (stats.writeErrors ?? 0) + 1;
+  } finally {
+    await driver.close();
+  }
+}
+
 Deno.test("vmdk fuzz: 10,000 mutated images give errors, never exceptions, hangs or writes", async () => {
   const rng = testSeed("vmdk fuzz");
   const dir = await Deno.makeTempDir({ prefix: "vmdk-fuzz-", dir: FAST_DIR });
@@ -292,6 +328,7 @@ Deno.test("vmdk fuzz: 10,000 mutated images give errors, never exceptions, hangs
       await Deno.writeFile(path, bytes);
       try {
         await exercise(path, dir, rng, stats);
+        if (rng.next() < 0.05) await exerciseWrites(bytes, `${dir}/copy.vmdk`, dir, rng, stats);
         const report = await vmdkCheck(path, { repair: false });
         if (report.corruptions.length > 0) stats.corrupt += 1;
         assert.ok(report.unusable === undefined || report.unusable.includes(dir), report.unusable);
