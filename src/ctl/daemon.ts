@@ -55,6 +55,7 @@ export class Ctrl {
   #listeners: Deno.Listener[] = [];
   #clients = 0;
   readonly #api: CtlApi;
+  readonly #destroyHooks: ((name: string) => Promise<void>)[] = [];
 
   constructor(options: CtrlOptions) {
     this.runDir = options.runDir;
@@ -120,6 +121,14 @@ export class Ctrl {
     return minor && minor.state !== "destroyed" ? minor.disk : undefined;
   }
 
+  /**
+   * Runs `hook(exportName)` before a minor is destroyed (the NBD server
+   * disconnects that export's clients there).
+   */
+  addDestroyHook(hook: (name: string) => Promise<void>): void {
+    this.#destroyHooks.push(hook);
+  }
+
   /** Export names, for NBD's LIST. */
   exportNames(): string[] {
     return this.minors.map((m) => m.record.name);
@@ -180,6 +189,9 @@ export class Ctrl {
 
   /** Detaches a disk and forgets it. */
   async destroy(minor: Minor): Promise<void> {
+    for (const hook of this.#destroyHooks) {
+      await hook(minor.record.name).catch((e) => this.log.warn(`destroy hook: ${e}`));
+    }
     await minor.destroy();
     this.#minors.delete(minor.record.minor);
     this.saveRegistry();
