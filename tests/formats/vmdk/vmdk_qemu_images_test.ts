@@ -14,7 +14,13 @@ import { run } from "../../_helpers/tools.ts";
 
 // Past 2 GiB so twoGbMaxExtentFlat has two extents; the file stays sparse.
 const size_bytes = 2 ** 31 + (8 << 20);
-const SUBFORMATS = ["monolithicSparse", "monolithicFlat", "twoGbMaxExtentFlat", "streamOptimized"];
+const SUBFORMATS = [
+  "monolithicSparse",
+  "monolithicFlat",
+  "twoGbMaxExtentFlat",
+  "twoGbMaxExtentSparse",
+  "streamOptimized",
+];
 
 /** Data regions of the source image: some grain-aligned, some not, one across 2 GiB. */
 function regions(rng: ReturnType<typeof testSeed>): { offset: number; length: number }[] {
@@ -32,6 +38,17 @@ function regions(rng: ReturnType<typeof testSeed>): { offset: number; length: nu
 
 function equalBytes(a: Uint8Array, b: Uint8Array): boolean {
   return Buffer.compare(a, b) === 0;
+}
+
+/** Writes across the 2 GiB extent boundary through us; QEMU must read it back. */
+async function writeAcrossExtents(path: string, subformat: string) {
+  const driver = await openVmdk(path);
+  const offset = 2 ** 31 - 70_001;
+  await driver.write(offset, new Uint8Array(150_003).fill(0x5a));
+  await driver.close();
+  const io = await run("qemu-io", ["-f", "vmdk", "-c", `read -P 0x5a ${offset} 150003`, path]);
+  assert.equal(io.code, 0, `${subformat}: ${io.stdout}${io.stderr}`);
+  assert.doesNotMatch(io.stdout, /Pattern verification failed/, subformat);
 }
 
 Deno.test({
@@ -84,6 +101,7 @@ Deno.test({
           assert.ok(equalBytes(got, want), `${subformat}: bytes at ${p.offset}+${p.length}`);
         }
         await driver.close();
+        if (subformat !== "streamOptimized") await writeAcrossExtents(path, subformat);
         const report = await vmdkCheck(path, { repair: false });
         assert.deepEqual(report.corruptions, [], subformat);
         assert.equal(report.unusable, undefined, subformat);
