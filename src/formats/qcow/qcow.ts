@@ -31,6 +31,7 @@ import {
   decodeHeader,
   geometryOf,
   l1Checksum,
+  QCOW_HEADER_BYTES,
   QcowFormatError,
   type QcowGeometry,
   type QcowHeader,
@@ -248,8 +249,13 @@ export class QcowDriver extends BlockDriverBase {
 
   /** Host offset of a plain cluster entry, validated. */
   #plainOffset(hostOffset: number, guestOffset: number): number {
-    if (!Number.isFinite(hostOffset) || hostOffset % 512 !== 0) {
+    if (!Number.isSafeInteger(hostOffset) || hostOffset % 512 !== 0) {
       throw this.#entryError(guestOffset, `invalid cluster offset ${hostOffset}`);
+    }
+    // A corrupt entry must not turn a guest write into a header or L1 write.
+    const { l1TableOffset, l1Entries } = this.#image.header;
+    if (hostOffset < Math.max(QCOW_HEADER_BYTES, l1TableOffset + l1Entries * 8)) {
+      throw this.#entryError(guestOffset, `cluster offset ${hostOffset} points into the metadata`);
     }
     return hostOffset;
   }
