@@ -3,7 +3,11 @@
 # for a null backend and a raw aio file, at depths 1, 8 and 32, beside fio
 # (libaio, O_DIRECT) on the same file: fio is the limit, the ratio is ours/fio.
 #
-#   bash bench/ring.sh [SECONDS_PER_POINT] [FILE_SIZE]
+#   bash bench/ring.sh [SECONDS_PER_POINT] [FILE_SIZE] [REPEATS]
+#
+# Each point is measured REPEATS times (default 2), ours and fio alternating,
+# and the best of each is kept: on a shared machine the best run is the one
+# least disturbed by other load. The load average is printed with the table.
 #
 # The load is the test front end inside ctrl (blktap exercise --no-verify
 # --aligned): 4 KiB random reads, then 4 KiB random writes, page-aligned as a
@@ -15,6 +19,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 blktap="$here/blktap"
 seconds=${1:-5}
 size=${2:-1G}
+repeats=${3:-2}
 depths=(1 8 32)
 
 command -v fio >/dev/null || { echo "bench/ring.sh: fio is required (skipped)" >&2; exit 77; }
@@ -62,14 +67,20 @@ fio_iops() { # DEPTH RW
     python3 -c "import json,sys; j=json.load(sys.stdin)['jobs'][0]; print(int(j['read']['iops']+j['write']['iops']))"
 }
 
+max() { if [ "${1%.*}" -gt "${2%.*}" ]; then echo "${1%.*}"; else echo "${2%.*}"; fi; }
+
+echo "# $(nproc) CPUs, load average: $(cut -d' ' -f1-3 /proc/loadavg); ${seconds}s per run, best of $repeats"
 printf "%-10s %5s %12s %12s %12s %10s\n" pattern depth null_rps aio_rps fio_iops aio/fio
 for pattern in randread:100 randwrite:0; do
   rw=${pattern%%:*}
   pct=${pattern##*:}
   for depth in "${depths[@]}"; do
-    null_rps=$(exercise "$null_minor" "$depth" "$pct")
-    aio_rps=$(exercise "$aio_minor" "$depth" "$pct")
-    fio=$(fio_iops "$depth" "$rw")
+    null_rps=0 aio_rps=0 fio=0
+    for _ in $(seq "$repeats"); do
+      null_rps=$(max "$null_rps" "$(exercise "$null_minor" "$depth" "$pct")")
+      aio_rps=$(max "$aio_rps" "$(exercise "$aio_minor" "$depth" "$pct")")
+      fio=$(max "$fio" "$(fio_iops "$depth" "$rw")")
+    done
     ratio=$(python3 -c "print(f'{$aio_rps/$fio:.2f}')")
     printf "%-10s %5d %12d %12d %12d %10s\n" "$rw" "$depth" "$null_rps" "$aio_rps" "$fio" "$ratio"
   done
