@@ -29,6 +29,9 @@ export interface SupervisionPolicy {
   restartDelayMs: number;
 }
 
+/** A disk process that is not serving this long after its start is killed (and restarted). */
+export const disk_start_timeout_ms = 30_000;
+
 /** Bound on a call to a disk process (stats, pause, resume). */
 export const disk_call_timeout_ms = 30_000;
 
@@ -93,7 +96,21 @@ export class Minor {
     this.record.pid = child.pid;
     this.#host.changed();
     this.#host.log.debug(`minor ${this.record.minor}: disk process ${child.pid} started`);
-    child.status.then((status) => this.#exited(child, status));
+    const startTimer = setTimeout(() => {
+      if (this.#child !== child || this.state === "running" || this.state === "paused") return;
+      this.#host.log.warn(
+        `minor ${this.record.minor}: disk process ${child.pid} not ready, killing it`,
+      );
+      try {
+        child.kill("SIGKILL");
+      } catch {
+        // gone
+      }
+    }, disk_start_timeout_ms);
+    child.status.then((status) => {
+      clearTimeout(startTimer);
+      this.#exited(child, status);
+    });
   }
 
   /** The disk process connected and said hello: send it its configuration. */
