@@ -151,7 +151,7 @@ export class DiskServer {
     if (waitMs > 0) {
       this.#qosTimer ??= setTimeout(() => {
         this.#qosTimer = undefined;
-        this.#pump();
+        this.kick();
       }, waitMs);
       return false;
     }
