@@ -113,6 +113,7 @@ export class SparseExtent {
   readonly #pins = new Map<number, number>();
   readonly #allocating = new Map<number, Promise<void>>();
   readonly #allocatingTables = new Map<number, Promise<void>>();
+  readonly #tableQueues = new Map<number, PendingEntry[]>();
   readonly #inflated = new Map<number, Uint8Array>();
   #nextGrainBytes: number;
 
@@ -328,7 +329,7 @@ export class SparseExtent {
       let finished!: () => void;
       this.#allocating.set(g, new Promise<void>((resolve) => (finished = resolve)));
       try {
-        table[j] = await this.#allocate(t, j, inGrain, data);
+        await this.#allocate(table, t, j, inGrain, data);
       } finally {
         this.#allocating.delete(g);
         finished();
@@ -392,7 +393,7 @@ export class SparseExtent {
   }
 
   // Data, then redundant GT entry, then GT entry; returns the grain's sector.
-  async #allocate(t: number, j: number, inGrain: number, data: Uint8Array): Promise<number> {
+  async #allocate(table: Uint32Array, t: number, j: number, inGrain: number, data: Uint8Array) {
     const grainBytes = this.layout.grainBytes;
     const hostOffset = this.#nextGrainBytes;
     this.#nextGrainBytes += grainBytes;
@@ -407,12 +408,47 @@ export class SparseExtent {
     } finally {
       giveBounce(bounce);
     }
-    const entry = u32Bytes(sector);
-    if (this.redundantDirectory && this.redundantDirectory[t] !== 0) {
-      await this.file.write(this.redundantDirectory[t] * SECTOR_BYTES + j * 4, entry);
+    await this.#publish(table, t, j, sector);
+  }
+
+  /**
+   * Puts entry `j` of table `t` on disk (redundant table, then primary)
+   * and then into the cached table. Entries of one table are group
+   * committed: while a table write is in flight, new entries queue and the
+   * next write carries them all, so no write can carry a stale image of
+   * another's entry and concurrent allocations share I/O.
+   */
+  #publish(table: Uint32Array, t: number, j: number, sector: number): Promise<void> {
+    return new Promise((done, fail) => {
+      let queue = this.#tableQueues.get(t);
+      const idle = queue === undefined;
+      if (!queue) {
+        queue = [];
+        this.#tableQueues.set(t, queue);
+      }
+      queue.push({ j, sector, done, fail });
+      if (idle) this.#drain(table, t, queue);
+    });
+  }
+
+  async #drain(table: Uint32Array, t: number, queue: PendingEntry[]): Promise<void> {
+    while (queue.length > 0) {
+      const batch = queue.splice(0);
+      const image = table.slice();
+      for (const e of batch) image[e.j] = e.sector;
+      try {
+        const bytes = u32TableBytes(image);
+        if (this.redundantDirectory && this.redundantDirectory[t] !== 0) {
+          await this.file.write(this.redundantDirectory[t] * SECTOR_BYTES, bytes);
+        }
+        await this.file.write(this.directory[t] * SECTOR_BYTES, bytes);
+        for (const e of batch) table[e.j] = e.sector;
+        for (const e of batch) e.done();
+      } catch (error) {
+        for (const e of batch) e.fail(error);
+      }
     }
-    await this.file.write(this.directory[t] * SECTOR_BYTES + j * 4, entry);
-    return sector;
+    this.#tableQueues.delete(t);
   }
 
   /** Allocation runs covering `[offset, offset+length)` of the extent. */
@@ -445,6 +481,21 @@ export class SparseExtent {
   flush(): Promise<void> {
     return this.file.flush();
   }
+}
+
+/** A grain table entry waiting for its table's next write. */
+interface PendingEntry {
+  j: number;
+  sector: number;
+  done: () => void;
+  fail: (error: unknown) => void;
+}
+
+function u32TableBytes(table: Uint32Array): Uint8Array {
+  const bytes = new Uint8Array(table.length * 4);
+  const view = new DataView(bytes.buffer);
+  for (let i = 0; i < table.length; i += 1) view.setUint32(i * 4, table[i], true);
+  return bytes;
 }
 
 function u32Bytes(value: number): Uint8Array {

@@ -13,7 +13,7 @@ import { Random, testSeed } from "../../_helpers/random.ts";
 import { crash_batches_per_flush, crashBatch } from "./_crash_plan.ts";
 import { HAVE_QEMU, qemuImg } from "./_vmdk_helpers.ts";
 
-const size_bytes = 8 << 20;
+const size_bytes = 4 << 20;
 const iterations = 200;
 const lanes = 4;
 /** Kill after 0..this many flushes seen, then a random extra delay (load-independent). */
