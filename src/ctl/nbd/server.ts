@@ -97,6 +97,17 @@ function delay(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
+/** Waits for `promise`, at most `ms`; the timer never outlives the wait. */
+async function waitAtMost(promise: Promise<unknown>, ms: number): Promise<void> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<void>((resolve) => (timer = setTimeout(resolve, ms)));
+  try {
+    await Promise.race([promise.catch(() => {}), timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 /** Starts listening; resolves once the sockets are bound. */
 export function startNbdServer(options: NbdServerOptions): Promise<NbdServer> {
   if (!options.unixPath && !options.tcp) {
@@ -213,15 +224,14 @@ class Server implements NbdServer {
       clearTimeout(timer);
       closeQuietly(conn);
       // Requests still running hold driver calls and buffers: let them settle (bounded).
-      const drained = connection.transmission?.drain().catch(() => {});
-      if (drained) await Promise.race([drained, delay(this.limits.close_grace_ms)]);
+      const transmission = connection.transmission;
+      if (transmission) await waitAtMost(transmission.drain(), this.limits.close_grace_ms);
     }
   }
 
   async #shutdown(connections: Connection[]): Promise<void> {
     await Promise.all(connections.map(async (c) => {
-      const drained = c.transmission ? c.transmission.drain() : Promise.resolve();
-      await Promise.race([drained, delay(this.limits.close_grace_ms)]);
+      if (c.transmission) await waitAtMost(c.transmission.drain(), this.limits.close_grace_ms);
       closeQuietly(c.conn);
       await c.done;
     }));
