@@ -12,7 +12,7 @@
  * — an interrupted conversion leaves a valid empty image, never a wrong one.
  * @module
  */
-import { type Command, parseCommandArgs } from "../cli/command.ts";
+import { type Command, parseCommandArgs, UsageError } from "../cli/command.ts";
 import type { BlockDriver, Extent } from "../formats/driver.ts";
 import type { ImageFile } from "../formats/image_file.ts";
 import { openImage } from "../formats/open_image.ts";
@@ -23,14 +23,18 @@ import { isZeroBytes } from "../formats/qcow/zero.ts";
 import { NativeMemory } from "../../ffi/memory.ts";
 import { Progress } from "./progress.ts";
 
-const USAGE = `usage: blktap img2qcow [-r] [--force] QCOW IMAGE
+const USAGE = `usage: blktap img2qcow [-r] [--force] [-t CACHE] QCOW IMAGE
 
 Converts IMAGE (raw file or block device, or any 'type:path' blktap reads)
 into QCOW, a standalone qcow (version 1) image in blktap's layout. Holes
 and zero blocks of IMAGE are not allocated. Shows progress on a terminal.
 
   -r, --reserve   preallocate every cluster of QCOW
-  --force         overwrite QCOW if it exists`;
+  --force         overwrite QCOW if it exists
+  -t, --cache M   how QCOW is written: writeback (page cache, default; the
+                  kernel merges writes, best on a busy disk) or none
+                  (O_DIRECT from page-aligned buffers). Either way the
+                  result is made durable (fdatasync) before img2qcow exits.`;
 
 /** Regions converted concurrently (each holds one 2 MiB buffer). */
 const regions_in_flight_max = 8;
@@ -39,11 +43,11 @@ const regions_in_flight_max = 8;
 export async function imageToQcow(
   source: BlockDriver,
   path: string,
-  options: { reserve?: boolean; progress?: Progress } = {},
+  options: { reserve?: boolean; progress?: Progress; cache?: "none" | "writeback" } = {},
 ): Promise<void> {
   const sizeBytes = Math.ceil(source.sizeBytes / 512) * 512;
   const layout = planQcow({ sizeBytes, reserve: options.reserve });
-  const file = await openImageFile(path, { createNew: true });
+  const file = await openImageFile(path, { createNew: true, cache: options.cache ?? "writeback" });
   try {
     const writer = new _QcowWriter(file, layout, sizeBytes, options.reserve ?? false);
     await writer.start();
@@ -296,13 +300,18 @@ async function run(argv: string[]): Promise<number> {
   const { values, positionals } = parseCommandArgs(argv, {
     reserve: { type: "boolean", short: "r" },
     force: { type: "boolean" },
+    cache: { type: "string", short: "t" },
   }, { min: 2, max: 2 });
   const [qcowPath, imageSpec] = positionals;
+  const cache = values.cache ?? "writeback";
+  if (cache !== "none" && cache !== "writeback") {
+    throw new UsageError(`--cache must be none or writeback, not '${cache}'`);
+  }
   const source = await openImage(imageSpec, { readOnly: true, cache: "writeback" });
   try {
     _removeIfForced(qcowPath, values.force ?? false);
     const progress = new Progress("img2qcow", source.sizeBytes);
-    await imageToQcow(source, qcowPath, { reserve: values.reserve, progress });
+    await imageToQcow(source, qcowPath, { reserve: values.reserve, progress, cache });
     progress.finish();
   } finally {
     await source.close();
