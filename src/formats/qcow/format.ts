@@ -29,6 +29,12 @@ export async function qcowInfo(path: string): Promise<ImageInfo> {
       details.sparse = (header.xen.flags & XEN_FLAG_SPARSE) !== 0;
       details.l1_big_endian = (header.xen.flags & XEN_FLAG_L1_BIG_ENDIAN) !== 0;
       details.l1_checksum_valid = image.checksumValid;
+      // New L2 tables reserve their 2 MiB extent (blktap's layout) only in a trusted image.
+      details.extent_layout = image.checksumValid && header.backingFileOffset === 0 &&
+        header.xen.minClusterAlloc === geometry.l2Entries;
+      if (header.extentTablesFromBytes !== undefined) {
+        details.extent_tables_from = header.extentTablesFromBytes;
+      }
     }
     return {
       format: "qcow",
