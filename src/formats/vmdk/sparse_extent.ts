@@ -3,21 +3,29 @@
  * (GT) sectors, each GT mapping `grainTableEntries` grains to file sectors;
  * 0 means unallocated, 1 (with the zero-grain flag) a zeroed grain.
  *
- * Writes allocate grains at the end of the file in this order (DESIGN.md
- * §4 integrity rule 1): the whole grain (new bytes, zeros elsewhere) is
- * written first, then the redundant GT entry, then the primary GT entry.
- * A crash in between leaves at worst a grain that only the redundant table
- * names (a leak `check` reports and `--repair` clears), never an entry that
- * points at unwritten data. Grain tables are preallocated when the image is
- * created (as QEMU and VMware do); where a directory entry is 0, the
- * table is allocated first (zeroed tables, then redundant directory entry,
- * then directory entry), so every pointer names bytes already written.
+ * Writes allocate grains at the end of the file. The whole grain (new
+ * bytes, zeros elsewhere) is written first; its entry then goes into the
+ * cached table only (reads see it at once) and the table is marked dirty.
+ * `flush` puts the metadata on disk in dependency order (DESIGN.md §4
+ * rules 1–3), as QEMU's qcow2 L2 cache does:
+ *   1. fdatasync: every grain (and zeroed new table) named by the snapshot
+ *      of dirty entries taken when the flush began is durable;
+ *   2. redundant tables and redundant directory entries, fdatasync;
+ *   3. primary tables and directory entries, fdatasync.
+ * A crash at any point leaves entries only the redundant side names (leaks
+ * that `check` reports and `--repair` clears) and never an entry pointing
+ * at bytes not yet durable; writes completed before the last completed
+ * flush are all there. Grain tables are preallocated when the image is
+ * created (as QEMU and VMware do); where a directory entry is 0, a zeroed
+ * table pair is allocated like a grain and its directory entries are dirty
+ * metadata like table entries. `close` flushes.
  *
- * Concurrency: one allocation per grain at a time (`#allocating`); a second
- * write to the same new grain waits and then overwrites in place. The
- * cached copy of a table is updated only after its entry is on disk, and a
- * table is pinned while a write uses it so the cache cannot evict it and
- * reload a stale copy.
+ * Concurrency: one allocation per grain (`#allocating`) and per table
+ * (`#allocatingTables`) at a time; a second write to the same new grain
+ * waits, then overwrites in place. Tables in use by a write are pinned and
+ * dirty tables are never evicted, so the cache cannot reload a stale copy.
+ * Flushes run one at a time. The number of dirty tables is bounded: past
+ * `dirty_tables_max` an allocating write first flushes.
  * @module
  */
 import { inflateSync } from "node:zlib";
@@ -38,6 +46,8 @@ import {
 
 /** Grain tables kept in memory per extent (2 KiB each: 8 MiB, 128 GiB of 64 KiB grains). */
 const grain_table_cache_tables_max = 4096;
+/** Dirty grain tables allowed before an allocating write forces a flush. */
+const dirty_tables_max = 1024;
 /** Decompressed grains kept for sequential reads of streamOptimized images. */
 const compressed_grain_cache_max = 4;
 /** Size of a grain marker's fixed part: lba u64, size u32. */
@@ -113,7 +123,11 @@ export class SparseExtent {
   readonly #pins = new Map<number, number>();
   readonly #allocating = new Map<number, Promise<void>>();
   readonly #allocatingTables = new Map<number, Promise<void>>();
-  readonly #tableQueues = new Map<number, PendingEntry[]>();
+  /** Tables whose cached entries are newer than the disk. */
+  readonly #dirtyTables = new Set<number>();
+  /** Directory entries (table indexes) newer in memory than on disk. */
+  readonly #dirtyDirectory = new Set<number>();
+  #flushing: Promise<void> = Promise.resolve();
   readonly #inflated = new Map<number, Uint8Array>();
   #nextGrainBytes: number;
 
@@ -192,7 +206,7 @@ export class SparseExtent {
     if (this.#tables.size <= grain_table_cache_tables_max) return;
     for (const t of this.#tables.keys()) {
       if (this.#tables.size <= grain_table_cache_tables_max) break;
-      if (!this.#pins.has(t)) this.#tables.delete(t);
+      if (!this.#pins.has(t) && !this.#dirtyTables.has(t)) this.#tables.delete(t);
     }
   }
 
@@ -375,17 +389,12 @@ export class SparseExtent {
       } finally {
         giveBounce(bounce);
       }
-      const header = this.layout.header;
-      if (this.redundantDirectory) {
-        const rgd = header.redundantDirectoryOffsetSectors * SECTOR_BYTES;
-        await this.file.write(rgd + t * 4, u32Bytes(redundantSector));
-        this.redundantDirectory[t] = redundantSector;
-      }
-      await this.file.write(
-        header.directoryOffsetSectors * SECTOR_BYTES + t * 4,
-        u32Bytes(tableSector),
-      );
+      // Published in memory now, on disk by the next flush (after the zeros are durable).
+      if (this.redundantDirectory) this.redundantDirectory[t] = redundantSector;
       this.directory[t] = tableSector;
+      this.#tables.set(t, new Uint32Array(this.layout.header.grainTableEntries));
+      this.#dirtyDirectory.add(t);
+      this.#evict();
     } finally {
       this.#allocatingTables.delete(t);
       finished();
@@ -408,47 +417,9 @@ export class SparseExtent {
     } finally {
       giveBounce(bounce);
     }
-    await this.#publish(table, t, j, sector);
-  }
-
-  /**
-   * Puts entry `j` of table `t` on disk (redundant table, then primary)
-   * and then into the cached table. Entries of one table are group
-   * committed: while a table write is in flight, new entries queue and the
-   * next write carries them all, so no write can carry a stale image of
-   * another's entry and concurrent allocations share I/O.
-   */
-  #publish(table: Uint32Array, t: number, j: number, sector: number): Promise<void> {
-    return new Promise((done, fail) => {
-      let queue = this.#tableQueues.get(t);
-      const idle = queue === undefined;
-      if (!queue) {
-        queue = [];
-        this.#tableQueues.set(t, queue);
-      }
-      queue.push({ j, sector, done, fail });
-      if (idle) this.#drain(table, t, queue);
-    });
-  }
-
-  async #drain(table: Uint32Array, t: number, queue: PendingEntry[]): Promise<void> {
-    while (queue.length > 0) {
-      const batch = queue.splice(0);
-      const image = table.slice();
-      for (const e of batch) image[e.j] = e.sector;
-      try {
-        const bytes = u32TableBytes(image);
-        if (this.redundantDirectory && this.redundantDirectory[t] !== 0) {
-          await this.file.write(this.redundantDirectory[t] * SECTOR_BYTES, bytes);
-        }
-        await this.file.write(this.directory[t] * SECTOR_BYTES, bytes);
-        for (const e of batch) table[e.j] = e.sector;
-        for (const e of batch) e.done();
-      } catch (error) {
-        for (const e of batch) e.fail(error);
-      }
-    }
-    this.#tableQueues.delete(t);
+    table[j] = sector;
+    this.#dirtyTables.add(t);
+    if (this.#dirtyTables.size > dirty_tables_max) await this.flush();
   }
 
   /** Allocation runs covering `[offset, offset+length)` of the extent. */
@@ -478,17 +449,59 @@ export class SparseExtent {
     return runs;
   }
 
+  /** Makes every completed write durable, metadata after the data it names. */
   flush(): Promise<void> {
-    return this.file.flush();
+    const run = this.#flushing.then(() => this.#flushOnce());
+    this.#flushing = run.catch(() => {});
+    return run;
   }
-}
 
-/** A grain table entry waiting for its table's next write. */
-interface PendingEntry {
-  j: number;
-  sector: number;
-  done: () => void;
-  fail: (error: unknown) => void;
+  async #flushOnce(): Promise<void> {
+    if (!this.writable) return;
+    // The snapshot holds only entries whose grains were written before this point.
+    const tables = [...this.#dirtyTables].map((t) => ({ t, image: this.#tables.get(t)!.slice() }));
+    const directory = [...this.#dirtyDirectory];
+    this.#dirtyTables.clear();
+    this.#dirtyDirectory.clear();
+    try {
+      await this.file.flush();
+      if (tables.length === 0 && directory.length === 0) return;
+      const header = this.layout.header;
+      if (this.redundantDirectory) {
+        await this.#writeMetadata(
+          tables.map(({ t, image }) => [this.redundantDirectory![t], image]),
+          header.redundantDirectoryOffsetSectors,
+          directory.map((t) => [t, this.redundantDirectory![t]]),
+        );
+      }
+      await this.#writeMetadata(
+        tables.map(({ t, image }) => [this.directory[t], image]),
+        header.directoryOffsetSectors,
+        directory.map((t) => [t, this.directory[t]]),
+      );
+    } catch (error) {
+      for (const { t } of tables) this.#dirtyTables.add(t);
+      for (const t of directory) this.#dirtyDirectory.add(t);
+      throw error;
+    }
+  }
+
+  // Writes table images and directory entries of one side, then fdatasync.
+  async #writeMetadata(
+    tables: [sector: number, image: Uint32Array][],
+    directorySector: number,
+    entries: [t: number, sector: number][],
+  ): Promise<void> {
+    await Promise.all([
+      ...tables.map(([sector, image]) =>
+        this.file.write(sector * SECTOR_BYTES, u32TableBytes(image))
+      ),
+      ...entries.map(([t, sector]) =>
+        this.file.write(directorySector * SECTOR_BYTES + t * 4, u32Bytes(sector))
+      ),
+    ]);
+    await this.file.flush();
+  }
 }
 
 function u32TableBytes(table: Uint32Array): Uint8Array {

@@ -167,7 +167,12 @@ export class VmdkDriver extends BlockDriverBase {
 
   protected async _flush(): Promise<void> {
     if (!this.capabilities.canWrite) return;
-    await Promise.all(this.#files.map((f) => f.flush()));
+    // Sparse extents order their metadata after their data; flat files just sync.
+    const sparseFiles = new Set(this.sparseExtents.map((e) => e.file));
+    await Promise.all([
+      ...this.sparseExtents.map((e) => e.flush()),
+      ...this.#files.filter((f) => !sparseFiles.has(f)).map((f) => f.flush()),
+    ]);
   }
 
   /** Allocation runs with their host offsets (QEMU's `map` view). */
@@ -214,8 +219,13 @@ export class VmdkDriver extends BlockDriverBase {
     return extents;
   }
 
+  /** Flushes (grain table entries live in memory until then) and closes the files. */
   async close(): Promise<void> {
-    for (const file of this.#files) await file.close();
+    try {
+      await this._flush();
+    } finally {
+      for (const file of this.#files) await file.close();
+    }
   }
 }
 

@@ -17,7 +17,7 @@ const size_bytes = 4 << 20;
 const iterations = 200;
 const lanes = 4;
 /** Kill after 0..this many flushes seen, then a random extra delay (load-independent). */
-const kill_after_flushes_max = 4;
+const kill_after_flushes_max = 3;
 const kill_delay_ms_max = 30;
 const fresh_image_every = 4;
 const WRITER = new URL("./_crash_writer.ts", import.meta.url).pathname;
