@@ -7,11 +7,11 @@
  * their own grain. QEMU's `qemu-img check` only tests that grains start
  * before the end of the file; this is stricter.
  *
- * A grain named only by the redundant table is what an interrupted
- * allocation leaves (data and redundant entry written, primary not yet):
- * a leak, not a corruption. `--repair` clears such redundant entries,
- * copies primary entries over disagreeing redundant ones, and truncates
- * unreferenced grains at the end of the file.
+ * A grain (or table) named only by the redundant side is what a flush
+ * interrupted between the redundant and the primary side leaves (see
+ * `sparse_extent.ts`): a leak, not a corruption. `--repair` clears such
+ * redundant entries, copies primary entries over disagreeing redundant
+ * ones, and truncates unreferenced grains at the end of the file.
  * @module
  */
 import type { CheckOptions, CheckReport } from "../inspect.ts";
@@ -164,8 +164,8 @@ async function compareTables(
   for (let j = 0; j < gt.length; j += 1) {
     if (gt[j] === rgt[j]) continue;
     const grain = t * gt.length + j;
-    // Only the redundant entry: an allocation interrupted before its primary entry.
-    const interrupted = gt[j] === 0;
+    // Only the redundant side names a grain: a flush interrupted before the primary side.
+    const interrupted = !isDataEntry(extent, gt[j]);
     if (!interrupted) {
       f.corrupt(
         `${extent.file.path}: grain ${grain}: grain table says sector ${gt[j]}, ` +
