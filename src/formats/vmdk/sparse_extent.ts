@@ -354,10 +354,9 @@ export class SparseExtent {
   }
 
   /**
-   * Gives grain table `t` a place: zeroed tables (primary and redundant) at
-   * the end of the file, then the redundant directory entry, then the
-   * directory entry. A crash in between leaves a table only the redundant
-   * directory names: a leak.
+   * Gives grain table `t` a place: zeroed tables (primary and redundant)
+   * written at the end of the file, then the directory entries set in
+   * memory and marked dirty; `flush` writes them once the zeros are durable.
    */
   async #allocateTable(t: number): Promise<void> {
     for (
@@ -401,7 +400,7 @@ export class SparseExtent {
     }
   }
 
-  // Data, then redundant GT entry, then GT entry; returns the grain's sector.
+  // Writes the whole grain, then publishes its entry in the cached table (dirty until flush).
   async #allocate(table: Uint32Array, t: number, j: number, inGrain: number, data: Uint8Array) {
     const grainBytes = this.layout.grainBytes;
     const hostOffset = this.#nextGrainBytes;
