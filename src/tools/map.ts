@@ -162,6 +162,11 @@ async function mapWindow(
 /** The map of `spec` (`type:path` or a path) over its whole virtual size. */
 export async function mapImage(spec: string): Promise<MapEntry[]> {
   const layers = await describeChain(spec);
+  if (layers[0].format === "ram") {
+    // RAM is all data; attaching could end a RAM disk's life on detach.
+    const length = layers[0].info.virtualSizeBytes;
+    return [{ start: 0, length, depth: 0, present: true, zero: false, data: true }];
+  }
   const drivers: BlockDriver[] = [];
   try {
     for (const layer of layers) drivers.push(await openLayerAlone(layer));
