@@ -41,8 +41,6 @@ import { L2Cache, L2Table } from "./l2_cache.ts";
 import { inflateCluster } from "./compress.ts";
 import { isZeroBytes } from "./zero.ts";
 
-/** Memory bound of the L2 cache. */
-const l2_cache_bytes_max = 8 << 20;
 /** Bytes read at open for the header, its extension and the backing name. */
 const head_bytes = 4096;
 
@@ -104,6 +102,8 @@ function _alignUp(value: number, unit: number): number {
 
 /** A qcow v1 image served as a block device. */
 export class QcowDriver extends BlockDriverBase {
+  /** Memory bound of each driver's L2 cache (tests lower it to force eviction). */
+  static l2CacheBytesMax = 32 << 20;
   readonly format = "qcow";
   readonly sizeBytes: number;
   readonly capabilities: DriverCapabilities;
@@ -143,7 +143,7 @@ export class QcowDriver extends BlockDriverBase {
     this.#extentMode = this.#xenTrusted && parent === undefined &&
       xen!.minClusterAlloc === this.#geo.l2Entries;
     this.#extentTablesFrom = image.header.extentTablesFromBytes ?? 0;
-    const tablesMax = Math.floor(l2_cache_bytes_max / this.#geo.l2TableBytes);
+    const tablesMax = Math.floor(QcowDriver.l2CacheBytesMax / this.#geo.l2TableBytes);
     this.#cache = new L2Cache(tablesMax, (i) => this.#loadTable(i), () => this.#commitQueued());
     this.capabilities = {
       canWrite: file.writable,
@@ -215,6 +215,19 @@ export class QcowDriver extends BlockDriverBase {
     }
   }
 
+  /**
+   * Changes a cached table. The liveness check and the change happen in one
+   * synchronous step: between an `await` returning a table and the code
+   * after it, other tasks may evict that table, and a change to an evicted
+   * copy would be lost.
+   */
+  async #mutateTable(l1Index: number, change: (table: L2Table) => void): Promise<void> {
+    for (;;) {
+      const table = await this.#cache.get(l1Index);
+      if (!table.evicted) return change(table);
+    }
+  }
+
   /** Reserves a new L2 table (and its extent) at the end of the file. */
   async #newTable(l1Index: number): Promise<L2Table> {
     const { clusterBytes, l2TableBytes, l2Entries } = this.#geo;
@@ -237,8 +250,16 @@ export class QcowDriver extends BlockDriverBase {
     return table.offsetBytes + _alignUp(l2TableBytes, clusterBytes) + index * clusterBytes;
   }
 
-  #allocateCluster(): number {
-    const offset = _alignUp(this.#fdEnd, this.#geo.clusterBytes);
+  /**
+   * A new cluster at the end of the file. `pageStart`: the cluster begins a
+   * guest page, so start a host page too — with 512-byte clusters a 4 KiB
+   * guest write then lands on one aligned 4 KiB write (no read-modify-write
+   * under O_DIRECT); the skipped bytes are never written, a hole.
+   */
+  #allocateCluster(pageStart: boolean): number {
+    const { clusterBytes } = this.#geo;
+    const unit = pageStart ? Math.max(clusterBytes, 4096) : clusterBytes;
+    const offset = _alignUp(this.#fdEnd, unit);
     this.#fdEnd = offset + this.#geo.clusterBytes;
     return offset;
   }
@@ -437,8 +458,11 @@ export class QcowDriver extends BlockDriverBase {
     }
     writes.push(this.#writeClusters(fresh));
     await Promise.all(writes);
-    const live = await this.#table(table.l1Index);
-    for (const f of fresh) live.set(f.index, f.host);
+    if (fresh.length > 0) {
+      await this.#mutateTable(table.l1Index, (live) => {
+        for (const f of fresh) live.set(f.index, f.host);
+      });
+    }
   }
 
   async #planAllocatingWrite(
@@ -461,15 +485,18 @@ export class QcowDriver extends BlockDriverBase {
         writes.push(this.#file.write(host + (pos - clusterStart), slice));
       } else {
         const bytes = await this.#newClusterBytes(entry, clusterStart, pos, slice);
-        if (bytes) {
-          const ownsExtent = this.#extentMode && table.offsetBytes >= this.#extentTablesFrom;
-          const host = ownsExtent && !entry.compressed
-            ? this.#slotOf(table, index)
-            : this.#allocateCluster();
-          fresh.push({ index, host, bytes });
-        }
+        // Host offsets are given below, all at once: other writers allocate
+        // during the awaits, and this write's clusters should stay adjacent.
+        if (bytes) fresh.push({ index, host: entry.compressed ? -1 : 0, bytes });
       }
       pos = clusterEnd;
+    }
+    const ownsExtent = this.#extentMode && table.offsetBytes >= this.#extentTablesFrom;
+    for (const f of fresh) {
+      const clusterStart = (table.l1Index * l2Entries + f.index) * clusterBytes;
+      f.host = ownsExtent && f.host === 0
+        ? this.#slotOf(table, f.index)
+        : this.#allocateCluster(clusterStart % 4096 === 0);
     }
   }
 

@@ -300,26 +300,72 @@ Deno.test("qcow: zero writes to unallocated clusters are not allocated; backing 
 });
 
 Deno.test("qcow: the L2 cache stays bounded and write-back survives eviction", async () => {
-  await inTempDir(async (dir) => {
-    const image = `${dir}/big.qcow`;
-    // 8 MiB of L2 cache holds 2048 tables of 4 KiB = 4 GiB of guest space; touch 6 GiB.
-    const size = 6 * 2 ** 30;
-    await createQcow(image, { sizeBytes: size });
-    const driver = await openImage(image) as QcowDriver;
-    const span = 2 << 20;
-    for (let i = 0; i < size / span; i += 1) {
-      await driver.write(i * span + 4096, new Uint8Array([i & 0xff, 1]));
-    }
-    await driver.close();
-    const again = await openImage(image, { readOnly: true });
-    const got = new Uint8Array(2);
-    for (let i = 0; i < size / span; i += 97) {
-      await again.read(i * span + 4096, got);
-      assert.deepEqual([...got], [i & 0xff, 1]);
-    }
-    await again.close();
-    assert.deepEqual((await checkQcow(image, { repair: false })).corruptions, []);
-  });
+  const saved = QcowDriver.l2CacheBytesMax;
+  QcowDriver.l2CacheBytesMax = 16 * 4096; // 16 tables: 32 MiB of guest space
+  try {
+    await inTempDir(async (dir) => {
+      const image = `${dir}/big.qcow`;
+      const size = 1 * 2 ** 30;
+      await createQcow(image, { sizeBytes: size });
+      const driver = await openImage(image) as QcowDriver;
+      const span = 2 << 20;
+      for (let i = 0; i < size / span; i += 1) {
+        await driver.write(i * span + 4096, new Uint8Array([i & 0xff, 1]));
+      }
+      await driver.close();
+      const again = await openImage(image, { readOnly: true });
+      const got = new Uint8Array(2);
+      for (let i = 0; i < size / span; i += 7) {
+        await again.read(i * span + 4096, got);
+        assert.deepEqual([...got], [i & 0xff, 1]);
+      }
+      await again.close();
+      assert.deepEqual((await checkQcow(image, { repair: false })).corruptions, []);
+    });
+  } finally {
+    QcowDriver.l2CacheBytesMax = saved;
+  }
+});
+
+Deno.test("qcow: concurrent allocating writes while tables are evicted (tiny cache, backed image)", async () => {
+  const saved = QcowDriver.l2CacheBytesMax;
+  QcowDriver.l2CacheBytesMax = 4 * 32768; // 4 tables of 512-byte-cluster images
+  try {
+    await inTempDir(async (dir) => {
+      const rng = testSeed("qcow-evict-race");
+      const size = 64 << 20;
+      await Deno.writeFile(`${dir}/base.raw`, new Uint8Array(0));
+      await Deno.truncate(`${dir}/base.raw`, size);
+      const image = `${dir}/o.qcow`;
+      await createQcow(image, { sizeBytes: size, backingName: "base.raw" });
+      const model = new Uint8Array(size);
+      const driver = await openImage(image);
+      const pages = size / 4096;
+      const used = new Set<number>();
+      // 32 writers keep requests in flight, as the disk process does.
+      let issued = 0;
+      const writer = async () => {
+        while (issued < 3000) {
+          issued += 1;
+          let page = rng.int(0, pages - 1);
+          while (used.has(page)) page = rng.int(0, pages - 1);
+          used.add(page);
+          const data = rng.bytes(4096);
+          model.set(data, page * 4096);
+          await driver.write(page * 4096, data);
+        }
+      };
+      await Promise.all(Array.from({ length: 32 }, writer));
+      assert.equal(firstDifference(await readAll(driver), model), -1);
+      await driver.close();
+      const again = await openImage(image, { readOnly: true });
+      assert.equal(firstDifference(await readAll(again), model), -1, "after reopen");
+      await again.close();
+      assert.deepEqual((await checkQcow(image, { repair: false })).corruptions, []);
+    });
+  } finally {
+    QcowDriver.l2CacheBytesMax = saved;
+  }
 });
 
 Deno.test("qcow: legacy blktap images (Xen header without flag 0x02: little-endian L1) read and write", async () => {
