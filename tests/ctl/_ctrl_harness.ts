@@ -107,8 +107,18 @@ export class CtrlHarness {
         // gone
       }
     }
-    await Deno.remove(this.dir, { recursive: true }).catch(() => {});
-    await Deno.remove(this.shmDir, { recursive: true }).catch(() => {});
+    for (const path of [this.dir, this.shmDir]) {
+      // A dying process may still be closing files there: try again briefly.
+      for (let attempt = 0; attempt < 10; attempt += 1) {
+        try {
+          await Deno.remove(path, { recursive: true });
+          break;
+        } catch (error) {
+          if (error instanceof Deno.errors.NotFound) break;
+          await new Promise((r) => setTimeout(r, 100));
+        }
+      }
+    }
   }
 }
 
