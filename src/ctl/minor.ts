@@ -303,6 +303,7 @@ export class Minor {
       readOnly: r.readOnly,
       cache: r.cache,
       sizeBytes: r.sizeBytes,
+      qos: r.qos,
       restarts: this.restarts,
     };
   }
