@@ -128,7 +128,9 @@ const STATS: Command = {
 function printStats(stats: Record<string, unknown>): void {
   const disk = stats.disk as Record<string, unknown> | undefined;
   for (const [key, value] of Object.entries(stats)) {
-    if (key !== "disk") console.log(`${key}: ${value}`);
+    if (key !== "disk") {
+      console.log(`${key}: ${typeof value === "object" ? JSON.stringify(value) : value}`);
+    }
   }
   if (!disk) return;
   const ops = disk.ops as Record<string, number>;
