@@ -437,15 +437,31 @@ export class SparseExtent {
         offset = tableEnd;
         continue;
       }
-      const entry = await this.entryOf(g);
-      const next = Math.min(end, (g + 1) * grainBytes);
+      this.#pin(t);
+      try {
+        offset = this.#tableRuns(await this.#table(t), t, offset, end, runs);
+      } finally {
+        this.#unpin(t);
+      }
+    }
+    return runs;
+  }
+
+  // Runs of one loaded table from `offset` to the table's end (or `end`); returns where it stopped.
+  #tableRuns(table: Uint32Array, t: number, offset: number, end: number, runs: ExtentRun[]) {
+    const grainBytes = this.layout.grainBytes;
+    const stop = Math.min(end, (t + 1) * table.length * grainBytes);
+    while (offset < stop) {
+      const g = Math.floor(offset / grainBytes);
+      const entry = table[g - t * table.length];
+      const next = Math.min(stop, (g + 1) * grainBytes);
       const kind = this.#kindOf(entry);
       const run: ExtentRun = { offsetBytes: offset, lengthBytes: next - offset, kind };
       if (kind === "data") run.hostOffsetBytes = entry * SECTOR_BYTES + (offset - g * grainBytes);
       pushRun(runs, run);
       offset = next;
     }
-    return runs;
+    return offset;
   }
 
   /** Makes every completed write durable, metadata after the data it names. */
