@@ -100,3 +100,14 @@ export function parseSize(text: string, bareUnitBytes = 1): number {
   if (!Number.isSafeInteger(bytes)) throw new UsageError(`size '${text}' is too large`);
   return bytes;
 }
+
+/** Parses `HOST:PORT` (`:PORT` or `[::1]:PORT` too; host defaults to 127.0.0.1). */
+export function parseHostPort(text: string, option: string): { hostname: string; port: number } {
+  const colon = text.lastIndexOf(":");
+  const portText = text.slice(colon + 1);
+  if (colon < 0 || !/^\d+$/.test(portText) || Number(portText) > 65535) {
+    throw new UsageError(`${option} expects HOST:PORT, got '${text}'`);
+  }
+  const hostname = text.slice(0, colon).replace(/^\[(.*)\]$/, "$1") || "127.0.0.1";
+  return { hostname, port: Number(portText) };
+}

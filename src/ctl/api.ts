@@ -12,6 +12,7 @@ import type { Ctrl } from "./daemon.ts";
 import { fuzzRing } from "./malformed.ts";
 import type { Minor } from "./minor.ts";
 import { type LoadOptions, prng, TestFrontend } from "./test_frontend.ts";
+import { nbdUnixUri } from "./nbd_frontend.ts";
 
 /** Longest request line accepted. */
 export const request_bytes_max = 64 * 1024;
@@ -136,7 +137,12 @@ export class CtlApi {
       maxBps: number(args, "maxBps"),
       burstMs: number(args, "burstMs"),
     });
-    return { minor: minor.record.minor, name: minor.record.name };
+    const socket = this.#ctrl.nbdSocketPath;
+    return {
+      minor: minor.record.minor,
+      name: minor.record.name,
+      ...(socket ? { uri: nbdUnixUri(minor.record.name, socket) } : {}),
+    };
   }
 
   async #qos(args: Args): Promise<Args> {

@@ -4,23 +4,36 @@
  * so the next ctrl re-attaches every disk).
  * @module
  */
-import { type Command, parseCommandArgs, parseCount, UsageError } from "../cli/command.ts";
+import {
+  type Command,
+  parseCommandArgs,
+  parseCount,
+  parseHostPort,
+  UsageError,
+} from "../cli/command.ts";
 import { type LogLevel, setLogLevel } from "../cli/log.ts";
+import { waitForStopSignal } from "../cli/signals.ts";
 import { Ctrl } from "./daemon.ts";
+import { NBD_SOCKET_NAME, startCtrlNbd } from "./nbd_frontend.ts";
 import { defaultRunDir } from "./run_dir.ts";
 
 const USAGE = `usage: blktap ctrl [--run-dir DIR] [OPTIONS]
 
 Runs the blktap control daemon in the foreground: creates minors, spawns and
 supervises one 'blktap disk' process per disk, answers the client verbs
-(create, list, stats, pause, resume, destroy) on DIR/ctrl.sock.
+(create, list, stats, pause, resume, destroy) on DIR/ctrl.sock, and serves
+every disk over NBD (export name = the disk's --name, default tapN) on
+DIR/nbd.sock: nbd+unix:///tap0?socket=DIR/nbd.sock
 
 Options:
   --run-dir DIR          sockets and registry (default $XDG_RUNTIME_DIR/blktap, else /run/blktap)
   --shm-dir DIR          where ring devices live (default /dev/shm)
   --log-level LEVEL      error, warn, info (default) or debug
   --restart-limit N      a disk dying more than N times ... (default 5)
-  --restart-window SEC   ... within SEC seconds is marked failed (default 60)`;
+  --restart-window SEC   ... within SEC seconds is marked failed (default 60)
+  --nbd-socket PATH      NBD Unix socket (default DIR/nbd.sock)
+  --nbd-tcp HOST:PORT    also serve NBD on TCP (host defaults to 127.0.0.1)
+  --no-nbd               do not serve NBD`;
 
 /** `blktap ctrl`. */
 export const CTRL_COMMAND: Command = {
@@ -34,7 +47,11 @@ export const CTRL_COMMAND: Command = {
       "log-level": { type: "string" },
       "restart-limit": { type: "string" },
       "restart-window": { type: "string" },
+      "nbd-socket": { type: "string" },
+      "nbd-tcp": { type: "string" },
+      "no-nbd": { type: "boolean" },
     });
+    const nbdTcp = values["nbd-tcp"] ? parseHostPort(values["nbd-tcp"], "--nbd-tcp") : undefined;
     if (values["log-level"]) {
       if (!["error", "warn", "info", "debug"].includes(values["log-level"])) {
         throw new UsageError(`--log-level must be error, warn, info or debug`);
@@ -52,12 +69,13 @@ export const CTRL_COMMAND: Command = {
       },
     });
     await ctrl.start();
-    const stopped = Promise.withResolvers<void>();
-    const onSignal = () => stopped.resolve();
-    Deno.addSignalListener("SIGTERM", onSignal);
-    Deno.addSignalListener("SIGINT", onSignal);
-    await stopped.promise;
+    const nbd = values["no-nbd"] ? undefined : await startCtrlNbd(ctrl, {
+      unixPath: values["nbd-socket"] ?? `${ctrl.runDir}/${NBD_SOCKET_NAME}`,
+      tcp: nbdTcp,
+    });
+    await waitForStopSignal();
     ctrl.log.info("stopping");
+    await nbd?.close();
     ctrl.stop();
     return 0;
   },

@@ -56,6 +56,8 @@ export class Ctrl {
   #clients = 0;
   readonly #api: CtlApi;
   readonly #destroyHooks: ((name: string) => Promise<void>)[] = [];
+  /** The NBD front end's Unix socket, once it listens (for URIs in replies). */
+  nbdSocketPath?: string;
 
   constructor(options: CtrlOptions) {
     this.runDir = options.runDir;

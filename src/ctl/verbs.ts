@@ -27,9 +27,9 @@ function minorArg(text: string): number | string {
 
 const CREATE: Command = {
   name: "create",
-  summary: "attach an image as a new minor; prints the minor",
+  summary: "attach an image as a new minor; prints the minor and its NBD URI",
   usage: `usage: blktap create TYPE:PATH [--name NAME] [--readonly] [--cache none|writeback]
-                     [--max-iops N] [--max-bps N] [--burst-ms MS] [--run-dir DIR]
+                     [--max-iops N] [--max-bps N] [--burst-ms MS] [--json] [--run-dir DIR]
 
   --name NAME     export name (default tapN)
   --readonly      refuse writes
@@ -37,6 +37,9 @@ const CREATE: Command = {
   --max-iops N    QoS: requests per second (0 = unlimited)
   --max-bps N     QoS: bytes per second (suffixes K, M, G)
   --burst-ms MS   QoS bucket depth in milliseconds of the rate (default 1000)
+  --json          print {"minor", "name", "uri"} as JSON
+
+Prints the minor, then the NBD URI of the new disk (when ctrl serves NBD).
 ${RUN_DIR_HELP}`,
   async run(argv) {
     const { values, positionals } = parseCommandArgs(argv, {
@@ -47,6 +50,7 @@ ${RUN_DIR_HELP}`,
       "max-iops": { type: "string" },
       "max-bps": { type: "string" },
       "burst-ms": { type: "string" },
+      json: { type: "boolean" },
     }, { min: 1, max: 1 });
     const cache = values.cache ?? "none";
     if (cache !== "none" && cache !== "writeback") {
@@ -62,7 +66,8 @@ ${RUN_DIR_HELP}`,
       maxBps: values["max-bps"] ? parseSize(values["max-bps"]) : undefined,
       burstMs: parseCount(values["burst-ms"], "--burst-ms"),
     });
-    console.log(result.minor);
+    if (values.json) console.log(JSON.stringify(result));
+    else console.log([result.minor, result.uri].filter((x) => x !== undefined).join("\n"));
     return 0;
   },
 };
@@ -187,6 +192,7 @@ ${RUN_DIR_HELP}`,
       "max-iops": { type: "string" },
       "max-bps": { type: "string" },
       "burst-ms": { type: "string" },
+      json: { type: "boolean" },
     }, { min: 1, max: 1 });
     await ctlRequest(runDir(values), {
       op: "qos",

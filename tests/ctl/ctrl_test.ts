@@ -233,7 +233,7 @@ Deno.test("ctrl: CLI verbs print what scripts parse", async () => {
       "100000",
     );
     assert.equal(created.code, 0, created.stderr);
-    assert.equal(created.stdout, "0\n");
+    assert.equal(created.stdout, `0\nnbd+unix:///disk-a?socket=${h.runDir}/nbd.sock\n`);
     const missing = await run("create", `aio:${h.dir}/nope.raw`);
     assert.equal(missing.code, 1);
     assert.match(missing.stderr, /nope\.raw/);
