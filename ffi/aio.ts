@@ -21,7 +21,11 @@ const IOVEC_BYTES = 16;
 // Mirrors SHIM_SUBMIT_MAX in shim/libaio_shim.c.
 const submit_batch_max = 256;
 const iovecs_per_batch_max = 8192;
-const reap_timeout_ms = 1000;
+const reap_timeout_us = 1_000_000n;
+// How long the JavaScript thread may block waiting for completions before
+// handing the wait to another thread. A hop costs tens of microseconds, more
+// than most O_DIRECT completions take; env BLKTAP_AIO_SPIN_US overrides.
+const spin_wait_us = BigInt(Deno.env.get("BLKTAP_AIO_SPIN_US") ?? "50");
 const SYSCALL_NAMES = ["preadv", "pwritev", "fdsync"];
 
 interface Pending {
@@ -160,8 +164,11 @@ export class AioQueue {
     this.#reaping = true;
     try {
       while (this.maxInflight - this.#freeSlots.length > 0) {
-        let count = Number(shim.shim_aio_poll(this.#handle, 0, 0));
-        if (count === 0) count = Number(await shim.shim_aio_wait(this.#handle, 1, reap_timeout_ms));
+        let count = Number(shim.shim_aio_poll(this.#handle, 0, 0n));
+        if (count === 0 && spin_wait_us > 0n) {
+          count = Number(shim.shim_aio_poll(this.#handle, 1, spin_wait_us));
+        }
+        if (count === 0) count = Number(await shim.shim_aio_wait(this.#handle, 1, reap_timeout_us));
         if (count < 0) throw new SysError("io_getevents", -count);
         this.#complete(count);
         if (this.#queued.length > 0) this.#submitQueued();

@@ -8,7 +8,7 @@
  * @module
  */
 
-const SHIM_ABI_VERSION = 1;
+const SHIM_ABI_VERSION = 2;
 
 const SYMBOLS = {
   shim_abi_version: { parameters: [], result: "i32" },
@@ -34,7 +34,7 @@ const SYMBOLS = {
   shim_aio_events: { parameters: ["u64"], result: "i64" },
   shim_aio_submit: { parameters: ["u64", "buffer", "u32"], result: "i64" },
   shim_aio_wait: {
-    parameters: ["u64", "u32", "i32"],
+    parameters: ["u64", "u32", "i64"],
     result: "i64",
     nonblocking: true,
   },
@@ -42,7 +42,7 @@ const SYMBOLS = {
   // zero timeout: it avoids a thread hop when completions are already there.
   shim_aio_poll: {
     name: "shim_aio_wait",
-    parameters: ["u64", "u32", "i32"],
+    parameters: ["u64", "u32", "i64"],
     result: "i64",
   },
 } as const satisfies Deno.ForeignLibraryInterface;

@@ -21,7 +21,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define SHIM_ABI_VERSION 1
+#define SHIM_ABI_VERSION 2
 
 int32_t shim_abi_version(void) { return SHIM_ABI_VERSION; }
 
@@ -208,15 +208,15 @@ int64_t shim_aio_submit(uint64_t handle, const struct shim_request *reqs, uint32
   return done;
 }
 
-// Waits for at least min_events completions (or timeout_ms, -1 = forever)
+// Waits for at least min_events completions (or timeout_us, -1 = forever)
 // and copies them into the events array; returns how many. Called as a
 // non-blocking FFI symbol, so it runs off the JavaScript thread.
-int64_t shim_aio_wait(uint64_t handle, uint32_t min_events, int32_t timeout_ms) {
+int64_t shim_aio_wait(uint64_t handle, uint32_t min_events, int64_t timeout_us) {
   struct shim_aio *a = (struct shim_aio *)handle;
-  struct timespec ts = {timeout_ms / 1000, (long)(timeout_ms % 1000) * 1000000L};
+  struct timespec ts = {timeout_us / 1000000, (long)(timeout_us % 1000000) * 1000L};
   int r;
   do {
-    r = io_getevents(a->ctx, min_events, a->max_events, a->raw, timeout_ms < 0 ? NULL : &ts);
+    r = io_getevents(a->ctx, min_events, a->max_events, a->raw, timeout_us < 0 ? NULL : &ts);
   } while (r == -EINTR);
   if (r < 0) return r;
   for (int i = 0; i < r; i++) {
