@@ -46,6 +46,9 @@ import {
 
 /** Grain tables kept in memory per extent (2 KiB each: 8 MiB, 128 GiB of 64 KiB grains). */
 const grain_table_cache_tables_max = 4096;
+/** First fallocate reserve, in grains; it doubles up to the maximum below. */
+const preallocation_grains_min = 16;
+const preallocation_chunk_bytes_max = 32 << 20;
 /** Dirty grain tables allowed before an allocating write forces a flush. */
 const dirty_tables_max = 1024;
 /** Decompressed grains kept for sequential reads of streamOptimized images. */
@@ -130,6 +133,11 @@ export class SparseExtent {
   #flushing: Promise<void> = Promise.resolve();
   readonly #inflated = new Map<number, Uint8Array>();
   #nextGrainBytes: number;
+  /** End of the space reserved with fallocate ahead of allocations. */
+  #preallocatedEnd: number;
+  #preallocationChunkBytes: number;
+  #preallocation: Promise<void> = Promise.resolve();
+  #preallocationWorks = true;
 
   private constructor(
     file: ImageFile,
@@ -146,6 +154,8 @@ export class SparseExtent {
     this.writable = file.writable && !layout.compressed && layout.header.version !== 3;
     const end = Math.max(file.lengthBytes(), layout.header.overheadSectors * SECTOR_BYTES);
     this.#nextGrainBytes = Math.ceil(end / layout.grainBytes) * layout.grainBytes;
+    this.#preallocatedEnd = this.#nextGrainBytes;
+    this.#preallocationChunkBytes = preallocation_grains_min * layout.grainBytes;
   }
 
   /**
@@ -373,8 +383,7 @@ export class SparseExtent {
       const { grainBytes, tableBytes } = this.layout;
       const tableSlotBytes = Math.ceil(tableBytes / SECTOR_BYTES) * SECTOR_BYTES;
       const slotBytes = Math.ceil((2 * tableSlotBytes) / grainBytes) * grainBytes;
-      const hostOffset = this.#nextGrainBytes;
-      this.#nextGrainBytes += slotBytes;
+      const hostOffset = await this.#reserve(slotBytes);
       const tableSector = hostOffset / SECTOR_BYTES;
       const redundantSector = (hostOffset + tableSlotBytes) / SECTOR_BYTES;
       if (redundantSector > 0xffffffff) {
@@ -400,11 +409,45 @@ export class SparseExtent {
     }
   }
 
+  /**
+   * Takes the next `slotBytes` at the end of the file. Space is reserved
+   * with fallocate in growing chunks first: O_DIRECT writes that extend a
+   * file are serialised by file systems such as ext4, writes inside it are
+   * not. The unused reserve is cut off at close (after a crash it is a
+   * leak).
+   */
+  async #reserve(slotBytes: number): Promise<number> {
+    const hostOffset = this.#nextGrainBytes;
+    this.#nextGrainBytes += slotBytes;
+    while (this.#preallocationWorks && this.#nextGrainBytes > this.#preallocatedEnd) {
+      const from = this.#preallocatedEnd;
+      const chunk = this.#preallocationChunkBytes;
+      this.#preallocatedEnd += chunk;
+      this.#preallocationChunkBytes = Math.min(2 * chunk, preallocation_chunk_bytes_max);
+      this.#preallocation = this.#preallocation.then(() =>
+        this.file.allocate(from, chunk).catch(() => {
+          this.#preallocationWorks = false; // not a regular file, or no fallocate: plain writes
+        })
+      );
+    }
+    await this.#preallocation;
+    return hostOffset;
+  }
+
+  /** Cuts the unused preallocated space off the end of the file. */
+  async trimReserve(): Promise<void> {
+    await this.#preallocation;
+    if (!this.writable || this.#preallocatedEnd <= this.#nextGrainBytes) return;
+    if (this.file.lengthBytes() > this.#nextGrainBytes) {
+      await this.file.truncate(this.#nextGrainBytes);
+    }
+    this.#preallocatedEnd = this.#nextGrainBytes;
+  }
+
   // Writes the whole grain, then publishes its entry in the cached table (dirty until flush).
   async #allocate(table: Uint32Array, t: number, j: number, inGrain: number, data: Uint8Array) {
     const grainBytes = this.layout.grainBytes;
-    const hostOffset = this.#nextGrainBytes;
-    this.#nextGrainBytes += grainBytes;
+    const hostOffset = await this.#reserve(grainBytes);
     const sector = hostOffset / SECTOR_BYTES;
     if (sector > 0xffffffff) throw this.#error("EIO", "file too large for 32-bit grain entries");
     const bounce = takeBounce(grainBytes);

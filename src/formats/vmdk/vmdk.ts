@@ -223,6 +223,7 @@ export class VmdkDriver extends BlockDriverBase {
   async close(): Promise<void> {
     try {
       await this._flush();
+      for (const extent of this.sparseExtents) await extent.trimReserve();
     } finally {
       for (const file of this.#files) await file.close();
     }
