@@ -473,3 +473,45 @@ Deno.test({
     });
   },
 });
+
+Deno.test({
+  name: "qcow: QEMU and blktap take turns writing one image (extent layout kept safe)",
+  ignore: noQemu,
+  fn: async () => {
+    await inTempDir(async (dir) => {
+      const image = `${dir}/shared.qcow`;
+      const size = 8 << 20;
+      await createQcow(image, { sizeBytes: size });
+      const rng = testSeed("qcow-take-turns");
+      const model = new Uint8Array(size);
+      for (let turn = 0; turn < 6; turn += 1) {
+        if (turn % 2 === 0) {
+          const driver = await openImage(image);
+          for (let i = 0; i < 40; i += 1) {
+            const [offset, length] = randomWrite(rng, size);
+            const data = rng.bytes(length);
+            model.set(data, offset);
+            await driver.write(offset, data);
+          }
+          await driver.close();
+        } else {
+          const commands: string[] = [];
+          for (let i = 0; i < 10; i += 1) {
+            const length = rng.int(1, 16) * 512;
+            const offset = rng.int(0, (size - length) / 512) * 512;
+            const pattern = rng.int(1, 255);
+            model.fill(pattern, offset, offset + length);
+            commands.push("-c", `write -P ${pattern} ${offset} ${length}`);
+          }
+          await runOk("qemu-io", [...commands, image]);
+        }
+        assert.deepEqual(
+          (await checkQcow(image, { repair: false })).corruptions,
+          [],
+          `turn ${turn}`,
+        );
+        await assertQemuSees(dir, image, model);
+      }
+    });
+  },
+});
