@@ -7,10 +7,12 @@
  * Writes never reuse space: new clusters and tables go at `fd_end` (the file
  * length at open, growing). In a trusted blktap image (Xen header with a
  * valid L1 checksum and `min_cluster_alloc` = L2 entries) a new L2 table
- * reserves its whole extent right behind it, and cluster i of that table
- * lives at slot i of the extent, so sequential guest data is sequential on
- * disk. A new cluster is written whole (the rest copied from the backing
- * image or zeros) before its L2 entry is published in memory; L2 and L1
+ * allocates its whole extent right behind it, as the 2006 tapdisk did:
+ * every entry points at its slot (fresh file space, reading as zeros), so
+ * sequential guest data is sequential on disk and later writes in that
+ * 2 MiB need no metadata. Elsewhere (backed images, images QEMU made) a
+ * new cluster is written whole (the rest copied from the backing image or
+ * zeros) before its L2 entry is published in memory; L2 and L1
  * changes reach the file only at a commit: fdatasync, L2 blocks, fdatasync,
  * L1 blocks (+ checksum), fdatasync — so metadata never points at data that
  * is not durable, and FLUSH returns once everything it depends on is.
@@ -239,6 +241,15 @@ export class QcowDriver extends BlockDriverBase {
     // before any L1 entry can point at them; QEMU allocates past the end.
     if (end > this.#file.lengthBytes()) await this.#file.truncate(end);
     const table = new L2Table(l1Index, offset, new Uint8Array(l2TableBytes));
+    if (this.#extentMode) {
+      // blktap's layout: the whole extent is allocated at once, every entry
+      // pointing at its slot. The slots are fresh file space (holes), so
+      // they read as zeros — what an unwritten standalone cluster holds —
+      // and later writes in this 2 MiB go in place, with no metadata.
+      const first = l1Index * l2Entries;
+      const clusters = Math.min(l2Entries, Math.ceil(this.sizeBytes / clusterBytes) - first);
+      for (let k = 0; k < clusters; k += 1) table.set(k, this.#slotOf(table, k));
+    }
     await this.#cache.insert(table);
     this.#l1[l1Index] = offset;
     this.#l1Dirty.add(l1Index);
@@ -406,6 +417,8 @@ export class QcowDriver extends BlockDriverBase {
         return;
       }
     }
+    // Zeros over a region with no table and nothing beneath: nothing to do.
+    if (this.#l1[l1Index] === 0 && !this.#parent && isZeroBytes(data)) return;
     const release = await this.#allocLocks.acquire(l1Index, l1Index + 1);
     try {
       const table = this.#l1[l1Index] === 0

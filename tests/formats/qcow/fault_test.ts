@@ -45,7 +45,7 @@ async function crashRun(dir: string, name: string, backed: boolean): Promise<num
   let epoch: Epoch = { stable: model.slice(), ambiguous: new Uint8Array(disk_bytes), crashes: [] };
   let checked = 0;
   file.onIo = () => {
-    if (epoch.crashes.length < snapshots_per_epoch_max && rng.next() < 0.02) {
+    if (epoch.crashes.length < snapshots_per_epoch_max && rng.next() < 0.05) {
       epoch.crashes.push(file.crashImage(rng));
     }
   };
