@@ -33,6 +33,9 @@ export class MemoryDriver extends BlockDriverBase {
   readonly capabilities: DriverCapabilities;
   readonly chunks = new Map<number, Uint8Array>();
   flushCount = 0;
+  /** Reads and writes running now, and the most ever at once. */
+  inflight = 0;
+  inflightMax = 0;
   readonly #options: MemoryDriverOptions;
 
   constructor(sizeBytes: number, options: MemoryDriverOptions = {}, path = "memory") {
@@ -54,7 +57,12 @@ export class MemoryDriver extends BlockDriverBase {
 
   async #maybeDelay(offsetBytes: number, lengthBytes: number): Promise<void> {
     const { delayMs, failAtBytes } = this.#options;
-    if (delayMs) await new Promise((resolve) => setTimeout(resolve, delayMs));
+    this.inflightMax = Math.max(this.inflightMax, ++this.inflight);
+    try {
+      if (delayMs) await new Promise((resolve) => setTimeout(resolve, delayMs));
+    } finally {
+      this.inflight--;
+    }
     if (
       failAtBytes !== undefined && offsetBytes <= failAtBytes &&
       failAtBytes < offsetBytes + lengthBytes
