@@ -459,6 +459,13 @@ export class SparseExtent {
     } finally {
       giveBounce(bounce);
     }
+    // Invariant (DESIGN.md §4 rule 1): an entry is published only for bytes already written.
+    if (hostOffset + grainBytes > this.file.lengthBytes()) {
+      throw this.#error(
+        "EIO",
+        `grain ${t}/${j} written past the file's end: refusing to publish it`,
+      );
+    }
     table[j] = sector;
     this.#dirtyTables.add(t);
     if (this.#dirtyTables.size > dirty_tables_max) await this.flush();
