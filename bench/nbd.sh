@@ -6,8 +6,9 @@
 # cores. Reuses the shared harness (../shared/bench: lib.sh, nbd-load.sh,
 # summarize.py) and adds blktap configs to its method.
 #
-# Measured path: `blktap serve` — the NBD front end serving the image's
-# driver in-process (no ring, no disk process), until ctrl hosts the server.
+# Measured paths: `blktap serve` (blktap-none, blktap-writeback*: the NBD front
+# end serving the image's driver in-process, no ring) and `blktap ctrl`
+# (blktap-ctrl-*: NBD -> ring -> disk process -> driver, the product path).
 #
 #   usage: bench/nbd.sh [CONFIG...]   (default: every config below)
 #   env:   REPS=3 RUNTIME=10 RAMP=2 IMG=$WORK/base.raw SIZE=2G
@@ -32,8 +33,8 @@ DENO=${DENO:-$repo/.toolchain/node_modules/@deno/linux-x64-glibc/deno}
 mkdir -p "$repo/bench/results"
 OUT=${OUT:-$repo/bench/results/nbd-$(date -u +%Y%m%dT%H%M%SZ).txt}
 CONFIGS=("$@")
-((${#CONFIGS[@]})) || CONFIGS=(blktap-none qemu-nbd-none-native nbdkit-file-none
-  blktap-writeback blktap-writeback-aio qemu-nbd-writeback nbdkit-file-default)
+((${#CONFIGS[@]})) || CONFIGS=(blktap-none blktap-ctrl-none qemu-nbd-none-native nbdkit-file-none
+  blktap-writeback blktap-writeback-aio blktap-ctrl-writeback qemu-nbd-writeback nbdkit-file-default)
 for tool in fio nbdinfo qemu-nbd nbdkit taskset; do
   command -v "$tool" >/dev/null || { echo "missing $tool (make deps)" >&2; exit 2; }
 done
@@ -47,8 +48,20 @@ fi
 # The sources through deno (always current); BLKTAP_EXE=/path/to/blktap to measure a build.
 if [[ -n ${BLKTAP_EXE:-} ]]; then BLKTAP=("$BLKTAP_EXE"); else BLKTAP=("$DENO" run --quiet --allow-all "$repo/main.ts"); fi
 
-start_cfg() { # CONFIG -> sets SERVER_PID
+CTRL_RUN=$WORK/blktap-ctrl-run
+start_ctrl() { # CONFIG CACHE: ctrl (ring + disk process) serving the image as export "bench"
+  rm -rf "$CTRL_RUN"; mkdir -p "$CTRL_RUN"
+  start_server "$1" "$CTRL_RUN/nbd.sock" "${BLKTAP[@]}" ctrl --run-dir "$CTRL_RUN" --shm-dir "$CTRL_RUN" --log-level warn
+  timeout 60 "${BLKTAP[@]}" create "aio:$IMG" --name bench --cache "$2" --run-dir "$CTRL_RUN" >/dev/null
+  CFG_SOCK=$CTRL_RUN/nbd.sock CFG_EXPORT=bench
+}
+
+start_cfg() { # CONFIG -> sets SERVER_PID, CFG_SOCK, CFG_EXPORT
+  CFG_SOCK=$SOCK CFG_EXPORT=""
   case $1 in
+    # The product path: NBD -> ring -> disk process -> aio driver (server_cpu_pct counts ctrl only).
+    blktap-ctrl-none)     start_ctrl "$1" none ;;
+    blktap-ctrl-writeback) start_ctrl "$1" writeback ;;
     blktap-none)          start_server "$1" "$SOCK" "${BLKTAP[@]}" serve "aio:$IMG" --socket "$SOCK" --cache none ;;
     # Page cache: the sync engine (pread/pwrite hit the cache in microseconds; libaio on a
     # buffered file submits synchronously and reaps through a thread, the slower choice).
@@ -66,6 +79,7 @@ start_cfg() { # CONFIG -> sets SERVER_PID
   echo "# bench/nbd.sh $(date -u +%FT%TZ) $(uname -r) $(nproc) cpus; image $IMG ($(stat -c %s "$IMG") bytes)"
   echo "# blktap path measured: blktap serve (NBD front end + in-process driver, no ring): ${BLKTAP[*]}"
   echo "#   blktap-none = aio engine, O_DIRECT; blktap-writeback = sync engine, page cache; blktap-writeback-aio = aio engine, page cache"
+  echo "#   blktap-ctrl-* = blktap ctrl: NBD -> ring -> disk process -> aio driver (the product path)"
   echo "# method: shared nbd-load.sh (fio nbd engine), RUNTIME=$RUNTIME RAMP=$RAMP REPS=$REPS, server cpus $SERVER_CPUS, client cpus $CLIENT_CPUS"
 } | tee "$OUT"
 
@@ -73,7 +87,7 @@ for rep in $(seq 1 "$REPS"); do
   for cfg in "${CONFIGS[@]}"; do
     sync; timeout 120 cat "$IMG" >/dev/null   # same (warm) page-cache state before every server
     start_cfg "$cfg"; pid=$SERVER_PID
-    SERVER_PID=$(server_child "$pid") LABEL=$cfg TOOLS=fio REPS=1 "$SHARED/nbd-load.sh" "$SOCK" |
+    SERVER_PID=$(server_child "$pid") LABEL=$cfg TOOLS=fio REPS=1 "$SHARED/nbd-load.sh" "$CFG_SOCK" "$CFG_EXPORT" |
       sed "s/ rep=1 / rep=$rep /" | tee -a "$OUT"
     stop_server "$pid"
   done
@@ -93,8 +107,8 @@ for line in open(sys.argv[1]):
     kv = dict(x.split("=", 1) for x in p[1:] if "=" in x)
     if "MBps" in kv:
         v[(kv["label"], kv["workload"])][kv["rep"]] = float(kv["MBps"])
-modes = {"none": (["blktap-none"], ["qemu-nbd-none-native", "nbdkit-file-none"]),
-         "writeback": (["blktap-writeback", "blktap-writeback-aio"], ["qemu-nbd-writeback", "nbdkit-file-default"])}
+modes = {"none": (["blktap-none", "blktap-ctrl-none"], ["qemu-nbd-none-native", "nbdkit-file-none"]),
+         "writeback": (["blktap-writeback", "blktap-writeback-aio", "blktap-ctrl-writeback"], ["qemu-nbd-writeback", "nbdkit-file-default"])}
 print("\nblktap / peer, median of per-repetition ratios (MB/s; IOPS ratio is the same)")
 print("%-22s %-10s %12s %12s %12s" % ("blktap config", "workload", "vs qemu-nbd", "vs nbdkit", "vs best"))
 for mode, (ours_labels, peers) in modes.items():
