@@ -2,13 +2,14 @@
  * Malformed blkif requests for fuzzing a disk process: each entry is a
  * plausible request with exactly one field out of range (the validator's
  * whole list: unknown operation, segment counts, grefs outside the pool,
- * first_sect > last_sect or > 7, ranges past the end, bad indirect and
- * discard fields), plus random bytes elsewhere. Every one must be answered
+ * first_sect > last_sect or > 7, ranges past the end, bad indirect,
+ * discard and block-status fields), plus random bytes elsewhere. Every one must be answered
  * with the expected error status and must not touch the disk.
  * @module
  */
 import * as B from "../ring/blkif.ts";
 import { writeSegment } from "../ring/request.ts";
+import { block_status_length_bytes_max, writeBlockStatusQuery } from "../ring/block_status.ts";
 import type { RingDisk } from "./ring_disk.ts";
 
 /** The fields a malformed request breaks. */
@@ -29,6 +30,12 @@ export const MALFORMATIONS = [
   "discard-past-end",
   "discard-secure",
   "discard-bad-flag",
+  "status-segments",
+  "status-gref-outside-pool",
+  "status-partial-page",
+  "status-zero-length",
+  "status-too-long",
+  "status-past-end",
 ] as const;
 
 export type Malformation = typeof MALFORMATIONS[number];
@@ -87,9 +94,10 @@ export class MalformedGenerator {
   // Writes a request valid in every field but the one `kind` names.
   #break(kind: Malformation, v: DataView, scratchPage: number): number {
     if (kind === "unknown-operation") {
-      v.setUint8(0, this.#random() < 0.2 ? B.BLKIF_OP_RESERVED_1 : this.#int(7, 255));
+      v.setUint8(0, this.#unknownOperation());
       return B.BLKIF_RSP_EOPNOTSUPP;
     }
+    if (kind.startsWith("status")) return this.#breakBlockStatus(kind, v, scratchPage);
     if (kind.startsWith("indirect")) return this.#breakIndirect(kind, v, scratchPage);
     if (kind.startsWith("discard")) return this.#breakDiscard(kind, v);
     const op = this.#int(B.BLKIF_OP_READ, B.BLKIF_OP_WRITE);
@@ -154,6 +162,43 @@ export class MalformedGenerator {
     if (kind === "indirect-gref-outside-pool") {
       v.setUint32(B.INDIRECT_GREFS, this.#int(this.#ctx.poolPages, 0xffffffff), true);
     }
+    return B.BLKIF_RSP_ERROR;
+  }
+
+  // Xen's reserved number, or anything above Xen's range but blktap's own.
+  #unknownOperation(): number {
+    if (this.#random() < 0.2) return B.BLKIF_OP_RESERVED_1;
+    const op = this.#int(B.BLKIF_OP_INDIRECT + 1, 254);
+    return op >= B.BLKTAP_OP_BLOCK_STATUS ? op + 1 : op;
+  }
+
+  // The query goes into the caller's scratch page, whole-page segment.
+  #breakBlockStatus(kind: Malformation, v: DataView, page: number): number {
+    const size = this.#ctx.sizeSectors;
+    const sector = this.#int(0, size - 1);
+    let length = this.#int(1, (size - sector) * B.SECTOR_BYTES);
+    const segment = { gref: page, firstSect: 0, lastSect: B.SECTORS_PER_PAGE - 1 };
+    let count = 1;
+    if (kind === "status-segments") count = this.#random() < 0.5 ? 0 : this.#int(2, 255);
+    if (kind === "status-gref-outside-pool") {
+      segment.gref = this.#int(this.#ctx.poolPages, 0xffffffff);
+    }
+    if (kind === "status-partial-page") {
+      if (this.#random() < 0.5) segment.firstSect = this.#int(1, 7);
+      else segment.lastSect = this.#int(0, 6);
+    }
+    if (kind === "status-past-end") length = (size - sector) * B.SECTOR_BYTES + this.#int(1, 4096);
+    const query = this.#ctx.pool.subarray(page * B.PAGE_BYTES, (page + 1) * B.PAGE_BYTES);
+    const queryView = new DataView(query.buffer, query.byteOffset, B.PAGE_BYTES);
+    if (kind === "status-zero-length") queryView.setBigUint64(0, 0n, true);
+    else if (kind === "status-too-long") {
+      const over = BigInt(this.#int(1, 2 ** 31)) * (this.#random() < 0.5 ? 1n : 2n ** 32n);
+      queryView.setBigUint64(0, BigInt(block_status_length_bytes_max) + over, true);
+    } else writeBlockStatusQuery(query, length);
+    v.setUint8(B.REQ_OPERATION, B.BLKTAP_OP_BLOCK_STATUS);
+    v.setUint8(B.REQ_NR_SEGMENTS, count);
+    v.setBigUint64(B.REQ_SECTOR_NUMBER, BigInt(sector), true);
+    writeSegment(v, B.REQ_SEG, segment);
     return B.BLKIF_RSP_ERROR;
   }
 

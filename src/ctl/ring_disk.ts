@@ -15,6 +15,10 @@
  * covered by a flush are replayed first (src/ctl/replay_log.ts).
  * {@linkcode RingDisk.fail} answers everything with an error instead (a
  * disk that keeps crashing).
+ *
+ * Block status goes to the disk process too (blktap's BLOCK_STATUS ring
+ * operation, src/ring/block_status.ts): only it knows the image's
+ * allocation, and ctrl must not open the image behind its back.
  * @module
  */
 import {
@@ -22,8 +26,15 @@ import {
   BlockError,
   type BufferLender,
   type DriverCapabilities,
+  type Extent,
 } from "../formats/driver.ts";
 import * as B from "../ring/blkif.ts";
+import {
+  block_status_length_bytes_max,
+  decodeBlockStatusReply,
+  writeBlockStatusQuery,
+  writeBlockStatusRequest,
+} from "../ring/block_status.ts";
 import { type Fence, FrontRing } from "../ring/ring.ts";
 import {
   type Segment,
@@ -38,6 +49,12 @@ import { type LoggedWrite, replay_log_bytes_max, ReplayLog } from "./replay_log.
 
 /** Largest payload of one ring request: an indirect request's segments. */
 export const request_bytes_max = B.indirect_segments_max * B.PAGE_BYTES;
+
+/**
+ * Ring requests one `blockStatus` call makes at most (each answers up to a
+ * page of extents); past that it answers short, as NBD allows.
+ */
+export const block_status_requests_per_call_max = 8;
 
 /** The memory of a ring device as the front end sees it. */
 export interface RingMemory {
@@ -96,6 +113,8 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
   /** While a replay runs, new requests wait here. */
   #gate: Promise<void> | undefined;
   #replayGeneration = 0;
+  /** The disk process answered EOPNOTSUPP to block status: everything is data. */
+  #extentsUnsupported = false;
 
   constructor(
     name: string,
@@ -125,7 +144,7 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
       canFua: false,
       canDiscard: canWrite,
       canZero: false,
-      canExtents: false,
+      canExtents: !this.#extentsUnsupported,
       canMultiConn: true,
     };
   }
@@ -155,6 +174,8 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
     this.#sizeBytes = sizeBytes;
     this.#keepWrites = volatileWrites;
     if (!volatileWrites) this.#log.clear();
+    // A resume may serve another image, whose driver may have extents.
+    this.#extentsUnsupported = false;
     this.#kick = kick;
     this.#pushScheduled = false;
     if (this.#front.pushRequestsAndCheckNotify() || this.#pending.size > 0) kick();
@@ -414,6 +435,14 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
     return this.#issue((v, o, id) => writeDiscardRequest(v, o, { id, sector, nrSectors, flag }));
   }
 
+  /**
+   * BLOCK_STATUS from `sector`; pool page `gref` already holds the query
+   * and receives the answer. Idempotent: re-issued after a restart like a read.
+   */
+  submitBlockStatus(sector: number, gref: number): Promise<number> {
+    return this.#issue((v, o, id) => writeBlockStatusRequest(v, o, { id, sector, gref }));
+  }
+
   /** Any 112 bytes as a request (fuzzing); the id field is replaced by ours. */
   submitRaw(entry: Uint8Array): Promise<number> {
     return this.#issue((v, o, id) => {
@@ -481,8 +510,66 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
     throwForStatus(await this.submitDiscard(first, end - first), "discard", this.path);
   }
 
+  protected override async _blockStatus(
+    offsetBytes: number,
+    lengthBytes: number,
+  ): Promise<Extent[]> {
+    if (this.#extentsUnsupported) return await super._blockStatus(offsetBytes, lengthBytes);
+    const gref = await this.pages.allocateWait(1);
+    try {
+      return await this.#blockStatusRounds(gref, offsetBytes, offsetBytes + lengthBytes);
+    } finally {
+      this.pages.release(gref, 1);
+    }
+  }
+
   close(): Promise<void> {
     return Promise.resolve();
+  }
+
+  // Asks again from where each answer stopped, up to a bound; the result
+  // is non-empty and consecutive from `offsetBytes`, possibly short.
+  async #blockStatusRounds(gref: number, offsetBytes: number, end: number): Promise<Extent[]> {
+    const extents: Extent[] = [];
+    let position = offsetBytes;
+    for (let round = 0; round < block_status_requests_per_call_max && position < end; round++) {
+      const answer = await this.#blockStatusOnce(gref, position, end);
+      // No answer (EOPNOTSUPP), or one ending inside the sector before
+      // `position`: "data" is always a true answer, up to the next sector.
+      const reached = answer ? _appendFrom(extents, answer, position) : position;
+      if (reached > position) {
+        position = reached;
+        continue;
+      }
+      const stop = answer ? Math.min(end, _nextSector(position)) : end;
+      const data = { offsetBytes: position, lengthBytes: stop - position };
+      _appendFrom(extents, [{ ...data, hole: false, zero: false }], position);
+      position = stop;
+    }
+    if (extents.length === 0 || extents[0].offsetBytes !== offsetBytes) {
+      throw new Error(`${this.path}: block status arithmetic at ${offsetBytes}`);
+    }
+    return extents;
+  }
+
+  // One BLOCK_STATUS request for [position, end) from the sector holding
+  // `position`; undefined when the disk process has no block status.
+  async #blockStatusOnce(gref: number, position: number, end: number) {
+    const start = position - (position % B.SECTOR_BYTES);
+    const length = Math.min(end - start, block_status_length_bytes_max);
+    const page = this.pool.subarray(gref * B.PAGE_BYTES, (gref + 1) * B.PAGE_BYTES);
+    writeBlockStatusQuery(page, length);
+    const status = await this.submitBlockStatus(start / B.SECTOR_BYTES, gref);
+    if (status === B.BLKIF_RSP_EOPNOTSUPP) {
+      this.#extentsUnsupported = true;
+      return undefined;
+    }
+    throwForStatus(status, "block status", this.path);
+    try {
+      return decodeBlockStatusReply(page, start, length);
+    } catch (error) {
+      throw new BlockError("EIO", `${this.path}: ${(error as Error).message}`);
+    }
   }
 
   // Sector-aligned transfer in chunks of at most request_bytes_max.
@@ -551,6 +638,30 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
     this.#rmwLock = result.catch(() => {});
     return result;
   }
+}
+
+// Appends `answer` clipped to start at `position` (merging equal
+// neighbours); returns where the extents now end.
+function _appendFrom(extents: Extent[], answer: Extent[], position: number): number {
+  for (const e of answer) {
+    const start = Math.max(e.offsetBytes, position);
+    const stop = e.offsetBytes + e.lengthBytes;
+    if (stop <= start) continue;
+    const last = extents[extents.length - 1];
+    if (last && last.offsetBytes + last.lengthBytes !== start) {
+      throw new Error(`block status: extent at ${start} after one ending elsewhere`);
+    }
+    const piece = { offsetBytes: start, lengthBytes: stop - start, hole: e.hole, zero: e.zero };
+    if (last && last.hole === e.hole && last.zero === e.zero) {
+      last.lengthBytes = stop - last.offsetBytes;
+    } else extents.push(piece);
+    position = stop;
+  }
+  return position;
+}
+
+function _nextSector(offsetBytes: number): number {
+  return (Math.floor(offsetBytes / B.SECTOR_BYTES) + 1) * B.SECTOR_BYTES;
 }
 
 function isSectorAligned(offsetBytes: number, lengthBytes: number): boolean {

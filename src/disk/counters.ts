@@ -32,6 +32,7 @@ export class DiskCounters {
     flush: 0,
     barrier: 0,
     discard: 0,
+    "block-status": 0,
   };
   bytesRead = 0;
   bytesWritten = 0;

@@ -13,7 +13,8 @@
  */
 import * as B from "../ring/blkif.ts";
 import { BackRing, type Fence } from "../ring/ring.ts";
-import type { BlockDriver } from "../formats/driver.ts";
+import { type BlockDriver, BlockError } from "../formats/driver.ts";
+import { encodeBlockStatusReply } from "../ring/block_status.ts";
 import { DiskCounters, type DiskStats } from "./counters.ts";
 import { TokenBucket } from "./token_bucket.ts";
 import {
@@ -147,7 +148,8 @@ export class DiskServer {
     if (!this.#canStart()) return false;
     const isOrdering = request.kind === "flush" || request.kind === "barrier";
     if (isOrdering && this.#inflight > 0) return false;
-    const waitMs = Math.max(this.#iops.waitMs(1), this.#bps.waitMs(request.lengthBytes));
+    const bytes = movedBytes(request);
+    const waitMs = Math.max(this.#iops.waitMs(1), this.#bps.waitMs(bytes));
     if (waitMs > 0) {
       this.#qosTimer ??= setTimeout(() => {
         this.#qosTimer = undefined;
@@ -156,7 +158,7 @@ export class DiskServer {
       return false;
     }
     this.#iops.take(1);
-    this.#bps.take(request.lengthBytes);
+    this.#bps.take(bytes);
     this.#held = undefined;
     if (isOrdering) this.#ordering = true;
     this.#start(request);
@@ -170,9 +172,12 @@ export class DiskServer {
       () => this.#finish(request, started, B.BLKIF_RSP_OKAY),
       (error) => {
         const code = (error as { code?: string }).code;
-        this.#options.log?.(
-          `request ${request.kind} ${request.offsetBytes}+${request.lengthBytes}: ${error}`,
-        );
+        // A driver without extents is an expected answer, not a fault.
+        if (code !== "EOPNOTSUPP" || request.kind !== "block-status") {
+          this.#options.log?.(
+            `request ${request.kind} ${request.offsetBytes}+${request.lengthBytes}: ${error}`,
+          );
+        }
         this.#finish(
           request,
           started,
@@ -206,6 +211,8 @@ export class DiskServer {
         return await writeFrom(driver, request.offsetBytes, request.buffers);
       case "discard":
         return await driver.discard(request.offsetBytes, request.lengthBytes);
+      case "block-status":
+        return await blockStatusInto(driver, request);
       case "flush":
       case "barrier":
         // Xen: a flush/barrier carrying data is a preflush, the write, then
@@ -284,6 +291,24 @@ function makeBuckets(qos: QosSettings | undefined): [TokenBucket, TokenBucket] {
     new TokenBucket(iops, Math.ceil(iops * burstS)),
     new TokenBucket(bps, Math.ceil(bps * burstS)),
   ];
+}
+
+// Block status moves no data (its length is the range asked about): QoS
+// charges it an operation, not bytes.
+function movedBytes(request: ParsedRequest): number {
+  return request.kind === "block-status" ? 0 : request.lengthBytes;
+}
+
+// Only the disk process may answer: it owns the image's metadata (qcow's
+// L2 tables are cached write-back until flush). A driver without extents
+// answers EOPNOTSUPP and the front end reports everything as data.
+async function blockStatusInto(driver: BlockDriver, request: ParsedRequest): Promise<void> {
+  if (!driver.capabilities.canExtents) {
+    throw new BlockError("EOPNOTSUPP", `${driver.path}: no block status`);
+  }
+  const extents = await driver.blockStatus(request.offsetBytes, request.lengthBytes);
+  const [page] = request.buffers;
+  encodeBlockStatusReply(page, extents, request.offsetBytes, request.lengthBytes);
 }
 
 async function readInto(

@@ -7,9 +7,10 @@
  * @module
  */
 import * as B from "../ring/blkif.ts";
+import { block_status_length_bytes_max, readBlockStatusQuery } from "../ring/block_status.ts";
 
 /** What the disk process does for a request. */
-export type RequestKind = "read" | "write" | "flush" | "barrier" | "discard";
+export type RequestKind = "read" | "write" | "flush" | "barrier" | "discard" | "block-status";
 
 /** A request that passed validation. */
 export interface ParsedRequest {
@@ -18,8 +19,12 @@ export interface ParsedRequest {
   operation: number;
   kind: RequestKind;
   offsetBytes: number;
+  /** Bytes moved; for block status, the length asked about (no data moves). */
   lengthBytes: number;
-  /** Pool memory of the segments, adjacent pieces merged; empty for flush/discard. */
+  /**
+   * Pool memory of the segments, adjacent pieces merged; empty for
+   * flush/discard; for block status, the one page of query and answer.
+   */
   buffers: Uint8Array[];
 }
 
@@ -66,6 +71,8 @@ export function parseRequest(ring: DataView, offset: number, ctx: ValidationCont
       return parseDiscard(ring, offset, id, ctx);
     case B.BLKIF_OP_INDIRECT:
       return parseIndirect(ring, offset, id, ctx);
+    case B.BLKTAP_OP_BLOCK_STATUS:
+      return parseBlockStatus(ring, offset, id, ctx);
     default:
       return reject(id, operation, B.BLKIF_RSP_EOPNOTSUPP, `unknown operation ${operation}`);
   }
@@ -214,4 +221,49 @@ function parseDiscard(ring: DataView, offset: number, id: bigint, ctx: Validatio
     lengthBytes: Number(count) * B.SECTOR_BYTES,
     buffers: [],
   };
+}
+
+// One segment naming a whole pool page; the length asked about is read from
+// that page once, here, and bounded (the front end may change the page
+// after we looked: only this copy is used).
+function parseBlockStatus(
+  ring: DataView,
+  offset: number,
+  id: bigint,
+  ctx: ValidationContext,
+): Result {
+  const operation = B.BLKTAP_OP_BLOCK_STATUS;
+  const count = ring.getUint8(offset + B.REQ_NR_SEGMENTS);
+  if (count !== 1) {
+    return reject(id, operation, B.BLKIF_RSP_ERROR, `block status nr_segments ${count}`);
+  }
+  const gref = ring.getUint32(offset + B.REQ_SEG + B.SEG_GREF, true);
+  const first = ring.getUint8(offset + B.REQ_SEG + B.SEG_FIRST_SECT);
+  const last = ring.getUint8(offset + B.REQ_SEG + B.SEG_LAST_SECT);
+  if (gref >= ctx.poolPages) {
+    return reject(id, operation, B.BLKIF_RSP_ERROR, `gref ${gref} outside the pool`);
+  }
+  // The answer may fill the page: the segment must be all of it.
+  if (first !== 0 || last !== B.SECTORS_PER_PAGE - 1) {
+    return reject(id, operation, B.BLKIF_RSP_ERROR, `block status segment ${first}..${last}`);
+  }
+  const page = ctx.pool.subarray(gref * B.PAGE_BYTES, (gref + 1) * B.PAGE_BYTES);
+  const length = readBlockStatusQuery(page);
+  if (length === 0n || length > BigInt(block_status_length_bytes_max)) {
+    return reject(id, operation, B.BLKIF_RSP_ERROR, `block status length ${length}`);
+  }
+  const sector = ring.getBigUint64(offset + B.REQ_SECTOR_NUMBER, true);
+  const startBytes = sector * BigInt(B.SECTOR_BYTES);
+  // Byte-granular end: a disk whose size is not whole sectors has its tail asked about too.
+  if (startBytes + length > BigInt(ctx.sizeBytes)) {
+    return reject(
+      id,
+      operation,
+      B.BLKIF_RSP_ERROR,
+      `block status ${startBytes}+${length} past the end`,
+    );
+  }
+  const offsetBytes = Number(startBytes);
+  const lengthBytes = Number(length);
+  return { id, operation, kind: "block-status", offsetBytes, lengthBytes, buffers: [page] };
 }

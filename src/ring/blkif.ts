@@ -22,6 +22,18 @@ export const BLKIF_OP_RESERVED_1 = 4;
 export const BLKIF_OP_DISCARD = 5;
 export const BLKIF_OP_INDIRECT = 6;
 
+/**
+ * blktap extension, not in Xen's blkif.h: block status (which ranges are
+ * holes or read as zeros), so NBD clients of ctrl see the image's holes.
+ * Xen numbers its operations upwards from 0 (6 is the highest in 4.x
+ * headers); 0x80 keeps ours clear of any it may add. A normal one-segment
+ * request: sector_number is the first sector asked about, and the
+ * segment's whole page carries the query and the answer
+ * (src/ring/block_status.ts). Only blktap's own front end issues it; a Xen
+ * guest never does.
+ */
+export const BLKTAP_OP_BLOCK_STATUS = 0x80;
+
 // Response status (BLKIF_RSP_*).
 export const BLKIF_RSP_OKAY = 0;
 export const BLKIF_RSP_ERROR = -1;
