@@ -249,20 +249,34 @@ export class SparseExtent {
     return this.layout.compressed ? "compressed" : "data";
   }
 
-  /** Fills `buffer` from extent offset `offsetBytes` (inside the extent). */
+  /**
+   * Fills `buffer` from extent offset `offsetBytes` (inside the extent).
+   * Grains that lie next to each other in the file are read with one
+   * request (a sequentially written image reads like a raw file).
+   */
   async read(offsetBytes: number, buffer: Uint8Array): Promise<void> {
+    const runs = await this.status(offsetBytes, buffer.byteLength);
+    await Promise.all(runs.map((run) => {
+      const start = run.offsetBytes - offsetBytes;
+      const target = buffer.subarray(start, start + run.lengthBytes);
+      if (run.kind === "data") return this.file.read(run.hostOffsetBytes!, target);
+      if (run.kind === "compressed") return this.#readCompressedRun(run.offsetBytes, target);
+      target.fill(0);
+      return Promise.resolve();
+    }));
+  }
+
+  async #readCompressedRun(offsetBytes: number, target: Uint8Array): Promise<void> {
     const grainBytes = this.layout.grainBytes;
-    const pieces: Promise<void>[] = [];
     let done = 0;
-    while (done < buffer.byteLength) {
+    while (done < target.byteLength) {
       const offset = offsetBytes + done;
       const g = Math.floor(offset / grainBytes);
       const inGrain = offset - g * grainBytes;
-      const length = Math.min(grainBytes - inGrain, buffer.byteLength - done);
-      pieces.push(this.#readGrain(g, inGrain, buffer.subarray(done, done + length)));
+      const length = Math.min(grainBytes - inGrain, target.byteLength - done);
+      await this.#readGrain(g, inGrain, target.subarray(done, done + length));
       done += length;
     }
-    await Promise.all(pieces);
   }
 
   async #readGrain(g: number, inGrain: number, target: Uint8Array): Promise<void> {

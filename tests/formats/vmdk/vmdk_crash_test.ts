@@ -91,7 +91,7 @@ async function verify(dir: string, path: string, model: Uint8Array, maybe: Uint8
   stats.leakedGrainsSeen = Math.max(stats.leakedGrainsSeen, report.leakedClusters);
   assert.deepEqual(report.corruptions, [], "our check");
   assert.equal(report.unusable, undefined);
-  const driver = await openVmdk(path, { readOnly: true });
+  const driver = await openVmdk(path, { readOnly: true, cache: "writeback" });
   const image = new Uint8Array(size_bytes);
   await driver.read(0, image);
   await driver.close();
