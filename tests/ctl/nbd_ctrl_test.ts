@@ -1,0 +1,135 @@
+/**
+ * NBD through `blktap ctrl`: real clients (qemu-io, qemu-img, nbdinfo,
+ * nbdcopy) reach disks over the ring and disk processes, including while
+ * a disk process is being killed.
+ */
+import assert from "node:assert/strict";
+import { CtrlHarness, rawImage } from "./_ctrl_harness.ts";
+import { blktap, hasTool, run, runOk } from "../_helpers/tools.ts";
+
+const MiB = 1 << 20;
+const peers = ["qemu-img", "qemu-io", "nbdinfo", "nbdcopy"];
+const missing = peers.filter((p) => !hasTool(p));
+const ignore = missing.length > 0;
+if (ignore) console.log(`skipping NBD-through-ctrl tests: missing ${missing.join(", ")}`);
+
+function uri(h: CtrlHarness, name: string): string {
+  return `nbd+unix:///${name}?socket=${h.runDir}/nbd.sock`;
+}
+
+async function randomFile(path: string, sizeBytes: number): Promise<void> {
+  const data = new Uint8Array(sizeBytes);
+  for (let i = 0; i < sizeBytes; i += 65536) crypto.getRandomValues(data.subarray(i, i + 65536));
+  await Deno.writeFile(path, data);
+}
+
+Deno.test({
+  name: "ctrl nbd: a qcow disk takes qemu-io patterns, maps its holes, and compares equal",
+  ignore,
+  fn: async () => {
+    const h = await CtrlHarness.start();
+    try {
+      const image = `${h.dir}/disk.qcow`;
+      const created = await blktap(["qcow-create", "32M", image]);
+      assert.equal(created.code, 0, created.stderr);
+      const { uri: exportUri } = await h.request({ op: "create", image: `qcow:${image}` });
+      assert.equal(exportUri, uri(h, "tap0"));
+      await runOk("qemu-io", [
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x11 0 64k",
+        "-c",
+        "write -P 0x22 20M 1M",
+        "-c",
+        "read -P 0x11 0 64k",
+        "-c",
+        "read -P 0 64k 1M",
+        uri(h, "tap0"),
+      ]);
+      const map = await runOk("nbdinfo", ["--map", "--json", uri(h, "tap0")]);
+      const extents = JSON.parse(map) as { offset: number; length: number; type: number }[];
+      const data = extents.filter((e) => (e.type & 1) === 0);
+      assert.deepEqual(
+        data.map((e) => [e.offset, e.offset + e.length]).filter(([s]) => s < 32 * MiB),
+        [[0, 2 * MiB], [20 * MiB, 22 * MiB]],
+        "data where written (2 MiB extents, the blktap qcow layout); holes elsewhere",
+      );
+      // After a flush the image on disk is what QEMU reads through the export.
+      await h.request({ op: "pause", minor: 0 });
+      await h.request({ op: "resume", minor: 0 });
+      const compare = await run("qemu-img", ["compare", "-f", "raw", uri(h, "tap0"), image]);
+      assert.equal(compare.code, 0, compare.stdout + compare.stderr);
+    } finally {
+      await h.close();
+    }
+  },
+});
+
+Deno.test({
+  name: "ctrl nbd: nbdcopy finishes without error while its disk process is SIGKILLed",
+  ignore,
+  fn: async () => {
+    // QoS slows the copy to ~2 s so the kills land in the middle of it.
+    const h = await CtrlHarness.start(["--restart-limit", "100"]);
+    try {
+      const source = `${h.dir}/source.raw`;
+      await randomFile(source, 96 * MiB);
+      const target = await rawImage(h.dir, "target.raw", 96 * MiB);
+      await h.request({ op: "create", image: `aio:${target}`, maxBps: 48 * MiB, burstMs: 100 });
+      const copy = new Deno.Command("nbdcopy", {
+        args: ["--flush", source, uri(h, "tap0")],
+        stdout: "piped",
+        stderr: "piped",
+      }).spawn();
+      let kills = 0;
+      const copied = copy.output();
+      for (let i = 0; i < 4; i += 1) {
+        await new Promise((r) => setTimeout(r, 350));
+        const pid = await h.diskPid(0).catch(() => undefined);
+        if (pid === undefined) continue;
+        try {
+          Deno.kill(pid, "SIGKILL");
+          kills += 1;
+        } catch {
+          // already restarting
+        }
+      }
+      const out = await copied;
+      assert.equal(out.code, 0, new TextDecoder().decode(out.stderr));
+      assert.ok(kills >= 3, `killed ${kills} times`);
+      const [minor] = await h.list();
+      assert.ok((minor.restarts as number) >= 3, `restarts: ${minor.restarts}`);
+      await runOk("qemu-img", ["compare", "-f", "raw", "-F", "raw", source, uri(h, "tap0")]);
+      await runOk("qemu-img", ["compare", "-f", "raw", "-F", "raw", source, target]);
+    } finally {
+      await h.close();
+    }
+  },
+});
+
+Deno.test({
+  name: "ctrl nbd: nbdcopy out of a read-only export, and writes to it are refused",
+  ignore,
+  fn: async () => {
+    const h = await CtrlHarness.start();
+    try {
+      const source = `${h.dir}/source.raw`;
+      await randomFile(source, 8 * MiB);
+      await h.request({ op: "create", image: `aio:${source}`, name: "golden", readOnly: true });
+      const copy = `${h.dir}/copy.raw`;
+      await runOk("nbdcopy", [uri(h, "golden"), copy]);
+      await runOk("qemu-img", ["compare", "-f", "raw", "-F", "raw", source, copy]);
+      const write = await run("qemu-io", ["-f", "raw", "-c", "write 0 4k", uri(h, "golden")]);
+      assert.notEqual(
+        write.code === 0 && !/error|denied|read-only/i.test(write.stdout + write.stderr),
+        true,
+      );
+      const list = await runOk("nbdinfo", ["--list", `nbd+unix:///?socket=${h.runDir}/nbd.sock`]);
+      assert.match(list, /export="golden"/);
+      assert.match(list, /is_read_only: true/);
+    } finally {
+      await h.close();
+    }
+  },
+});
