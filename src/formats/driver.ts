@@ -29,6 +29,23 @@ export interface DriverCapabilities {
   readonly canMultiConn: boolean;
 }
 
+/**
+ * The capabilities of an allocating image format (qcow, vmdk, a chain
+ * stand-in): flush is real, extents report real holes, several connections
+ * may share the disk; no FUA, discard or fast zeroing of its own.
+ */
+export function imageFormatCapabilities(canWrite: boolean): DriverCapabilities {
+  return {
+    canWrite,
+    canFlush: true,
+    canFua: false,
+    canDiscard: false,
+    canZero: false,
+    canExtents: true,
+    canMultiConn: true,
+  };
+}
+
 /** One run of guest bytes with the same allocation state. */
 export interface Extent {
   offsetBytes: number;

@@ -5,7 +5,12 @@
  * that holds nothing — so block status tells what *that* layer holds.
  * @module
  */
-import { BlockDriverBase, BlockError, type DriverCapabilities } from "../formats/driver.ts";
+import {
+  BlockDriverBase,
+  BlockError,
+  type DriverCapabilities,
+  imageFormatCapabilities,
+} from "../formats/driver.ts";
 import type { BlockDriver } from "../formats/driver.ts";
 import type { ImageInfo } from "../formats/inspect.ts";
 import {
@@ -83,15 +88,7 @@ class EmptyLayer extends BlockDriverBase {
   readonly format = "empty";
   readonly path: string;
   readonly sizeBytes: number;
-  readonly capabilities: DriverCapabilities = {
-    canWrite: false,
-    canFlush: true,
-    canFua: false,
-    canDiscard: false,
-    canZero: false,
-    canExtents: true,
-    canMultiConn: true,
-  };
+  readonly capabilities: DriverCapabilities = imageFormatCapabilities(false);
 
   constructor(path: string, sizeBytes: number) {
     super();

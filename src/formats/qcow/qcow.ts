@@ -24,6 +24,7 @@ import {
   BlockError,
   type DriverCapabilities,
   type Extent,
+  imageFormatCapabilities,
 } from "../driver.ts";
 import type { ImageFile, ImageOpenOptions } from "../image_file.ts";
 import type { OpenContext } from "../open_image.ts";
@@ -147,15 +148,7 @@ export class QcowDriver extends BlockDriverBase {
     this.#extentTablesFrom = image.header.extentTablesFromBytes ?? 0;
     const tablesMax = Math.floor(QcowDriver.l2CacheBytesMax / this.#geo.l2TableBytes);
     this.#cache = new L2Cache(tablesMax, (i) => this.#loadTable(i), () => this.#commitQueued());
-    this.capabilities = {
-      canWrite: file.writable,
-      canFlush: true,
-      canFua: false,
-      canDiscard: false,
-      canZero: false,
-      canExtents: true,
-      canMultiConn: true,
-    };
+    this.capabilities = imageFormatCapabilities(file.writable);
   }
 
   /** Opens `path`; the backing chain is opened through `context`. */
@@ -294,15 +287,23 @@ export class QcowDriver extends BlockDriverBase {
 
   // ---- read ---------------------------------------------------------------
 
-  protected async _read(offsetBytes: number, buffer: Uint8Array): Promise<void> {
+  protected _read(offsetBytes: number, buffer: Uint8Array): Promise<void> {
+    return this.#perTable(offsetBytes, buffer, (l1, pos, out) => this.#readInTable(l1, pos, out));
+  }
+
+  // Splits a request at L2-table boundaries and runs the pieces concurrently.
+  async #perTable(
+    offsetBytes: number,
+    bytes: Uint8Array,
+    piece: (l1Index: number, offsetBytes: number, bytes: Uint8Array) => Promise<void>,
+  ): Promise<void> {
     const tasks: Promise<void>[] = [];
     const span = this.#geo.l2SpanBytes;
-    const end = offsetBytes + buffer.byteLength;
+    const end = offsetBytes + bytes.byteLength;
     for (let pos = offsetBytes; pos < end;) {
       const l1Index = Math.floor(pos / span);
       const pieceEnd = Math.min(end, (l1Index + 1) * span);
-      const out = buffer.subarray(pos - offsetBytes, pieceEnd - offsetBytes);
-      tasks.push(this.#readInTable(l1Index, pos, out));
+      tasks.push(piece(l1Index, pos, bytes.subarray(pos - offsetBytes, pieceEnd - offsetBytes)));
       pos = pieceEnd;
     }
     await Promise.all(tasks);
@@ -395,18 +396,12 @@ export class QcowDriver extends BlockDriverBase {
 
   // ---- write --------------------------------------------------------------
 
-  protected async _write(offsetBytes: number, data: Uint8Array): Promise<void> {
-    const tasks: Promise<void>[] = [];
-    const span = this.#geo.l2SpanBytes;
-    const end = offsetBytes + data.byteLength;
-    for (let pos = offsetBytes; pos < end;) {
-      const l1Index = Math.floor(pos / span);
-      const pieceEnd = Math.min(end, (l1Index + 1) * span);
-      const piece = data.subarray(pos - offsetBytes, pieceEnd - offsetBytes);
-      tasks.push(this.#writeInTable(l1Index, pos, piece));
-      pos = pieceEnd;
-    }
-    await Promise.all(tasks);
+  protected _write(offsetBytes: number, data: Uint8Array): Promise<void> {
+    return this.#perTable(
+      offsetBytes,
+      data,
+      (l1, pos, piece) => this.#writeInTable(l1, pos, piece),
+    );
   }
 
   async #writeInTable(l1Index: number, offsetBytes: number, data: Uint8Array): Promise<void> {

@@ -267,15 +267,9 @@ export class SparseExtent {
   }
 
   async #readCompressedRun(offsetBytes: number, target: Uint8Array): Promise<void> {
-    const grainBytes = this.layout.grainBytes;
-    let done = 0;
-    while (done < target.byteLength) {
-      const offset = offsetBytes + done;
-      const g = Math.floor(offset / grainBytes);
-      const inGrain = offset - g * grainBytes;
-      const length = Math.min(grainBytes - inGrain, target.byteLength - done);
-      await this.#readGrain(g, inGrain, target.subarray(done, done + length));
-      done += length;
+    for (const piece of grainPieces(offsetBytes, target.byteLength, this.layout.grainBytes)) {
+      const end = piece.doneBytes + piece.lengthBytes;
+      await this.#readGrain(piece.g, piece.inGrainBytes, target.subarray(piece.doneBytes, end));
     }
   }
 
@@ -334,16 +328,12 @@ export class SparseExtent {
       const why = this.layout.compressed ? "compressed (streamOptimized)" : "version 3";
       throw this.#error("EPERM", `sparse extent is ${why}: read-only`);
     }
-    const grainBytes = this.layout.grainBytes;
     const pieces: Promise<void>[] = [];
-    let done = 0;
-    while (done < data.byteLength) {
-      const offset = offsetBytes + done;
-      const g = Math.floor(offset / grainBytes);
-      const inGrain = offset - g * grainBytes;
-      const length = Math.min(grainBytes - inGrain, data.byteLength - done);
-      pieces.push(this.#writeGrain(g, inGrain, data.subarray(done, done + length)));
-      done += length;
+    for (const piece of grainPieces(offsetBytes, data.byteLength, this.layout.grainBytes)) {
+      const end = piece.doneBytes + piece.lengthBytes;
+      pieces.push(
+        this.#writeGrain(piece.g, piece.inGrainBytes, data.subarray(piece.doneBytes, end)),
+      );
     }
     await Promise.all(pieces);
   }
@@ -580,6 +570,32 @@ export class SparseExtent {
       ),
     ]);
     await this.file.flush();
+  }
+}
+
+/** One grain's share of a byte range: grain `g`, from `inGrainBytes` into it. */
+interface GrainPiece {
+  g: number;
+  inGrainBytes: number;
+  /** Where the piece starts in the caller's buffer. */
+  doneBytes: number;
+  lengthBytes: number;
+}
+
+// Splits `[offsetBytes, offsetBytes+lengthBytes)` at grain boundaries, in order.
+function* grainPieces(
+  offsetBytes: number,
+  lengthBytes: number,
+  grainBytes: number,
+): Generator<GrainPiece> {
+  let done = 0;
+  while (done < lengthBytes) {
+    const offset = offsetBytes + done;
+    const g = Math.floor(offset / grainBytes);
+    const inGrainBytes = offset - g * grainBytes;
+    const length = Math.min(grainBytes - inGrainBytes, lengthBytes - done);
+    yield { g, inGrainBytes, doneBytes: done, lengthBytes: length };
+    done += length;
   }
 }
 

@@ -15,7 +15,13 @@
  * described in `sparse_extent.ts`; `check.ts` holds the structural check.
  * @module
  */
-import { BlockDriverBase, BlockError, type DriverCapabilities, type Extent } from "../driver.ts";
+import {
+  BlockDriverBase,
+  BlockError,
+  type DriverCapabilities,
+  type Extent,
+  imageFormatCapabilities,
+} from "../driver.ts";
 import type { ImageFile, ImageOpenOptions } from "../image_file.ts";
 import type { ImageInfo } from "../inspect.ts";
 import type { FormatEntry, OpenContext } from "../open_image.ts";
@@ -105,15 +111,7 @@ export class VmdkDriver extends BlockDriverBase {
     this.descriptor = descriptor;
     const last = extents[extents.length - 1];
     this.sizeBytes = last.startBytes + last.sizeBytes;
-    this.capabilities = {
-      canWrite: writable,
-      canFlush: true,
-      canFua: false,
-      canDiscard: false,
-      canZero: false,
-      canExtents: true,
-      canMultiConn: true,
-    };
+    this.capabilities = imageFormatCapabilities(writable);
   }
 
   /** The sparse extents, for `check` and `info`. */
