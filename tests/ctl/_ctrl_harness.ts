@@ -3,8 +3,10 @@
  * requests through the client library, every process it started killed by
  * pid in `close()`.
  */
+import assert from "node:assert/strict";
 import { selfCommandFor } from "../../src/cli/self_command.ts";
 import { ctlRequest } from "../../src/ctl/client.ts";
+import { hasTool, run } from "../_helpers/tools.ts";
 
 export class CtrlHarness {
   readonly dir: string;
@@ -65,6 +67,11 @@ export class CtrlHarness {
     await this.#remember();
     this.#child!.kill("SIGKILL");
     await this.#child!.status;
+  }
+
+  /** The NBD URI of export `name` (ctrl serves NBD on `nbd.sock` in its run dir). */
+  nbdUri(name: string): string {
+    return `nbd+unix:///${name}?socket=${this.runDir}/nbd.sock`;
   }
 
   request(request: Record<string, unknown>): Promise<Record<string, unknown>> {
@@ -129,4 +136,43 @@ export async function rawImage(dir: string, name: string, sizeBytes: number): Pr
   await file.truncate(sizeBytes);
   file.close();
   return path;
+}
+
+/** Creates a qcow image of `sizeMiB` MiB with `blktap qcow-create`. */
+export async function qcowImage(dir: string, name: string, sizeMiB: number): Promise<string> {
+  const path = `${dir}/${name}`;
+  const out = await selfCommandFor(["qcow-create", String(sizeMiB), path], {
+    stdout: "null",
+    stderr: "piped",
+  }).output();
+  if (!out.success) throw new Error(`qcow-create: ${new TextDecoder().decode(out.stderr)}`);
+  return path;
+}
+
+/** What the `exercise` request answers: a verified load's counts. */
+export type Load = {
+  requests: number;
+  errors: number;
+  mismatches: number;
+  verifiedSectors: number;
+  firstError?: string;
+};
+
+/** Asserts a verified load saw no errors and no mismatches. */
+export function assertClean(result: Load, what: string): void {
+  assert.equal(result.errors, 0, `${what}: ${result.firstError}`);
+  assert.equal(result.mismatches, 0, `${what}: ${result.firstError}`);
+}
+
+/** True (and says so) when one of `peers` is missing: the tests needing them are ignored. */
+export function ignoreWithout(peers: string[], what: string): boolean {
+  const missing = peers.filter((p) => !hasTool(p));
+  if (missing.length > 0) console.log(`skipping ${what} tests: missing ${missing.join(", ")}`);
+  return missing.length > 0;
+}
+
+/** Asserts `qemu-img compare` reads the same bytes through export `name` as in `image`. */
+export async function assertExportIs(h: CtrlHarness, name: string, image: string): Promise<void> {
+  const compare = await run("qemu-img", ["compare", "-f", "raw", h.nbdUri(name), image]);
+  assert.equal(compare.code, 0, compare.stdout + compare.stderr);
 }

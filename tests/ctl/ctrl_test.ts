@@ -1,32 +1,9 @@
 import assert from "node:assert/strict";
 import { selfCommandFor } from "../../src/cli/self_command.ts";
 import { testSeed } from "../_helpers/random.ts";
-import { CtrlHarness, rawImage } from "./_ctrl_harness.ts";
+import { assertClean, CtrlHarness, type Load, qcowImage, rawImage } from "./_ctrl_harness.ts";
 
 const MiB = 1 << 20;
-
-type Load = {
-  requests: number;
-  errors: number;
-  mismatches: number;
-  verifiedSectors: number;
-  firstError?: string;
-};
-
-async function qcowImage(dir: string, name: string, sizeMiB: number): Promise<string> {
-  const path = `${dir}/${name}`;
-  const out = await selfCommandFor(["qcow-create", String(sizeMiB), path], {
-    stdout: "null",
-    stderr: "piped",
-  }).output();
-  if (!out.success) throw new Error(`qcow-create: ${new TextDecoder().decode(out.stderr)}`);
-  return path;
-}
-
-function assertClean(result: Load, what: string): void {
-  assert.equal(result.errors, 0, `${what}: ${result.firstError}`);
-  assert.equal(result.mismatches, 0, `${what}: ${result.firstError}`);
-}
 
 Deno.test("ctrl: 100,000+ verified requests over raw and qcow disks, sizes 1 KiB..1 MiB, depths 1..64", async () => {
   const rng = testSeed("ctrl load");

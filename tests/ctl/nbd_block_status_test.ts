@@ -5,24 +5,18 @@
  * process was killed and restarted.
  */
 import assert from "node:assert/strict";
-import { CtrlHarness } from "./_ctrl_harness.ts";
-import { blktap, hasTool, run, runOk } from "../_helpers/tools.ts";
+import { assertExportIs, CtrlHarness, ignoreWithout } from "./_ctrl_harness.ts";
+import { blktap, runOk } from "../_helpers/tools.ts";
 
 const MiB = 1 << 20;
 const peers = ["qemu-img", "qemu-io", "nbdinfo"];
-const missing = peers.filter((p) => !hasTool(p));
-const ignore = missing.length > 0;
-if (ignore) console.log(`skipping ctrl block-status tests: missing ${missing.join(", ")}`);
+const ignore = ignoreWithout(peers, "ctrl block-status");
 
 interface Run {
   start: number;
   end: number;
   hole: boolean;
   zero: boolean;
-}
-
-function uri(h: CtrlHarness, name: string): string {
-  return `nbd+unix:///${name}?socket=${h.runDir}/nbd.sock`;
 }
 
 // Neighbours with the same state merged: both tools may split runs differently.
@@ -38,7 +32,7 @@ function merged(runs: Run[]): Run[] {
 }
 
 async function nbdMap(h: CtrlHarness, name: string): Promise<Run[]> {
-  const map = JSON.parse(await runOk("nbdinfo", ["--map", "--json", uri(h, name)])) as {
+  const map = JSON.parse(await runOk("nbdinfo", ["--map", "--json", h.nbdUri(name)])) as {
     offset: number;
     length: number;
     type: number;
@@ -86,7 +80,7 @@ Deno.test({
       assert.equal(created.code, 0, created.stderr);
       await h.request({ op: "create", image: `qcow:${image}` });
       const writes = ["write -P 0x11 0 64k", "write -P 0x22 20M 1M", "write -P 0x33 31M 4k"];
-      await runOk("qemu-io", ["-f", "raw", ...writes.flatMap((w) => ["-c", w]), uri(h, "tap0")]);
+      await runOk("qemu-io", ["-f", "raw", ...writes.flatMap((w) => ["-c", w]), h.nbdUri("tap0")]);
       // Before any flush: only the disk process knows the new L2 entries.
       const before = await nbdMap(h, "tap0");
       assert.ok(before.some((r) => r.hole), JSON.stringify(before));
@@ -99,8 +93,7 @@ Deno.test({
       await killDisk(h);
       assert.deepEqual(await nbdMap(h, "tap0"), before, "the same after a restart");
       // Sparse structured reads: what QEMU reads through the export is the file.
-      const compare = await run("qemu-img", ["compare", "-f", "raw", uri(h, "tap0"), image]);
-      assert.equal(compare.code, 0, compare.stdout + compare.stderr);
+      await assertExportIs(h, "tap0", image);
     } finally {
       await h.close();
     }
@@ -130,7 +123,7 @@ Deno.test({
       assert.deepEqual(await nbdMap(h, "null"), [
         { start: 0, end: 8 * MiB, hole: false, zero: false },
       ]);
-      await runOk("qemu-img", ["compare", "-f", "raw", "-F", "raw", uri(h, "raw"), image]);
+      await runOk("qemu-img", ["compare", "-f", "raw", "-F", "raw", h.nbdUri("raw"), image]);
     } finally {
       await h.close();
     }

@@ -4,18 +4,12 @@
  * a disk process is being killed.
  */
 import assert from "node:assert/strict";
-import { CtrlHarness, rawImage } from "./_ctrl_harness.ts";
-import { blktap, hasTool, run, runOk } from "../_helpers/tools.ts";
+import { assertExportIs, CtrlHarness, ignoreWithout, rawImage } from "./_ctrl_harness.ts";
+import { blktap, run, runOk } from "../_helpers/tools.ts";
 
 const MiB = 1 << 20;
 const peers = ["qemu-img", "qemu-io", "nbdinfo", "nbdcopy"];
-const missing = peers.filter((p) => !hasTool(p));
-const ignore = missing.length > 0;
-if (ignore) console.log(`skipping NBD-through-ctrl tests: missing ${missing.join(", ")}`);
-
-function uri(h: CtrlHarness, name: string): string {
-  return `nbd+unix:///${name}?socket=${h.runDir}/nbd.sock`;
-}
+const ignore = ignoreWithout(peers, "NBD-through-ctrl");
 
 async function randomFile(path: string, sizeBytes: number): Promise<void> {
   const data = new Uint8Array(sizeBytes);
@@ -33,7 +27,7 @@ Deno.test({
       const created = await blktap(["qcow-create", "32M", image]);
       assert.equal(created.code, 0, created.stderr);
       const { uri: exportUri } = await h.request({ op: "create", image: `qcow:${image}` });
-      assert.equal(exportUri, uri(h, "tap0"));
+      assert.equal(exportUri, h.nbdUri("tap0"));
       await runOk("qemu-io", [
         "-f",
         "raw",
@@ -45,9 +39,9 @@ Deno.test({
         "read -P 0x11 0 64k",
         "-c",
         "read -P 0 64k 1M",
-        uri(h, "tap0"),
+        h.nbdUri("tap0"),
       ]);
-      const map = await runOk("nbdinfo", ["--map", "--json", uri(h, "tap0")]);
+      const map = await runOk("nbdinfo", ["--map", "--json", h.nbdUri("tap0")]);
       const extents = JSON.parse(map) as { offset: number; length: number; type: number }[];
       const data = extents.filter((e) => (e.type & 1) === 0);
       assert.deepEqual(
@@ -58,8 +52,7 @@ Deno.test({
       // After a flush the image on disk is what QEMU reads through the export.
       await h.request({ op: "pause", minor: 0 });
       await h.request({ op: "resume", minor: 0 });
-      const compare = await run("qemu-img", ["compare", "-f", "raw", uri(h, "tap0"), image]);
-      assert.equal(compare.code, 0, compare.stdout + compare.stderr);
+      await assertExportIs(h, "tap0", image);
     } finally {
       await h.close();
     }
@@ -78,7 +71,7 @@ Deno.test({
       const target = await rawImage(h.dir, "target.raw", 96 * MiB);
       await h.request({ op: "create", image: `aio:${target}`, maxBps: 48 * MiB, burstMs: 100 });
       const copy = new Deno.Command("nbdcopy", {
-        args: ["--flush", source, uri(h, "tap0")],
+        args: ["--flush", source, h.nbdUri("tap0")],
         stdout: "piped",
         stderr: "piped",
       }).spawn();
@@ -100,7 +93,7 @@ Deno.test({
       assert.ok(kills >= 3, `killed ${kills} times`);
       const [minor] = await h.list();
       assert.ok((minor.restarts as number) >= 3, `restarts: ${minor.restarts}`);
-      await runOk("qemu-img", ["compare", "-f", "raw", "-F", "raw", source, uri(h, "tap0")]);
+      await runOk("qemu-img", ["compare", "-f", "raw", "-F", "raw", source, h.nbdUri("tap0")]);
       await runOk("qemu-img", ["compare", "-f", "raw", "-F", "raw", source, target]);
     } finally {
       await h.close();
@@ -118,9 +111,9 @@ Deno.test({
       await randomFile(source, 8 * MiB);
       await h.request({ op: "create", image: `aio:${source}`, name: "golden", readOnly: true });
       const copy = `${h.dir}/copy.raw`;
-      await runOk("nbdcopy", [uri(h, "golden"), copy]);
+      await runOk("nbdcopy", [h.nbdUri("golden"), copy]);
       await runOk("qemu-img", ["compare", "-f", "raw", "-F", "raw", source, copy]);
-      const write = await run("qemu-io", ["-f", "raw", "-c", "write 0 4k", uri(h, "golden")]);
+      const write = await run("qemu-io", ["-f", "raw", "-c", "write 0 4k", h.nbdUri("golden")]);
       assert.notEqual(
         write.code === 0 && !/error|denied|read-only/i.test(write.stdout + write.stderr),
         true,

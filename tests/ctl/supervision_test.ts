@@ -1,26 +1,9 @@
 import assert from "node:assert/strict";
-import { selfCommandFor } from "../../src/cli/self_command.ts";
 import { testSeed } from "../_helpers/random.ts";
-import { CtrlHarness, rawImage } from "./_ctrl_harness.ts";
+import { assertClean, CtrlHarness, type Load, qcowImage, rawImage } from "./_ctrl_harness.ts";
 
 const MiB = 1 << 20;
 const load_ms = 60_000;
-
-type Load = {
-  requests: number;
-  errors: number;
-  mismatches: number;
-  verifiedSectors: number;
-  firstError?: string;
-};
-
-async function qcowImage(dir: string, name: string, sizeMiB: number): Promise<string> {
-  const path = `${dir}/${name}`;
-  const out = await selfCommandFor(["qcow-create", String(sizeMiB), path], { stdout: "null" })
-    .output();
-  if (!out.success) throw new Error("qcow-create failed");
-  return path;
-}
 
 Deno.test("supervision: SIGKILL of disks every few seconds under 60 s of verified load", async () => {
   const rng = testSeed("supervision kills");
@@ -81,8 +64,7 @@ Deno.test("supervision: SIGKILL of disks every few seconds under 60 s of verifie
     assert.ok(kills >= 24, `only ${kills} kills`);
     const runs = [["victim", hurt], ["qvictim", qhurt], ["bystander", spared]] as const;
     for (const [name, r] of runs) {
-      assert.equal(r.errors, 0, `${name}: ${r.firstError}`);
-      assert.equal(r.mismatches, 0, `${name}: ${r.firstError}`);
+      assertClean(r, name);
       assert.ok(r.verifiedSectors > 0);
     }
     const list = await h.list();
