@@ -1,12 +1,10 @@
 import assert from "node:assert/strict";
 import * as B from "../../src/ring/blkif.ts";
-import { DiskServer } from "../../src/disk/disk_server.ts";
-import { RingDisk } from "../../src/ctl/ring_disk.ts";
+import type { DiskServer } from "../../src/disk/disk_server.ts";
 import { TestFrontend } from "../../src/ctl/test_frontend.ts";
 import { testSeed } from "../_helpers/random.ts";
 import { MemoryDriver } from "../disk/_memory_driver.ts";
-
-const noFence = () => {};
+import { ringPair } from "../disk/_ring_pair.ts";
 
 /** A disk with a volatile write cache: unflushed writes die with the "process". */
 class VolatileDriver extends MemoryDriver {
@@ -39,21 +37,11 @@ class VolatileDriver extends MemoryDriver {
 
 /** A front end and a restartable in-process back end over one buffer. */
 function harness(sizeBytes: number, volatileWrites: boolean, ringPages = 4) {
-  const memory = new Uint8Array((ringPages + 4096) * B.PAGE_BYTES);
-  const ring = memory.subarray(0, ringPages * B.PAGE_BYTES);
-  const pool = memory.subarray(ringPages * B.PAGE_BYTES);
   const driver = new VolatileDriver(sizeBytes);
-  const disk = new RingDisk("t", { ring, pool }, { fence: noFence, readOnly: false, sizeBytes });
+  const { disk, serve } = ringPair("t", driver, sizeBytes, { ringPages });
   let server: DiskServer;
   const start = () => {
-    server = new DiskServer({
-      ring,
-      pool,
-      fence: noFence,
-      driver,
-      readOnly: false,
-      notify: () => disk.onKick(),
-    });
+    server = serve();
     disk.attach(() => server.kick(), sizeBytes, volatileWrites);
   };
   start();

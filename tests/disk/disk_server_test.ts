@@ -1,28 +1,15 @@
 import assert from "node:assert/strict";
 import * as B from "../../src/ring/blkif.ts";
-import { DiskServer } from "../../src/disk/disk_server.ts";
-import { RingDisk } from "../../src/ctl/ring_disk.ts";
 import { TestFrontend } from "../../src/ctl/test_frontend.ts";
 import { testSeed } from "../_helpers/random.ts";
 import { MemoryDriver } from "./_memory_driver.ts";
-
-const noFence = () => {};
+import { ringPair } from "./_ring_pair.ts";
 
 /** Front end and back end over one ArrayBuffer, kicks as function calls. */
 function pair(sizeBytes: number, ringPages = 4, poolPages = 4096) {
-  const memory = new Uint8Array((ringPages + poolPages) * B.PAGE_BYTES);
-  const ring = memory.subarray(0, ringPages * B.PAGE_BYTES);
-  const pool = memory.subarray(ringPages * B.PAGE_BYTES);
   const driver = new MemoryDriver(sizeBytes);
-  const disk = new RingDisk("test", { ring, pool }, { fence: noFence, readOnly: false, sizeBytes });
-  const server = new DiskServer({
-    ring,
-    pool,
-    fence: noFence,
-    driver,
-    readOnly: false,
-    notify: () => disk.onKick(),
-  });
+  const { disk, ring, pool, serve } = ringPair("test", driver, sizeBytes, { ringPages, poolPages });
+  const server = serve();
   disk.attach(() => server.kick(), sizeBytes);
   return { disk, server, driver, ring, pool };
 }
@@ -111,19 +98,11 @@ Deno.test("disk server: a flush starts after earlier writes complete and before 
 
 Deno.test("disk server: QoS holds IOPS to the limit after the burst", async () => {
   const sizeBytes = 1 << 20;
-  const memory = new Uint8Array((4 + 64) * B.PAGE_BYTES);
-  const ring = memory.subarray(0, 4 * B.PAGE_BYTES);
-  const pool = memory.subarray(4 * B.PAGE_BYTES);
-  const disk = new RingDisk("qos", { ring, pool }, { fence: noFence, readOnly: false, sizeBytes });
-  const server = new DiskServer({
-    ring,
-    pool,
-    fence: noFence,
-    driver: new MemoryDriver(sizeBytes),
-    readOnly: false,
-    notify: () => disk.onKick(),
+  const { disk, serve } = ringPair("qos", new MemoryDriver(sizeBytes), sizeBytes, {
+    poolPages: 64,
     qos: { maxIops: 200, maxBps: 0, burstMs: 100 },
   });
+  const server = serve();
   disk.attach(() => server.kick(), sizeBytes);
   const started = performance.now();
   const result = await new TestFrontend(disk, {
