@@ -12,7 +12,7 @@ import { createQcow } from "../../../src/formats/qcow/create.ts";
 import { QcowDriver } from "../../../src/formats/qcow/qcow.ts";
 import { checkQcow } from "../../../src/formats/qcow/check.ts";
 import { testSeed } from "../../_helpers/random.ts";
-import { FaultFile } from "./_fault_file.ts";
+import { FaultFile } from "../../_helpers/fault_file.ts";
 import { assertDurable, assertQemuSees, crashBatch, hasQemu, inTempDir, readAll } from "./_util.ts";
 
 const disk_bytes = 4 << 20;

@@ -11,7 +11,7 @@ import { createVmdk } from "../../../src/formats/vmdk/create.ts";
 import { openVmdk } from "../../../src/formats/vmdk/vmdk.ts";
 import { vmdkCheck } from "../../../src/formats/vmdk/check.ts";
 import { testSeed } from "../../_helpers/random.ts";
-import { FaultFile } from "../qcow/_fault_file.ts";
+import { FaultFile } from "../../_helpers/fault_file.ts";
 import { HAVE_QEMU, qemuImg } from "./_vmdk_helpers.ts";
 
 const size_bytes = 2 << 20;

@@ -5,8 +5,8 @@
  * write dropped, applied, or torn at 512-byte sectors, in any order.
  * @module
  */
-import type { FileExtent, ImageFile } from "../../../src/formats/image_file.ts";
-import type { Random } from "../../_helpers/random.ts";
+import type { FileExtent, ImageFile } from "../../src/formats/image_file.ts";
+import type { Random } from "./random.ts";
 
 type Op =
   | { kind: "write"; offset: number; data: Uint8Array }
