@@ -63,6 +63,9 @@ start_cfg() { # CONFIG -> sets SERVER_PID, CFG_SOCK, CFG_EXPORT
     blktap-ctrl-none)     start_ctrl "$1" none ;;
     blktap-ctrl-writeback) start_ctrl "$1" writeback ;;
     blktap-none)          start_server "$1" "$SOCK" "${BLKTAP[@]}" serve "aio:$IMG" --socket "$SOCK" --cache none ;;
+    # ffi/aio.ts may block the JavaScript thread up to BLKTAP_AIO_SPIN_US (default 50) in
+    # io_getevents; in-process, that stalls the socket side. This config turns it off.
+    blktap-none-nospin)   start_server "$1" "$SOCK" env BLKTAP_AIO_SPIN_US=0 "${BLKTAP[@]}" serve "aio:$IMG" --socket "$SOCK" --cache none ;;
     # Page cache: the sync engine (pread/pwrite hit the cache in microseconds; libaio on a
     # buffered file submits synchronously and reaps through a thread, the slower choice).
     blktap-writeback)     start_server "$1" "$SOCK" "${BLKTAP[@]}" serve "sync:$IMG" --socket "$SOCK" --cache writeback ;;
@@ -107,7 +110,7 @@ for line in open(sys.argv[1]):
     kv = dict(x.split("=", 1) for x in p[1:] if "=" in x)
     if "MBps" in kv:
         v[(kv["label"], kv["workload"])][kv["rep"]] = float(kv["MBps"])
-modes = {"none": (["blktap-none", "blktap-ctrl-none"], ["qemu-nbd-none-native", "nbdkit-file-none"]),
+modes = {"none": (["blktap-none", "blktap-none-nospin", "blktap-ctrl-none"], ["qemu-nbd-none-native", "nbdkit-file-none"]),
          "writeback": (["blktap-writeback", "blktap-writeback-aio", "blktap-ctrl-writeback"], ["qemu-nbd-writeback", "nbdkit-file-default"])}
 print("\nblktap / peer, median of per-repetition ratios (MB/s; IOPS ratio is the same)")
 print("%-22s %-10s %12s %12s %12s" % ("blktap config", "workload", "vs qemu-nbd", "vs nbdkit", "vs best"))
