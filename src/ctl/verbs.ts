@@ -17,6 +17,21 @@ const RUN_DIR_HELP =
   "  --run-dir DIR   ctrl's run directory (default $XDG_RUNTIME_DIR/blktap, else /run/blktap)";
 const runDirOption = { "run-dir": { type: "string" } } as const;
 
+// The QoS options of `create` and `qos`, and the request fields they become.
+const qosOptions = {
+  "max-iops": { type: "string" },
+  "max-bps": { type: "string" },
+  "burst-ms": { type: "string" },
+} as const;
+
+function qosRequest(values: { "max-iops"?: string; "max-bps"?: string; "burst-ms"?: string }) {
+  return {
+    maxIops: parseCount(values["max-iops"], "--max-iops"),
+    maxBps: values["max-bps"] ? parseSize(values["max-bps"]) : undefined,
+    burstMs: parseCount(values["burst-ms"], "--burst-ms"),
+  };
+}
+
 function runDir(values: { "run-dir"?: string }): string {
   return values["run-dir"] ?? defaultRunDir();
 }
@@ -47,9 +62,7 @@ ${RUN_DIR_HELP}`,
       name: { type: "string" },
       readonly: { type: "boolean" },
       cache: { type: "string" },
-      "max-iops": { type: "string" },
-      "max-bps": { type: "string" },
-      "burst-ms": { type: "string" },
+      ...qosOptions,
       json: { type: "boolean" },
     }, { min: 1, max: 1 });
     const cache = values.cache ?? "none";
@@ -62,9 +75,7 @@ ${RUN_DIR_HELP}`,
       name: values.name,
       readOnly: values.readonly ?? false,
       cache,
-      maxIops: parseCount(values["max-iops"], "--max-iops"),
-      maxBps: values["max-bps"] ? parseSize(values["max-bps"]) : undefined,
-      burstMs: parseCount(values["burst-ms"], "--burst-ms"),
+      ...qosRequest(values),
     });
     if (values.json) console.log(JSON.stringify(result));
     else console.log([result.minor, result.uri].filter((x) => x !== undefined).join("\n"));
@@ -189,17 +200,13 @@ ${RUN_DIR_HELP}`,
   async run(argv) {
     const { values, positionals } = parseCommandArgs(argv, {
       ...runDirOption,
-      "max-iops": { type: "string" },
-      "max-bps": { type: "string" },
-      "burst-ms": { type: "string" },
+      ...qosOptions,
       json: { type: "boolean" },
     }, { min: 1, max: 1 });
     await ctlRequest(runDir(values), {
       op: "qos",
       minor: minorArg(positionals[0]),
-      maxIops: parseCount(values["max-iops"], "--max-iops"),
-      maxBps: values["max-bps"] ? parseSize(values["max-bps"]) : undefined,
-      burstMs: parseCount(values["burst-ms"], "--burst-ms"),
+      ...qosRequest(values),
     });
     return 0;
   },
