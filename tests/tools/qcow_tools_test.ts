@@ -5,18 +5,15 @@
 import assert from "node:assert/strict";
 import { openImage } from "../../src/formats/open_image.ts";
 import { testSeed } from "../_helpers/random.ts";
-import { blktap, hasTool, run, runOk } from "../_helpers/tools.ts";
-
-const noQemu = !(hasTool("qemu-img") && hasTool("qemu-io"));
-
-async function inTempDir(fn: (dir: string) => Promise<void>): Promise<void> {
-  const dir = await Deno.makeTempDir({ prefix: "blktap-qcow-tools-" });
-  try {
-    await fn(dir);
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
-}
+import { blktap, run, runOk } from "../_helpers/tools.ts";
+import {
+  assertQemuSame,
+  inTempDir,
+  noQemu,
+  qemuConvertToQcow,
+  qemuCreateOver,
+  qemuDataRanges,
+} from "../formats/qcow/_util.ts";
 
 async function ok(args: string[]): Promise<void> {
   const r = await blktap(args);
@@ -30,21 +27,6 @@ async function qemuInfo(path: string) {
     "backing-filename"?: string;
     "cluster-size"?: number;
   };
-}
-
-async function qemuMapData(path: string): Promise<[number, number][]> {
-  const map = JSON.parse(await runOk("qemu-img", ["map", "--output=json", path])) as {
-    start: number;
-    length: number;
-    data: boolean;
-  }[];
-  const out: [number, number][] = [];
-  for (const e of map.filter((e) => e.data)) {
-    const last = out[out.length - 1];
-    if (last && last[1] === e.start) last[1] += e.length;
-    else out.push([e.start, e.start + e.length]);
-  }
-  return out;
 }
 
 function allocatedBytes(path: string): number {
@@ -105,7 +87,7 @@ Deno.test({
       assert.equal(b["cluster-size"], 4096);
       await ok(["qcow-create", "-r", "5M", `${dir}/r.qcow`]);
       assert.ok(allocatedBytes(`${dir}/r.qcow`) >= 5 << 20, "reserved space allocated");
-      assert.deepEqual(await qemuMapData(`${dir}/r.qcow`), [[0, 5 << 20]]);
+      assert.deepEqual(await qemuDataRanges(`${dir}/r.qcow`), [[0, 5 << 20]]);
       assert.equal((await run("qemu-img", ["compare", `${dir}/a.qcow`, `${dir}/b.qcow`])).code, 0);
       // Backing: relative to the new image's folder; size taken from the parent.
       await Deno.writeFile(`${dir}/base.raw`, new Uint8Array(3 << 20).fill(5));
@@ -114,26 +96,10 @@ Deno.test({
       assert.equal(over["virtual-size"], 3 << 20);
       assert.equal(over["backing-filename"], "base.raw");
       assert.equal(over["cluster-size"], 512);
-      await runOk("qemu-img", [
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "qcow",
-        `${dir}/base.raw`,
-        `${dir}/over.qcow`,
-      ]);
+      await assertQemuSame(`${dir}/base.raw`, `${dir}/over.qcow`);
       // qcow over qcow.
       await ok(["qcow-create", "1", `${dir}/top.qcow`, `${dir}/over.qcow`]);
-      await runOk("qemu-img", [
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "qcow",
-        `${dir}/base.raw`,
-        `${dir}/top.qcow`,
-      ]);
+      await assertQemuSame(`${dir}/base.raw`, `${dir}/top.qcow`);
       const exists = await blktap(["qcow-create", "10", `${dir}/a.qcow`]);
       assert.equal(exists.code, 1);
       assert.match(exists.stderr, /already exists/);
@@ -155,16 +121,8 @@ Deno.test({
       const size = (24 << 20) + 12288; // not a multiple of 2 MiB
       const content = await makeSparseRaw(`${dir}/src.raw`, size, "img2qcow-src");
       await ok(["img2qcow", `${dir}/out.qcow`, `${dir}/src.raw`]);
-      await runOk("qemu-img", [
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "qcow",
-        `${dir}/src.raw`,
-        `${dir}/out.qcow`,
-      ]);
-      assert.deepEqual(await qemuMapData(`${dir}/out.qcow`), nonZeroClusters(content));
+      await assertQemuSame(`${dir}/src.raw`, `${dir}/out.qcow`);
+      assert.deepEqual(await qemuDataRanges(`${dir}/out.qcow`), nonZeroClusters(content));
       const driver = await openImage(`${dir}/out.qcow`, { readOnly: true });
       const ours = (await driver.blockStatus(0, driver.sizeBytes)).filter((e) => !e.hole)
         .map((e) => [e.offsetBytes, e.offsetBytes + e.lengthBytes]);
@@ -173,15 +131,7 @@ Deno.test({
       const check = await blktap(["check", `${dir}/out.qcow`]);
       assert.equal(check.code, 0, check.stdout + check.stderr);
       // No larger than QEMU's own qcow conversion.
-      await runOk("qemu-img", [
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow",
-        `${dir}/src.raw`,
-        `${dir}/q.qcow`,
-      ]);
+      await qemuConvertToQcow(`${dir}/src.raw`, `${dir}/q.qcow`);
       // blktap's layout gives the L1 table its own page at 4096, where QEMU
       // packs a small L1 behind the 48-byte header: allow those pages.
       assert.ok(
@@ -193,16 +143,8 @@ Deno.test({
       assert.equal(again.code, 1);
       assert.match(again.stderr, /already exists/);
       await ok(["img2qcow", "--force", "-r", `${dir}/out.qcow`, `${dir}/src.raw`]);
-      await runOk("qemu-img", [
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "qcow",
-        `${dir}/src.raw`,
-        `${dir}/out.qcow`,
-      ]);
-      assert.deepEqual(await qemuMapData(`${dir}/out.qcow`), [[0, size]]);
+      await assertQemuSame(`${dir}/src.raw`, `${dir}/out.qcow`);
+      assert.deepEqual(await qemuDataRanges(`${dir}/out.qcow`), [[0, size]]);
       // Our driver keeps writing into converted images: packed tables take
       // new clusters at the end of the file, new tables reserve extents.
       await ok(["img2qcow", "-t", "none", `${dir}/packed.qcow`, `${dir}/src.raw`]);
@@ -219,16 +161,7 @@ Deno.test({
         }
         await d.close();
         await Deno.writeFile(`${dir}/want.raw`, want);
-        const same = await run("qemu-img", [
-          "compare",
-          "-f",
-          "raw",
-          "-F",
-          "qcow",
-          `${dir}/want.raw`,
-          `${dir}/${name}`,
-        ]);
-        assert.equal(same.code, 0, `${name}: ${same.stdout}`);
+        await assertQemuSame(`${dir}/want.raw`, `${dir}/${name}`, "qcow", name);
         const after = await blktap(["check", `${dir}/${name}`]);
         assert.equal(after.code, 0, after.stdout + after.stderr);
       }
@@ -245,20 +178,9 @@ Deno.test({
       const text = new TextEncoder().encode("qcow2raw ".repeat(120_000));
       content.set(text.subarray(0, 1 << 20), 5 << 20);
       await Deno.writeFile(`${dir}/src.raw`, content);
-      const q = (args: string[]) => runOk("qemu-img", args);
-      await q(["convert", "-f", "raw", "-O", "qcow", `${dir}/src.raw`, `${dir}/plain.qcow`]);
-      // QEMU 7.2 exits 1 at the end of convert -c to qcow, with every cluster written.
-      await run("qemu-img", [
-        "convert",
-        "-c",
-        "-f",
-        "raw",
-        "-O",
-        "qcow",
-        `${dir}/src.raw`,
-        `${dir}/c.qcow`,
-      ]);
-      await q(["create", "-q", "-f", "qcow", "-b", "plain.qcow", "-F", "qcow", `${dir}/top.qcow`]);
+      await qemuConvertToQcow(`${dir}/src.raw`, `${dir}/plain.qcow`);
+      await qemuConvertToQcow(`${dir}/src.raw`, `${dir}/c.qcow`, true);
+      await qemuCreateOver("plain.qcow", `${dir}/top.qcow`);
       await runOk("qemu-io", ["-c", "write -P 0x61 3M 65537", `${dir}/top.qcow`]);
       const top = content.slice();
       top.fill(0x61, 3 << 20, (3 << 20) + 65537);
@@ -266,7 +188,7 @@ Deno.test({
         const out = `${dir}/${name}.raw`;
         await ok(["qcow2raw", out, `${dir}/${name}.qcow`]);
         assert.deepEqual(await Deno.readFile(out), want, name);
-        await runOk("qemu-img", ["compare", "-f", "raw", "-F", "qcow", out, `${dir}/${name}.qcow`]);
+        await assertQemuSame(out, `${dir}/${name}.qcow`);
         const nonZero = nonZeroClusters(want).reduce((n, [s, e]) => n + e - s, 0);
         assert.ok(allocatedBytes(out) <= nonZero + (1 << 20), `${name}: holes stay holes`);
       }

@@ -38,6 +38,21 @@ export function randomWrite(rng: Random, diskBytes: number): [number, number] {
   return [offset, length];
 }
 
+/** `count` random writes of random bytes, one after another, through `driver` and into `model`. */
+export async function writeRandomly(
+  driver: BlockDriver,
+  model: Uint8Array,
+  rng: Random,
+  count: number,
+): Promise<void> {
+  for (let i = 0; i < count; i += 1) {
+    const [offset, length] = randomWrite(rng, model.byteLength);
+    const data = rng.bytes(length);
+    model.set(data, offset);
+    await driver.write(offset, data);
+  }
+}
+
 /** Fill for a write: mostly random bytes, sometimes zeros (tests zero elision). */
 export function writeData(rng: Random, length: number): Uint8Array {
   return rng.next() < 0.15 ? new Uint8Array(length) : rng.bytes(length);
@@ -63,11 +78,38 @@ export async function assertQemuSees(
   const rawPath = `${dir}/expected-${crypto.randomUUID()}.raw`;
   await Deno.writeFile(rawPath, expected);
   try {
-    const result = await run("qemu-img", ["compare", "-f", "raw", "-F", fmt, rawPath, image]);
-    assert.equal(result.code, 0, `qemu-img compare: ${result.stdout}${result.stderr}`);
+    await assertQemuSame(rawPath, image, fmt);
   } finally {
     await Deno.remove(rawPath);
   }
+}
+
+/** Asserts `qemu-img compare` finds `image` (format `fmt`) identical to the raw file `rawPath`. */
+export async function assertQemuSame(
+  rawPath: string,
+  image: string,
+  fmt = "qcow",
+  what = "qemu-img compare",
+): Promise<void> {
+  const result = await run("qemu-img", ["compare", "-f", "raw", "-F", fmt, rawPath, image]);
+  assert.equal(result.code, 0, `${what}: ${result.stdout}${result.stderr}`);
+}
+
+/**
+ * `qemu-img convert` of the raw file `src` to the qcow `dst`. QEMU 7.2 ends
+ * `convert -c` to qcow with a zero-length compressed write that qcow
+ * refuses: exit 1 after writing every cluster, so `compressed` does not
+ * check the exit code.
+ */
+export async function qemuConvertToQcow(src: string, dst: string, compressed = false) {
+  const args = ["convert", ...(compressed ? ["-c"] : []), "-f", "raw", "-O", "qcow", src, dst];
+  if (compressed) await run("qemu-img", args);
+  else await runOk("qemu-img", args);
+}
+
+/** `qemu-img create` of the qcow `path` over the qcow `backing` (named as given). */
+export async function qemuCreateOver(backing: string, path: string): Promise<void> {
+  await runOk("qemu-img", ["create", "-q", "-f", "qcow", "-b", backing, "-F", "qcow", path]);
 }
 
 /** Data ranges per `qemu-img map`, merged. */

@@ -12,7 +12,7 @@ import {
   QcowFormatError,
 } from "../../../src/formats/qcow/header.ts";
 import { testSeed } from "../../_helpers/random.ts";
-import { blktap, run, runOk } from "../../_helpers/tools.ts";
+import { blktap, runOk } from "../../_helpers/tools.ts";
 import {
   assertQemuSees,
   firstDifference,
@@ -20,10 +20,13 @@ import {
   inTempDir,
   noQemu,
   ourDataRanges,
+  qemuConvertToQcow,
+  qemuCreateOver,
   qemuDataRanges,
   randomWrite,
   readAll,
   writeData,
+  writeRandomly,
 } from "./_util.ts";
 
 const disk_bytes = 24 << 20;
@@ -171,27 +174,8 @@ Deno.test({
       raw.set(text.subarray(0, 1 << 20), 4 << 20);
       raw.fill(7, 3 << 20, (3 << 20) + 100_000);
       await Deno.writeFile(`${dir}/src.raw`, raw);
-      await runOk("qemu-img", [
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow",
-        `${dir}/src.raw`,
-        `${dir}/p.qcow`,
-      ]);
-      // QEMU 7.2 ends `convert -c` to qcow with a zero-length compressed
-      // write that qcow refuses: exit 1 after writing every cluster.
-      await run("qemu-img", [
-        "convert",
-        "-c",
-        "-f",
-        "raw",
-        "-O",
-        "qcow",
-        `${dir}/src.raw`,
-        `${dir}/c.qcow`,
-      ]);
+      await qemuConvertToQcow(`${dir}/src.raw`, `${dir}/p.qcow`);
+      await qemuConvertToQcow(`${dir}/src.raw`, `${dir}/c.qcow`, true);
       await assertQemuSees(dir, `${dir}/c.qcow`, raw);
       const compressedMap = JSON.parse(
         await runOk("qemu-img", ["map", "--output=json", `${dir}/c.qcow`]),
@@ -200,29 +184,9 @@ Deno.test({
         compressedMap.some((e) => e.data && e.offset === undefined),
         "has compressed clusters",
       );
-      await runOk("qemu-img", [
-        "create",
-        "-q",
-        "-f",
-        "qcow",
-        "-b",
-        "p.qcow",
-        "-F",
-        "qcow",
-        `${dir}/mid.qcow`,
-      ]);
+      await qemuCreateOver("p.qcow", `${dir}/mid.qcow`);
       await runOk("qemu-io", ["-c", "write -P 0x33 100k 300k", `${dir}/mid.qcow`]);
-      await runOk("qemu-img", [
-        "create",
-        "-q",
-        "-f",
-        "qcow",
-        "-b",
-        "mid.qcow",
-        "-F",
-        "qcow",
-        `${dir}/top.qcow`,
-      ]);
+      await qemuCreateOver("mid.qcow", `${dir}/top.qcow`);
       await runOk("qemu-io", ["-c", "write -P 0x44 5000k 10k", `${dir}/top.qcow`]);
       const expected = raw.slice();
       expected.fill(0x33, 100 << 10, 400 << 10);
@@ -375,12 +339,7 @@ Deno.test("qcow: legacy blktap images (Xen header without flag 0x02: little-endi
     const rng = testSeed("qcow-legacy");
     const model = new Uint8Array(8 << 20);
     let driver = await openImage(image);
-    for (let i = 0; i < 50; i += 1) {
-      const [offset, length] = randomWrite(rng, model.byteLength);
-      const data = rng.bytes(length);
-      model.set(data, offset);
-      await driver.write(offset, data);
-    }
+    await writeRandomly(driver, model, rng, 50);
     await driver.close();
     // Rewrite as the 2006 tapdisk left it: L1 in host (little-endian) order.
     const bytes = await Deno.readFile(image);
@@ -399,12 +358,7 @@ Deno.test("qcow: legacy blktap images (Xen header without flag 0x02: little-endi
     assert.equal(info.details?.l1_checksum_valid, true);
     driver = await openImage(image);
     assert.equal(firstDifference(await readAll(driver), model), -1, "legacy image reads");
-    for (let i = 0; i < 50; i += 1) {
-      const [offset, length] = randomWrite(rng, model.byteLength);
-      const data = rng.bytes(length);
-      model.set(data, offset);
-      await driver.write(offset, data);
-    }
+    await writeRandomly(driver, model, rng, 50);
     await driver.close();
     driver = await openImage(image, { readOnly: true });
     assert.equal(firstDifference(await readAll(driver), model), -1, "legacy image after writes");
@@ -487,12 +441,7 @@ Deno.test({
       for (let turn = 0; turn < 6; turn += 1) {
         if (turn % 2 === 0) {
           const driver = await openImage(image);
-          for (let i = 0; i < 40; i += 1) {
-            const [offset, length] = randomWrite(rng, size);
-            const data = rng.bytes(length);
-            model.set(data, offset);
-            await driver.write(offset, data);
-          }
+          await writeRandomly(driver, model, rng, 40);
           await driver.close();
         } else {
           const commands: string[] = [];
