@@ -3,6 +3,8 @@
  * `qemu-img compare`, and the data ranges of a map (ours or QEMU's).
  * @module
  */
+import assert from "node:assert/strict";
+import type { MapEntry } from "../../../src/tools/map.ts";
 import { run } from "../../_helpers/tools.ts";
 
 /** True when qemu-img is on PATH (tests needing it are skipped otherwise). */
@@ -19,16 +21,30 @@ export function qemuImg(...args: string[]) {
   return run("qemu-img", args);
 }
 
-/** One map entry as `qemu-img map --output=json` prints it. */
-export interface JsonMapEntry {
-  start: number;
-  length: number;
-  depth: number;
-  present: boolean;
-  zero: boolean;
-  data: boolean;
-  offset?: number;
+/** Converts the raw file `src` to the vmdk `dst` of `subformat` with qemu-img; asserts it did. */
+export async function qemuToVmdk(src: string, dst: string, subformat: string): Promise<void> {
+  const converted = await qemuImg(
+    "convert",
+    "-f",
+    "raw",
+    "-O",
+    "vmdk",
+    "-o",
+    `subformat=${subformat}`,
+    src,
+    dst,
+  );
+  assert.equal(converted.code, 0, converted.stderr);
 }
+
+/** Asserts `qemu-img compare` reads the vmdk `path` as the raw file `rawPath`. */
+export async function assertQemuSameAsRaw(path: string, rawPath: string): Promise<void> {
+  const compare = await qemuImg("compare", "-f", "vmdk", "-F", "raw", path, rawPath);
+  assert.equal(compare.code, 0, `qemu-img compare: ${compare.stdout}${compare.stderr}`);
+}
+
+/** One map entry as `qemu-img map --output=json` prints it (the same shape `blktap map` prints). */
+export type JsonMapEntry = MapEntry;
 
 /** QEMU's map of an image. */
 export async function qemuMap(path: string, format?: string): Promise<JsonMapEntry[]> {

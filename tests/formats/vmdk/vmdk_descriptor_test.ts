@@ -10,7 +10,7 @@ import { DescriptorError, parseDescriptor } from "../../../src/formats/vmdk/desc
 import { createVmdk } from "../../../src/formats/vmdk/create.ts";
 import { openVmdk } from "../../../src/formats/vmdk/vmdk.ts";
 import { blktap } from "../../_helpers/tools.ts";
-import { HAVE_QEMU, qemuImg } from "./_vmdk_helpers.ts";
+import { HAVE_QEMU, qemuImg, qemuToVmdk } from "./_vmdk_helpers.ts";
 
 const QEMU_DESCRIPTOR = `# Disk DescriptorFile
 version=1
@@ -125,16 +125,7 @@ Deno.test({
 
       await Deno.writeFile(`${dir}/src.raw`, new Uint8Array(1 << 20).fill(3));
       const stream = `${dir}/s.vmdk`;
-      const r = await qemuImg(
-        "convert",
-        "-O",
-        "vmdk",
-        "-o",
-        "subformat=streamOptimized",
-        `${dir}/src.raw`,
-        stream,
-      );
-      assert.equal(r.code, 0, r.stderr);
+      await qemuToVmdk(`${dir}/src.raw`, stream, "streamOptimized");
       await assert.rejects(() => openImage(stream), /streamOptimized vmdk images are read-only/);
       const ro = await openImage(stream, { readOnly: true });
       assert.equal(ro.capabilities.canWrite, false);

@@ -9,7 +9,14 @@ import { vmdkCheck } from "../../../src/formats/vmdk/check.ts";
 import { openImage } from "../../../src/formats/open_image.ts";
 import { mapImage } from "../../../src/tools/map.ts";
 import { testSeed } from "../../_helpers/random.ts";
-import { HAVE_QEMU, mergedRuns, qemuImg, qemuMap } from "./_vmdk_helpers.ts";
+import {
+  assertQemuSameAsRaw,
+  HAVE_QEMU,
+  mergedRuns,
+  qemuImg,
+  qemuMap,
+  qemuToVmdk,
+} from "./_vmdk_helpers.ts";
 import { run } from "../../_helpers/tools.ts";
 
 // Past 2 GiB so twoGbMaxExtentFlat has two extents; the file stays sparse.
@@ -78,18 +85,7 @@ Deno.test({
       }
       for (const subformat of SUBFORMATS) {
         const path = `${dir}/${subformat}.vmdk`;
-        const converted = await qemuImg(
-          "convert",
-          "-f",
-          "raw",
-          "-O",
-          "vmdk",
-          "-o",
-          `subformat=${subformat}`,
-          rawPath,
-          path,
-        );
-        assert.equal(converted.code, 0, converted.stderr);
+        await qemuToVmdk(rawPath, path, subformat);
         const driver = await openVmdk(path, { readOnly: true });
         assert.equal(driver.sizeBytes, size_bytes, subformat);
         assert.equal(driver.createType, subformat);
@@ -163,8 +159,7 @@ Deno.test({
       model.fill(9, (1 << 20) + 1000, (1 << 20) + 4000);
       await driver.close();
       await Deno.writeFile(`${dir}/model.raw`, model);
-      const compare = await qemuImg("compare", "-f", "vmdk", "-F", "raw", path, `${dir}/model.raw`);
-      assert.equal(compare.code, 0, compare.stdout);
+      await assertQemuSameAsRaw(path, `${dir}/model.raw`);
       assert.equal((await qemuImg("check", path)).code, 0);
     } finally {
       await Deno.remove(dir, { recursive: true });
@@ -183,16 +178,7 @@ Deno.test({
       raw.set(rng.bytes(300_000), 500_000);
       await Deno.writeFile(`${dir}/src.raw`, raw);
       const path = `${dir}/s.vmdk`;
-      const converted = await qemuImg(
-        "convert",
-        "-O",
-        "vmdk",
-        "-o",
-        "subformat=streamOptimized",
-        `${dir}/src.raw`,
-        path,
-      );
-      assert.equal(converted.code, 0, converted.stderr);
+      await qemuToVmdk(`${dir}/src.raw`, path, "streamOptimized");
       const bytes = await Deno.readFile(path);
       assert.equal(bytes.byteLength % 512, 0);
       const header = bytes.slice(0, 512);
@@ -209,8 +195,7 @@ Deno.test({
       await driver.read(0, back);
       await driver.close();
       assert.ok(equalBytes(back, raw));
-      const compare = await qemuImg("compare", "-f", "vmdk", "-F", "raw", path, `${dir}/src.raw`);
-      assert.equal(compare.code, 0, compare.stdout + compare.stderr);
+      await assertQemuSameAsRaw(path, `${dir}/src.raw`);
     } finally {
       await Deno.remove(dir, { recursive: true });
     }
@@ -232,18 +217,7 @@ Deno.test({
       await Deno.writeFile(`${dir}/src.raw`, raw);
       for (const subformat of SUBFORMATS) {
         const path = `${dir}/${subformat}.vmdk`;
-        const r = await qemuImg(
-          "convert",
-          "-f",
-          "raw",
-          "-O",
-          "vmdk",
-          "-o",
-          `subformat=${subformat}`,
-          `${dir}/src.raw`,
-          path,
-        );
-        assert.equal(r.code, 0, r.stderr);
+        await qemuToVmdk(`${dir}/src.raw`, path, subformat);
         const driver = await openVmdk(path, { readOnly: true });
         const back = new Uint8Array(driver.sizeBytes);
         await driver.read(0, back);
