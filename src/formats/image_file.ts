@@ -25,6 +25,13 @@ export interface ImageFile {
   read(offsetBytes: number, buffer: Uint8Array): Promise<void>;
   /** Writes all of `data`; extends the file when writing past its end. Any alignment. */
   write(offsetBytes: number, data: Uint8Array): Promise<void>;
+  /**
+   * Optional: reads consecutive file bytes into several buffers with one
+   * request (preadv), for a ring request whose segments are scattered pages.
+   */
+  readv?(offsetBytes: number, buffers: Uint8Array[]): Promise<void>;
+  /** Optional: writes several buffers to consecutive file bytes with one request (pwritev). */
+  writev?(offsetBytes: number, buffers: Uint8Array[]): Promise<void>;
   /** Makes every completed write durable (fdatasync). */
   flush(): Promise<void>;
   /** Sets the length; growing leaves a hole. */

@@ -29,6 +29,10 @@ function isAligned(value: number, alignment: number): boolean {
   return value % alignment === 0;
 }
 
+function toIovecs(buffers: Uint8Array[]): IoVec[] {
+  return buffers.map((b) => ({ address: addressOf(b), lengthBytes: b.byteLength }));
+}
+
 /** An image file served through libaio. */
 export class AioFile extends FdImageFile {
   readonly direct: boolean;
@@ -127,6 +131,70 @@ export class AioFile extends FdImageFile {
       if (wrote === 0) throw new SysError("pwritev", 28, this.path);
       done += wrote;
     }
+  }
+
+  /** One preadv for all `buffers` when they are aligned; else one read each. */
+  async readv(offsetBytes: number, buffers: Uint8Array[]): Promise<void> {
+    if (!this.#allAligned(offsetBytes, buffers)) {
+      await Promise.all(this.#pieces(offsetBytes, buffers).map(([at, b]) => this.read(at, b)));
+      return;
+    }
+    const total = buffers.reduce((sum, b) => sum + b.byteLength, 0);
+    const got = await queue().readv(this.file.fd, offsetBytes, toIovecs(buffers), this.path);
+    if (got >= total) return;
+    // Short only at end of file (or a buffered short read): finish piece by piece.
+    let position = 0;
+    for (const buffer of buffers) {
+      const end = position + buffer.byteLength;
+      if (end > got) {
+        const skip = Math.max(0, got - position);
+        await this.read(offsetBytes + position + skip, buffer.subarray(skip));
+      }
+      position = end;
+    }
+  }
+
+  /** One pwritev for all `buffers` when they are aligned; else one write each. */
+  async writev(offsetBytes: number, buffers: Uint8Array[]): Promise<void> {
+    if (!this.#allAligned(offsetBytes, buffers)) {
+      await Promise.all(this.#pieces(offsetBytes, buffers).map(([at, b]) => this.write(at, b)));
+      return;
+    }
+    const total = buffers.reduce((sum, b) => sum + b.byteLength, 0);
+    this.length = Math.max(this.length, offsetBytes + total);
+    const release = await this.#writeLocks.acquire(offsetBytes, offsetBytes + total);
+    try {
+      const wrote = await queue().writev(this.file.fd, offsetBytes, toIovecs(buffers), this.path);
+      let position = 0;
+      for (const buffer of buffers) {
+        const end = position + buffer.byteLength;
+        if (end > wrote) {
+          const skip = Math.max(0, wrote - position);
+          await this.#writeFull(offsetBytes + position + skip, buffer.subarray(skip));
+        }
+        position = end;
+      }
+    } finally {
+      release();
+    }
+  }
+
+  #allAligned(offsetBytes: number, buffers: Uint8Array[]): boolean {
+    let at = offsetBytes;
+    for (const buffer of buffers) {
+      if (!this.#aligned(at, buffer)) return false;
+      at += buffer.byteLength;
+    }
+    return true;
+  }
+
+  #pieces(offsetBytes: number, buffers: Uint8Array[]): [number, Uint8Array][] {
+    let at = offsetBytes;
+    return buffers.map((buffer) => {
+      const piece: [number, Uint8Array] = [at, buffer];
+      at += buffer.byteLength;
+      return piece;
+    });
   }
 
   async flush(): Promise<void> {

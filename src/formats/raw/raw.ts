@@ -55,6 +55,15 @@ export class RawDriver extends BlockDriverBase {
     return this.#file.flush();
   }
 
+  // Scattered ring pages, consecutive on disk: one vectored request.
+  protected override _readv(offsetBytes: number, buffers: Uint8Array[]): Promise<void> {
+    return this.#file.readv?.(offsetBytes, buffers) ?? super._readv(offsetBytes, buffers);
+  }
+
+  protected override _writev(offsetBytes: number, buffers: Uint8Array[]): Promise<void> {
+    return this.#file.writev?.(offsetBytes, buffers) ?? super._writev(offsetBytes, buffers);
+  }
+
   protected override _discard(offsetBytes: number, lengthBytes: number): Promise<void> {
     return this.#file.punchHole(offsetBytes, lengthBytes);
   }
