@@ -4,7 +4,8 @@
  * export and for benchmarks of the NBD front end alone.
  * @module
  */
-import { type Command, parseCommandArgs, UsageError } from "../../cli/command.ts";
+import { type Command, parseCommandArgs, parseHostPort, UsageError } from "../../cli/command.ts";
+import { waitForStopSignal } from "../../cli/signals.ts";
 import { openImage } from "../../formats/open_image.ts";
 import type { NbdExport } from "./export.ts";
 import { startNbdServer } from "./server.ts";
@@ -26,30 +27,6 @@ Options:
 
 Clients: qemu-img info 'nbd+unix:///NAME?socket=PATH', nbdinfo, nbdcopy, fio --ioengine=nbd.`;
 
-function parseTcp(text: string): { hostname: string; port: number } {
-  const colon = text.lastIndexOf(":");
-  const port = Number(text.slice(colon + 1));
-  if (colon < 0 || !/^\d+$/.test(text.slice(colon + 1)) || port > 65535) {
-    throw new UsageError(`--tcp expects HOST:PORT, got '${text}'`);
-  }
-  const hostname = text.slice(0, colon).replace(/^\[(.*)\]$/, "$1") || "127.0.0.1";
-  return { hostname, port };
-}
-
-function waitForSignal(): Promise<string> {
-  return new Promise((resolve) => {
-    const signals: Deno.Signal[] = ["SIGINT", "SIGTERM"];
-    const handlers = signals.map((signal) => {
-      const handler = () => {
-        signals.forEach((s, i) => Deno.removeSignalListener(s, handlers[i]));
-        resolve(signal);
-      };
-      Deno.addSignalListener(signal, handler);
-      return handler;
-    });
-  });
-}
-
 async function run(argv: string[]): Promise<number> {
   const { values, positionals } = parseCommandArgs(argv, {
     socket: { type: "string" },
@@ -63,7 +40,7 @@ async function run(argv: string[]): Promise<number> {
   if (cache !== "none" && cache !== "writeback") {
     throw new UsageError(`--cache expects none or writeback, got '${cache}'`);
   }
-  const tcp = values.tcp === undefined ? undefined : parseTcp(values.tcp);
+  const tcp = values.tcp === undefined ? undefined : parseHostPort(values.tcp, "--tcp");
   const tmp = Deno.env.get("TMPDIR") ?? "/tmp";
   const unixPath = values.socket ?? (tcp ? undefined : `${tmp}/blktap-serve.sock`);
   const readOnly = values.readonly ?? false;
@@ -90,7 +67,7 @@ async function run(argv: string[]): Promise<number> {
         readOnly ? ", read-only" : ""
       }) at ${where}`,
     );
-    await waitForSignal();
+    await waitForStopSignal();
     await server.close();
   } finally {
     await driver.close();
