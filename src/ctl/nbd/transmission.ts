@@ -306,10 +306,7 @@ export class Transmission {
     }
     const sparse = this.#structured && (flags & P.NBD_CMD_FLAG_DF) === 0 &&
       length >= sparse_read_bytes_min && this.#driver.capabilities.canExtents;
-    if (sparse) {
-      const chunks = await this.#readChunks(offset, length);
-      if (chunks) return this.#sparseRead(hi, lo, offset, length, chunks);
-    }
+    if (sparse) return this.#readSparse(hi, lo, offset, length);
     const borrowed = this.#lender?.borrowBuffer(length);
     const payload = borrowed ? undefined : this.#context.pool.take(length);
     const data = borrowed ?? payload!.data;
@@ -319,6 +316,19 @@ export class Transmission {
       this.#release(borrowed, payload);
       throw error;
     }
+    this.#sendData(hi, lo, offset, length, data, payload);
+  }
+
+  // One data chunk (or simple reply) from a filled buffer: the pool payload
+  // (header written in its headroom) or a lent buffer, returned once sent.
+  #sendData(
+    hi: number,
+    lo: number,
+    offset: number,
+    length: number,
+    data: Uint8Array,
+    payload: Payload | undefined,
+  ) {
     const headerBytes = this.#structured ? P.STRUCTURED_REPLY_BYTES + 8 : P.SIMPLE_REPLY_BYTES;
     if (this.#structured) {
       this.#buildChunkHeader(
@@ -340,6 +350,25 @@ export class Transmission {
     } else {
       this.#writer.pushCopy(this.#header.subarray(0, headerBytes));
       this.#writer.pushOwned(data, () => this.#lender!.returnBuffer(data));
+    }
+  }
+
+  // The data and the allocation map are fetched at once, so a sparse read
+  // costs the slower of the two round trips, not their sum.
+  async #readSparse(hi: number, lo: number, offset: number, length: number) {
+    const payload = this.#context.pool.take(length);
+    const [chunks, read] = await Promise.allSettled([
+      this.#readChunks(offset, length),
+      this.#driver.read(offset, payload.data),
+    ]);
+    if (read.status === "rejected") {
+      this.#context.pool.give(payload);
+      throw read.reason;
+    }
+    if (chunks.status === "fulfilled" && chunks.value) {
+      this.#sendChunks(hi, lo, offset, chunks.value, payload);
+    } else {
+      this.#sendData(hi, lo, offset, length, payload.data, payload);
     }
   }
 
@@ -365,18 +394,7 @@ export class Transmission {
   }
 
   // proto.md: chunks of one reply may be in any order, DONE on the last; holes as OFFSET_HOLE.
-  async #sparseRead(hi: number, lo: number, offset: number, length: number, chunks: Extent[]) {
-    const payload = this.#context.pool.take(length);
-    const reads = chunks.filter((c) => !c.zero).map((c) => {
-      const start = c.offsetBytes - offset;
-      return this.#driver.read(c.offsetBytes, payload.data.subarray(start, start + c.lengthBytes));
-    });
-    // Every read must settle before the buffer can go back to the pool.
-    const failed = (await Promise.allSettled(reads)).find((r) => r.status === "rejected");
-    if (failed) {
-      this.#context.pool.give(payload);
-      throw (failed as PromiseRejectedResult).reason;
-    }
+  #sendChunks(hi: number, lo: number, offset: number, chunks: Extent[], payload: Payload) {
     for (let i = 0; i < chunks.length; i++) {
       const c = chunks[i];
       const flags = i === chunks.length - 1 ? P.NBD_REPLY_FLAG_DONE : 0;
