@@ -50,8 +50,8 @@ fio --name=fill --filename="$image" --rw=write --bs=1M --size="$size" --direct=1
 "$blktap" ctrl --run-dir "$work/run" --shm-dir "$shm" --log-level warn &
 ctrl_pid=$!
 for _ in $(seq 100); do "$blktap" list --run-dir "$work/run" >/dev/null 2>&1 && break; sleep 0.1; done
-null_minor=$("$blktap" create "null:$size" --name null --run-dir "$work/run")
-aio_minor=$("$blktap" create "aio:$image" --name aio --run-dir "$work/run")
+null_minor=$("$blktap" create "null:$size" --name null --run-dir "$work/run" | head -1)
+aio_minor=$("$blktap" create "aio:$image" --name aio --run-dir "$work/run" | head -1)
 
 json_field() { grep -o "\"$1\":[0-9.]*" | head -1 | cut -d: -f2; }
 
