@@ -16,9 +16,8 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
-SHARED=${SHARED_BENCH:-$repo/../shared/bench}
-[[ -f $SHARED/lib.sh ]] || SHARED=/work/shared/bench
-[[ -f $SHARED/lib.sh ]] || { echo "shared bench harness not found (set SHARED_BENCH)" >&2; exit 2; }
+# shellcheck source=bench/_shared_harness.sh
+source "$here/_shared_harness.sh"
 export SERVER_CPUS=${SERVER_CPUS-0} CLIENT_CPUS=${CLIENT_CPUS-1}
 # shellcheck source=/dev/null
 source "$SHARED/lib.sh"
