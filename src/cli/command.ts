@@ -5,6 +5,7 @@
  * @module
  */
 import { parseArgs, type ParseArgsConfig } from "node:util";
+import { parseSizeBytes } from "../formats/size.ts";
 
 /** One subcommand of the `blktap` executable. */
 export interface Command {
@@ -78,27 +79,17 @@ export function parseCount(value: string | undefined, option: string): number | 
   return Number(value);
 }
 
-const SIZE_UNITS: Record<string, number> = {
-  "": 1,
-  b: 1,
-  k: 2 ** 10,
-  m: 2 ** 20,
-  g: 2 ** 30,
-  t: 2 ** 40,
-};
-
 /**
- * Parses a size such as `512`, `64K`, `10G`, `1.5T` into bytes.
- * `bareUnitBytes` is the unit of a number without suffix (the seed's
- * qcow-create counts MiB).
+ * Parses a size such as `512`, `64K`, `10G`, `1.5T` into bytes; a bad size
+ * is a {@linkcode UsageError}. `bareUnitBytes` is the unit of a number
+ * without suffix (the seed's qcow-create counts MiB).
  */
 export function parseSize(text: string, bareUnitBytes = 1): number {
-  const match = /^(\d+(?:\.\d+)?)\s*([bkmgt]?)(?:i?b)?$/i.exec(text.trim());
-  if (!match) throw new UsageError(`invalid size '${text}' (examples: 512M, 10G)`);
-  const unit = match[2] === "" ? bareUnitBytes : SIZE_UNITS[match[2].toLowerCase()];
-  const bytes = Math.round(Number(match[1]) * unit);
-  if (!Number.isSafeInteger(bytes)) throw new UsageError(`size '${text}' is too large`);
-  return bytes;
+  try {
+    return parseSizeBytes(text, bareUnitBytes);
+  } catch (error) {
+    throw new UsageError((error as Error).message);
+  }
 }
 
 /** Parses `HOST:PORT` (`:PORT` or `[::1]:PORT` too; host defaults to 127.0.0.1). */

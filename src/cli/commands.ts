@@ -4,7 +4,7 @@
  * @module
  */
 import type { Command } from "./command.ts";
-import { SERVE_COMMAND } from "../ctl/nbd/serve_command.ts";
+import { SERVE_COMMAND } from "../frontends/nbd/serve_command.ts";
 import { CTRL_COMMAND } from "../ctl/ctrl_command.ts";
 import { CLIENT_VERBS } from "../ctl/verbs.ts";
 import { DISK_COMMAND } from "../disk/disk_command.ts";

@@ -9,9 +9,9 @@
  * @module
  */
 import type { Ctrl } from "./daemon.ts";
-import { fuzzRing } from "./malformed.ts";
+import { fuzzRing } from "../frontends/exercise/malformed.ts";
 import type { Minor } from "./minor.ts";
-import { type LoadOptions, prng, TestFrontend } from "./test_frontend.ts";
+import { type LoadOptions, prng, TestFrontend } from "../frontends/exercise/test_frontend.ts";
 import { nbdUnixUri } from "./nbd_frontend.ts";
 
 /** Longest request line accepted. */

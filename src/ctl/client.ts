@@ -3,7 +3,7 @@
  * `ctrl.sock` in the run dir.
  * @module
  */
-import { CTRL_SOCKET_NAME } from "./run_dir.ts";
+import { CTRL_SOCKET_NAME } from "../cli/run_dir.ts";
 
 /** Sends `request` to the ctrl of `runDir`; resolves to its result or throws its error. */
 export async function ctlRequest(

@@ -15,7 +15,7 @@ import { type LogLevel, setLogLevel } from "../cli/log.ts";
 import { waitForStopSignal } from "../cli/signals.ts";
 import { Ctrl } from "./daemon.ts";
 import { NBD_SOCKET_NAME, startCtrlNbd } from "./nbd_frontend.ts";
-import { defaultRunDir } from "./run_dir.ts";
+import { defaultRunDir } from "../cli/run_dir.ts";
 
 const USAGE = `usage: blktap ctrl [--run-dir DIR] [OPTIONS]
 

@@ -14,8 +14,8 @@ import { defaultShmDir, ShmRingDevice } from "../ring/shm_ring_device.ts";
 import { CtlApi } from "./api.ts";
 import { Minor, type SupervisionPolicy } from "./minor.ts";
 import { loadRegistry, type MinorRecord, type RegistryData, saveRegistry } from "./registry.ts";
-import type { RingDisk } from "./ring_disk.ts";
-import { CTRL_SOCKET_NAME, REGISTRY_NAME } from "./run_dir.ts";
+import type { RingDisk } from "../ring/ring_disk.ts";
+import { CTRL_SOCKET_NAME, REGISTRY_NAME } from "../cli/run_dir.ts";
 
 /** Ring pages per minor: ring-page-order 2, 128 entries. */
 export const ring_pages_default = 4;

@@ -16,7 +16,7 @@ import type { AttachConfig } from "../disk/protocol.ts";
 import type { KickChannel } from "../ring/kick_channel.ts";
 import { ShmRingDevice } from "../ring/shm_ring_device.ts";
 import type { MinorRecord } from "./registry.ts";
-import { RingDisk } from "./ring_disk.ts";
+import { RingDisk } from "../ring/ring_disk.ts";
 
 /** Lifecycle of a minor as `blktap list` shows it. */
 export type MinorState = "starting" | "running" | "paused" | "restarting" | "failed" | "destroyed";

@@ -7,7 +7,7 @@
  */
 import type { Ctrl } from "./daemon.ts";
 import type { Minor } from "./minor.ts";
-import { type NbdExport, type NbdServer, startNbdServer } from "./nbd/server.ts";
+import { type NbdExport, type NbdServer, startNbdServer } from "../frontends/nbd/server.ts";
 
 /** Where ctrl listens for NBD. */
 export interface CtrlNbdOptions {

@@ -11,7 +11,7 @@ import {
   UsageError,
 } from "../cli/command.ts";
 import { ctlRequest } from "./client.ts";
-import { defaultRunDir } from "./run_dir.ts";
+import { defaultRunDir } from "../cli/run_dir.ts";
 
 const RUN_DIR_HELP =
   "  --run-dir DIR   ctrl's run directory (default $XDG_RUNTIME_DIR/blktap, else /run/blktap)";

@@ -11,7 +11,7 @@ import type { BlockDriver } from "../formats/driver.ts";
 import { openImage } from "../formats/open_image.ts";
 import { KickChannel } from "../ring/kick_channel.ts";
 import { ShmRingDevice } from "../ring/shm_ring_device.ts";
-import { defaultRunDir } from "../ctl/run_dir.ts";
+import { defaultRunDir } from "../cli/run_dir.ts";
 import { DiskServer } from "./disk_server.ts";
 import { isNullSpec, openNull } from "./null_driver.ts";
 import { type AttachConfig, DISK_SOCKET_NAME } from "./protocol.ts";

@@ -5,7 +5,7 @@
  * @module
  */
 import { BlockDriverBase, type DriverCapabilities } from "../formats/driver.ts";
-import { parseSize } from "../cli/command.ts";
+import { parseSizeBytes } from "../formats/size.ts";
 
 /** The `null` backend. */
 export class NullDriver extends BlockDriverBase {
@@ -53,5 +53,5 @@ export function isNullSpec(spec: string): boolean {
 
 /** Opens `null:SIZE` (SIZE as `1G`, `512M`, ...). */
 export function openNull(spec: string, readOnly = false): NullDriver {
-  return new NullDriver(parseSize(spec.slice("null:".length)), readOnly);
+  return new NullDriver(parseSizeBytes(spec.slice("null:".length)), readOnly);
 }

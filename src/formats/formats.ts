@@ -3,9 +3,9 @@
  * (formats with a magic number first; raw is the fallback).
  * @module
  */
-import type { FormatEntry } from "./open_image.ts";
+import type { FormatEntry } from "./format_entry.ts";
 import { AIO_FORMAT, SYNC_FORMAT } from "./raw/raw.ts";
-import { VMDK_FORMAT } from "./vmdk/vmdk.ts";
+import { VMDK_FORMAT } from "./vmdk/format.ts";
 import { RAM_FORMAT } from "./ram/ram.ts";
 import { QCOW_FORMAT } from "./qcow/format.ts";
 

@@ -6,39 +6,12 @@
  * @module
  */
 import { BlockDriver, BlockError } from "./driver.ts";
-import { ImageFile, ImageOpenOptions } from "./image_file.ts";
+import type { ImageOpenOptions } from "./image_file.ts";
 import { FORMATS } from "./formats.ts";
-import type { CheckOptions, CheckReport, ImageInfo } from "./inspect.ts";
 import { openImageFile } from "./raw/open_file.ts";
+import type { FormatEntry, OpenContext } from "./format_entry.ts";
 
-/** What a driver gets to open its file and its parents. */
-export interface OpenContext {
-  /** Opens the file layer with the chain's cache mode. */
-  openFile(path: string, options: ImageOpenOptions): Promise<ImageFile>;
-  /**
-   * Opens a backing image read-only. `name` is as stored in the overlay;
-   * relative names resolve against the overlay's folder. `format` forces a
-   * driver (else probed). Fails with a message naming the whole chain on a
-   * loop, a missing parent, or a chain deeper than `backing_chain_depth_max`.
-   */
-  openBacking(name: string, overlayPath: string, format?: string): Promise<BlockDriver>;
-}
-
-/** A format driver as registered in `formats.ts`. */
-export interface FormatEntry {
-  /** The `type` in `type:path`. */
-  name: string;
-  /** Other accepted type names. */
-  aliases?: string[];
-  /** True when the first bytes of a file (up to 4 KiB) are this format. */
-  probe?(head: Uint8Array): boolean;
-  /** Opens `path` (the part after `type:`). */
-  open(path: string, options: ImageOpenOptions, context: OpenContext): Promise<BlockDriver>;
-  /** Header facts for `blktap info` (without opening the chain). */
-  info?(path: string): Promise<ImageInfo>;
-  /** Structural check for `blktap check`; must never write unless `repair`. */
-  check?(path: string, options: CheckOptions): Promise<CheckReport>;
-}
+export type { FormatEntry, OpenContext } from "./format_entry.ts";
 
 /** The registry entry for a format name or alias. */
 export function formatEntry(name: string): FormatEntry | undefined {
@@ -99,6 +72,7 @@ function realPathOrSelf(path: string): string {
 function makeContext(options: ImageOpenOptions, chain: string[]): OpenContext {
   return {
     openFile: (path, fileOptions) => openImageFile(path, fileOptions),
+    openSource: (spec) => openImage(spec, { readOnly: true, cache: "writeback" }),
     openBacking: async (name, overlayPath, format) => {
       const path = resolveBackingName(name, overlayPath);
       const shown = [...chain, path].join(" -> ");

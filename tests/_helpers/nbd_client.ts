@@ -4,8 +4,8 @@
  * the server answers, so the server's replies can be checked field by field.
  * @module
  */
-import * as P from "../../src/ctl/nbd/protocol.ts";
-import { SocketReader } from "../../src/ctl/nbd/socket_reader.ts";
+import * as P from "../../src/frontends/nbd/protocol.ts";
+import { SocketReader } from "../../src/frontends/nbd/socket_reader.ts";
 
 const encoder = new TextEncoder();
 

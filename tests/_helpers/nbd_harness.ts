@@ -6,8 +6,8 @@
  * @module
  */
 import type { BlockDriver } from "../../src/formats/driver.ts";
-import { type NbdExport, type NbdServer, startNbdServer } from "../../src/ctl/nbd/server.ts";
-import type { NbdLimits } from "../../src/ctl/nbd/limits.ts";
+import { type NbdExport, type NbdServer, startNbdServer } from "../../src/frontends/nbd/server.ts";
+import type { NbdLimits } from "../../src/frontends/nbd/limits.ts";
 
 const toolCache = new Map<string, boolean>();
 

@@ -5,7 +5,7 @@
  * @module
  */
 import * as B from "../../src/ring/blkif.ts";
-import { RingDisk } from "../../src/ctl/ring_disk.ts";
+import { RingDisk } from "../../src/ring/ring_disk.ts";
 import type { BlockDriver } from "../../src/formats/driver.ts";
 import { DiskServer, type QosSettings } from "../../src/disk/disk_server.ts";
 

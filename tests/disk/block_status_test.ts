@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 import * as B from "../../src/ring/blkif.ts";
 import { DiskServer } from "../../src/disk/disk_server.ts";
-import { block_status_requests_per_call_max, RingDisk } from "../../src/ctl/ring_disk.ts";
+import { block_status_requests_per_call_max, RingDisk } from "../../src/ring/ring_disk.ts";
 import type { BlockDriver, DriverCapabilities, Extent } from "../../src/formats/driver.ts";
 import { openImage } from "../../src/formats/open_image.ts";
 import { createQcow } from "../../src/formats/qcow/create.ts";

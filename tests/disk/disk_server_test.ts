@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import * as B from "../../src/ring/blkif.ts";
-import { TestFrontend } from "../../src/ctl/test_frontend.ts";
+import { TestFrontend } from "../../src/frontends/exercise/test_frontend.ts";
 import { testSeed } from "../_helpers/random.ts";
 import { MemoryDriver } from "./_memory_driver.ts";
 import { ringPair } from "./_ring_pair.ts";
@@ -82,10 +82,10 @@ Deno.test("disk server: a flush starts after earlier writes complete and before 
   const page = disk.pages.allocate(1)!;
   const seg = [{ gref: page, firstSect: 0, lastSect: 7 }];
   const done = [
-    disk.submitRw(B.BLKIF_OP_WRITE, 0, seg),
-    disk.submitRw(B.BLKIF_OP_WRITE, 8, seg),
-    disk.submitFlush(),
-    disk.submitRw(B.BLKIF_OP_WRITE, 16, seg),
+    disk.producer.submitRw(B.BLKIF_OP_WRITE, 0, seg),
+    disk.producer.submitRw(B.BLKIF_OP_WRITE, 8, seg),
+    disk.producer.submitFlush(),
+    disk.producer.submitRw(B.BLKIF_OP_WRITE, 16, seg),
   ];
   assert.deepEqual(await Promise.all(done), [0, 0, 0, 0]);
   const flushAt = events.indexOf("flush");

@@ -1,9 +1,9 @@
 import assert from "node:assert/strict";
 import * as B from "../../src/ring/blkif.ts";
 import { DiskServer } from "../../src/disk/disk_server.ts";
-import { RingDisk } from "../../src/ctl/ring_disk.ts";
-import { fuzzRing, MALFORMATIONS } from "../../src/ctl/malformed.ts";
-import { TestFrontend } from "../../src/ctl/test_frontend.ts";
+import { RingDisk } from "../../src/ring/ring_disk.ts";
+import { fuzzRing, MALFORMATIONS } from "../../src/frontends/exercise/malformed.ts";
+import { TestFrontend } from "../../src/frontends/exercise/test_frontend.ts";
 import { testSeed } from "../_helpers/random.ts";
 import { MemoryDriver } from "./_memory_driver.ts";
 
@@ -58,8 +58,8 @@ Deno.test("disk validation: writes and discards on a read-only disk are refused,
   const { disk } = pair(1 << 20, true);
   const page = disk.pages.allocate(1)!;
   const segment = [{ gref: page, firstSect: 0, lastSect: 7 }];
-  assert.equal(await disk.submitRw(B.BLKIF_OP_WRITE, 0, segment), B.BLKIF_RSP_ERROR);
-  assert.equal(await disk.submitDiscard(0, 8), B.BLKIF_RSP_ERROR);
-  assert.equal(await disk.submitRw(B.BLKIF_OP_READ, 0, segment), B.BLKIF_RSP_OKAY);
-  assert.equal(await disk.submitFlush(), B.BLKIF_RSP_OKAY);
+  assert.equal(await disk.producer.submitRw(B.BLKIF_OP_WRITE, 0, segment), B.BLKIF_RSP_ERROR);
+  assert.equal(await disk.producer.submitDiscard(0, 8), B.BLKIF_RSP_ERROR);
+  assert.equal(await disk.producer.submitRw(B.BLKIF_OP_READ, 0, segment), B.BLKIF_RSP_OKAY);
+  assert.equal(await disk.producer.submitFlush(), B.BLKIF_RSP_OKAY);
 });

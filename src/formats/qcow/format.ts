@@ -4,7 +4,7 @@
  * @module
  */
 import type { ImageInfo } from "../inspect.ts";
-import type { FormatEntry } from "../open_image.ts";
+import type { FormatEntry } from "../format_entry.ts";
 import { openImageFile } from "../raw/open_file.ts";
 import { isQcowHeader, XEN_FLAG_L1_BIG_ENDIAN, XEN_FLAG_SPARSE } from "./header.ts";
 import { QcowDriver, readQcowImage } from "./qcow.ts";

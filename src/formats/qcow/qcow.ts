@@ -27,7 +27,7 @@ import {
   imageFormatCapabilities,
 } from "../driver.ts";
 import type { ImageFile, ImageOpenOptions } from "../image_file.ts";
-import type { OpenContext } from "../open_image.ts";
+import type { OpenContext } from "../format_entry.ts";
 import { RangeLock } from "../raw/range_lock.ts";
 import {
   decodeEntry,

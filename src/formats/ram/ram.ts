@@ -26,14 +26,14 @@
  * see each other's completed writes at once (MAP_SHARED).
  * @module
  */
-import { parseSize } from "../../cli/command.ts";
+import { parseSizeBytes } from "../size.ts";
 import { File } from "../../../ffi/file.ts";
 import { NativeMemory } from "../../../ffi/memory.ts";
 import { BlockDriverBase, BlockError, type DriverCapabilities } from "../driver.ts";
 import type { ImageOpenOptions } from "../image_file.ts";
 import type { ImageInfo } from "../inspect.ts";
-import type { FormatEntry } from "../open_image.ts";
-import { openImage } from "../open_image.ts";
+import type { FormatEntry } from "../format_entry.ts";
+import type { BlockDriver } from "../driver.ts";
 import {
   holdAttachment,
   lockRamDisk,
@@ -77,7 +77,7 @@ export function parseRamSpec(text: string): RamSpec {
 function parseRamSize(text: string, value: string): number {
   let bytes: number;
   try {
-    bytes = parseSize(value);
+    bytes = parseSizeBytes(value);
   } catch {
     throw new BlockError("EINVAL", `ram:${text}: invalid size '${value}'`);
   }
@@ -166,8 +166,11 @@ export class RamDriver extends BlockDriverBase {
   }
 }
 
-async function loadImage(spec: RamSpec, memory: NativeMemory): Promise<void> {
-  const image = await openImage(spec.load!, { readOnly: true, cache: "writeback" });
+/** Opens the image named by `load=` (read-only). */
+type OpenSource = (spec: string) => Promise<BlockDriver>;
+
+async function loadImage(spec: RamSpec, memory: NativeMemory, openSource: OpenSource) {
+  const image: BlockDriver = await openSource(spec.load!);
   try {
     const length = Math.min(image.sizeBytes, memory.bytes.byteLength);
     for (let done = 0; done < length; done += load_chunk_bytes) {
@@ -179,16 +182,17 @@ async function loadImage(spec: RamSpec, memory: NativeMemory): Promise<void> {
   }
 }
 
-async function imageSize(load: string): Promise<number> {
-  const image = await openImage(load, { readOnly: true, cache: "writeback" });
+async function imageSize(load: string, openSource: OpenSource): Promise<number> {
+  const image = await openSource(load);
   const size = image.sizeBytes;
   await image.close();
   return size;
 }
 
 // Creates the segment (mutex held); removes it again if loading fails.
-async function createSegment(spec: RamSpec, paths: RamPaths): Promise<void> {
-  const sizeBytes = spec.sizeBytes ?? (spec.load ? await imageSize(spec.load) : undefined);
+async function createSegment(spec: RamSpec, paths: RamPaths, openSource: OpenSource) {
+  const sizeBytes = spec.sizeBytes ??
+    (spec.load ? await imageSize(spec.load, openSource) : undefined);
   if (sizeBytes === undefined) {
     throw new BlockError("EINVAL", `ram:${spec.name}: does not exist yet: give size=SIZE`);
   }
@@ -198,7 +202,7 @@ async function createSegment(spec: RamSpec, paths: RamPaths): Promise<void> {
     if (spec.load) {
       const memory = NativeMemory.mapShared(file.fd, sizeBytes, 0, paths.segment);
       try {
-        await loadImage(spec, memory);
+        await loadImage(spec, memory, openSource);
       } finally {
         memory.release();
       }
@@ -212,13 +216,17 @@ async function createSegment(spec: RamSpec, paths: RamPaths): Promise<void> {
 }
 
 /** Attaches to (creating if needed) the RAM disk `spec`. */
-export async function openRam(text: string, options: ImageOpenOptions = {}): Promise<RamDriver> {
+export async function openRam(
+  text: string,
+  options: ImageOpenOptions,
+  openSource: OpenSource,
+): Promise<RamDriver> {
   const spec = parseRamSpec(text);
   const paths = ramPaths(spec.name);
   const release = lockRamDisk(paths);
   let attachment: Deno.FsFile | undefined;
   try {
-    if (!exists(paths.segment)) await createSegment(spec, paths);
+    if (!exists(paths.segment)) await createSegment(spec, paths, openSource);
     const file = File.open(paths.segment, { write: true });
     try {
       const { sizeBytes } = file.stat();
@@ -275,6 +283,10 @@ export function ramInfo(text: string): Promise<ImageInfo> {
 /** `ram:NAME[,size=SIZE][,load=PATH][,persist]`. */
 export const RAM_FORMAT: FormatEntry = {
   name: "ram",
-  open: (path: string, options: ImageOpenOptions) => openRam(path, options),
+  open: (path, options, context) =>
+    openRam(path, options, (spec) => {
+      if (!context.openSource) throw new BlockError("EINVAL", `ram:${path}: cannot load here`);
+      return context.openSource(spec);
+    }),
   info: ramInfo,
 };

@@ -12,7 +12,7 @@ import {
   type ZeroOptions,
 } from "../driver.ts";
 import type { ImageFile, ImageOpenOptions } from "../image_file.ts";
-import type { FormatEntry } from "../open_image.ts";
+import type { FormatEntry } from "../format_entry.ts";
 import { type FileEngine, openImageFile } from "./open_file.ts";
 import type { FdImageFile } from "./fd_image_file.ts";
 

@@ -24,7 +24,6 @@ import {
 } from "../driver.ts";
 import type { ImageFile, ImageOpenOptions } from "../image_file.ts";
 import type { ImageInfo } from "../inspect.ts";
-import type { FormatEntry, OpenContext } from "../open_image.ts";
 import { openImageFile } from "../raw/open_file.ts";
 import {
   type Descriptor,
@@ -40,7 +39,6 @@ import {
   HeaderError,
   SECTOR_BYTES,
 } from "./sparse_header.ts";
-import { vmdkCheck } from "./check.ts";
 
 /** One extent as the driver serves it. */
 interface ServedExtent {
@@ -440,13 +438,3 @@ export async function vmdkInfo(path: string): Promise<ImageInfo> {
     await driver.close();
   }
 }
-
-/** `vmdk:PATH`. */
-export const VMDK_FORMAT: FormatEntry = {
-  name: "vmdk",
-  probe: (head) => hasSparseMagic(head) || looksLikeDescriptor(head),
-  open: (path: string, options: ImageOpenOptions, context: OpenContext) =>
-    openVmdk(path, options, (p, o) => context.openFile(p, o)),
-  info: vmdkInfo,
-  check: vmdkCheck,
-};

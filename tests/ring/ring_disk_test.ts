@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import * as B from "../../src/ring/blkif.ts";
 import type { DiskServer } from "../../src/disk/disk_server.ts";
-import { TestFrontend } from "../../src/ctl/test_frontend.ts";
+import { TestFrontend } from "../../src/frontends/exercise/test_frontend.ts";
 import { testSeed } from "../_helpers/random.ts";
 import { MemoryDriver } from "../disk/_memory_driver.ts";
 import { ringPair } from "../disk/_ring_pair.ts";
@@ -62,10 +62,10 @@ Deno.test("ring disk: an acknowledged write lost with a crashed process is repla
     const page = disk.pages.allocate(1)!;
     const seg = [{ gref: page, firstSect: 0, lastSect: 7 }];
     disk.pool.fill(0xab, page * B.PAGE_BYTES, (page + 1) * B.PAGE_BYTES);
-    assert.equal(await disk.submitRw(B.BLKIF_OP_WRITE, 8, seg), B.BLKIF_RSP_OKAY);
+    assert.equal(await disk.producer.submitRw(B.BLKIF_OP_WRITE, 8, seg), B.BLKIF_RSP_OKAY);
     crash();
     disk.pool.fill(0, page * B.PAGE_BYTES, (page + 1) * B.PAGE_BYTES);
-    assert.equal(await disk.submitRw(B.BLKIF_OP_READ, 8, seg), B.BLKIF_RSP_OKAY);
+    assert.equal(await disk.producer.submitRw(B.BLKIF_OP_READ, 8, seg), B.BLKIF_RSP_OKAY);
     const expected = volatileWrites ? 0xab : 0; // without the log the write is gone
     assert.equal(
       disk.pool[page * B.PAGE_BYTES + 100],
@@ -79,9 +79,9 @@ Deno.test("ring disk: flushed writes leave the replay log", async () => {
   const { disk, driver } = harness(1 << 20, true);
   const page = disk.pages.allocate(1)!;
   const seg = [{ gref: page, firstSect: 0, lastSect: 7 }];
-  for (let i = 0; i < 10; i += 1) await disk.submitRw(B.BLKIF_OP_WRITE, i * 8, seg);
+  for (let i = 0; i < 10; i += 1) await disk.producer.submitRw(B.BLKIF_OP_WRITE, i * 8, seg);
   assert.equal(driver.journal.length, 10);
-  assert.equal(await disk.submitFlush(), B.BLKIF_RSP_OKAY);
+  assert.equal(await disk.producer.submitFlush(), B.BLKIF_RSP_OKAY);
   assert.equal(driver.journal.length, 0);
 });
 

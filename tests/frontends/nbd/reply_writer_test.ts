@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { type ByteSink, ReplyWriter } from "../../../src/ctl/nbd/reply_writer.ts";
+import { type ByteSink, ReplyWriter } from "../../../src/frontends/nbd/reply_writer.ts";
 
 /** A sink whose writes complete when the test says so. */
 class ManualSink implements ByteSink {

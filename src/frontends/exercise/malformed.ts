@@ -7,10 +7,10 @@
  * with the expected error status and must not touch the disk.
  * @module
  */
-import * as B from "../ring/blkif.ts";
-import { writeSegment } from "../ring/request.ts";
-import { block_status_length_bytes_max, writeBlockStatusQuery } from "../ring/block_status.ts";
-import type { RingDisk } from "./ring_disk.ts";
+import * as B from "../../ring/blkif.ts";
+import { writeSegment } from "../../ring/request.ts";
+import { block_status_length_bytes_max, writeBlockStatusQuery } from "../../ring/block_status.ts";
+import type { RingDisk } from "../../ring/ring_disk.ts";
 
 /** The fields a malformed request breaks. */
 export const MALFORMATIONS = [
@@ -264,7 +264,7 @@ export async function fuzzRing(
 }
 
 async function submitOne(disk: RingDisk, m: MalformedEntry, result: FuzzResult): Promise<void> {
-  const status = await disk.submitRaw(m.entry);
+  const status = await disk.producer.submitRaw(m.entry);
   result.entries += 1;
   result.byKind[m.kind] = (result.byKind[m.kind] ?? 0) + 1;
   if (status !== m.expectedStatus) {

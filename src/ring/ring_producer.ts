@@ -1,41 +1,23 @@
 /**
- * The front end of one ring device inside ctrl: a {@linkcode BlockDriver}
- * whose calls become blkif requests, so the NBD server (and the test front
- * end) can use any minor like a local image. It is also a
- * {@linkcode BufferLender}: borrowed buffers are data-pool pages, so
- * payloads land in the ring's memory without a copy.
+ * The requesting end of one ring device, as ctrl (or a test) drives it:
+ * takes ring slots, writes requests, publishes them with notification
+ * suppression and matches responses to their requests by id.
  *
- * Supervision lives here: every request stays recorded (its 112 ring bytes;
- * its data and indirect pages stay allocated) until its response arrives.
- * When the disk process dies, {@linkcode RingDisk.rearm} re-initialises the
- * ring and writes every unanswered request into it again, in the order they
- * were first issued; block reads and writes are idempotent, so the caller
- * sees delay, never an error. For disks whose acknowledged writes may die
- * with the process (write-back metadata), acknowledged writes not yet
- * covered by a flush are replayed first (src/ctl/replay_log.ts).
- * {@linkcode RingDisk.fail} answers everything with an error instead (a
- * disk that keeps crashing).
- *
- * Block status goes to the disk process too (blktap's BLOCK_STATUS ring
- * operation, src/ring/block_status.ts): only it knows the image's
- * allocation, and ctrl must not open the image behind its back.
+ * Supervision lives here (DESIGN.md §5): every request stays recorded (its
+ * 112 ring bytes; its data and indirect pages stay allocated by the
+ * caller) until its response arrives. When the disk process dies,
+ * {@linkcode RingProducer.rearm} re-initialises the ring and writes every
+ * unanswered request into it again, in the order they were first issued;
+ * block reads and writes are idempotent, so the caller sees delay, never an
+ * error. For disks whose acknowledged writes may die with the process
+ * (write-back metadata), acknowledged writes not yet covered by a flush are
+ * replayed first (src/ring/replay_log.ts). {@linkcode RingProducer.fail}
+ * answers everything with an error instead (a disk that keeps crashing).
  * @module
  */
-import {
-  BlockDriverBase,
-  BlockError,
-  type BufferLender,
-  type DriverCapabilities,
-  type Extent,
-} from "../formats/driver.ts";
-import * as B from "../ring/blkif.ts";
-import {
-  block_status_length_bytes_max,
-  decodeBlockStatusReply,
-  writeBlockStatusQuery,
-  writeBlockStatusRequest,
-} from "../ring/block_status.ts";
-import { type Fence, FrontRing } from "../ring/ring.ts";
+import { BlockError } from "../formats/driver.ts";
+import * as B from "./blkif.ts";
+import { type Fence, FrontRing } from "./ring.ts";
 import {
   type Segment,
   segmentSectors,
@@ -43,20 +25,12 @@ import {
   writeIndirectRequest,
   writeRwRequest,
   writeSegment,
-} from "../ring/request.ts";
+} from "./request.ts";
+import { writeBlockStatusRequest } from "./block_status.ts";
 import { PagePool } from "./page_pool.ts";
 import { type LoggedWrite, replay_log_bytes_max, ReplayLog } from "./replay_log.ts";
 
-/** Largest payload of one ring request: an indirect request's segments. */
-export const request_bytes_max = B.indirect_segments_max * B.PAGE_BYTES;
-
-/**
- * Ring requests one `blockStatus` call makes at most (each answers up to a
- * page of extents); past that it answers short, as NBD allows.
- */
-export const block_status_requests_per_call_max = 8;
-
-/** The memory of a ring device as the front end sees it. */
+/** The memory of a ring device as the requesting end sees it. */
 export interface RingMemory {
   ring: Uint8Array;
   pool: Uint8Array;
@@ -88,16 +62,12 @@ interface IssueOptions {
   replayGeneration?: number;
 }
 
-/** A minor seen as a block device. */
-export class RingDisk extends BlockDriverBase implements BufferLender {
-  readonly format = "ring";
-  readonly path: string;
+/** Issues requests on one ring and keeps them until they are answered. */
+export class RingProducer {
   readonly pool: Uint8Array;
   readonly pages: PagePool;
   readonly #memory: RingMemory;
   readonly #fence: Fence;
-  readonly #readOnly: boolean;
-  #sizeBytes: number;
   #front: FrontRing;
   #nextId = 1;
   readonly #pending = new Map<number, Pending>();
@@ -105,7 +75,6 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
   #kick: (() => void) | undefined;
   #pushScheduled = false;
   #failed = false;
-  #rmwLock: Promise<void> = Promise.resolve();
   /** Set when the disk's acknowledged writes may die with its process. */
   #keepWrites = false;
   readonly #log = new ReplayLog();
@@ -113,40 +82,13 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
   /** While a replay runs, new requests wait here. */
   #gate: Promise<void> | undefined;
   #replayGeneration = 0;
-  /** The disk process answered EOPNOTSUPP to block status: everything is data. */
-  #extentsUnsupported = false;
 
-  constructor(
-    name: string,
-    memory: RingMemory,
-    options: { fence: Fence; readOnly: boolean; sizeBytes: number },
-  ) {
-    super();
-    this.path = name;
+  constructor(memory: RingMemory, fence: Fence) {
     this.#memory = memory;
     this.pool = memory.pool;
     this.pages = new PagePool(Math.floor(memory.pool.byteLength / B.PAGE_BYTES));
-    this.#fence = options.fence;
-    this.#readOnly = options.readOnly;
-    this.#sizeBytes = options.sizeBytes;
-    this.#front = FrontRing.init(memory.ring, options.fence);
-  }
-
-  get sizeBytes(): number {
-    return this.#sizeBytes;
-  }
-
-  get capabilities(): DriverCapabilities {
-    const canWrite = !this.#readOnly;
-    return {
-      canWrite,
-      canFlush: true,
-      canFua: false,
-      canDiscard: canWrite,
-      canZero: false,
-      canExtents: !this.#extentsUnsupported,
-      canMultiConn: true,
-    };
+    this.#fence = fence;
+    this.#front = FrontRing.init(memory.ring, fence);
   }
 
   /** Requests issued and not yet answered. */
@@ -155,7 +97,7 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
   }
 
   /** Ring entries (the most requests in flight). */
-  get ringEntries(): number {
+  get entries(): number {
     return this.#front.entries;
   }
 
@@ -170,12 +112,9 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
    * requests). `volatileWrites`: its acknowledged writes may be lost if it
    * dies before a flush, so keep copies for replay.
    */
-  attach(kick: () => void, sizeBytes: number, volatileWrites = false): void {
-    this.#sizeBytes = sizeBytes;
+  attach(kick: () => void, volatileWrites: boolean): void {
     this.#keepWrites = volatileWrites;
     if (!volatileWrites) this.#log.clear();
-    // A resume may serve another image, whose driver may have extents.
-    this.#extentsUnsupported = false;
     this.#kick = kick;
     this.#pushScheduled = false;
     if (this.#front.pushRequestsAndCheckNotify() || this.#pending.size > 0) kick();
@@ -452,220 +391,6 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
       v.setBigUint64(o + B.REQ_ID, id, true);
     });
   }
-
-  // ---- BufferLender -----------------------------------------------------
-
-  borrowBuffer(lengthBytes: number): Uint8Array | undefined {
-    const count = Math.max(1, Math.ceil(lengthBytes / B.PAGE_BYTES));
-    if (count > this.pages.pages) return undefined;
-    const first = this.pages.allocate(count);
-    if (first === undefined) return undefined;
-    return this.pool.subarray(first * B.PAGE_BYTES, first * B.PAGE_BYTES + lengthBytes);
-  }
-
-  returnBuffer(buffer: Uint8Array): void {
-    const start = this.#poolOffset(buffer);
-    if (start === undefined || start % B.PAGE_BYTES !== 0) {
-      throw new Error("returnBuffer: not a borrowed buffer");
-    }
-    this.pages.release(
-      start / B.PAGE_BYTES,
-      Math.max(1, Math.ceil(buffer.byteLength / B.PAGE_BYTES)),
-    );
-  }
-
-  // Offset of `buffer` inside the pool, or undefined if it is elsewhere.
-  #poolOffset(buffer: Uint8Array): number | undefined {
-    if (buffer.buffer !== this.pool.buffer) return undefined;
-    const offset = buffer.byteOffset - this.pool.byteOffset;
-    if (offset < 0 || offset + buffer.byteLength > this.pool.byteLength) return undefined;
-    return offset;
-  }
-
-  // ---- BlockDriver ------------------------------------------------------
-
-  protected async _read(offsetBytes: number, buffer: Uint8Array): Promise<void> {
-    if (!isSectorAligned(offsetBytes, buffer.byteLength)) {
-      return await this.#readUnaligned(offsetBytes, buffer);
-    }
-    await this.#transfer(B.BLKIF_OP_READ, offsetBytes, buffer);
-  }
-
-  protected async _write(offsetBytes: number, data: Uint8Array): Promise<void> {
-    if (!isSectorAligned(offsetBytes, data.byteLength)) {
-      return await this.#writeUnaligned(offsetBytes, data);
-    }
-    await this.#transfer(B.BLKIF_OP_WRITE, offsetBytes, data);
-  }
-
-  protected async _flush(): Promise<void> {
-    throwForStatus(await this.submitFlush(), "flush", this.path);
-  }
-
-  protected override async _discard(offsetBytes: number, lengthBytes: number): Promise<void> {
-    // Discard is advisory: the sector-aligned inside of the range is enough.
-    const first = Math.ceil(offsetBytes / B.SECTOR_BYTES);
-    const end = Math.floor((offsetBytes + lengthBytes) / B.SECTOR_BYTES);
-    if (end <= first) return;
-    throwForStatus(await this.submitDiscard(first, end - first), "discard", this.path);
-  }
-
-  protected override async _blockStatus(
-    offsetBytes: number,
-    lengthBytes: number,
-  ): Promise<Extent[]> {
-    if (this.#extentsUnsupported) return await super._blockStatus(offsetBytes, lengthBytes);
-    const gref = await this.pages.allocateWait(1);
-    try {
-      return await this.#blockStatusRounds(gref, offsetBytes, offsetBytes + lengthBytes);
-    } finally {
-      this.pages.release(gref, 1);
-    }
-  }
-
-  close(): Promise<void> {
-    return Promise.resolve();
-  }
-
-  // Asks again from where each answer stopped, up to a bound; the result
-  // is non-empty and consecutive from `offsetBytes`, possibly short.
-  async #blockStatusRounds(gref: number, offsetBytes: number, end: number): Promise<Extent[]> {
-    const extents: Extent[] = [];
-    let position = offsetBytes;
-    for (let round = 0; round < block_status_requests_per_call_max && position < end; round++) {
-      const answer = await this.#blockStatusOnce(gref, position, end);
-      // No answer (EOPNOTSUPP), or one ending inside the sector before
-      // `position`: "data" is always a true answer, up to the next sector.
-      const reached = answer ? _appendFrom(extents, answer, position) : position;
-      if (reached > position) {
-        position = reached;
-        continue;
-      }
-      const stop = answer ? Math.min(end, _nextSector(position)) : end;
-      const data = { offsetBytes: position, lengthBytes: stop - position };
-      _appendFrom(extents, [{ ...data, hole: false, zero: false }], position);
-      position = stop;
-    }
-    if (extents.length === 0 || extents[0].offsetBytes !== offsetBytes) {
-      throw new Error(`${this.path}: block status arithmetic at ${offsetBytes}`);
-    }
-    return extents;
-  }
-
-  // One BLOCK_STATUS request for [position, end) from the sector holding
-  // `position`; undefined when the disk process has no block status.
-  async #blockStatusOnce(gref: number, position: number, end: number) {
-    const start = position - (position % B.SECTOR_BYTES);
-    const length = Math.min(end - start, block_status_length_bytes_max);
-    const page = this.pool.subarray(gref * B.PAGE_BYTES, (gref + 1) * B.PAGE_BYTES);
-    writeBlockStatusQuery(page, length);
-    const status = await this.submitBlockStatus(start / B.SECTOR_BYTES, gref);
-    if (status === B.BLKIF_RSP_EOPNOTSUPP) {
-      this.#extentsUnsupported = true;
-      return undefined;
-    }
-    throwForStatus(status, "block status", this.path);
-    try {
-      return decodeBlockStatusReply(page, start, length);
-    } catch (error) {
-      throw new BlockError("EIO", `${this.path}: ${(error as Error).message}`);
-    }
-  }
-
-  // Sector-aligned transfer in chunks of at most request_bytes_max.
-  async #transfer(operation: number, offsetBytes: number, buffer: Uint8Array): Promise<void> {
-    const inPool = this.#poolOffset(buffer);
-    const chunks: Promise<void>[] = [];
-    for (let done = 0; done < buffer.byteLength;) {
-      const length = Math.min(
-        request_bytes_max - ((inPool ?? 0) + done) % B.PAGE_BYTES,
-        buffer.byteLength - done,
-      );
-      const piece = buffer.subarray(done, done + length);
-      const at = offsetBytes + done;
-      chunks.push(
-        inPool === undefined
-          ? this.#bounced(operation, at, piece)
-          : this.#direct(operation, at, piece),
-      );
-      done += length;
-    }
-    await Promise.all(chunks);
-  }
-
-  async #direct(operation: number, offsetBytes: number, piece: Uint8Array): Promise<void> {
-    const segments = poolSegments(this.#poolOffset(piece)!, piece.byteLength);
-    const status = await this.submitRw(operation, offsetBytes / B.SECTOR_BYTES, segments);
-    throwForStatus(status, operation === B.BLKIF_OP_READ ? "read" : "write", this.path);
-  }
-
-  async #bounced(operation: number, offsetBytes: number, piece: Uint8Array): Promise<void> {
-    const count = Math.ceil(piece.byteLength / B.PAGE_BYTES);
-    const first = await this.pages.allocateWait(count);
-    const bounce = this.pool.subarray(
-      first * B.PAGE_BYTES,
-      first * B.PAGE_BYTES + piece.byteLength,
-    );
-    try {
-      if (operation === B.BLKIF_OP_WRITE) bounce.set(piece);
-      await this.#direct(operation, offsetBytes, bounce);
-      if (operation === B.BLKIF_OP_READ) piece.set(bounce);
-    } finally {
-      this.pages.release(first, count);
-    }
-  }
-
-  async #readUnaligned(offsetBytes: number, buffer: Uint8Array): Promise<void> {
-    const start = offsetBytes - (offsetBytes % B.SECTOR_BYTES);
-    const end = Math.ceil((offsetBytes + buffer.byteLength) / B.SECTOR_BYTES) * B.SECTOR_BYTES;
-    const covering = new Uint8Array(end - start);
-    await this.#transfer(B.BLKIF_OP_READ, start, covering);
-    buffer.set(covering.subarray(offsetBytes - start, offsetBytes - start + buffer.byteLength));
-  }
-
-  // Read-modify-write of the covering sectors, one at a time so two
-  // unaligned writes to one sector cannot lose each other's bytes.
-  #writeUnaligned(offsetBytes: number, data: Uint8Array): Promise<void> {
-    const run = async () => {
-      const start = offsetBytes - (offsetBytes % B.SECTOR_BYTES);
-      const end = Math.ceil((offsetBytes + data.byteLength) / B.SECTOR_BYTES) * B.SECTOR_BYTES;
-      const covering = new Uint8Array(end - start);
-      await this.#transfer(B.BLKIF_OP_READ, start, covering);
-      covering.set(data, offsetBytes - start);
-      await this.#transfer(B.BLKIF_OP_WRITE, start, covering);
-    };
-    const result = this.#rmwLock.then(run);
-    this.#rmwLock = result.catch(() => {});
-    return result;
-  }
-}
-
-// Appends `answer` clipped to start at `position` (merging equal
-// neighbours); returns where the extents now end.
-function _appendFrom(extents: Extent[], answer: Extent[], position: number): number {
-  for (const e of answer) {
-    const start = Math.max(e.offsetBytes, position);
-    const stop = e.offsetBytes + e.lengthBytes;
-    if (stop <= start) continue;
-    const last = extents[extents.length - 1];
-    if (last && last.offsetBytes + last.lengthBytes !== start) {
-      throw new Error(`block status: extent at ${start} after one ending elsewhere`);
-    }
-    const piece = { offsetBytes: start, lengthBytes: stop - start, hole: e.hole, zero: e.zero };
-    if (last && last.hole === e.hole && last.zero === e.zero) {
-      last.lengthBytes = stop - last.offsetBytes;
-    } else extents.push(piece);
-    position = stop;
-  }
-  return position;
-}
-
-function _nextSector(offsetBytes: number): number {
-  return (Math.floor(offsetBytes / B.SECTOR_BYTES) + 1) * B.SECTOR_BYTES;
-}
-
-function isSectorAligned(offsetBytes: number, lengthBytes: number): boolean {
-  return offsetBytes % B.SECTOR_BYTES === 0 && lengthBytes % B.SECTOR_BYTES === 0;
 }
 
 /** Segments covering pool bytes `[start, start+length)` (sector-aligned). */
@@ -686,7 +411,8 @@ export function poolSegments(start: number, lengthBytes: number): Segment[] {
   return segments;
 }
 
-function throwForStatus(status: number, what: string, path: string): void {
+/** Throws the {@linkcode BlockError} a blkif status means (nothing for OKAY). */
+export function throwForStatus(status: number, what: string, path: string): void {
   if (status === B.BLKIF_RSP_OKAY) return;
   if (status === B.BLKIF_RSP_EOPNOTSUPP) {
     throw new BlockError("EOPNOTSUPP", `${path}: ${what} not supported`);

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { PagePool } from "../../src/ctl/page_pool.ts";
+import { PagePool } from "../../src/ring/page_pool.ts";
 import { testSeed } from "../_helpers/random.ts";
 
 Deno.test("page pool: random allocations never overlap and free pages are counted exactly", () => {

@@ -7,8 +7,8 @@
  * `SEED=n` replays a run; `NBD_FUZZ_SCALE=k` multiplies the case counts.
  */
 import assert from "node:assert/strict";
-import * as P from "../../../src/ctl/nbd/protocol.ts";
-import { type NbdExport, startNbdServer } from "../../../src/ctl/nbd/server.ts";
+import * as P from "../../../src/frontends/nbd/protocol.ts";
+import { type NbdExport, startNbdServer } from "../../../src/frontends/nbd/server.ts";
 import { MemoryDriver } from "../../_helpers/memory_driver.ts";
 import { infoData, metaContextData, RawNbdClient } from "../../_helpers/nbd_client.ts";
 import { type Random, testSeed } from "../../_helpers/random.ts";

@@ -5,8 +5,8 @@
  */
 import assert from "node:assert/strict";
 import { formatNames, openImage } from "../../../src/formats/open_image.ts";
-import * as P from "../../../src/ctl/nbd/protocol.ts";
-import { startNbdServer } from "../../../src/ctl/nbd/server.ts";
+import * as P from "../../../src/frontends/nbd/protocol.ts";
+import { startNbdServer } from "../../../src/frontends/nbd/server.ts";
 import { MemoryDriver } from "../../_helpers/memory_driver.ts";
 import { RawNbdClient } from "../../_helpers/nbd_client.ts";
 import { missingTools, run, withNbdServer } from "../../_helpers/nbd_harness.ts";

@@ -10,9 +10,9 @@
  * in flight never overlap, so the model is exact.
  * @module
  */
-import * as B from "../ring/blkif.ts";
-import type { Segment } from "../ring/request.ts";
-import type { RingDisk } from "./ring_disk.ts";
+import * as B from "../../ring/blkif.ts";
+import type { Segment } from "../../ring/request.ts";
+import type { RingDisk } from "../../ring/ring_disk.ts";
 
 /** Knobs of a load run. */
 export interface LoadOptions {
@@ -191,14 +191,14 @@ export class TestFrontend {
 
   async #flush(): Promise<void> {
     this.#result.flushes += 1;
-    this.#record(await this.#disk.submitFlush(), "flush");
+    this.#record(await this.#disk.producer.submitFlush(), "flush");
   }
 
   async #discard(): Promise<void> {
     const range = await this.#pickRange(1 + Math.floor(this.#random() * 256));
     this.#result.discards += 1;
     try {
-      this.#record(await this.#disk.submitDiscard(range.sector, range.sectors), "discard");
+      this.#record(await this.#disk.producer.submitDiscard(range.sector, range.sectors), "discard");
       // Discarded sectors may read as zeros or as before: unknown to the model.
       this.#tags.fill(0, range.sector, range.sector + range.sectors);
     } finally {
@@ -292,7 +292,7 @@ export class TestFrontend {
   async #runJob(job: Job): Promise<void> {
     if (job.kind === "write") this.#fill(job);
     const op = job.kind === "read" ? B.BLKIF_OP_READ : B.BLKIF_OP_WRITE;
-    const status = await this.#disk.submitRw(op, job.sector, job.segments);
+    const status = await this.#disk.producer.submitRw(op, job.sector, job.segments);
     this.#record(status, `${job.kind} ${job.sector}+${job.sectors}`);
     this.#result.bytes += job.sectors * B.SECTOR_BYTES;
     if (job.kind === "read") {

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { SysError } from "../../../ffi/errno.ts";
 import { BlockError } from "../../../src/formats/driver.ts";
-import * as P from "../../../src/ctl/nbd/protocol.ts";
+import * as P from "../../../src/frontends/nbd/protocol.ts";
 
 Deno.test("nbd protocol: driver and system errors map to the error values proto.md allows", () => {
   const cases: [unknown, number][] = [

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import * as P from "../../../src/ctl/nbd/protocol.ts";
+import * as P from "../../../src/frontends/nbd/protocol.ts";
 import { LendingMemoryDriver, MemoryDriver } from "../../_helpers/memory_driver.ts";
 import { errorOf, RawNbdClient } from "../../_helpers/nbd_client.ts";
 import { withNbdServer } from "../../_helpers/nbd_harness.ts";

@@ -1,0 +1,40 @@
+/**
+ * What a format driver registers (src/formats/formats.ts) and what it gets
+ * to open its file and its parents with. Types only, so format folders and
+ * the opener do not import each other.
+ * @module
+ */
+import type { BlockDriver } from "./driver.ts";
+import type { ImageFile, ImageOpenOptions } from "./image_file.ts";
+import type { CheckOptions, CheckReport, ImageInfo } from "./inspect.ts";
+
+/** What a driver gets to open its file and its parents. */
+export interface OpenContext {
+  /** Opens the file layer with the chain's cache mode. */
+  openFile(path: string, options: ImageOpenOptions): Promise<ImageFile>;
+  /**
+   * Opens a backing image read-only. `name` is as stored in the overlay;
+   * relative names resolve against the overlay's folder. `format` forces a
+   * driver (else probed). Fails with a message naming the whole chain on a
+   * loop, a missing parent, or a chain deeper than `backing_chain_depth_max`.
+   */
+  openBacking(name: string, overlayPath: string, format?: string): Promise<BlockDriver>;
+  /** Opens another image named by the user read-only (ram's `load=FILE`). */
+  openSource?(spec: string): Promise<BlockDriver>;
+}
+
+/** A format driver as registered in `formats.ts`. */
+export interface FormatEntry {
+  /** The `type` in `type:path`. */
+  name: string;
+  /** Other accepted type names. */
+  aliases?: string[];
+  /** True when the first bytes of a file (up to 4 KiB) are this format. */
+  probe?(head: Uint8Array): boolean;
+  /** Opens `path` (the part after `type:`). */
+  open(path: string, options: ImageOpenOptions, context: OpenContext): Promise<BlockDriver>;
+  /** Header facts for `blktap info` (without opening the chain). */
+  info?(path: string): Promise<ImageInfo>;
+  /** Structural check for `blktap check`; must never write unless `repair`. */
+  check?(path: string, options: CheckOptions): Promise<CheckReport>;
+}

@@ -1,0 +1,279 @@
+/**
+ * A minor seen as a block device: a {@linkcode BlockDriver} whose calls
+ * become blkif requests on the minor's ring ({@linkcode RingProducer}), so
+ * the NBD server (and the test front end) can use any minor like a local
+ * image. It is also a {@linkcode BufferLender}: borrowed buffers are
+ * data-pool pages, so payloads land in the ring's memory without a copy.
+ *
+ * Block status goes to the disk process too (src/ring/ring_block_status.ts):
+ * only it knows the image's allocation, and ctrl must not open the image
+ * behind its back.
+ * @module
+ */
+import {
+  BlockDriverBase,
+  type BufferLender,
+  type DriverCapabilities,
+  type Extent,
+} from "../formats/driver.ts";
+import * as B from "./blkif.ts";
+import { blockStatusRounds, BlockStatusUnsupported } from "./ring_block_status.ts";
+import type { Fence } from "./ring.ts";
+import type { PagePool } from "./page_pool.ts";
+import { poolSegments, type RingMemory, RingProducer, throwForStatus } from "./ring_producer.ts";
+
+export type { RingMemory } from "./ring_producer.ts";
+export { poolSegments } from "./ring_producer.ts";
+export { block_status_requests_per_call_max } from "./ring_block_status.ts";
+
+/** Largest payload of one ring request: an indirect request's segments. */
+export const request_bytes_max = B.indirect_segments_max * B.PAGE_BYTES;
+
+/** A minor seen as a block device. */
+export class RingDisk extends BlockDriverBase implements BufferLender {
+  readonly format = "ring";
+  readonly path: string;
+  /** The requests on the ring, held until answered (supervision's handle). */
+  readonly producer: RingProducer;
+  readonly #readOnly: boolean;
+  #sizeBytes: number;
+  #rmwLock: Promise<void> = Promise.resolve();
+  /** The disk process answered EOPNOTSUPP to block status: everything is data. */
+  #extentsUnsupported = false;
+
+  constructor(
+    name: string,
+    memory: RingMemory,
+    options: { fence: Fence; readOnly: boolean; sizeBytes: number },
+  ) {
+    super();
+    this.path = name;
+    this.producer = new RingProducer(memory, options.fence);
+    this.#readOnly = options.readOnly;
+    this.#sizeBytes = options.sizeBytes;
+  }
+
+  get sizeBytes(): number {
+    return this.#sizeBytes;
+  }
+
+  get pool(): Uint8Array {
+    return this.producer.pool;
+  }
+
+  get pages(): PagePool {
+    return this.producer.pages;
+  }
+
+  get capabilities(): DriverCapabilities {
+    const canWrite = !this.#readOnly;
+    return {
+      canWrite,
+      canFlush: true,
+      canFua: false,
+      canDiscard: canWrite,
+      canZero: false,
+      canExtents: !this.#extentsUnsupported,
+      canMultiConn: true,
+    };
+  }
+
+  /** Requests issued and not yet answered. */
+  get outstanding(): number {
+    return this.producer.outstanding;
+  }
+
+  /** Ring entries (the most requests in flight). */
+  get ringEntries(): number {
+    return this.producer.entries;
+  }
+
+  get failed(): boolean {
+    return this.producer.failed;
+  }
+
+  // ---- supervision (see RingProducer) -----------------------------------
+
+  /** A disk process serves `sizeBytes`; see {@linkcode RingProducer.attach}. */
+  attach(kick: () => void, sizeBytes: number, volatileWrites = false): void {
+    this.#sizeBytes = sizeBytes;
+    // A resume may serve another image, whose driver may have extents.
+    this.#extentsUnsupported = false;
+    this.producer.attach(kick, volatileWrites);
+  }
+
+  detach(): void {
+    this.producer.detach();
+  }
+
+  rearm(): number {
+    return this.producer.rearm();
+  }
+
+  writesDurable(): void {
+    this.producer.writesDurable();
+  }
+
+  fail(): void {
+    this.producer.fail();
+  }
+
+  onKick(): void {
+    this.producer.onKick();
+  }
+
+  // ---- BufferLender -----------------------------------------------------
+
+  borrowBuffer(lengthBytes: number): Uint8Array | undefined {
+    const count = Math.max(1, Math.ceil(lengthBytes / B.PAGE_BYTES));
+    if (count > this.pages.pages) return undefined;
+    const first = this.pages.allocate(count);
+    if (first === undefined) return undefined;
+    return this.pool.subarray(first * B.PAGE_BYTES, first * B.PAGE_BYTES + lengthBytes);
+  }
+
+  returnBuffer(buffer: Uint8Array): void {
+    const start = this.#poolOffset(buffer);
+    if (start === undefined || start % B.PAGE_BYTES !== 0) {
+      throw new Error("returnBuffer: not a borrowed buffer");
+    }
+    this.pages.release(
+      start / B.PAGE_BYTES,
+      Math.max(1, Math.ceil(buffer.byteLength / B.PAGE_BYTES)),
+    );
+  }
+
+  // Offset of `buffer` inside the pool, or undefined if it is elsewhere.
+  #poolOffset(buffer: Uint8Array): number | undefined {
+    const pool = this.pool;
+    if (buffer.buffer !== pool.buffer) return undefined;
+    const offset = buffer.byteOffset - pool.byteOffset;
+    if (offset < 0 || offset + buffer.byteLength > pool.byteLength) return undefined;
+    return offset;
+  }
+
+  // ---- BlockDriver ------------------------------------------------------
+
+  protected async _read(offsetBytes: number, buffer: Uint8Array): Promise<void> {
+    if (!isSectorAligned(offsetBytes, buffer.byteLength)) {
+      return await this.#readUnaligned(offsetBytes, buffer);
+    }
+    await this.#transfer(B.BLKIF_OP_READ, offsetBytes, buffer);
+  }
+
+  protected async _write(offsetBytes: number, data: Uint8Array): Promise<void> {
+    if (!isSectorAligned(offsetBytes, data.byteLength)) {
+      return await this.#writeUnaligned(offsetBytes, data);
+    }
+    await this.#transfer(B.BLKIF_OP_WRITE, offsetBytes, data);
+  }
+
+  protected async _flush(): Promise<void> {
+    throwForStatus(await this.producer.submitFlush(), "flush", this.path);
+  }
+
+  protected override async _discard(offsetBytes: number, lengthBytes: number): Promise<void> {
+    // Discard is advisory: the sector-aligned inside of the range is enough.
+    const first = Math.ceil(offsetBytes / B.SECTOR_BYTES);
+    const end = Math.floor((offsetBytes + lengthBytes) / B.SECTOR_BYTES);
+    if (end <= first) return;
+    throwForStatus(await this.producer.submitDiscard(first, end - first), "discard", this.path);
+  }
+
+  protected override async _blockStatus(
+    offsetBytes: number,
+    lengthBytes: number,
+  ): Promise<Extent[]> {
+    if (this.#extentsUnsupported) return await super._blockStatus(offsetBytes, lengthBytes);
+    const gref = await this.pages.allocateWait(1);
+    const asker = {
+      page: this.pool.subarray(gref * B.PAGE_BYTES, (gref + 1) * B.PAGE_BYTES),
+      submit: (sector: number) => this.producer.submitBlockStatus(sector, gref),
+      path: this.path,
+    };
+    try {
+      return await blockStatusRounds(asker, offsetBytes, offsetBytes + lengthBytes);
+    } catch (error) {
+      if (!(error instanceof BlockStatusUnsupported)) throw error;
+      this.#extentsUnsupported = true;
+      return await super._blockStatus(offsetBytes, lengthBytes);
+    } finally {
+      this.pages.release(gref, 1);
+    }
+  }
+
+  close(): Promise<void> {
+    return Promise.resolve();
+  }
+
+  // Sector-aligned transfer in chunks of at most request_bytes_max.
+  async #transfer(operation: number, offsetBytes: number, buffer: Uint8Array): Promise<void> {
+    const inPool = this.#poolOffset(buffer);
+    const chunks: Promise<void>[] = [];
+    for (let done = 0; done < buffer.byteLength;) {
+      const length = Math.min(
+        request_bytes_max - ((inPool ?? 0) + done) % B.PAGE_BYTES,
+        buffer.byteLength - done,
+      );
+      const piece = buffer.subarray(done, done + length);
+      const at = offsetBytes + done;
+      chunks.push(
+        inPool === undefined
+          ? this.#bounced(operation, at, piece)
+          : this.#direct(operation, at, piece),
+      );
+      done += length;
+    }
+    await Promise.all(chunks);
+  }
+
+  async #direct(operation: number, offsetBytes: number, piece: Uint8Array): Promise<void> {
+    const segments = poolSegments(this.#poolOffset(piece)!, piece.byteLength);
+    const status = await this.producer.submitRw(operation, offsetBytes / B.SECTOR_BYTES, segments);
+    throwForStatus(status, operation === B.BLKIF_OP_READ ? "read" : "write", this.path);
+  }
+
+  async #bounced(operation: number, offsetBytes: number, piece: Uint8Array): Promise<void> {
+    const count = Math.ceil(piece.byteLength / B.PAGE_BYTES);
+    const first = await this.pages.allocateWait(count);
+    const bounce = this.pool.subarray(
+      first * B.PAGE_BYTES,
+      first * B.PAGE_BYTES + piece.byteLength,
+    );
+    try {
+      if (operation === B.BLKIF_OP_WRITE) bounce.set(piece);
+      await this.#direct(operation, offsetBytes, bounce);
+      if (operation === B.BLKIF_OP_READ) piece.set(bounce);
+    } finally {
+      this.pages.release(first, count);
+    }
+  }
+
+  async #readUnaligned(offsetBytes: number, buffer: Uint8Array): Promise<void> {
+    const start = offsetBytes - (offsetBytes % B.SECTOR_BYTES);
+    const end = Math.ceil((offsetBytes + buffer.byteLength) / B.SECTOR_BYTES) * B.SECTOR_BYTES;
+    const covering = new Uint8Array(end - start);
+    await this.#transfer(B.BLKIF_OP_READ, start, covering);
+    buffer.set(covering.subarray(offsetBytes - start, offsetBytes - start + buffer.byteLength));
+  }
+
+  // Read-modify-write of the covering sectors, one at a time so two
+  // unaligned writes to one sector cannot lose each other's bytes.
+  #writeUnaligned(offsetBytes: number, data: Uint8Array): Promise<void> {
+    const run = async () => {
+      const start = offsetBytes - (offsetBytes % B.SECTOR_BYTES);
+      const end = Math.ceil((offsetBytes + data.byteLength) / B.SECTOR_BYTES) * B.SECTOR_BYTES;
+      const covering = new Uint8Array(end - start);
+      await this.#transfer(B.BLKIF_OP_READ, start, covering);
+      covering.set(data, offsetBytes - start);
+      await this.#transfer(B.BLKIF_OP_WRITE, start, covering);
+    };
+    const result = this.#rmwLock.then(run);
+    this.#rmwLock = result.catch(() => {});
+    return result;
+  }
+}
+
+function isSectorAligned(offsetBytes: number, lengthBytes: number): boolean {
+  return offsetBytes % B.SECTOR_BYTES === 0 && lengthBytes % B.SECTOR_BYTES === 0;
+}
