@@ -133,6 +133,12 @@ export interface BlockDriver {
   writev?(offsetBytes: number, buffers: Uint8Array[]): Promise<void>;
   /** Resolves once every write that completed before the call is durable. */
   flush(): Promise<void>;
+  /**
+   * Optional, for formats with compressed clusters (qcow, qcow2; `convert -c`):
+   * writes one whole cluster, aligned, compressed where that saves space.
+   * Only into an unallocated cluster of an image being written sequentially.
+   */
+  writeCompressed?(offsetBytes: number, data: Uint8Array): Promise<void>;
   /** Hint that the range is unused; afterwards it may read as zeros or as before. */
   discard(offsetBytes: number, lengthBytes: number): Promise<void>;
   /** Makes the range read as zeros. */

@@ -35,6 +35,24 @@ export interface FormatEntry {
   open(path: string, options: ImageOpenOptions, context: OpenContext): Promise<BlockDriver>;
   /** Header facts for `blktap info` (without opening the chain). */
   info?(path: string): Promise<ImageInfo>;
+  /**
+   * Creates a new image at `path` (`blktap create -f FMT`, `blktap convert
+   * -O FMT`). Refuses an existing file unless the caller removed it. Unknown
+   * `options` keys are a usage error naming the key.
+   */
+  create?(path: string, options: CreateOptions): Promise<void>;
   /** Structural check for `blktap check`; must never write unless `repair`. */
   check?(path: string, options: CheckOptions): Promise<CheckReport>;
+}
+
+/** What `blktap create -f FMT [-o OPTIONS] [-b BACKING [-F FMT]] FILE SIZE` asks for. */
+export interface CreateOptions {
+  /** Virtual size; may be 0 with a backing file (then the backing file's size). */
+  sizeBytes: number;
+  /** Backing file as it is to be stored in the image (relative names resolve against its folder). */
+  backingName?: string;
+  /** Backing format to record (`-F`), when the format can record one. */
+  backingFormat?: string;
+  /** `-o key=value,...`, format-specific (`cluster_size`, `compat`, `subformat`, ...). */
+  options: Record<string, string>;
 }
