@@ -67,6 +67,8 @@
 #define BLKTAP_RSP_OKAY 0
 
 #define BLKTAP_DIRECT_SEGMENTS_MAX 11
+/* blkif_request_discard.flag: secure erase (the module never asks for it). */
+#define BLKTAP_DISCARD_SECURE 1
 #define BLKTAP_INDIRECT_PAGES_MAX 8
 /* Segment descriptors per indirect page: PAGE_SIZE / sizeof(segment). */
 #define BLKTAP_SEGMENTS_PER_INDIRECT_PAGE 512

@@ -125,7 +125,8 @@ $tapctl fail 0
 wait "$reader"
 check "FAIL fails the held read" [ $? != 0 ]
 check "later requests fail at once" sh -c '! dd if=/dev/tapdev0 of=/dev/null bs=4k count=1 iflag=direct 2>/dev/null'
-check "the I/O error gate sees those failures" sh -c '! io_error_gate >/dev/null'
+gate_sees_errors() { ! io_error_gate >/dev/null; }
+check "the I/O error gate sees those failures" gate_sees_errors
 $tapctl remove 0 && $tapctl free 0 && rmmod blktap
 check "cleanup after FAIL" [ ! -e /dev/blktap-control ]
 check "dmesg gate" dmesg_gate
