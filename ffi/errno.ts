@@ -30,6 +30,7 @@ const ERRNO_NAMES: Record<number, [string, string]> = {
   30: ["EROFS", "Read-only file system"],
   38: ["ENOSYS", "Function not implemented"],
   61: ["ENODATA", "No data available"],
+  74: ["EBADMSG", "Bad message"],
   95: ["EOPNOTSUPP", "Operation not supported"],
   110: ["ETIMEDOUT", "Connection timed out"],
   122: ["EDQUOT", "Disk quota exceeded"],

@@ -7,12 +7,16 @@
  * {@linkcode RingDisk} with {@linkcode Ctrl.exportByName}.
  * @module
  */
+import { memoryFence } from "../../ffi/memory.ts";
 import { type Logger, logger } from "../cli/log.ts";
 import { DISK_SOCKET_NAME } from "../disk/protocol.ts";
+import { ControlDevice } from "../frontends/kernel/control_device.ts";
+import { KernelMinor } from "../frontends/kernel/kernel_minor.ts";
 import { KickChannel } from "../ring/kick_channel.ts";
 import { defaultShmDir, ShmRingDevice } from "../ring/shm_ring_device.ts";
 import { CtlApi } from "./api.ts";
 import { Minor, type SupervisionPolicy } from "./minor.ts";
+import { KernelFrontend, type MinorFrontend, ShmFrontend } from "./minor_frontend.ts";
 import { loadRegistry, type MinorRecord, type RegistryData, saveRegistry } from "./registry.ts";
 import type { RingDisk } from "../ring/ring_disk.ts";
 import { CTRL_SOCKET_NAME, REGISTRY_NAME } from "../cli/run_dir.ts";
@@ -42,6 +46,8 @@ export interface CreateParams {
   maxIops?: number;
   maxBps?: number;
   burstMs?: number;
+  /** Serve it as the kernel block device /dev/tapdevN (the blktap module) instead of over NBD. */
+  kernel?: boolean;
 }
 
 /** The daemon. */
@@ -56,6 +62,7 @@ export class Ctrl {
   #clients = 0;
   readonly #api: CtlApi;
   readonly #destroyHooks: ((name: string) => Promise<void>)[] = [];
+  #control: ControlDevice | undefined;
   /** The NBD front end's Unix socket, once it listens (for URIs in replies). */
   nbdSocketPath?: string;
 
@@ -151,6 +158,36 @@ export class Ctrl {
     };
   }
 
+  /** The kernel module's control device, opened on first use. */
+  #kernelControl(): ControlDevice {
+    this.#control ??= ControlDevice.open();
+    return this.#control;
+  }
+
+  // A new front end for `record`: a kernel minor, or a shared-memory ring.
+  #newFrontend(record: MinorRecord, kernel: boolean): MinorFrontend {
+    if (kernel) {
+      const km = KernelMinor.allocate(this.#kernelControl(), record.readOnly);
+      const { geometry } = km.status();
+      Object.assign(record, {
+        kernelMinor: km.minor,
+        shmPath: "",
+        ringPages: geometry.ringPages,
+        poolPages: geometry.poolPages,
+      });
+      return new KernelFrontend(km);
+    }
+    return this.#shmFrontend(record, ShmRingDevice.create(record.shmPath, record));
+  }
+
+  #shmFrontend(record: MinorRecord, device: ShmRingDevice): ShmFrontend {
+    return new ShmFrontend(record.name, device, {
+      fence: memoryFence,
+      readOnly: record.readOnly,
+      sizeBytes: record.sizeBytes,
+    });
+  }
+
   /** Attaches a new disk; resolves once its process serves it. */
   async create(params: CreateParams): Promise<Minor> {
     const number = this.#freeMinor();
@@ -175,8 +212,8 @@ export class Ctrl {
       sizeBytes: 0,
       paused: false,
     };
-    const device = ShmRingDevice.create(record.shmPath, record);
-    const minor = new Minor(record, this.#host(), device);
+    const frontend = this.#newFrontend(record, params.kernel ?? false);
+    const minor = new Minor(record, this.#host(), frontend);
     this.#minors.set(number, minor);
     try {
       await minor.start();
@@ -212,19 +249,44 @@ export class Ctrl {
 
   async #reattach(record: MinorRecord): Promise<void> {
     if (record.pid) await killStaleDisk(record.pid, record.minor);
-    let device: ShmRingDevice;
+    let frontend: MinorFrontend;
     try {
-      device = ShmRingDevice.open(record.shmPath, record);
-    } catch {
-      device = ShmRingDevice.create(record.shmPath, record);
+      frontend = this.#foundFrontend(record);
+    } catch (error) {
+      this.log.error(`minor ${record.minor}: ${(error as Error).message}`);
+      return;
     }
-    const minor = new Minor(record, this.#host(), device);
+    const minor = new Minor(record, this.#host(), frontend);
     this.#minors.set(record.minor, minor);
     try {
       await minor.start();
     } catch (error) {
       this.log.error(`minor ${record.minor}: re-attach failed: ${(error as Error).message}`);
     }
+  }
+
+  // The front end of a registered minor: the kernel minor it had (a new one
+  // if the module lost it), or its shared-memory ring (its requests were
+  // lost with the previous ctrl's memory unless the file survived).
+  #foundFrontend(record: MinorRecord): MinorFrontend {
+    if (record.kernelMinor !== undefined) {
+      const control = this.#kernelControl();
+      const found = KernelMinor.find(control, record.kernelMinor, record.readOnly);
+      if (found) return new KernelFrontend(found);
+      const fresh = KernelMinor.allocate(control, record.readOnly);
+      this.log.warn(
+        `minor ${record.minor}: kernel minor ${record.kernelMinor} is gone; now ${fresh.minor}`,
+      );
+      record.kernelMinor = fresh.minor;
+      return new KernelFrontend(fresh);
+    }
+    let device: ShmRingDevice;
+    try {
+      device = ShmRingDevice.open(record.shmPath, record);
+    } catch {
+      device = ShmRingDevice.create(record.shmPath, record);
+    }
+    return this.#shmFrontend(record, device);
   }
 
   async #acceptDisks(listener: Deno.Listener): Promise<void> {

@@ -1,22 +1,22 @@
 /**
- * One minor inside ctrl: its ring device, its front end ({@linkcode RingDisk})
- * and the supervision of its disk process. When the process exits without
- * being asked to, the minor re-arms the ring with every unanswered request
- * and starts a new process on it; a disk that crashes more than
- * `restartLimit` times within `restartWindowMs` is marked failed and its
- * requests are answered with ERROR.
+ * One minor inside ctrl: its front end (ctrl's shared-memory ring with its
+ * {@linkcode RingDisk}, or a kernel minor: ./minor_frontend.ts) and the
+ * supervision of its disk process. When the process exits without being
+ * asked to, the minor re-arms the ring with every unanswered request and
+ * starts a new process on it; a disk that crashes more than `restartLimit`
+ * times within `restartWindowMs` is marked failed and its requests are
+ * answered with ERROR.
  * @module
  */
-import { memoryFence } from "../../ffi/memory.ts";
 import { type Logger, logLevel } from "../cli/log.ts";
 import { selfCommandFor } from "../cli/self_command.ts";
 import type { QosSettings } from "../disk/disk_server.ts";
 import type { DiskStats } from "../disk/counters.ts";
 import type { AttachConfig } from "../disk/protocol.ts";
 import type { KickChannel } from "../ring/kick_channel.ts";
-import { ShmRingDevice } from "../ring/shm_ring_device.ts";
 import type { MinorRecord } from "./registry.ts";
-import { RingDisk } from "../ring/ring_disk.ts";
+import type { RingDisk } from "../ring/ring_disk.ts";
+import type { MinorFrontend, ServedInfo } from "./minor_frontend.ts";
 
 /** Lifecycle of a minor as `blktap list` shows it. */
 export type MinorState = "starting" | "running" | "paused" | "restarting" | "failed" | "destroyed";
@@ -47,8 +47,7 @@ export interface MinorHost {
 /** An attached disk. */
 export class Minor {
   readonly record: MinorRecord;
-  readonly device: ShmRingDevice;
-  readonly disk: RingDisk;
+  readonly frontend: MinorFrontend;
   state: MinorState = "starting";
   restarts = 0;
   readonly #host: MinorHost;
@@ -64,15 +63,15 @@ export class Minor {
   #destroying = false;
   failure: string | undefined;
 
-  constructor(record: MinorRecord, host: MinorHost, device: ShmRingDevice) {
+  constructor(record: MinorRecord, host: MinorHost, frontend: MinorFrontend) {
     this.record = record;
     this.#host = host;
-    this.device = device;
-    this.disk = new RingDisk(record.name, device, {
-      fence: memoryFence,
-      readOnly: record.readOnly,
-      sizeBytes: record.sizeBytes,
-    });
+    this.frontend = frontend;
+  }
+
+  /** The minor as a block device inside ctrl (NBD, the test front end); not for kernel minors. */
+  get disk(): RingDisk | undefined {
+    return this.frontend.disk;
   }
 
   get pid(): number | undefined {
@@ -124,9 +123,7 @@ export class Minor {
     const r = this.record;
     const config: AttachConfig = {
       minor: r.minor,
-      shmPath: r.shmPath,
-      ringPages: r.ringPages,
-      poolPages: r.poolPages,
+      ...this.frontend.ring,
       image: r.image,
       readOnly: r.readOnly,
       cache: r.cache,
@@ -136,12 +133,12 @@ export class Minor {
   }
 
   onKick(): void {
-    this.disk.onKick();
+    this.frontend.onKick();
   }
 
   onMessage(message: Record<string, unknown>): void {
     if (message.t === "ready") {
-      this.#ready(message.sizeBytes as number, message.volatileWrites === true);
+      this.#ready(servedInfo(message));
     } else if (message.t === "reply") this.#reply(message);
     else if (message.t === "failed") this.failure = String(message.error);
   }
@@ -150,15 +147,21 @@ export class Minor {
   onClose(channel?: KickChannel): void {
     if (channel && channel !== this.#channel) return;
     this.#channel = undefined;
-    this.disk.detach();
+    this.frontend.detach();
     for (const call of this.#calls.values()) call.reject(new Error("disk process went away"));
     this.#calls.clear();
   }
 
-  async #ready(sizeBytes: number, volatileWrites: boolean): Promise<void> {
+  async #ready(info: ServedInfo): Promise<void> {
     const channel = this.#channel!;
-    this.record.sizeBytes = sizeBytes;
-    this.disk.attach(() => channel.kick(), sizeBytes, volatileWrites);
+    this.record.sizeBytes = info.sizeBytes;
+    try {
+      this.frontend.attach(() => channel.kick(), info);
+    } catch (error) {
+      this.failure = (error as Error).message;
+      this.#child?.kill("SIGKILL");
+      return;
+    }
     if (this.record.paused) await this.call("pause").catch(() => {});
     this.state = this.record.paused ? "paused" : "running";
     this.failure = undefined;
@@ -198,7 +201,7 @@ export class Minor {
       );
       return;
     }
-    const reissued = this.disk.rearm();
+    const reissued = this.frontend.rearm();
     this.restarts += 1;
     this.state = "restarting";
     this.#host.log.warn(
@@ -212,7 +215,11 @@ export class Minor {
   #markFailed(reason: string): void {
     this.state = "failed";
     this.failure = this.failure ? `${reason}; ${this.failure}` : reason;
-    this.disk.fail();
+    try {
+      this.frontend.fail();
+    } catch (error) {
+      this.#host.log.error(`minor ${this.record.minor}: ${(error as Error).message}`);
+    }
     this.#host.log.error(`minor ${this.record.minor}: failed: ${this.failure}`);
     this.#host.changed();
     this.#settleWaiters(new Error(`minor ${this.record.minor} failed: ${this.failure}`));
@@ -248,7 +255,7 @@ export class Minor {
   async pause(): Promise<void> {
     await this.call("pause");
     // The disk drained and flushed: nothing acknowledged needs a replay.
-    this.disk.writesDurable();
+    this.frontend.writesDurable();
     this.record.paused = true;
     this.state = "paused";
     this.#host.changed();
@@ -259,11 +266,7 @@ export class Minor {
     const reply = await this.call("resume", image ? { image } : {});
     if (image) this.record.image = image;
     this.record.sizeBytes = reply.sizeBytes as number;
-    this.disk.attach(
-      () => this.#channel?.kick(),
-      this.record.sizeBytes,
-      reply.volatileWrites === true,
-    );
+    this.frontend.attach(() => this.#channel?.kick(), servedInfo(reply));
     this.record.paused = false;
     this.state = "running";
     this.#host.changed();
@@ -284,7 +287,7 @@ export class Minor {
     }
     return {
       ...this.summary(),
-      outstanding: this.disk.outstanding,
+      outstanding: this.frontend.outstanding,
       restarts: this.restarts,
       ...(this.failure ? { failure: this.failure } : {}),
       ...(disk ? { disk } : {}),
@@ -305,11 +308,17 @@ export class Minor {
       sizeBytes: r.sizeBytes,
       qos: r.qos,
       restarts: this.restarts,
+      ...this.frontend.describe(),
     };
   }
 
-  /** Stops the disk process, answers what is left with ERROR, removes the ring device. */
+  /**
+   * Stops the disk process, answers what is left with ERROR, removes the
+   * ring device. A kernel minor whose block device is open refuses (throws)
+   * before anything changed.
+   */
   async destroy(): Promise<void> {
+    this.frontend.beginDestroy();
     // Let what is in flight finish and reach the image before stopping.
     if (this.#channel) await this.call("pause").catch(() => {});
     this.#destroying = true;
@@ -331,9 +340,16 @@ export class Minor {
       await child.status;
       clearTimeout(timer);
     }
-    this.disk.fail();
     this.#settleWaiters(new Error(`minor ${this.record.minor} destroyed`));
-    this.device.close();
-    this.device.unlink();
+    this.frontend.close();
   }
+}
+
+function servedInfo(message: Record<string, unknown>): ServedInfo {
+  return {
+    sizeBytes: message.sizeBytes as number,
+    volatileWrites: message.volatileWrites === true,
+    canWrite: message.canWrite !== false,
+    canDiscard: message.canDiscard === true,
+  };
 }

@@ -21,7 +21,8 @@ export interface CtrlNbdOptions {
 export const NBD_SOCKET_NAME = "nbd.sock";
 
 function exportOf(minor: Minor): NbdExport | undefined {
-  if (minor.state === "destroyed") return undefined;
+  // Kernel minors are served by /dev/tapdevN, not over NBD.
+  if (minor.state === "destroyed" || !minor.disk) return undefined;
   return {
     name: minor.record.name,
     description: `minor ${minor.record.minor}: ${minor.record.image}`,

@@ -17,6 +17,8 @@ export interface MinorRecord {
   readOnly: boolean;
   cache: "none" | "writeback";
   qos: QosSettings;
+  /** A kernel minor: the module's minor (/dev/blktapN, /dev/tapdevN); `shmPath` is unused. */
+  kernelMinor?: number;
   shmPath: string;
   ringPages: number;
   poolPages: number;

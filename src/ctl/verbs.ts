@@ -42,23 +42,28 @@ function minorArg(text: string): number | string {
 
 const CREATE: Command = {
   name: "create",
-  summary: "attach an image as a new minor; prints the minor and its NBD URI",
-  usage: `usage: blktap create TYPE:PATH [--name NAME] [--readonly] [--cache none|writeback]
+  summary: "attach an image as a new minor; prints the minor and its NBD URI or /dev/tapdevN",
+  usage:
+    `usage: blktap create TYPE:PATH [--kernel] [--name NAME] [--readonly] [--cache none|writeback]
                      [--max-iops N] [--max-bps N] [--burst-ms MS] [--json] [--run-dir DIR]
 
+  --kernel        serve it as the block device /dev/tapdevN (needs the blktap kernel
+                  module, kernel/blktap.ko) instead of over NBD
   --name NAME     export name (default tapN)
   --readonly      refuse writes
   --cache MODE    none (O_DIRECT, default) or writeback (page cache), as QEMU's cache modes
   --max-iops N    QoS: requests per second (0 = unlimited)
   --max-bps N     QoS: bytes per second (suffixes K, M, G)
   --burst-ms MS   QoS bucket depth in milliseconds of the rate (default 1000)
-  --json          print {"minor", "name", "uri"} as JSON
+  --json          print {"minor", "name", "uri"} as JSON ({"minor", "name", "device"} with --kernel)
 
-Prints the minor, then the NBD URI of the new disk (when ctrl serves NBD).
+Prints the minor, then the NBD URI of the new disk (when ctrl serves NBD), or
+with --kernel its block device /dev/tapdevN.
 ${RUN_DIR_HELP}`,
   async run(argv) {
     const { values, positionals } = parseCommandArgs(argv, {
       ...runDirOption,
+      kernel: { type: "boolean" },
       name: { type: "string" },
       readonly: { type: "boolean" },
       cache: { type: "string" },
@@ -75,10 +80,15 @@ ${RUN_DIR_HELP}`,
       name: values.name,
       readOnly: values.readonly ?? false,
       cache,
+      kernel: values.kernel ?? false,
       ...qosRequest(values),
     });
     if (values.json) console.log(JSON.stringify(result));
-    else console.log([result.minor, result.uri].filter((x) => x !== undefined).join("\n"));
+    else {
+      console.log(
+        [result.minor, result.device, result.uri].filter((x) => x !== undefined).join("\n"),
+      );
+    }
     return 0;
   },
 };

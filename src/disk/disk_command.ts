@@ -10,7 +10,9 @@ import { memoryFence } from "../../ffi/memory.ts";
 import type { BlockDriver } from "../formats/driver.ts";
 import { openImage } from "../formats/open_image.ts";
 import { KickChannel } from "../ring/kick_channel.ts";
-import { ShmRingDevice } from "../ring/shm_ring_device.ts";
+import { KernelRingDevice } from "../ring/kernel_ring_device.ts";
+import type { RingDevice } from "../ring/ring_device.ts";
+import { ShmRingDevice, ShmRingEnd } from "../ring/shm_ring_device.ts";
 import { defaultRunDir } from "../cli/run_dir.ts";
 import { DiskServer } from "./disk_server.ts";
 import { isNullSpec, openNull } from "./null_driver.ts";
@@ -46,12 +48,24 @@ function hasVolatileWrites(driver: BlockDriver): boolean {
   return !PROCESS_CRASH_SAFE_FORMATS.has(driver.format);
 }
 
+/** What ctrl learns of the served image (on ready and resume). */
+function readyInfo(driver: BlockDriver): Record<string, unknown> {
+  return {
+    sizeBytes: driver.sizeBytes,
+    volatileWrites: hasVolatileWrites(driver),
+    canWrite: driver.capabilities.canWrite,
+    canDiscard: driver.capabilities.canDiscard,
+  };
+}
+
 /** One disk process's state. */
 class DiskProcess {
   readonly #log: Logger;
   readonly #minor: number;
   #channel!: KickChannel;
-  #device: ShmRingDevice | undefined;
+  #device: RingDevice | undefined;
+  /** Where ctrl's kicks go: a shared-memory ring device's "requests published". */
+  #channelKick: () => void = () => {};
   #server: DiskServer | undefined;
   #config: AttachConfig | undefined;
   readonly #done: PromiseWithResolvers<number> = Promise.withResolvers();
@@ -64,7 +78,7 @@ class DiskProcess {
   async run(socketPath: string): Promise<number> {
     const conn = await Deno.connect({ transport: "unix", path: socketPath });
     this.#channel = new KickChannel(conn, {
-      onKick: () => this.#server?.kick(),
+      onKick: () => this.#channelKick(),
       onMessage: (m) => this.#onMessage(m),
       onClose: () => this.#shutdown("ctrl went away"),
     });
@@ -96,7 +110,7 @@ class DiskProcess {
 
   // Drains what is in flight and flushes before exiting, so a driver with
   // write-back metadata (qcow) loses nothing it acknowledged.
-  async #shutdown(why: string): Promise<void> {
+  async #shutdown(why: string, status = 0): Promise<void> {
     const server = this.#server;
     this.#server = undefined;
     if (server) {
@@ -109,31 +123,58 @@ class DiskProcess {
         this.#log.error(`shutdown: ${(error as Error).message}`);
       }
     }
+    await this.#device?.close().catch(() => {});
     this.#channel.close();
-    this.#done.resolve(0);
+    this.#done.resolve(status);
+  }
+
+  // The front end refused this process (a kernel ring device in its error
+  // state): what it answers from now on would be dropped, so stop at once;
+  // ctrl restarts a process and the requests are published to it again.
+  #refused(error: Error): void {
+    this.#log.error(`${error.message}; exiting`);
+    this.#server?.stop();
+    this.#server = undefined;
+    this.#channel.close();
+    this.#done.resolve(1);
+  }
+
+  async #openRing(config: AttachConfig): Promise<RingDevice> {
+    if (config.kernelMinor !== undefined) return await KernelRingDevice.open(config.kernelMinor);
+    const end = new ShmRingEnd(
+      ShmRingDevice.open(config.shmPath, config),
+      () => this.#channel.kick(),
+    );
+    this.#channelKick = () => end.kicked();
+    return end;
   }
 
   async #attach(config: AttachConfig): Promise<void> {
     this.#config = config;
     const driver = await openDiskImage(config.image, config);
-    this.#device = ShmRingDevice.open(config.shmPath, config);
-    this.#server = new DiskServer({
-      ring: this.#device.ring,
-      pool: this.#device.pool,
+    const device = await this.#openRing(config);
+    this.#device = device;
+    const server = new DiskServer({
+      ring: device.ring,
+      pool: device.pool,
       fence: memoryFence,
       driver,
       readOnly: config.readOnly,
-      notify: () => this.#channel.kick(),
+      notify: () => {
+        try {
+          device.notify();
+        } catch (error) {
+          this.#refused(error as Error);
+        }
+      },
       qos: config.qos,
       log: (m) => this.#log.warn(m),
     });
+    this.#server = server;
+    device.start(() => server.kick(), (error) => this.#refused(error));
     this.#log.info(`serving ${config.image} (${driver.sizeBytes} bytes) pid ${Deno.pid}`);
-    this.#channel.send({
-      t: "ready",
-      sizeBytes: driver.sizeBytes,
-      volatileWrites: hasVolatileWrites(driver),
-    });
-    this.#server.kick();
+    this.#channel.send({ t: "ready", ...readyInfo(driver) });
+    server.kick();
   }
 
   async #call(message: Record<string, unknown>): Promise<Record<string, unknown>> {
@@ -158,17 +199,14 @@ class DiskProcess {
   async #resume(server: DiskServer, image: string | undefined): Promise<Record<string, unknown>> {
     if (!image) {
       server.resume();
-      return {
-        sizeBytes: server.driver.sizeBytes,
-        volatileWrites: hasVolatileWrites(server.driver),
-      };
+      return readyInfo(server.driver);
     }
     const driver = await openDiskImage(image, this.#config!);
     const old = server.driver;
     server.resume(driver);
     await old.close().catch(() => {});
     this.#log.info(`resumed on ${image}`);
-    return { sizeBytes: driver.sizeBytes, volatileWrites: hasVolatileWrites(driver) };
+    return readyInfo(driver);
   }
 }
 
