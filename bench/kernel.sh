@@ -32,10 +32,13 @@ bash "$vm" --timeout 3600 --mem 3G --module loop "${guest_app_args[@]}" --exe fi
 	--log "$work/console.log" "$repo/bench/kernel.guest.sh" /t >/dev/null ||
 	stage_fail "the guest run failed (status $?): $(tail -n 20 "$work/console.log")"
 grep '^# devices' "$work/console.log"
-grep '^RESULT ' "$work/console.log" | python3 -c '
+grep '^RESULT ' "$work/console.log" | tee "$work/results" | awk 'NF != 6 { print "# incomplete: " $0 }'
+python3 -c '
 import statistics, sys
 runs = {}
 for line in sys.stdin:
+    if len(line.split()) != 6:
+        continue
     _, rep, config, workload, iops, mbps = line.split()
     runs.setdefault(workload, {}).setdefault(rep, {})[config] = (float(iops), float(mbps))
 print("| workload | config | IOPS (median) | MB/s (median) | ratio to loop-dio | ratio to loop-buffered |")
@@ -43,9 +46,11 @@ print("|---|---|---|---|---|---|")
 for workload, reps in runs.items():
     for config in ("loop-dio", "loop-buffered", "tap-raw", "tap-qcow"):
         rows = [r for r in reps.values() if config in r]
+        if not rows:
+            continue
         iops = statistics.median(r[config][0] for r in rows)
         mbps = statistics.median(r[config][1] for r in rows)
-        dio, buf = (statistics.median(r[config][0] / r[ref][0] for r in rows if r[ref][0])
+        dio, buf = (statistics.median([r[config][0] / r[ref][0] for r in rows if r.get(ref, (0,))[0]] or [0])
                     for ref in ("loop-dio", "loop-buffered"))
         print(f"| {workload} | {config} | {iops:.0f} | {mbps:.1f} | {dio:.2f} | {buf:.2f} |")
-'
+' <"$work/results"
