@@ -13,7 +13,7 @@ here=$repo/tests/kernel
 # Kernel debug checks on for every guest: a WARN ends the run.
 append="slub_debug=FZPU page_poison=1 init_on_free=1 panic_on_warn=1"
 
-passed=0 failed=0
+passed=0 failed=0 skipped=0
 work=$(mktemp -d "${TMPDIR:-/tmp}/blktap-vm.XXXXXX")
 cleanup() { if [ -n "${KEEP_WORK:-}" ]; then echo "# kept $work"; else rm -rf "$work"; fi; }
 trap cleanup EXIT
@@ -38,6 +38,7 @@ tally() { # NAME LOG STATUS
 	fi
 	passed=$((passed + p))
 	failed=$((failed + f))
+	skipped=$((skipped + $(grep -c '^# SKIP' "$log")))
 	echo "# $name: $p passed, $f failed"
 }
 
@@ -124,5 +125,6 @@ for t in "${tests[@]}"; do
 	"test_$t"
 	echo "# $t took $(($(date +%s) - start)) s"
 done
+[ "$skipped" = 0 ] || echo "# $skipped skipped (see the # SKIP lines)"
 echo "$passed passed, $failed failed"
 [ "$failed" = 0 ]
