@@ -4,7 +4,9 @@
 # aio raw and qcow, each served by a Deno disk process) and on loop devices
 # over the same raw file (direct I/O, and buffered as in 2006), alternated
 # within each repetition: 4 KiB random read/write at depth 32, 1 MiB
-# sequential read/write at depth 8. Prints the median of per-repetition
+# sequential read/write at depth 8. tap-c is the same raw file served by
+# tests/kernel/tapctl.c (synchronous C, O_DIRECT): what the module and ring
+# cost without the Deno disk process. Prints the median of per-repetition
 # ratios against loop; under emulation absolute numbers mean nothing.
 #   usage: bench/kernel.sh        env: REPS=3 RUNTIME=8 REGION_MIB=256
 set -uo pipefail
@@ -27,7 +29,8 @@ head -c "${REGION_MIB}M" /dev/urandom >"$vol/r.raw"
 mkfs.ext4 -q -F -d "$vol" "$work/volume.img" $((REGION_MIB * 2 + 256))M || stage_fail "mkfs.ext4"
 
 bash "$vm" --timeout 3600 --mem 3G --module loop "${guest_app_args[@]}" --exe fio \
-	--exe /sbin/losetup --file "$work/blktap.ko:/t/blktap.ko" --disk "$work/volume.img" \
+	--exe /sbin/losetup --file "$work/blktap.ko:/t/blktap.ko" --file "$work/tapctl:/t/tapctl" \
+	--disk "$work/volume.img" \
 	--env REPS="$REPS" --env RUNTIME="$RUNTIME" --env REGION_MIB="$REGION_MIB" \
 	--log "$work/console.log" "$repo/bench/kernel.guest.sh" /t >/dev/null ||
 	stage_fail "the guest run failed (status $?): $(tail -n 20 "$work/console.log")"
@@ -44,7 +47,7 @@ for line in sys.stdin:
 print("| workload | config | IOPS (median) | MB/s (median) | ratio to loop-dio | ratio to loop-buffered |")
 print("|---|---|---|---|---|---|")
 for workload, reps in runs.items():
-    for config in ("loop-dio", "loop-buffered", "tap-raw", "tap-qcow"):
+    for config in ("loop-dio", "loop-buffered", "tap-raw", "tap-qcow", "tap-c"):
         rows = [r for r in reps.values() if config in r]
         if not rows:
             continue

@@ -9,8 +9,8 @@
 //   tapctl mmap MINOR DELTA_PAGES                          mmap a wrong length
 //   tapctl open2 MINOR                                     open the ring twice
 //
-// `serve` answers requests from FILE (pread/pwrite/fdatasync) until SIGTERM
-// (exit 0). After AFTER good responses (default 0) it misbehaves as MODE:
+// `serve` answers requests from FILE (pread/pwrite/fdatasync; O_DIRECT with
+// TAPCTL_DIRECT=1), one at a time, until SIGTERM (exit 0). After AFTER good responses (default 0) it misbehaves as MODE:
 //   good          never
 //   bad-id        answers with an id that names no request
 //   duplicate     answers one request twice
@@ -126,38 +126,59 @@ static void *entry(struct server *s, uint32_t i) {
          (size_t)(i & (s->geo.ring_entries - 1)) * BLKTAP_RING_ENTRY_BYTES;
 }
 
-// Moves the sectors of one segment between the pool and the file.
+// Segments adjacent in the pool and on disk go out as one pread/pwrite.
+struct span {
+  uint8_t *buf;
+  size_t len;
+  uint64_t offset;
+};
+
+static int span_flush(struct server *s, int write, struct span *sp) {
+  if (!sp->len) return 0;
+  ssize_t n = write ? pwrite(s->file, sp->buf, sp->len, (off_t)sp->offset)
+                    : pread(s->file, sp->buf, sp->len, (off_t)sp->offset);
+  if (n != (ssize_t)sp->len) return -1;
+  sp->offset += sp->len;
+  sp->len = 0;
+  return 0;
+}
+
 static int segment_io(struct server *s, int write, const struct blktap_blkif_segment *seg,
-                      uint64_t *offset) {
+                      struct span *sp) {
   if (seg->gref >= s->geo.pool_pages || seg->first_sect > seg->last_sect || seg->last_sect > 7)
     return -1;
   uint8_t *buf = s->pool + (size_t)seg->gref * 4096 + seg->first_sect * 512;
   size_t len = (size_t)(seg->last_sect - seg->first_sect + 1) * 512;
-  ssize_t n = write ? pwrite(s->file, buf, len, (off_t)*offset)
-                    : pread(s->file, buf, len, (off_t)*offset);
-  if (n != (ssize_t)len) return -1;
-  *offset += len;
+  if (sp->len && sp->buf + sp->len == buf) {
+    sp->len += len;
+    return 0;
+  }
+  if (span_flush(s, write, sp)) return -1;
+  sp->buf = buf;
+  sp->len = len;
   return 0;
 }
 
 static int16_t perform(struct server *s, const uint8_t *raw) {
   const struct blktap_blkif_request *r = (const void *)raw;
   const struct blktap_blkif_request_indirect *ind = (const void *)raw;
-  uint64_t offset = r->sector_number * 512;
+  struct span sp = {.offset = r->sector_number * 512};
+  int write = r->operation == BLKTAP_OP_WRITE;
   switch (r->operation) {
   case BLKTAP_OP_READ:
   case BLKTAP_OP_WRITE:
     for (unsigned i = 0; i < r->nr_segments && i < BLKTAP_DIRECT_SEGMENTS_MAX; i++)
-      if (segment_io(s, r->operation == BLKTAP_OP_WRITE, &r->seg[i], &offset)) return -1;
-    return 0;
+      if (segment_io(s, write, &r->seg[i], &sp)) return -1;
+    return span_flush(s, write, &sp) ? -1 : 0;
   case BLKTAP_OP_INDIRECT: {
     if (ind->indirect_grefs[0] >= s->geo.pool_pages || ind->nr_segments > 512) return -1;
     const struct blktap_blkif_segment *segs =
         (const void *)(s->pool + (size_t)ind->indirect_grefs[0] * 4096);
-    offset = ind->sector_number * 512;
+    sp.offset = ind->sector_number * 512;
+    write = ind->indirect_op == BLKTAP_OP_WRITE;
     for (unsigned i = 0; i < ind->nr_segments; i++)
-      if (segment_io(s, ind->indirect_op == BLKTAP_OP_WRITE, &segs[i], &offset)) return -1;
-    return 0;
+      if (segment_io(s, write, &segs[i], &sp)) return -1;
+    return span_flush(s, write, &sp) ? -1 : 0;
   }
   case BLKTAP_OP_FLUSH_DISKCACHE:
     return fdatasync(s->file) ? -1 : 0;
@@ -262,7 +283,9 @@ static int serve(unsigned long minor, const char *file, enum mode mode, unsigned
   if (s.mem == MAP_FAILED) die("mmap");
   s.pool = s.mem + (size_t)s.geo.ring_pages * 4096;
   s.sring = (volatile void *)s.mem;
-  s.file = open(file, O_RDWR | O_CLOEXEC);
+  // TAPCTL_DIRECT=1: O_DIRECT on the file (the pool is page-aligned).
+  const char *direct = getenv("TAPCTL_DIRECT");
+  s.file = open(file, O_RDWR | O_CLOEXEC | (direct && *direct == '1' ? O_DIRECT : 0));
   if (s.file < 0) die(file);
   s.rsp_prod_pvt = s.req_cons = s.sring->rsp_prod;
   signal(SIGTERM, on_term);
