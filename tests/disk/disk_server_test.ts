@@ -2,16 +2,14 @@ import assert from "node:assert/strict";
 import * as B from "../../src/ring/blkif.ts";
 import { TestFrontend } from "../../src/frontends/exercise/test_frontend.ts";
 import { testSeed } from "../_helpers/random.ts";
-import { MemoryDriver } from "./_memory_driver.ts";
-import { ringPair } from "./_ring_pair.ts";
+import { MemoryDriver } from "../_helpers/memory_driver.ts";
+import { ringPair, servedRing } from "../_helpers/ring_pair.ts";
 
 /** Front end and back end over one ArrayBuffer, kicks as function calls. */
 function pair(sizeBytes: number, ringPages = 4, poolPages = 4096) {
-  const driver = new MemoryDriver(sizeBytes);
-  const { disk, ring, pool, serve } = ringPair("test", driver, sizeBytes, { ringPages, poolPages });
-  const server = serve();
-  disk.attach(() => server.kick(), sizeBytes);
-  return { disk, server, driver, ring, pool };
+  const driver = new MemoryDriver(sizeBytes, { randomDelay: true });
+  const { disk, server, ring, pool } = servedRing(driver, { ringPages, poolPages });
+  return { disk, server: server(), driver, ring, pool };
 }
 
 Deno.test("disk server: verified random load, direct and indirect, depths 1..64", async () => {
@@ -59,8 +57,8 @@ Deno.test("disk server: RingDisk as a BlockDriver (unaligned, large, pool and he
     }
   }
   await disk.flush();
-  assert.ok(driver.flushes >= 1);
-  assert.deepEqual(driver.bytes, model);
+  assert.ok(driver.flushCount >= 1);
+  assert.deepEqual(driver.contents(), model);
   assert.equal(disk.pages.freePages, disk.pages.pages);
 });
 

@@ -1,0 +1,63 @@
+/**
+ * QEMU as the oracle: `qemu-img` and `qemu-io` invocations tests share.
+ * Tests using them are ignored unless {@linkcode haveQemu}.
+ * @module
+ */
+import assert from "node:assert/strict";
+import type { MapEntry } from "../../src/tools/map.ts";
+import { run, type RunResult } from "./tools.ts";
+
+export { haveQemu } from "./tools.ts";
+
+/** Runs `qemu-img ARGS`; the caller judges the exit status. */
+export function qemuImg(...args: string[]): Promise<RunResult> {
+  return run("qemu-img", args);
+}
+
+/** Runs `qemu-io -f FORMAT -c C1 -c C2 ... PATH` and asserts it exited 0 without an error line. */
+export async function qemuIo(path: string, format: string, commands: string[]): Promise<void> {
+  const args = ["-f", format, ...commands.flatMap((c) => ["-c", c]), path];
+  const result = await run("qemu-io", args);
+  assert.equal(result.code, 0, `qemu-io ${args.join(" ")}: ${result.stderr}`);
+  assert.doesNotMatch(result.stdout + result.stderr, /Pattern verification failed|error/i);
+}
+
+/** QEMU's map of an image (`qemu-img map --output=json`, the shape `blktap map --json` prints). */
+export async function qemuMap(path: string, format?: string): Promise<MapEntry[]> {
+  const result = await qemuImg("map", "--output=json", ...(format ? ["-f", format] : []), path);
+  if (result.code !== 0) throw new Error(`qemu-img map ${path}: ${result.stderr}`);
+  return JSON.parse(result.stdout);
+}
+
+/** Asserts `qemu-img compare` finds the same guest bytes in `a` and `b` (formats probed unless given). */
+export async function assertQemuSame(
+  a: string,
+  b: string,
+  formats: { a?: string; b?: string } = {},
+): Promise<void> {
+  const args = ["compare", ...(formats.a ? ["-f", formats.a] : [])];
+  if (formats.b) args.push("-F", formats.b);
+  const result = await qemuImg(...args, a, b);
+  assert.equal(
+    result.code,
+    0,
+    `qemu-img ${args.join(" ")} ${a} ${b}: ${result.stdout}${result.stderr}`,
+  );
+}
+
+/** Reads an image's guest bytes as QEMU sees them (converted to raw in `dir`). */
+export async function qemuReadAll(
+  image: string,
+  dir: string,
+  format?: string,
+): Promise<Uint8Array> {
+  const out = `${dir}/qemu-read-${crypto.randomUUID()}.raw`;
+  const args = ["convert", "-U", ...(format ? ["-f", format] : []), "-O", "raw", image, out];
+  const result = await qemuImg(...args);
+  assert.equal(result.code, 0, `qemu-img ${args.join(" ")}: ${result.stderr}`);
+  try {
+    return await Deno.readFile(out);
+  } finally {
+    await Deno.remove(out);
+  }
+}
