@@ -1,7 +1,13 @@
 import assert from "node:assert/strict";
 import { selfCommandFor } from "../../src/cli/self_command.ts";
 import { testSeed } from "../_helpers/random.ts";
-import { assertClean, CtrlHarness, type Load, qcowImage, rawImage } from "./_ctrl_harness.ts";
+import {
+  assertClean,
+  CtrlHarness,
+  type Load,
+  qcowImage,
+  rawImage,
+} from "../_helpers/ctrl_harness.ts";
 
 const MiB = 1 << 20;
 

@@ -5,7 +5,7 @@
  * process was killed and restarted.
  */
 import assert from "node:assert/strict";
-import { assertExportIs, CtrlHarness } from "./_ctrl_harness.ts";
+import { assertExportIs, CtrlHarness } from "../_helpers/ctrl_harness.ts";
 import { blktap, missingTools, runOk } from "../_helpers/tools.ts";
 
 const MiB = 1 << 20;

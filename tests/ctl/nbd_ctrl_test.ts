@@ -4,7 +4,7 @@
  * a disk process is being killed.
  */
 import assert from "node:assert/strict";
-import { assertExportIs, CtrlHarness, rawImage } from "./_ctrl_harness.ts";
+import { assertExportIs, CtrlHarness, rawImage } from "../_helpers/ctrl_harness.ts";
 import { blktap, missingTools, run, runOk, sha256File } from "../_helpers/tools.ts";
 
 const MiB = 1 << 20;

@@ -47,3 +47,13 @@ Deno.test("disk validation: writes and discards on a read-only disk are refused,
   assert.equal(await disk.producer.submitRw(B.BLKIF_OP_READ, 0, segment), B.BLKIF_RSP_OKAY);
   assert.equal(await disk.producer.submitFlush(), B.BLKIF_RSP_OKAY);
 });
+
+Deno.test("disk validation: a fuzz run fails, naming the entry, when a disk stops answering", async () => {
+  const rng = testSeed("fuzz watchdog");
+  const { disk, server } = pair(1 << 20);
+  await server.pause(); // a disk process that takes requests and never answers
+  await assert.rejects(
+    () => fuzzRing(disk, 100, 4, () => rng.next(), 200),
+    /malformed entry \d+ \([a-z-]+\) unanswered after 200 ms/,
+  );
+});

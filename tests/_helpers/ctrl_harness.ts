@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 import { selfCommandFor } from "../../src/cli/self_command.ts";
 import { ctlRequest } from "../../src/ctl/client.ts";
-import { run } from "../_helpers/tools.ts";
+import { run } from "./tools.ts";
 
 export class CtrlHarness {
   readonly dir: string;
