@@ -173,6 +173,8 @@ export class CtlApi {
       maxErrors: number(args, "maxErrors"),
       verify: args.verify !== false,
       aligned: args.aligned === true,
+      initialZero: args.initialZero === true,
+      returnModel: args.returnModel === true,
       seed: number(args, "seed") ?? Math.floor(Math.random() * 2 ** 31),
     };
     if (options.depth < 1 || options.depth > minor.disk.ringEntries) {

@@ -219,7 +219,7 @@ const EXERCISE: Command = {
 
 Runs the test front end inside ctrl on MINOR's ring: random reads and writes
 verified against a model of what it wrote (reads of sectors it has not
-written are not checked).
+written are checked only with --initial-zero).
 
   --requests N        stop after N requests (default: --seconds)
   --seconds S         stop after S seconds (default 10)
@@ -233,6 +233,7 @@ written are not checked).
   --region SIZE       only use the first SIZE bytes of the disk
   --no-verify         do not fill or check data (benchmarks)
   --aligned           page-aligned offsets and buffers (O_DIRECT without bounce)
+  --initial-zero      the disk is all zeros before the run: check unwritten sectors too
   --seed N            replay a run
   --json              machine-readable output
 ${RUN_DIR_HELP}`,
@@ -252,6 +253,7 @@ ${RUN_DIR_HELP}`,
       region: { type: "string" },
       "no-verify": { type: "boolean" },
       aligned: { type: "boolean" },
+      "initial-zero": { type: "boolean" },
       seed: { type: "string" },
       json: { type: "boolean" },
     }, { min: 1, max: 1 });
@@ -274,6 +276,7 @@ ${RUN_DIR_HELP}`,
       regionBytes: size(values.region),
       verify: !values["no-verify"],
       aligned: values.aligned ?? false,
+      initialZero: values["initial-zero"] ?? false,
       seed: parseCount(values.seed, "--seed"),
     });
     if (values.json) console.log(JSON.stringify(result));

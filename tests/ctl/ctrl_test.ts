@@ -1,6 +1,9 @@
 import assert from "node:assert/strict";
 import { selfCommandFor } from "../../src/cli/self_command.ts";
 import { testSeed } from "../_helpers/random.ts";
+import { DiskModel } from "../_helpers/load_model.ts";
+import { haveQemu, qemuReadAll } from "../_helpers/qemu.ts";
+import type { ModelRun } from "../../src/frontends/exercise/test_frontend.ts";
 import {
   assertClean,
   CtrlHarness,
@@ -11,7 +14,14 @@ import {
 
 const MiB = 1 << 20;
 
-Deno.test("ctrl: 100,000+ verified requests over raw and qcow disks, sizes 1 KiB..1 MiB, depths 1..64", async () => {
+Deno.test({
+  name:
+    "ctrl: 100,000+ verified requests over raw and qcow disks, sizes 1 KiB..1 MiB, depths 1..64, then every sector as QEMU reads the image",
+  ignore: !haveQemu,
+  fn: verifiedLoad,
+});
+
+async function verifiedLoad() {
   const rng = testSeed("ctrl load");
   const h = await CtrlHarness.start();
   try {
@@ -32,8 +42,13 @@ Deno.test("ctrl: 100,000+ verified requests over raw and qcow disks, sizes 1 KiB
       [qcowMinor, 64, 20_000],
     ];
     let total = 0;
+    const models = new Map([[rawMinor, new DiskModel(64 * MiB)], [
+      qcowMinor,
+      new DiskModel(64 * MiB),
+    ]]);
     // Each disk runs its plan in order; the two disks run at the same time.
     const runDisk = async (minor: unknown) => {
+      let first = true;
       for (const [m, depth, requests] of plan) {
         if (m !== minor) continue;
         const seed = rng.int(0, 2 ** 31);
@@ -43,11 +58,16 @@ Deno.test("ctrl: 100,000+ verified requests over raw and qcow disks, sizes 1 KiB
           depth,
           requests,
           indirectFraction: 0.05,
+          discardFraction: 0.01,
+          initialZero: first, // both images start zeroed: unwritten sectors are checked too
+          returnModel: true,
           seed,
-        }) as Load;
+        }) as Load & { model: ModelRun[] };
         assertClean(result, `minor ${minor} depth ${depth} seed ${seed}`);
         assert.ok(result.verifiedSectors > 0);
+        models.get(minor)!.apply(result.model);
         total += result.requests;
+        first = false;
       }
     };
     await Promise.all([runDisk(rawMinor), runDisk(qcowMinor)]);
@@ -58,10 +78,16 @@ Deno.test("ctrl: 100,000+ verified requests over raw and qcow disks, sizes 1 KiB
     };
     assert.equal(stats.disk.errors, 0);
     assert.ok(stats.disk.ops.read > 10_000);
+    // Detached (drained, flushed, closed): every sector of each image, read
+    // by QEMU from the file, is what the models say, written or not.
+    await h.request({ op: "destroy", minor: rawMinor });
+    await h.request({ op: "destroy", minor: qcowMinor });
+    models.get(rawMinor)!.assertMatches(await qemuReadAll(raw, h.dir, "raw"), "raw image");
+    models.get(qcowMinor)!.assertMatches(await qemuReadAll(qcow, h.dir, "qcow"), "qcow image");
   } finally {
     await h.close();
   }
-});
+}
 
 Deno.test("ctrl: 100,000 malformed ring entries through a disk process, each refused, valid load unharmed", async () => {
   const rng = testSeed("ctrl fuzz");

@@ -6,8 +6,14 @@
  * of what it wrote. Used by tests, `blktap exercise` and bench/ring.sh.
  *
  * Model: each sector written holds a pattern derived from (sector, tag);
- * the model keeps the tag per sector (0 = unknown, not verified). Requests
- * in flight never overlap, so the model is exact.
+ * the model keeps the tag per sector. Sectors this run has not written hold
+ * what the disk held before it ({@linkcode TAG_INITIAL}: verified as zeros
+ * when the caller says the disk started zeroed, else not checked); a
+ * discarded range is read back and each sector must be zeros or what it
+ * held before. Requests in flight never overlap, so the model is exact, and
+ * a run can hand it back ({@linkcode LoadOptions.returnModel}) for the
+ * caller to check the whole disk by another way (the image file, read by
+ * QEMU).
  * @module
  */
 import * as B from "../../ring/blkif.ts";
@@ -45,8 +51,26 @@ export interface LoadOptions {
   maxErrors?: number;
   /** Only touch the first `regionBytes` of the disk (default: all of it). */
   regionBytes?: number;
+  /** The disk is all zeros before the run: reads of sectors not written yet are verified too. */
+  initialZero?: boolean;
+  /** Return the final model in {@linkcode LoadResult.model}. */
+  returnModel?: boolean;
   seed: number;
 }
+
+/** Model tag of a sector this run has not changed: what the disk held before the run. */
+export const TAG_INITIAL = 0;
+/** Model tag of a sector known to read as zeros (a discard read back as zeros). */
+export const TAG_ZERO = 0xfffffffe;
+/** Model tag of a sector whose content is not known (a failed write or discard). */
+export const TAG_UNKNOWN = 0xffffffff;
+
+/**
+ * The model as runs `[firstSector, sectors, tag]`: a write tag (below
+ * {@linkcode TAG_ZERO}) counts up by one per sector, a special tag stays.
+ * Sectors outside every run are {@linkcode TAG_INITIAL}.
+ */
+export type ModelRun = [number, number, number];
 
 /** What a load run saw. */
 export interface LoadResult {
@@ -67,6 +91,8 @@ export interface LoadResult {
   elapsedMs: number;
   requestsPerSecond: number;
   firstError?: string;
+  /** The final model, when asked for (sector runs of the region). */
+  model?: ModelRun[];
 }
 
 /** mulberry32: small, seedable, fast; uniform in [0, 1). */
@@ -84,6 +110,28 @@ const WORDS_PER_SECTOR = B.SECTOR_BYTES / 4;
 
 function patternWord(sector: number, tag: number, k: number): number {
   return (Math.imul(tag, 0x9e3779b1) ^ Math.imul(sector + k, 0x85ebca6b) ^ k) >>> 0;
+}
+
+/** What sector `sector` holds after a write this front end tagged `tag` (512 bytes). */
+export function sectorPattern(sector: number, tag: number): Uint8Array {
+  const words = new Uint32Array(WORDS_PER_SECTOR);
+  for (let k = 0; k < WORDS_PER_SECTOR; k += 1) words[k] = patternWord(sector, tag, k);
+  return new Uint8Array(words.buffer);
+}
+
+/** The tag of every sector, as runs (see {@linkcode ModelRun}). */
+export function modelRuns(tags: Uint32Array): ModelRun[] {
+  const runs: ModelRun[] = [];
+  let run: ModelRun | undefined;
+  for (let sector = 0; sector < tags.length; sector += 1) {
+    const tag = tags[sector];
+    const continues = run !== undefined && run[0] + run[1] === sector &&
+      (run[2] < TAG_ZERO ? tag === run[2] + run[1] : tag === run[2]);
+    if (continues) run![1] += 1;
+    else if (tag !== TAG_INITIAL) runs.push(run = [sector, 1, tag]);
+    else run = undefined;
+  }
+  return runs;
 }
 
 interface Job {
@@ -124,6 +172,8 @@ export class TestFrontend {
       verify: true,
       maxErrors: Infinity,
       aligned: false,
+      initialZero: false,
+      returnModel: false,
       ...options,
       regionBytes: region,
     };
@@ -162,6 +212,7 @@ export class TestFrontend {
     const r = this.#result;
     r.elapsedMs = performance.now() - started;
     r.requestsPerSecond = Math.round((r.requests * 1000) / Math.max(r.elapsedMs, 1));
+    if (this.#o.returnModel) r.model = modelRuns(this.#tags);
     return r;
   }
 
@@ -198,11 +249,34 @@ export class TestFrontend {
     const range = await this.#pickRange(1 + Math.floor(this.#random() * 256));
     this.#result.discards += 1;
     try {
-      this.#record(await this.#disk.producer.submitDiscard(range.sector, range.sectors), "discard");
-      // Discarded sectors may read as zeros or as before: unknown to the model.
-      this.#tags.fill(0, range.sector, range.sector + range.sectors);
+      const status = await this.#disk.producer.submitDiscard(range.sector, range.sectors);
+      this.#record(status, "discard");
+      if (status !== B.BLKIF_RSP_OKAY) {
+        this.#tags.fill(TAG_UNKNOWN, range.sector, range.sector + range.sectors);
+      } else if (this.#o.verify) await this.#readBackDiscard(range.sector, range.sectors);
+      else this.#tags.fill(TAG_UNKNOWN, range.sector, range.sector + range.sectors);
     } finally {
       this.#busy.fill(0, range.sector, range.sector + range.sectors);
+    }
+  }
+
+  // A discarded sector reads as zeros or as before (the driver may ignore
+  // the hint): read the range back (still ours) so the model stays exact.
+  async #readBackDiscard(sector: number, sectors: number): Promise<void> {
+    const job = await this.#layout("read", sector, sectors, false);
+    try {
+      const status = await this.#disk.producer.submitRw(B.BLKIF_OP_READ, sector, job.segments);
+      if (status !== B.BLKIF_RSP_OKAY) {
+        this.#record(status, `read back of discard ${sector}+${sectors}`);
+        this.#tags.fill(TAG_UNKNOWN, sector, sector + sectors);
+        return;
+      }
+      this.#forEachSector(job, (s, word) => {
+        if (this.#isZero(word)) this.#tags[s] = TAG_ZERO;
+        else if (this.#expected(s) !== undefined) this.#compare(s, word);
+      });
+    } finally {
+      for (const [first, count] of job.runs) this.#disk.pages.release(first, count);
     }
   }
 
@@ -301,7 +375,9 @@ export class TestFrontend {
     } else {
       this.#result.writes += 1;
       // A failed write leaves the range unknown.
-      if (status !== B.BLKIF_RSP_OKAY) this.#tags.fill(0, job.sector, job.sector + job.sectors);
+      if (status !== B.BLKIF_RSP_OKAY) {
+        this.#tags.fill(TAG_UNKNOWN, job.sector, job.sector + job.sectors);
+      }
     }
   }
 
@@ -321,6 +397,7 @@ export class TestFrontend {
     const verify = this.#o.verify;
     this.#forEachSector(job, (sector, word) => {
       const tag = this.#nextTag++;
+      if (tag >= TAG_ZERO) throw new RangeError("model tags exhausted: run fewer requests");
       if (verify) {
         for (let k = 0; k < WORDS_PER_SECTOR; k += 1) words[word + k] = patternWord(sector, tag, k);
       }
@@ -329,18 +406,37 @@ export class TestFrontend {
   }
 
   #check(job: Job): void {
-    const words = this.#poolWords;
-    this.#forEachSector(job, (sector, word) => {
-      const tag = this.#tags[sector];
-      if (tag === 0) return;
-      this.#result.verifiedSectors += 1;
-      for (let k = 0; k < WORDS_PER_SECTOR; k += 1) {
-        if (words[word + k] !== patternWord(sector, tag, k)) {
-          this.#result.mismatches += 1;
-          this.#result.firstError ??= `mismatch at sector ${sector}`;
-          return;
-        }
-      }
-    });
+    this.#forEachSector(job, (sector, word) => this.#compare(sector, word));
+  }
+
+  // The tag whose content `sector` must hold, 0 for zeros, undefined when not known.
+  #expected(sector: number): number | undefined {
+    const tag = this.#tags[sector];
+    if (tag === TAG_UNKNOWN) return undefined;
+    if (tag === TAG_INITIAL) return this.#o.initialZero ? 0 : undefined;
+    return tag === TAG_ZERO ? 0 : tag;
+  }
+
+  #isZero(word: number): boolean {
+    for (let k = 0; k < WORDS_PER_SECTOR; k += 1) if (this.#poolWords[word + k] !== 0) return false;
+    return true;
+  }
+
+  // Compares the sector read into the pool at `word` with the model.
+  #compare(sector: number, word: number): void {
+    const tag = this.#expected(sector);
+    if (tag === undefined) return;
+    this.#result.verifiedSectors += 1;
+    const same = tag === 0
+      ? this.#isZero(word)
+      : this.#poolWords.subarray(word, word + WORDS_PER_SECTOR).every((w, k) =>
+        w === patternWord(sector, tag, k)
+      );
+    if (same) return;
+    this.#result.mismatches += 1;
+    this.#result.firstError ??= `mismatch at sector ${sector} (expected ${
+      tag === 0 ? "zeros" : `tag ${tag}`
+    })`;
+    this.#tags[sector] = TAG_UNKNOWN; // reported once, not at every later read
   }
 }
