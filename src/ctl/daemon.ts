@@ -243,7 +243,12 @@ export class Ctrl {
       onMessage: (m) => {
         if (target) return target.onMessage(m);
         const minor = m.t === "hello" ? this.#minors.get(m.minor as number) : undefined;
-        if (!minor) return channel.close();
+        if (!minor) {
+          // Say why before hanging up: a disk started by hand exits with this.
+          channel.send({ t: "refused", error: `ctrl in ${this.runDir} has no minor ${m.minor}` });
+          channel.closeAfterSending();
+          return;
+        }
         target = minor;
         minor.connected(channel, m.pid as number);
       },

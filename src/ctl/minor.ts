@@ -117,7 +117,13 @@ export class Minor {
   connected(channel: KickChannel, pid: number): void {
     if (pid !== this.#child?.pid) {
       this.#host.log.warn(`minor ${this.record.minor}: hello from unexpected pid ${pid}`);
-      channel.close();
+      const servedBy = this.#child ? `pid ${this.#child.pid}, started by ctrl` : "nobody now";
+      channel.send({
+        t: "refused",
+        error:
+          `minor ${this.record.minor} is served by ${servedBy}; ctrl starts its disk processes itself`,
+      });
+      channel.closeAfterSending();
       return;
     }
     this.#channel = channel;

@@ -66,7 +66,11 @@ class DiskProcess {
     this.#channel = new KickChannel(conn, {
       onKick: () => this.#server?.kick(),
       onMessage: (m) => this.#onMessage(m),
-      onClose: () => this.#shutdown("ctrl went away"),
+      onClose: () => {
+        // Hung up on before any configuration: ctrl does not know this minor.
+        if (!this.#config) return this.#refused(`ctrl at ${socketPath} closed the connection`);
+        this.#shutdown("ctrl went away");
+      },
     });
     this.#channel.send({ t: "hello", minor: this.#minor, pid: Deno.pid });
     const onSignal = () => this.#shutdown("SIGTERM");
@@ -78,7 +82,15 @@ class DiskProcess {
     }
   }
 
+  // Not served: one line for whoever started this process, exit 2.
+  #refused(why: string): void {
+    console.error(`blktap disk: minor ${this.#minor}: ${why}`);
+    this.#channel.close();
+    this.#done.resolve(2);
+  }
+
   #onMessage(message: Record<string, unknown>): void {
+    if (message.t === "refused") return this.#refused(String(message.error));
     if (message.t === "attach") {
       this.#attach(message as unknown as AttachConfig).catch((error) => {
         this.#log.error(`attach failed: ${error.message}`);

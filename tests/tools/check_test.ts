@@ -134,3 +134,70 @@ Deno.test("check: clean, leaked, corrupt, repaired and unusable vmdk images", as
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("check: a qcow that is its own backing file, two backing each other, a missing backing file: exit 2 naming the chain", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "blktap-check-" });
+  try {
+    const create = async (path: string, backing: string) => {
+      const made = await blktap(["qcow-create", "4", path, backing]);
+      assert.equal(made.code, 0, made.stderr);
+    };
+    // Its own backing file: made over a placeholder, then moved onto the placeholder's name.
+    await Deno.writeFile(`${dir}/self.qcow`, new Uint8Array(4 << 20));
+    await create(`${dir}/tmp.qcow`, "self.qcow");
+    await Deno.rename(`${dir}/tmp.qcow`, `${dir}/self.qcow`);
+    // a.qcow -> b.qcow -> a.qcow.
+    await Deno.writeFile(`${dir}/b.qcow`, new Uint8Array(4 << 20));
+    await create(`${dir}/a.qcow`, "b.qcow");
+    await create(`${dir}/tmp.qcow`, "a.qcow");
+    await Deno.rename(`${dir}/tmp.qcow`, `${dir}/b.qcow`);
+    // A backing file that is gone.
+    await Deno.writeFile(`${dir}/gone.raw`, new Uint8Array(4 << 20));
+    await create(`${dir}/orphan.qcow`, "gone.raw");
+    await Deno.remove(`${dir}/gone.raw`);
+
+    const cases: [string, RegExp][] = [
+      ["self.qcow", /backing file loop: .*self\.qcow -> .*self\.qcow/],
+      ["a.qcow", /backing file loop: .*a\.qcow -> .*b\.qcow -> .*a\.qcow/],
+      [
+        "orphan.qcow",
+        /backing file .*gone\.raw not found \(chain: .*orphan\.qcow -> .*gone\.raw\)/,
+      ],
+    ];
+    for (const [name, message] of cases) {
+      const path = `${dir}/${name}`;
+      const result = await checkImage(path);
+      assert.equal(result.status, 2, `${name}: ${JSON.stringify(result)}`);
+      assert.match(result.report.unusable ?? "", message);
+      const cli = await blktap(["check", path]);
+      assert.equal(cli.code, 2, `${name}: ${cli.stdout}`);
+      assert.doesNotMatch(cli.stdout, /No errors/);
+      assert.match(cli.stderr, message, `${name}: stderr names the chain`);
+      assert.equal(cli.stderr.trim().split("\n").length, 1, `${name}: one line on stderr`);
+      const json = await blktap(["check", "--json", path]);
+      assert.equal(json.code, 2);
+      assert.equal(JSON.parse(json.stdout).status, 2);
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("check: a corrupt image's verdict is on stderr as well as its ERROR lines on stdout", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "blktap-check-" });
+  try {
+    const corrupt = await makeCorrupt(dir);
+    const cli = await blktap(["check", corrupt]);
+    assert.equal(cli.code, 1);
+    const errors = cli.stdout.split("\n").filter((l) => l.startsWith("ERROR: ")).length;
+    assert.ok(errors > 0, cli.stdout);
+    assert.equal(cli.stderr, `blktap check: ${corrupt}: corrupt (${errors} errors)\n`);
+    const clean = `${dir}/clean.vmdk`;
+    await makeImage(clean);
+    const ok = await blktap(["check", clean]);
+    assert.equal(ok.code, 0);
+    assert.equal(ok.stderr, "", "nothing on stderr for a clean image");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
