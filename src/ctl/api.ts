@@ -99,9 +99,9 @@ export class CtlApi {
       case "create":
         return await this.#create(args);
       case "list":
-        return { minors: await Promise.all(ctrl.minors.map((m) => m.stats())) };
+        return { minors: ctrl.minors.map((m) => m.stats()) };
       case "stats":
-        return await this.#minor(args).stats();
+        return this.#minor(args).stats();
       case "pause":
         await this.#minor(args).pause();
         return {};

@@ -9,6 +9,7 @@
  */
 import { type Logger, logger } from "../cli/log.ts";
 import { DISK_SOCKET_NAME } from "../disk/protocol.ts";
+import { StatsFile, statsPathFor } from "../disk/stats_file.ts";
 import { KickChannel } from "../ring/kick_channel.ts";
 import { defaultShmDir, ShmRingDevice } from "../ring/shm_ring_device.ts";
 import { CtlApi } from "./api.ts";
@@ -176,7 +177,8 @@ export class Ctrl {
       paused: false,
     };
     const device = ShmRingDevice.create(record.shmPath, record);
-    const minor = new Minor(record, this.#host(), device);
+    const stats = StatsFile.create(statsPathFor(record.shmPath), 1);
+    const minor = new Minor(record, this.#host(), device, stats);
     this.#minors.set(number, minor);
     try {
       await minor.start();
@@ -218,7 +220,14 @@ export class Ctrl {
     } catch {
       device = ShmRingDevice.create(record.shmPath, record);
     }
-    const minor = new Minor(record, this.#host(), device);
+    // The stats file outlives ctrl like the ring device: what the previous
+    // processes counted is still there (folded in before the next one starts).
+    const generation = (record.lifetime?.foldedGeneration ?? 0) + 1;
+    const stats = StatsFile.openOrCreate(
+      record.statsPath ?? statsPathFor(record.shmPath),
+      generation,
+    );
+    const minor = new Minor(record, this.#host(), device, stats);
     this.#minors.set(record.minor, minor);
     try {
       await minor.start();

@@ -13,6 +13,7 @@ import { KickChannel } from "../ring/kick_channel.ts";
 import { ShmRingDevice } from "../ring/shm_ring_device.ts";
 import { defaultRunDir } from "../cli/run_dir.ts";
 import { DiskServer } from "./disk_server.ts";
+import { StatsFile } from "./stats_file.ts";
 import { isNullSpec, openNull } from "./null_driver.ts";
 import { type AttachConfig, DISK_SOCKET_NAME } from "./protocol.ts";
 
@@ -129,7 +130,11 @@ class DiskProcess {
     this.#config = config;
     const driver = await openDiskImage(config.image, config);
     this.#device = ShmRingDevice.open(config.shmPath, config);
+    // Counting in the minor's stats file: ctrl reads it even after this process is killed.
+    const stats = config.statsPath ? StatsFile.open(config.statsPath) : undefined;
+    if (stats) stats.pid = Deno.pid;
     this.#server = new DiskServer({
+      counters: stats?.counters,
       ring: this.#device.ring,
       pool: this.#device.pool,
       fence: memoryFence,

@@ -8,6 +8,8 @@ import { servedRing } from "../_helpers/ring_pair.ts";
 /** A disk with a volatile write cache: unflushed writes die with the "process". */
 class VolatileDriver extends MemoryDriver {
   journal: { offset: number; data: Uint8Array }[] = [];
+  /** Which "process" is running: a write of a crashed one never lands (its process is gone). */
+  #epoch = 0;
 
   protected override async _read(offset: number, buffer: Uint8Array) {
     await super._read(offset, buffer);
@@ -19,7 +21,9 @@ class VolatileDriver extends MemoryDriver {
   }
 
   protected override async _write(offset: number, data: Uint8Array) {
+    const epoch = this.#epoch;
     await new Promise((r) => setTimeout(r, Math.random() * this.delayMs));
+    if (epoch !== this.#epoch) throw new Error("the process died before this write landed");
     this.journal.push({ offset, data: data.slice() });
   }
 
@@ -30,6 +34,7 @@ class VolatileDriver extends MemoryDriver {
   }
 
   crash(): void {
+    this.#epoch += 1;
     this.journal = [];
   }
 }
