@@ -171,8 +171,11 @@ export function ignoreWithout(peers: string[], what: string): boolean {
   return missing.length > 0;
 }
 
-/** Asserts `qemu-img compare` reads the same bytes through export `name` as in `image`. */
+/**
+ * Asserts `qemu-img compare` reads the same bytes through export `name` as in
+ * `image` (with -U: the disk process holds the image's QEMU write lock).
+ */
 export async function assertExportIs(h: CtrlHarness, name: string, image: string): Promise<void> {
-  const compare = await run("qemu-img", ["compare", "-f", "raw", h.nbdUri(name), image]);
+  const compare = await run("qemu-img", ["compare", "-U", "-f", "raw", h.nbdUri(name), image]);
   assert.equal(compare.code, 0, compare.stdout + compare.stderr);
 }
