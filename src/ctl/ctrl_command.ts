@@ -12,7 +12,7 @@ import {
   UsageError,
 } from "../cli/command.ts";
 import { type LogLevel, setLogLevel } from "../cli/log.ts";
-import { ALLOW_PATH_HELP, ALLOW_PATH_OPTION, parseAllowPaths } from "../cli/allow_path.ts";
+import { ALLOW_PATH_OPTION, allowPathHelp, parseAllowPaths } from "../cli/allow_path.ts";
 import { waitForStopSignal } from "../cli/signals.ts";
 import { Ctrl } from "./daemon.ts";
 import { NBD_SOCKET_NAME, startCtrlNbd } from "./nbd_frontend.ts";
@@ -35,8 +35,8 @@ Options:
   --nbd-socket PATH      NBD Unix socket (default DIR/nbd.sock)
   --nbd-tcp HOST:PORT    also serve NBD on TCP (host defaults to 127.0.0.1)
   --no-nbd               do not serve NBD
-${ALLOW_PATH_HELP}
-                       (for every disk; 'create --allow-path' adds folders for one)
+${allowPathHelp(25)}
+                         (for every disk; 'create --allow-path' adds folders for one)
 
 Images attached by path alone are probed once, at create, and recorded with
 their format in DIR/registry.json; they are never probed again. Images are

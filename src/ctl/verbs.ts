@@ -11,7 +11,7 @@ import {
   UsageError,
 } from "../cli/command.ts";
 import { ctlRequest } from "./client.ts";
-import { ALLOW_PATH_HELP, ALLOW_PATH_OPTION, parseAllowPaths } from "../cli/allow_path.ts";
+import { ALLOW_PATH_OPTION, allowPathHelp, parseAllowPaths } from "../cli/allow_path.ts";
 import { isNullSpec } from "../disk/null_driver.ts";
 import { absolutePath, probedNote, specFilePath } from "../formats/open_image.ts";
 import { defaultRunDir } from "../cli/run_dir.ts";
@@ -70,7 +70,7 @@ format (aio:PATH) to lift that.
   --name NAME          export name (default tapN)
   --readonly           refuse writes
   --cache MODE         none (O_DIRECT, default) or writeback (page cache), as QEMU's cache modes
-${ALLOW_PATH_HELP}
+${allowPathHelp(23)}
   --max-iops N         QoS: requests per second (0 = unlimited)
   --max-bps N          QoS: bytes per second (suffixes K, M, G)
   --burst-ms MS        QoS bucket depth in milliseconds of the rate (default 1000)

@@ -6,7 +6,7 @@
  */
 import { type Command, parseCommandArgs, parseHostPort, UsageError } from "../../cli/command.ts";
 import { waitForStopSignal } from "../../cli/signals.ts";
-import { ALLOW_PATH_HELP, ALLOW_PATH_OPTION, parseAllowPaths } from "../../cli/allow_path.ts";
+import { ALLOW_PATH_OPTION, allowPathHelp, parseAllowPaths } from "../../cli/allow_path.ts";
 import type { BlockDriver } from "../../formats/driver.ts";
 import { openImage, probedNote, resolveImageSpec } from "../../formats/open_image.ts";
 import type { NbdExport } from "./export.ts";
@@ -30,7 +30,7 @@ Options:
   --description TEXT   description shown by 'nbdinfo --list'
   --readonly           refuse writes (EPERM)
   --cache MODE         none (O_DIRECT, default) or writeback (page cache)
-${ALLOW_PATH_HELP}
+${allowPathHelp(23)}
 
 Clients: qemu-img info 'nbd+unix:///NAME?socket=PATH', nbdinfo, nbdcopy, fio --ioengine=nbd.`;
 
