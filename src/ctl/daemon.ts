@@ -173,13 +173,15 @@ export class Ctrl {
    * write while another has it, is refused naming that minor.
    */
   async create(params: CreateParams): Promise<{ minor: Minor; image: AttachedImage }> {
+    const readOnly = params.readOnly ?? false;
+    const image = await attachedImage(params.image, readOnly);
+    // From here to the minor's registration nothing awaits: concurrent
+    // creates see each other's minor numbers, names and images.
     const number = this.#freeMinor();
     const name = params.name ?? `tap${number}`;
     if (this.minors.some((m) => m.record.name === name)) {
       throw new Error(`export name '${name}' is taken`);
     }
-    const readOnly = params.readOnly ?? false;
-    const image = await attachedImage(params.image, readOnly);
     this.#refuseSharedWriter(image, readOnly);
     const record: MinorRecord = {
       minor: number,
@@ -313,7 +315,6 @@ export class Ctrl {
     }
     record.image = image.spec;
     record.probedRaw = image.probedRaw;
-    this.saveRegistry();
     this.log.warn(
       `minor ${record.minor}: the registry named ${old} without a format; recorded as ` +
         `${image.spec} (probed raw: writes that would make it probe as another format are refused)`,

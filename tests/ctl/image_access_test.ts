@@ -50,6 +50,16 @@ Deno.test("ctrl: one writer per image, under any spelling, named when refused; r
       [0, "running", true],
       [1, "running", true],
     ]);
+    // Concurrent creates: one writer wins, other images get their own minors.
+    const other = await rawImage(`${h.dir}/img`, "other.raw", 4 * MiB);
+    const third = await rawImage(`${h.dir}/img`, "third.raw", 4 * MiB);
+    const results = await Promise.allSettled([
+      h.request({ op: "create", image: `aio:${other}` }),
+      h.request({ op: "create", image: other }),
+      h.request({ op: "create", image: `aio:${third}` }),
+    ]);
+    assert.deepEqual(results.map((r) => r.status).sort(), ["fulfilled", "fulfilled", "rejected"]);
+    assert.deepEqual((await h.list()).map((m) => m.minor), [0, 1, 2, 3]);
   } finally {
     await h.close();
   }
