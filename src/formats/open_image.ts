@@ -19,7 +19,6 @@ import type { FormatEntry, OpenContext } from "./format_entry.ts";
 import { type ChainPolicy, checkChainPath, resolveStoredName } from "./chain_policy.ts";
 
 export type { FormatEntry, OpenContext } from "./format_entry.ts";
-export { probe_head_bytes };
 
 /** The registry entry for a format name or alias. */
 export function formatEntry(name: string): FormatEntry | undefined {
