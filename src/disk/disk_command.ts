@@ -186,16 +186,19 @@ class DiskProcess {
 
   // The old image is closed first: its locks would refuse the new overlay
   // that has it as backing file. If the new one cannot be opened, the old
-  // one is opened again and served on.
+  // one is opened again, paused or running as before.
   async #switchImage(server: DiskServer, image: string, probedRaw: boolean): Promise<void> {
     const config = this.#config!;
+    const wasPaused = server.paused;
     await server.pause();
     await server.driver.close();
     let driver: BlockDriver;
     try {
       driver = await openDiskImage(image, { ...config, probedRaw });
     } catch (error) {
-      server.resume(await openDiskImage(config.image, config));
+      // A paused disk stays so: nothing may reach the old image between two attempts.
+      server.replaceDriver(await openDiskImage(config.image, config));
+      if (!wasPaused) server.resume();
       throw error;
     }
     this.#config = { ...config, image, probedRaw };

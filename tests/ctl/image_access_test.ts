@@ -146,3 +146,30 @@ Deno.test("ctrl: a backing file outside the image's folder needs --allow-path, o
     await h.close();
   }
 });
+
+Deno.test("ctrl: resume on a snapshot overlay of the served image; a failed resume keeps the old one", async () => {
+  const h = await CtrlHarness.start();
+  try {
+    const base = await rawImage(h.dir, "base.raw", 4 * MiB);
+    await h.request({ op: "create", image: `aio:${base}`, name: "vm" });
+    await h.request({ op: "pause", minor: "vm" });
+    const overlay = `${h.dir}/snap.qcow`;
+    const created = await blktap(["qcow-create", "4", overlay, base]);
+    assert.equal(created.code, 0, created.stderr);
+    // The served image's write lock would refuse the overlay's backing read lock.
+    const resumed = await h.request({ op: "resume", minor: "vm", image: overlay });
+    assert.deepEqual([resumed.image, resumed.probed], [`qcow:${overlay}`, true]);
+    await h.request({ op: "pause", minor: "vm" });
+    await assert.rejects(
+      h.request({ op: "resume", minor: "vm", image: `qcow:${h.dir}/missing.qcow` }),
+      /missing\.qcow/,
+    );
+    const [minor] = await h.list();
+    assert.deepEqual([minor.state, minor.image], ["paused", `qcow:${overlay}`]);
+    await h.request({ op: "resume", minor: "vm" });
+    const exercised = await h.request({ op: "exercise", minor: "vm", requests: 200 });
+    assert.equal(exercised.errors, 0, String(exercised.firstError));
+  } finally {
+    await h.close();
+  }
+});
