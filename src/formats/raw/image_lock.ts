@@ -82,6 +82,30 @@ export function lockImage(file: File, mode: ImageLockMode): void {
   }
 }
 
+/**
+ * How long {@linkcode lockImageWaiting} waits for a conflicting lock to go
+ * away before refusing. Locks outlive their holder briefly: a SIGKILLed
+ * disk process's file is released by the kernel's deferred fput after its
+ * last aio completes (a restarted disk process must not fail on that), and
+ * a descriptor copied into a child forked by the same process lives until
+ * that child's exec.
+ */
+export const lock_conflict_wait_ms = 1000;
+const lock_retry_ms = 20;
+
+/** {@linkcode lockImage}, retried while a conflict may be one that is going away. */
+export async function lockImageWaiting(file: File, mode: ImageLockMode): Promise<void> {
+  for (let waited = 0;; waited += lock_retry_ms) {
+    try {
+      lockImage(file, mode);
+      return;
+    } catch (error) {
+      if (!(error instanceof BlockError) || waited >= lock_conflict_wait_ms) throw error;
+    }
+    await new Promise((resolve) => setTimeout(resolve, lock_retry_ms));
+  }
+}
+
 function refuse(file: File, what: string): never {
   throw new BlockError(
     "EPERM",

@@ -11,7 +11,7 @@ import { File } from "../../../ffi/file.ts";
 import { BlockError } from "../driver.ts";
 import type { ImageFile, ImageOpenOptions } from "../image_file.ts";
 import { AioFile } from "./aio_file.ts";
-import { lockImage } from "./image_lock.ts";
+import { lockImageWaiting } from "./image_lock.ts";
 import { SyncFile } from "./sync_file.ts";
 
 /** Which file layer to use. */
@@ -49,7 +49,10 @@ function openDescriptor(path: string, options: FileOpenOptions): File {
  * Takes QEMU's image locks as `options.lock` says (an image in use is
  * refused with EPERM naming it).
  */
-export function openImageFile(path: string, options: FileOpenOptions = {}): Promise<ImageFile> {
+export async function openImageFile(
+  path: string,
+  options: FileOpenOptions = {},
+): Promise<ImageFile> {
   const file = openDescriptor(path, options);
   try {
     const { kind } = file.stat();
@@ -57,11 +60,13 @@ export function openImageFile(path: string, options: FileOpenOptions = {}): Prom
       const what = kind === "directory" ? "a directory" : "not a file or block device";
       throw new BlockError("EINVAL", `${path}: is ${what}`);
     }
-    if (options.lock ?? !options.readOnly) lockImage(file, options.readOnly ? "read" : "write");
+    if (options.lock ?? !options.readOnly) {
+      await lockImageWaiting(file, options.readOnly ? "read" : "write");
+    }
   } catch (error) {
     file.close();
-    return Promise.reject(error);
+    throw error;
   }
   const Engine = options.engine === "sync" ? SyncFile : AioFile;
-  return Promise.resolve(new Engine(file, !options.readOnly));
+  return new Engine(file, !options.readOnly);
 }

@@ -7,6 +7,7 @@
 import assert from "node:assert/strict";
 import { type BlockDriver, BlockError } from "../../../src/formats/driver.ts";
 import { openImage } from "../../../src/formats/open_image.ts";
+import { lock_conflict_wait_ms } from "../../../src/formats/raw/image_lock.ts";
 import { blktap, hasTool, run } from "../../_helpers/tools.ts";
 import { qemuHolding } from "../../_helpers/qemu_hold.ts";
 
@@ -159,4 +160,25 @@ Deno.test({
         await withDriver(`aio:${base}`, { readOnly: true, lock: true }, () => Promise.resolve());
       });
     }),
+});
+
+Deno.test("image lock: an open waits out a conflict that goes away, else refuses", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "blktap-lock-" });
+  try {
+    const raw = `${dir}/disk.raw`;
+    await Deno.writeFile(raw, new Uint8Array(MiB));
+    const first = await openImage(`aio:${raw}`);
+    const started = Date.now();
+    const second = openImage(`aio:${raw}`);
+    setTimeout(() => first.close(), lock_conflict_wait_ms / 5);
+    await (await second).close();
+    assert.ok(Date.now() - started < lock_conflict_wait_ms, "served once the holder let go");
+    await withDriver(`aio:${raw}`, {}, async () => {
+      const refusedAt = Date.now();
+      await assert.rejects(openImage(`aio:${raw}`), inUse(/Failed to get "write" lock/));
+      assert.ok(Date.now() - refusedAt >= lock_conflict_wait_ms, "refused after the wait");
+    });
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });
