@@ -37,6 +37,8 @@ interface Guest {
 interface CtrlUnderTest {
   runDir: string;
   guest: Guest;
+  /** What the guest sees of a refused write. */
+  refusal: RegExp;
   restart(): Promise<void>;
 }
 
@@ -147,7 +149,7 @@ async function scenario(ctrl: CtrlUnderTest, dir: string, explicitHeads: number)
       const probes = probeHead(d.head_bytes);
       const refusedByDesign = d.probed && probes !== undefined;
       const what = `${d.head} (${d.probed ? "probed" : "aio:"})`;
-      if (refusedByDesign) assert.ok(d.refused, `${what}: the write is refused`);
+      if (refusedByDesign) assert.match(d.refused ?? "", ctrl.refusal, `${what}: refused`);
       else assert.equal(d.refused, undefined, `${what}: the write is accepted`);
       const expected = refusedByDesign ? new Uint8Array(head_bytes) : d.head_bytes;
       const read = reads[i];
@@ -174,6 +176,7 @@ Deno.test("probe safety: hostile heads through ctrl's NBD socket, disk processes
     const ctrl = {
       runDir: h.runDir,
       guest: nbdGuest(h.runDir),
+      refusal: new RegExp(`^NBD error ${P.NBD_EIO}$`),
       restart: async () => {
         await h.killCtrl();
         await h.startCtrl();
@@ -195,6 +198,7 @@ Deno.test("probe safety: hostile heads straight through the ring, disk processes
     const ctrl = {
       runDir: ring.runDir,
       guest: ring,
+      refusal: /write failed \(blkif status -1\)/,
       restart: async () => {
         for (const m of await list(ring.runDir)) pids.add(m.pid as number);
         await ring.kill();
