@@ -5,7 +5,7 @@
  * image's folder only with --allow-path (on create, or for all of ctrl).
  */
 import assert from "node:assert/strict";
-import { CtrlHarness, qcowImage, rawImage } from "./_ctrl_harness.ts";
+import { CtrlHarness, qcowImage, rawImage, waitRunning } from "./_ctrl_harness.ts";
 import { blktap, hasTool, run } from "../_helpers/tools.ts";
 import { qemuHolding } from "../_helpers/qemu_hold.ts";
 import { REGISTRY_NAME } from "../../src/cli/run_dir.ts";
@@ -93,11 +93,7 @@ Deno.test({
       await check("served");
       const pids = [await h.diskPid(0), await h.diskPid(1)];
       for (const pid of pids) Deno.kill(pid, "SIGKILL");
-      for (let i = 0; i < 200; i += 1) {
-        const minors = await h.list();
-        if (minors.every((m) => m.state === "running" && !pids.includes(m.pid as number))) break;
-        await new Promise((r) => setTimeout(r, 50));
-      }
+      await waitRunning(h.runDir, { replacing: pids });
       await check("served by restarted disk processes");
     } finally {
       await h.close();
@@ -137,11 +133,7 @@ Deno.test("ctrl: a backing file outside the image's folder needs --allow-path, o
     await h.killCtrl();
     await h.startCtrl(["--allow-path", `${h.dir}/shared`]);
     await h.request({ op: "create", image: `qcow:${h.dir}/images/vm2.qcow` });
-    for (let i = 0; i < 200; i += 1) {
-      if ((await h.list()).every((m) => m.state === "running")) break;
-      await new Promise((r) => setTimeout(r, 50));
-    }
-    assert.deepEqual((await h.list()).map((m) => m.state), ["running", "running"]);
+    assert.equal((await waitRunning(h.runDir)).length, 2);
   } finally {
     await h.close();
   }

@@ -11,7 +11,7 @@
  * probed format (only for disks attached by path alone).
  */
 import assert from "node:assert/strict";
-import { CtrlHarness, qcowImage, rawImage } from "./_ctrl_harness.ts";
+import { CtrlHarness, qcowImage, rawImage, waitRunning } from "./_ctrl_harness.ts";
 import { RingCtrl } from "./_ring_ctrl.ts";
 import { RawNbdClient } from "../_helpers/nbd_client.ts";
 import { hostileHeads } from "../_helpers/hostile_heads.ts";
@@ -73,18 +73,6 @@ async function list(runDir: string): Promise<Record<string, unknown>[]> {
   return (await ctlRequest(runDir, { op: "list" })).minors as Record<string, unknown>[];
 }
 
-/** Waits until every minor runs, on a disk process other than those in `old`. */
-async function allRunning(runDir: string, old: Set<number>): Promise<Record<string, unknown>[]> {
-  for (let i = 0; i < 600; i += 1) {
-    const minors = await list(runDir).catch(() => []);
-    const ready = minors.length > 0 &&
-      minors.every((m) => m.state === "running" && !old.has(m.pid as number));
-    if (ready) return minors;
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  throw new Error(`disks not running again: ${JSON.stringify(await list(runDir))}`);
-}
-
 interface Disk {
   name: string;
   path: string;
@@ -127,10 +115,10 @@ async function scenario(ctrl: CtrlUnderTest, dir: string, explicitHeads: number)
     // Every disk process dies, and then ctrl.
     const first = await list(ctrl.runDir);
     for (const m of first) Deno.kill(m.pid as number, "SIGKILL");
-    await allRunning(ctrl.runDir, new Set(first.map((m) => m.pid as number)));
+    await waitRunning(ctrl.runDir, { replacing: first.map((m) => m.pid as number) });
     const second = await list(ctrl.runDir);
     await ctrl.restart();
-    await allRunning(ctrl.runDir, new Set(second.map((m) => m.pid as number)));
+    await waitRunning(ctrl.runDir, { replacing: second.map((m) => m.pid as number) });
     // The guests go on; what they see is checked once the host file is.
     const after = new Uint8Array(4 * KiB).fill(0xa5);
     const writes: (string | undefined)[] = [];
@@ -306,12 +294,8 @@ Deno.test("probe safety: a registry from an older blktap (bare paths) becomes ra
     const watch = OpenWatch.start(canary);
     try {
       await h.startCtrl();
-      let minors = await h.list();
-      for (let i = 0; i < 200 && minors[0].state !== "running"; i += 1) {
-        await new Promise((r) => setTimeout(r, 50));
-        minors = await h.list();
-      }
-      assert.equal(minors[0].state, "running");
+      await waitRunning(h.runDir, { minors: [0] });
+      const minors = await h.list();
       assert.equal(minors[0].image, `aio:${plain}`, "probed raw once more, recorded");
       assert.equal(minors[1].state, "failed");
       const stats = await h.request({ op: "stats", minor: 1 });
