@@ -45,9 +45,14 @@ export async function qemuIo(path: string, format: string, commands: string[]): 
   assert.doesNotMatch(result.stdout + result.stderr, /Pattern verification failed|error/i);
 }
 
-/** QEMU's map of an image (`qemu-img map --output=json`, the shape `blktap map --json` prints). */
+/**
+ * QEMU's map of an image (`qemu-img map --output=json`, the shape `blktap
+ * map --json` prints); with -U, as the image may be locked by a disk
+ * process that flushed it.
+ */
 export async function qemuMap(path: string, format?: string): Promise<MapEntry[]> {
-  const result = await qemuImg("map", "--output=json", ...(format ? ["-f", format] : []), path);
+  const args = ["map", "-U", "--output=json", ...(format ? ["-f", format] : []), path];
+  const result = await qemuImg(...args);
   if (result.code !== 0) throw new Error(`qemu-img map ${path}: ${result.stderr}`);
   return JSON.parse(result.stdout);
 }

@@ -5,7 +5,7 @@
  * beside them, and a ctrl restart keeps all of it.
  */
 import assert from "node:assert/strict";
-import { CtrlHarness, type Load, rawImage } from "../_helpers/ctrl_harness.ts";
+import { CtrlHarness, type Load, rawImage, waitRunning } from "../_helpers/ctrl_harness.ts";
 import { testSeed } from "../_helpers/random.ts";
 import { blktap } from "../_helpers/tools.ts";
 
@@ -30,16 +30,6 @@ const opsOf = (c: Counters) => Object.values(c.ops).reduce((a, b) => a + b, 0);
 
 async function stats(h: CtrlHarness, minor: number): Promise<Stats> {
   return await h.request({ op: "stats", minor }) as unknown as Stats;
-}
-
-/** Waits until ctrl serves the minor with a disk process other than `oldPid`. */
-async function restarted(h: CtrlHarness, minor: number, oldPid: number): Promise<number> {
-  for (let waited = 0; waited < 30_000; waited += 50) {
-    const s = await stats(h, minor);
-    if (s.state === "running" && typeof s.pid === "number" && s.pid !== oldPid) return s.pid;
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  throw new Error(`minor ${minor} was not restarted`);
 }
 
 Deno.test("ctrl: totals since create keep the counts of SIGKILLed disk processes, with restarts, across a ctrl restart", async () => {
@@ -89,7 +79,7 @@ Deno.test("ctrl: totals since create keep the counts of SIGKILLed disk processes
         const pid = before.pid!;
         deadOps += opsOf(before.disk);
         Deno.kill(pid, "SIGKILL");
-        await restarted(h, 0, pid);
+        await waitRunning(h.runDir, { replacing: [pid] });
 
         const after = await stats(h, 0);
         assert.equal(after.restarts, k, "restarts since create");
