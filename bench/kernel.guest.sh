@@ -26,7 +26,7 @@ loop_buf=$(/sbin/losetup -f --show /img/r.raw)
 echo "# devices: raw $raw_dev, qcow $qcow_dev, C server $c_dev, loop (direct I/O) $loop_dio, loop (buffered) $loop_buf"
 # Allocate the qcow's clusters: reads of holes would measure nothing.
 fio --name=fill --filename="$qcow_dev" --rw=write --bs=1M --iodepth=8 --direct=1 \
-	--ioengine=libaio --size="${REGION_MIB}M" --output=/dev/null
+	--ioengine=libaio --size="${REGION_MIB}M" >/dev/null 2>&1
 
 measure() { # CONFIG DEVICE RW BS DEPTH -> "IOPS MBPS"
 	sync
