@@ -5,7 +5,7 @@
  * blocks are read-modify-written under a range lock.
  * @module
  */
-import { AioQueue, type IoVec } from "../../../ffi/aio.ts";
+import { type AioQueue, type IoVec, openQueue } from "../../../ffi/aio.ts";
 import { SysError } from "../../../ffi/errno.ts";
 import { File } from "../../../ffi/file.ts";
 import { addressOf } from "../../../ffi/memory.ts";
@@ -19,9 +19,9 @@ const max_inflight_requests = 256;
 
 let sharedQueue: AioQueue | undefined;
 
-/** One libaio context per process, so requests to all files batch together. */
+/** One kernel I/O queue per process, so requests to all files batch together. */
 function queue(): AioQueue {
-  sharedQueue ??= new AioQueue(max_inflight_requests);
+  sharedQueue ??= openQueue(max_inflight_requests);
   return sharedQueue;
 }
 
