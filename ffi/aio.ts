@@ -7,9 +7,11 @@
  * waiter running off the JavaScript thread says there may be some.
  *
  * Engines: `io_uring` stays asynchronous on the page cache; `libaio` only
- * with O_DIRECT (on the page cache its io_submit copies synchronously).
- * {@linkcode openQueue} picks io_uring where the kernel allows it and falls
- * back to libaio; `BLKTAP_IO_ENGINE=libaio|io_uring` forces one.
+ * with O_DIRECT (on the page cache its io_submit copies synchronously), but
+ * there its completions are posted from the interrupt, where io_uring's go
+ * through task work of the submitting (JavaScript) thread, waking it once
+ * more. {@linkcode openQueue} takes a preference and falls back to the other
+ * engine; `BLKTAP_IO_ENGINE=libaio|io_uring` forces one.
  * @module
  */
 import { check, SysError } from "./errno.ts";
@@ -285,17 +287,18 @@ function setU64(view: DataView, at: number, value: number): void {
 }
 
 /**
- * A queue on the preferred engine: `BLKTAP_IO_ENGINE` if set, else
- * io_uring where the kernel allows it, else libaio.
+ * A queue on `preferred`, else on the other engine where the kernel refuses
+ * it; `BLKTAP_IO_ENGINE=libaio|io_uring` overrides the preference.
  */
-export function openQueue(maxInflight: number): AioQueue {
+export function openQueue(maxInflight: number, preferred: IoEngine): AioQueue {
   const forced = Deno.env.get("BLKTAP_IO_ENGINE");
   if (forced === "libaio" || forced === "io_uring") return new AioQueue(maxInflight, forced);
   if (forced) throw new Error(`BLKTAP_IO_ENGINE=${forced}: expected libaio or io_uring`);
   try {
-    return new AioQueue(maxInflight, "io_uring");
+    return new AioQueue(maxInflight, preferred);
   } catch (error) {
     if (!(error instanceof SysError)) throw error;
-    return new AioQueue(maxInflight, "libaio"); // io_uring disabled or too old here
+    // io_uring disabled (sysctl, seccomp) or too old here; libaio is always there.
+    return new AioQueue(maxInflight, preferred === "io_uring" ? "libaio" : "io_uring");
   }
 }

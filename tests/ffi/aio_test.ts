@@ -33,11 +33,11 @@ Deno.test("openQueue: BLKTAP_IO_ENGINE picks the engine, anything else is refuse
   const before = Deno.env.get("BLKTAP_IO_ENGINE");
   try {
     Deno.env.set("BLKTAP_IO_ENGINE", "libaio");
-    const queue = openQueue(4);
+    const queue = openQueue(4, "io_uring");
     assert.equal(queue.engine, "libaio");
     queue.close();
     Deno.env.set("BLKTAP_IO_ENGINE", "posix");
-    assert.throws(() => openQueue(4), /BLKTAP_IO_ENGINE=posix/);
+    assert.throws(() => openQueue(4, "libaio"), /BLKTAP_IO_ENGINE=posix/);
   } finally {
     if (before === undefined) Deno.env.delete("BLKTAP_IO_ENGINE");
     else Deno.env.set("BLKTAP_IO_ENGINE", before);
