@@ -14,7 +14,7 @@
 # time is page-cache speed. blktap-img2qcow-direct is `-t none` (O_DIRECT).
 #
 #   usage: bench/convert.sh [SRC.raw]
-#   env:   REPS=5 WORK=/tmp/bench-work BLKTAP=./blktap CLIENT_CPUS= SKIP_QCOW=1 (leave out
+#   env:   REPS=5 WORK=/var/tmp/blktap-bench.<checkout> BLKTAP=./blktap CLIENT_CPUS= SKIP_QCOW=1 (leave out
 #          the slow qemu-img -O qcow, ~11 s a run)
 #          OUT=bench/results/convert-<date>.txt
 set -euo pipefail

@@ -25,7 +25,7 @@
 #   env:   REPS=3 RUNTIME=8 RAMP=2 IMG=$WORK/base.raw QCOW=$WORK/base.qcow SIZE=2G
 #          SERVER_CPUS= CLIENT_CPUS= (taskset lists; default: no pinning, so ctrl and
 #          its disk process may use both cores, as qemu-nbd's threads may)
-#          WORK=/tmp/bench-work OUT=bench/results/nbd-<date>.txt BLKTAP_EXE=
+#          WORK=/var/tmp/blktap-bench.<checkout> OUT=bench/results/nbd-<date>.txt BLKTAP_EXE=
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
