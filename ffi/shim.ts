@@ -8,7 +8,7 @@
  * @module
  */
 
-const SHIM_ABI_VERSION = 3;
+const SHIM_ABI_VERSION = 4;
 
 const SYMBOLS = {
   shim_abi_version: { parameters: [], result: "i32" },

@@ -26,7 +26,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define SHIM_ABI_VERSION 3
+#define SHIM_ABI_VERSION 4
 
 int32_t shim_abi_version(void) { return SHIM_ABI_VERSION; }
 
