@@ -18,16 +18,23 @@ export const direct_alignment_bytes = 4096;
 const max_inflight_requests = 256;
 
 let directQueue: AioQueue | undefined;
-let bufferedQueue: AioQueue | undefined;
+let pageCacheReads: AioQueue | undefined;
+let pageCacheWrites: AioQueue | undefined;
 
 /**
- * One kernel I/O queue per process and cache mode, so requests to all files
- * batch together: libaio for O_DIRECT, io_uring on the page cache (where
- * libaio's io_submit would copy synchronously, one request at a time).
+ * One kernel I/O queue per process and kind of request, so requests to all
+ * files batch together. O_DIRECT: libaio (completions come from the
+ * interrupt). Page cache: reads through io_uring, which copies cached pages
+ * during submission and sends misses to its workers (libaio would read a miss
+ * synchronously, one request at a time); writes through libaio, whose
+ * submission copies into the page cache and completes at once (io_uring, on
+ * file systems without non-blocking buffered writes, hands every write to a
+ * worker thread).
  */
-function queueFor(direct: boolean): AioQueue {
+function queueFor(direct: boolean, write: boolean): AioQueue {
   if (direct) return directQueue ??= openQueue(max_inflight_requests, "libaio");
-  return bufferedQueue ??= openQueue(max_inflight_requests, "io_uring");
+  if (write) return pageCacheWrites ??= openQueue(max_inflight_requests, "libaio");
+  return pageCacheReads ??= openQueue(max_inflight_requests, "io_uring");
 }
 
 function isAligned(value: number, alignment: number): boolean {
@@ -43,14 +50,16 @@ export class AioFile extends FdImageFile {
   readonly direct: boolean;
   readonly #alignment: number;
   readonly #writeLocks = new RangeLock();
-  readonly #queue: AioQueue;
+  readonly #reads: AioQueue;
+  readonly #writes: AioQueue;
   #fdsyncWorks = true;
 
   constructor(file: File, writable: boolean) {
     super(file, writable);
     this.direct = file.direct;
     this.#alignment = file.direct ? direct_alignment_bytes : 1;
-    this.#queue = queueFor(file.direct);
+    this.#reads = queueFor(file.direct, false);
+    this.#writes = queueFor(file.direct, true);
   }
 
   #aligned(offsetBytes: number, bytes: Uint8Array): boolean {
@@ -80,7 +89,7 @@ export class AioFile extends FdImageFile {
   // Reads all of `buffer`; a short read means end of file: the rest is zeros.
   async #readFull(offsetBytes: number, buffer: Uint8Array): Promise<void> {
     const iov: IoVec[] = [{ address: addressOf(buffer), lengthBytes: buffer.byteLength }];
-    const got = await this.#queue.readv(this.file.fd, offsetBytes, iov, this.path);
+    const got = await this.#reads.readv(this.file.fd, offsetBytes, iov, this.path);
     if (got < buffer.byteLength) {
       if (got > 0 && offsetBytes + got < this.length) {
         // A short read inside the file: finish it (possible for buffered I/O).
@@ -134,7 +143,7 @@ export class AioFile extends FdImageFile {
         address: addressOf(data) + done,
         lengthBytes: data.byteLength - done,
       }];
-      const wrote = await this.#queue.writev(this.file.fd, offsetBytes + done, iov, this.path);
+      const wrote = await this.#writes.writev(this.file.fd, offsetBytes + done, iov, this.path);
       if (wrote === 0) throw new SysError("pwritev", 28, this.path);
       done += wrote;
     }
@@ -147,7 +156,7 @@ export class AioFile extends FdImageFile {
       return;
     }
     const total = buffers.reduce((sum, b) => sum + b.byteLength, 0);
-    const got = await this.#queue.readv(this.file.fd, offsetBytes, toIovecs(buffers), this.path);
+    const got = await this.#reads.readv(this.file.fd, offsetBytes, toIovecs(buffers), this.path);
     if (got >= total) return;
     // Short only at end of file (or a buffered short read): finish piece by piece.
     let position = 0;
@@ -171,7 +180,7 @@ export class AioFile extends FdImageFile {
     this.length = Math.max(this.length, offsetBytes + total);
     const release = await this.#writeLocks.acquire(offsetBytes, offsetBytes + total);
     try {
-      const wrote = await this.#queue.writev(
+      const wrote = await this.#writes.writev(
         this.file.fd,
         offsetBytes,
         toIovecs(buffers),
@@ -213,7 +222,7 @@ export class AioFile extends FdImageFile {
     if (!this.writable) return;
     if (this.#fdsyncWorks) {
       try {
-        await this.#queue.fdsync(this.file.fd, this.path);
+        await this.#writes.fdsync(this.file.fd, this.path);
         return;
       } catch (error) {
         if (!(error instanceof SysError && error.code === "EINVAL")) throw error;
