@@ -37,6 +37,8 @@ const SYMBOLS = {
   shim_io_reap: { parameters: ["u64"], result: "i64" },
   // Runs off the JavaScript thread: it only sleeps until completions may be there.
   shim_io_wait: { parameters: ["u64", "i64"], result: "i64", nonblocking: true },
+  // The same wait on the JavaScript thread (a process with nothing else to do while it waits).
+  shim_io_wait_here: { name: "shim_io_wait", parameters: ["u64", "i64"], result: "i64" },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 /** The shim's symbols, typed. */
