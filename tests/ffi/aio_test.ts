@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { AioQueue, type IoEngine, openQueue } from "../../ffi/aio.ts";
+import { AioQueue, type IoEngine, openQueue, waitOnThisThread } from "../../ffi/aio.ts";
 import { SysError } from "../../ffi/errno.ts";
 import { File } from "../../ffi/file.ts";
 import { NativeMemory } from "../../ffi/memory.ts";
@@ -102,6 +102,39 @@ for (const engine of ENGINES) {
           }]);
           assert.equal(good, 4096, "the queue keeps working after an error");
         } finally {
+          queue.close();
+          memory.release();
+          file.close();
+        }
+      });
+    },
+  });
+
+  Deno.test({
+    name: `${engine}: waiting on the JavaScript thread, continuations still run between rounds`,
+    ignore: !engineAvailable(engine),
+    fn: async () => {
+      await withFile(1 << 20, async (path) => {
+        const file = File.open(path, { direct: true });
+        const queue = new AioQueue(8, engine);
+        const memory = NativeMemory.allocate(8 * 4096);
+        waitOnThisThread(200);
+        try {
+          // Each completion issues the next read from its continuation, as the disk server does.
+          let done = 0;
+          const chain = async (lane: number) => {
+            for (let i = lane; i < 256; i += 8) {
+              const iov = [{ address: memory.address + lane * 4096, lengthBytes: 4096 }];
+              assert.equal(await queue.readv(file.fd, i * 4096, iov), 4096);
+              assert.equal(memory.bytes[lane * 4096], i & 0xff);
+              done += 1;
+            }
+          };
+          await Promise.all(Array.from({ length: 8 }, (_, lane) => chain(lane)));
+          assert.equal(done, 256);
+          assert.equal(queue.inflight, 0);
+        } finally {
+          waitOnThisThread(0);
           queue.close();
           memory.release();
           file.close();
