@@ -65,7 +65,7 @@ for ((rep = 0; rep < REPS; rep++)); do
     t0=$EPOCHREALTIME
     pin_client timeout 300 bash -c "${CMD[$name]}" >/dev/null
     t1=$EPOCHREALTIME
-    TIMES[$name]+="$(echo "$t1 - $t0" | bc -l) "
+    TIMES[$name]+="$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.6f", b - a }') "
   done
 done
 
@@ -82,10 +82,10 @@ median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR
   done
   b=$(echo "${TIMES[blktap-img2qcow]}" | median)
   q2s=$(echo "${TIMES[qemu-qcow2-sync]}" | median)
-  echo "ratio blktap/qemu-qcow2-sync=$(echo "$b / $q2s" | bc -l | cut -c1-6) (goal <= 1)"
+  echo "ratio blktap/qemu-qcow2-sync=$(awk -v a="$b" -v b="$q2s" 'BEGIN { printf "%.4f", a / b }') (goal <= 1)"
   if [[ -n ${TIMES[qemu-qcow]:-} ]]; then
     q=$(echo "${TIMES[qemu-qcow]}" | median)
-    echo "ratio blktap/qemu-qcow=$(echo "$b / $q" | bc -l | cut -c1-6) (must be <= 1)"
+    echo "ratio blktap/qemu-qcow=$(awk -v a="$b" -v b="$q" 'BEGIN { printf "%.4f", a / b }') (must be <= 1)"
   fi
 } | tee "$OUT"
 python3 "$here/summary.py" convert "$OUT" | tee "$OUT.summary"
