@@ -9,6 +9,7 @@
 # cost without the Deno disk process. Prints the median of per-repetition
 # ratios against loop; under emulation absolute numbers mean nothing.
 #   usage: bench/kernel.sh        env: REPS=3 RUNTIME=8 REGION_MIB=256
+#   BLKTAP_DISK_WAIT_US, when set, goes to the guest's disk processes.
 set -uo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 REPS=${REPS:-3} RUNTIME=${RUNTIME:-8} REGION_MIB=${REGION_MIB:-256}
@@ -28,7 +29,9 @@ head -c "${REGION_MIB}M" /dev/urandom >"$vol/r.raw"
 	stage_fail "qcow-create"
 mkfs.ext4 -q -F -d "$vol" "$work/volume.img" $((REGION_MIB * 2 + 256))M || stage_fail "mkfs.ext4"
 
-bash "$vm" --timeout 3600 --mem 3G --module loop "${guest_app_args[@]}" --exe fio \
+disk_env=()
+[ -z "${BLKTAP_DISK_WAIT_US:-}" ] || disk_env=(--env BLKTAP_DISK_WAIT_US="$BLKTAP_DISK_WAIT_US")
+bash "$vm" --timeout 3600 "${disk_env[@]}" --mem 3G --module loop "${guest_app_args[@]}" --exe fio \
 	--exe /sbin/losetup --file "$work/blktap.ko:/t/blktap.ko" --file "$work/tapctl:/t/tapctl" \
 	--disk "$work/volume.img" \
 	--env REPS="$REPS" --env RUNTIME="$RUNTIME" --env REGION_MIB="$REGION_MIB" \
