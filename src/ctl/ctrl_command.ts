@@ -25,6 +25,15 @@ supervises one 'blktap disk' process per disk, answers the client verbs
 every disk over NBD (export name = the disk's --name, default tapN) on
 DIR/nbd.sock: nbd+unix:///tap0?socket=DIR/nbd.sock
 
+DIR must be private: it is created mode 0700, and an existing DIR owned by
+another user or open to group or others is refused. The sockets in it are
+mode 0600 from the moment they exist: only this user may connect.
+
+NBD over TCP (--nbd-tcp) has no authentication and no encryption (TLS is
+refused): every process that can reach HOST:PORT may read and write every
+disk. HOST defaults to 127.0.0.1, which every local user can reach; bind
+another address only on a network you trust as much as root on this machine.
+
 Options:
   --run-dir DIR          sockets and registry (default $XDG_RUNTIME_DIR/blktap, else /run/blktap)
   --shm-dir DIR          where ring devices live (default /dev/shm)
@@ -32,7 +41,7 @@ Options:
   --restart-limit N      a disk dying more than N times ... (default 5)
   --restart-window SEC   ... within SEC seconds is marked failed (default 60)
   --nbd-socket PATH      NBD Unix socket (default DIR/nbd.sock)
-  --nbd-tcp HOST:PORT    also serve NBD on TCP (host defaults to 127.0.0.1)
+  --nbd-tcp HOST:PORT    also serve NBD on TCP, unauthenticated (host defaults to 127.0.0.1)
   --no-nbd               do not serve NBD`;
 
 /** `blktap ctrl`. */

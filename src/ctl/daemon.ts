@@ -1,12 +1,20 @@
 /**
  * `blktap ctrl` (the seed's blktapctrl): owns the minors of one run dir.
- * It listens on `ctrl.sock` (mode 0600; newline-delimited JSON requests
- * and responses) for the client verbs and on `disks.sock` for its disk
+ * It listens on `ctrl.sock` (newline-delimited JSON requests and
+ * responses) for the client verbs and on `disks.sock` for its disk
  * processes, keeps the registry, and re-attaches every registered disk
- * when it starts. Other front ends (the NBD server) find a minor's
+ * when it starts.
+ *
+ * Nothing here can be reached or substituted by another user: the run dir
+ * must be a private directory (created 0700; an existing one with another
+ * owner or group/other access is refused), sockets are 0600 from the
+ * moment they are bound, and ring devices live in a private folder of
+ * this ctrl instance inside the shared-memory folder. Other front ends (the NBD server) find a minor's
  * {@linkcode RingDisk} with {@linkcode Ctrl.exportByName}.
  * @module
  */
+import { SysError } from "../../ffi/errno.ts";
+import { ensurePrivateDir, listenPrivateUnix } from "../../ffi/private_path.ts";
 import { type Logger, logger } from "../cli/log.ts";
 import { DISK_SOCKET_NAME } from "../disk/protocol.ts";
 import { KickChannel } from "../ring/kick_channel.ts";
@@ -75,9 +83,19 @@ export class Ctrl {
     return `${this.runDir}/${REGISTRY_NAME}`;
   }
 
+  /** This instance's private folder of ring devices, inside the shared-memory folder. */
+  get #ringDir(): string {
+    return `${this.#shmDir}/blktap-${this.#registry.instance}`;
+  }
+
+  // A fresh name each time: a path refused at re-attach is never reused.
+  #newRingPath(minor: number): string {
+    return `${this.#ringDir}/ring${minor}.${crypto.randomUUID().slice(0, 8)}`;
+  }
+
   /** Prepares the run dir, listens, and re-attaches registered disks. */
   async start(): Promise<void> {
-    Deno.mkdirSync(this.runDir, { recursive: true, mode: 0o700 });
+    ensurePrivateDir(this.runDir, "run dir");
     const ctrlSocket = `${this.runDir}/${CTRL_SOCKET_NAME}`;
     await refuseIfRunning(ctrlSocket);
     this.#registry = loadRegistry(this.#registryPath) ?? {
@@ -85,11 +103,12 @@ export class Ctrl {
       instance: crypto.randomUUID().slice(0, 8),
       minors: [],
     };
-    const disks = listenUnix(`${this.runDir}/${DISK_SOCKET_NAME}`);
+    ensurePrivateDir(this.#ringDir, "ring device folder");
+    const disks = listenPrivateUnix(`${this.runDir}/${DISK_SOCKET_NAME}`);
     this.#listeners.push(disks);
     this.#acceptDisks(disks);
     await this.#reattachAll();
-    const clients = listenUnix(ctrlSocket);
+    const clients = listenPrivateUnix(ctrlSocket);
     this.#listeners.push(clients);
     this.#acceptClients(clients);
     this.log.info(`listening on ${ctrlSocket} (${this.#minors.size} disks re-attached)`);
@@ -169,7 +188,7 @@ export class Ctrl {
         maxBps: params.maxBps ?? 0,
         burstMs: params.burstMs ?? 1000,
       },
-      shmPath: `${this.#shmDir}/blktap.${this.#registry.instance}.${number}`,
+      shmPath: this.#newRingPath(number),
       ringPages: ring_pages_default,
       poolPages: pool_pages_default,
       sizeBytes: 0,
@@ -214,9 +233,10 @@ export class Ctrl {
     if (record.pid) await killStaleDisk(record.pid, record.minor);
     let device: ShmRingDevice;
     try {
-      device = ShmRingDevice.open(record.shmPath, record);
-    } catch {
-      device = ShmRingDevice.create(record.shmPath, record);
+      device = this.#reopenRing(record);
+    } catch (error) {
+      this.log.error(`minor ${record.minor}: re-attach failed: ${(error as Error).message}`);
+      throw error;
     }
     const minor = new Minor(record, this.#host(), device);
     this.#minors.set(record.minor, minor);
@@ -225,6 +245,22 @@ export class Ctrl {
     } catch (error) {
       this.log.error(`minor ${record.minor}: re-attach failed: ${(error as Error).message}`);
     }
+  }
+
+  // The ring device a previous ctrl left, or a new one where it is gone or
+  // refused (a symbolic link, another owner, another mode: never followed,
+  // never touched). The ring's contents are not needed: that ctrl's clients
+  // are gone, and its disk process has drained.
+  #reopenRing(record: MinorRecord): ShmRingDevice {
+    try {
+      return ShmRingDevice.open(record.shmPath, record);
+    } catch (error) {
+      if (!(error instanceof SysError && error.code === "ENOENT")) {
+        this.log.warn(`minor ${record.minor}: ${(error as Error).message}; using a new one`);
+      }
+    }
+    record.shmPath = this.#newRingPath(record.minor);
+    return ShmRingDevice.create(record.shmPath, record);
   }
 
   async #acceptDisks(listener: Deno.Listener): Promise<void> {
@@ -265,17 +301,6 @@ export class Ctrl {
       if (!(error instanceof Deno.errors.BadResource)) this.log.error(`ctrl socket: ${error}`);
     }
   }
-}
-
-function listenUnix(path: string): Deno.Listener {
-  try {
-    Deno.removeSync(path);
-  } catch {
-    // absent
-  }
-  const listener = Deno.listen({ transport: "unix", path });
-  Deno.chmodSync(path, 0o600);
-  return listener;
 }
 
 async function refuseIfRunning(socketPath: string): Promise<void> {

@@ -3,10 +3,18 @@
  * ring pages, then the data page pool. ctrl creates it; the disk process
  * maps the same file. A request's grefs are page numbers in the pool.
  * Kicks travel separately (src/ring/kick_channel.ts).
+ *
+ * The file lives in a shared-memory folder, so it is handled as a private
+ * file (ffi/private_path.ts): created with O_EXCL|O_NOFOLLOW and mode
+ * 0600, opened with O_NOFOLLOW and checked (regular file, ours, 0600); a
+ * symbolic link or someone else's file where a ring device goes is refused,
+ * never followed.
  * @module
  */
-import { File } from "../../ffi/file.ts";
+import { SysError } from "../../ffi/errno.ts";
+import type { File } from "../../ffi/file.ts";
 import { NativeMemory } from "../../ffi/memory.ts";
+import { createPrivateFile, openPrivateFile } from "../../ffi/private_path.ts";
 import { PAGE_BYTES } from "./blkif.ts";
 
 /** Page counts of a ring device. */
@@ -52,15 +60,14 @@ export class ShmRingDevice {
     this.pool = this.#memory.bytes.subarray(ringBytes, total);
   }
 
-  /** Creates (or replaces) the file at `path` and maps it; contents are zero. */
+  /**
+   * Creates the file at `path` and maps it; contents are zero. A stale ring
+   * device of ours there is replaced; anything else (a symbolic link, a
+   * file of another user or with another mode) is refused.
+   */
   static create(path: string, layout: RingDeviceLayout): ShmRingDevice {
     checkLayout(layout);
-    try {
-      Deno.removeSync(path);
-    } catch {
-      // absent
-    }
-    const file = File.open(path, { write: true, createNew: true, mode: 0o600 });
+    const file = createRingFile(path);
     try {
       file.truncate((layout.ringPages + layout.poolPages) * PAGE_BYTES);
       return new ShmRingDevice(path, layout, file);
@@ -70,10 +77,14 @@ export class ShmRingDevice {
     }
   }
 
-  /** Maps an existing ring device; its size must match `layout`. */
+  /**
+   * Maps an existing ring device; its size must match `layout`. Throws a
+   * {@linkcode SysError} ENOENT when there is none, an error naming the
+   * problem when the file there is not a private file of ours.
+   */
   static open(path: string, layout: RingDeviceLayout): ShmRingDevice {
     checkLayout(layout);
-    const file = File.open(path, { write: true });
+    const file = openPrivateFile(path, ring_device_what);
     try {
       const { sizeBytes } = file.stat();
       const expected = (layout.ringPages + layout.poolPages) * PAGE_BYTES;
@@ -101,6 +112,21 @@ export class ShmRingDevice {
       // already gone
     }
   }
+}
+
+const ring_device_what = "ring device";
+
+// A ring device of ours left by a ctrl that died before recording it is
+// replaced; openPrivateFile refuses anything else before it is removed.
+function createRingFile(path: string): File {
+  try {
+    return createPrivateFile(path, ring_device_what);
+  } catch (error) {
+    if (!(error instanceof SysError && error.code === "EEXIST")) throw error;
+  }
+  openPrivateFile(path, ring_device_what).close();
+  Deno.removeSync(path);
+  return createPrivateFile(path, ring_device_what);
 }
 
 function checkLayout(layout: RingDeviceLayout): void {

@@ -4,6 +4,7 @@
  * export and for benchmarks of the NBD front end alone.
  * @module
  */
+import { makePrivateTempDir } from "../../../ffi/private_path.ts";
 import { type Command, parseCommandArgs, parseHostPort, UsageError } from "../../cli/command.ts";
 import { waitForStopSignal } from "../../cli/signals.ts";
 import { openImage } from "../../formats/open_image.ts";
@@ -14,8 +15,15 @@ const usage = `usage: blktap serve IMAGE [--socket PATH] [--tcp HOST:PORT] [--na
                     [--description TEXT] [--readonly] [--cache none|writeback]
 
 Serves IMAGE (type:path or a path, format probed) over NBD from this process
-until SIGINT or SIGTERM. Listens on a Unix socket (default
-$TMPDIR/blktap-serve.sock) and, with --tcp, on TCP (port 0 picks one).
+until SIGINT or SIGTERM. Listens on a Unix socket, mode 0600 (only this user
+may connect): by default nbd.sock in a new private directory (0700) under
+$TMPDIR, printed at start and removed at exit. With --tcp, on TCP instead
+(port 0 picks one).
+
+TCP has no authentication and no encryption (TLS is refused): every process
+that can reach HOST:PORT may read and write the image. HOST defaults to
+127.0.0.1, which every local user can reach; bind another address only on a
+network you trust as much as root on this machine.
 
 Options:
   --socket PATH        Unix socket to listen on
@@ -41,10 +49,13 @@ async function run(argv: string[]): Promise<number> {
     throw new UsageError(`--cache expects none or writeback, got '${cache}'`);
   }
   const tcp = values.tcp === undefined ? undefined : parseHostPort(values.tcp, "--tcp");
-  const tmp = Deno.env.get("TMPDIR") ?? "/tmp";
-  const unixPath = values.socket ?? (tcp ? undefined : `${tmp}/blktap-serve.sock`);
   const readOnly = values.readonly ?? false;
+  // Never a fixed name in a shared folder: a private directory of our own.
+  const privateDir = values.socket || tcp
+    ? undefined
+    : makePrivateTempDir(Deno.env.get("TMPDIR") ?? "/tmp", "blktap-serve-");
   const driver = await openImage(positionals[0], { readOnly, cache });
+  const unixPath = values.socket ?? (privateDir ? `${privateDir}/nbd.sock` : undefined);
   const nbdExport: NbdExport = {
     name: values.name ?? "",
     description: values.description,
@@ -71,6 +82,7 @@ async function run(argv: string[]): Promise<number> {
     await server.close();
   } finally {
     await driver.close();
+    if (privateDir) await Deno.remove(privateDir, { recursive: true }).catch(() => {});
   }
   return 0;
 }

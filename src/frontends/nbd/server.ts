@@ -9,6 +9,7 @@
  * connection is caught here, logged, and the socket closed.
  * @module
  */
+import { listenPrivateUnix } from "../../../ffi/private_path.ts";
 import { type NbdExport } from "./export.ts";
 import { HandshakeAbort, negotiate } from "./handshake.ts";
 import { DEFAULT_LIMITS, type NbdLimits } from "./limits.ts";
@@ -27,9 +28,16 @@ export type NbdLogLevel = "debug" | "info" | "warn";
 
 /** How to start a server. At least one of `unixPath` and `tcp` is needed. */
 export interface NbdServerOptions {
-  /** Listen on this Unix socket (a stale socket file there is replaced). */
+  /**
+   * Listen on this Unix socket (a stale socket file there is replaced). It
+   * is mode 0600 from the moment it is bound: only our user may connect.
+   */
   unixPath?: string;
-  /** Listen on TCP; `hostname` defaults to 127.0.0.1, `port` 0 picks a free port. */
+  /**
+   * Listen on TCP; `hostname` defaults to 127.0.0.1, `port` 0 picks a free
+   * port. TCP has no authentication (and TLS is refused): anyone who can
+   * reach the address can read and write every export.
+   */
   tcp?: { hostname?: string; port: number };
   /** The export a client names, or undefined. Called at every GO/INFO/EXPORT_NAME. */
   lookup(name: string): NbdExport | undefined;
@@ -134,8 +142,7 @@ class Server implements NbdServer {
     this.limits = { ...DEFAULT_LIMITS, ...options.limits };
     this.#log = options.log ?? defaultLog;
     if (options.unixPath) {
-      removeStaleSocket(options.unixPath);
-      this.#listeners.push(Deno.listen({ transport: "unix", path: options.unixPath }));
+      this.#listeners.push(listenPrivateUnix(options.unixPath));
       this.unixPath = options.unixPath;
     }
     if (options.tcp) {
