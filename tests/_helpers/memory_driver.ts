@@ -47,7 +47,6 @@ export class MemoryDriver extends BlockDriverBase {
     this.capabilities = {
       canWrite,
       canFlush: true,
-      canFua: false,
       canDiscard: canWrite,
       canZero: canWrite,
       canExtents: true,

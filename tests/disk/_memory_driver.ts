@@ -8,7 +8,6 @@ export class MemoryDriver extends BlockDriverBase {
   readonly capabilities: DriverCapabilities = {
     canWrite: true,
     canFlush: true,
-    canFua: false,
     canDiscard: true,
     canZero: false,
     canExtents: false,
@@ -37,6 +36,11 @@ export class MemoryDriver extends BlockDriverBase {
   protected async _write(offset: number, data: Uint8Array) {
     await this.#delay();
     this.bytes.set(data, offset);
+  }
+
+  protected override _discard(offset: number, length: number) {
+    this.bytes.fill(0, offset, offset + length);
+    return Promise.resolve();
   }
 
   protected _flush() {

@@ -10,7 +10,11 @@ function pair(sizeBytes: number, ringPages = 4, poolPages = 4096) {
   const driver = new MemoryDriver(sizeBytes);
   const { disk, ring, pool, serve } = ringPair("test", driver, sizeBytes, { ringPages, poolPages });
   const server = serve();
-  disk.attach(() => server.kick(), sizeBytes);
+  disk.attach(() => server.kick(), {
+    sizeBytes,
+    volatileWrites: false,
+    capabilities: driver.capabilities,
+  });
   return { disk, server, driver, ring, pool };
 }
 
@@ -98,12 +102,17 @@ Deno.test("disk server: a flush starts after earlier writes complete and before 
 
 Deno.test("disk server: QoS holds IOPS to the limit after the burst", async () => {
   const sizeBytes = 1 << 20;
-  const { disk, serve } = ringPair("qos", new MemoryDriver(sizeBytes), sizeBytes, {
+  const driver = new MemoryDriver(sizeBytes);
+  const { disk, serve } = ringPair("qos", driver, sizeBytes, {
     poolPages: 64,
     qos: { maxIops: 200, maxBps: 0, burstMs: 100 },
   });
   const server = serve();
-  disk.attach(() => server.kick(), sizeBytes);
+  disk.attach(() => server.kick(), {
+    sizeBytes,
+    volatileWrites: false,
+    capabilities: driver.capabilities,
+  });
   const started = performance.now();
   const result = await new TestFrontend(disk, {
     requests: 120,

@@ -24,7 +24,11 @@ function pair(sizeBytes: number, readOnly = false) {
     readOnly,
     notify: () => disk.onKick(),
   });
-  disk.attach(() => server.kick(), sizeBytes);
+  disk.attach(() => server.kick(), {
+    sizeBytes,
+    volatileWrites: false,
+    capabilities: driver.capabilities,
+  });
   return { disk, server, driver };
 }
 

@@ -42,7 +42,11 @@ function harness(sizeBytes: number, volatileWrites: boolean, ringPages = 4) {
   let server: DiskServer;
   const start = () => {
     server = serve();
-    disk.attach(() => server.kick(), sizeBytes, volatileWrites);
+    disk.attach(() => server.kick(), {
+      sizeBytes,
+      volatileWrites,
+      capabilities: driver.capabilities,
+    });
   };
   start();
   // What ctrl does when a disk process dies: the old one is gone for good.

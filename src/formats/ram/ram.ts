@@ -128,7 +128,6 @@ export class RamDriver extends BlockDriverBase {
     this.capabilities = {
       canWrite: writable,
       canFlush: true,
-      canFua: true,
       canDiscard: writable,
       canZero: writable,
       canExtents: false,
