@@ -16,6 +16,10 @@ import { waitForStopSignal } from "../cli/signals.ts";
 import { Ctrl } from "./daemon.ts";
 import { NBD_SOCKET_NAME, startCtrlNbd } from "./nbd_frontend.ts";
 import { defaultRunDir } from "../cli/run_dir.ts";
+import { DEFAULT_LIMITS } from "../frontends/nbd/limits.ts";
+import { parsePayloadMax } from "../frontends/nbd/serve_command.ts";
+
+const payloadMaxDefault = `${DEFAULT_LIMITS.payload_bytes_max >> 20}M`;
 
 const USAGE = `usage: blktap ctrl [--run-dir DIR] [OPTIONS]
 
@@ -42,6 +46,8 @@ Options:
   --restart-window SEC   ... within SEC seconds is marked failed (default 60)
   --nbd-socket PATH      NBD Unix socket (default DIR/nbd.sock)
   --nbd-tcp HOST:PORT    also serve NBD on TCP, unauthenticated (host defaults to 127.0.0.1)
+  --nbd-payload-max SIZE memory for NBD payloads of all clients together (default ${payloadMaxDefault});
+                         a client over its share waits, none can make ctrl take more
   --no-nbd               do not serve NBD`;
 
 /** `blktap ctrl`. */
@@ -58,8 +64,10 @@ export const CTRL_COMMAND: Command = {
       "restart-window": { type: "string" },
       "nbd-socket": { type: "string" },
       "nbd-tcp": { type: "string" },
+      "nbd-payload-max": { type: "string" },
       "no-nbd": { type: "boolean" },
     });
+    const payloadMax = parsePayloadMax(values["nbd-payload-max"], "--nbd-payload-max");
     const nbdTcp = values["nbd-tcp"] ? parseHostPort(values["nbd-tcp"], "--nbd-tcp") : undefined;
     if (values["log-level"]) {
       if (!["error", "warn", "info", "debug"].includes(values["log-level"])) {
@@ -81,6 +89,7 @@ export const CTRL_COMMAND: Command = {
     const nbd = values["no-nbd"] ? undefined : await startCtrlNbd(ctrl, {
       unixPath: values["nbd-socket"] ?? `${ctrl.runDir}/${NBD_SOCKET_NAME}`,
       tcp: nbdTcp,
+      limits: payloadMax === undefined ? {} : { payload_bytes_max: payloadMax },
     });
     await waitForStopSignal();
     ctrl.log.info("stopping");

@@ -5,14 +5,24 @@
  * @module
  */
 import { makePrivateTempDir } from "../../../ffi/private_path.ts";
-import { type Command, parseCommandArgs, parseHostPort, UsageError } from "../../cli/command.ts";
+import {
+  type Command,
+  parseCommandArgs,
+  parseHostPort,
+  parseSize,
+  UsageError,
+} from "../../cli/command.ts";
 import { waitForStopSignal } from "../../cli/signals.ts";
 import { openImage } from "../../formats/open_image.ts";
 import type { NbdExport } from "./export.ts";
+import { DEFAULT_LIMITS, payloadBytesMin } from "./limits.ts";
 import { startNbdServer } from "./server.ts";
+
+const payloadMaxDefault = `${DEFAULT_LIMITS.payload_bytes_max >> 20}M`;
 
 const usage = `usage: blktap serve IMAGE [--socket PATH] [--tcp HOST:PORT] [--name NAME]
                     [--description TEXT] [--readonly] [--cache none|writeback]
+                    [--payload-max SIZE]
 
 Serves IMAGE (type:path or a path, format probed) over NBD from this process
 until SIGINT or SIGTERM. Listens on a Unix socket, mode 0600 (only this user
@@ -32,8 +42,24 @@ Options:
   --description TEXT   description shown by 'nbdinfo --list'
   --readonly           refuse writes (EPERM)
   --cache MODE         none (O_DIRECT, default) or writeback (page cache)
+  --payload-max SIZE   memory for request and reply payloads of all clients
+                       together (default ${payloadMaxDefault}); a client over its share
+                       waits, no client can make the server take more
 
 Clients: qemu-img info 'nbd+unix:///NAME?socket=PATH', nbdinfo, nbdcopy, fio --ioengine=nbd.`;
+
+/** Parses a payload budget option (`--payload-max`, `--nbd-payload-max`): a size, at least one request. */
+export function parsePayloadMax(text: string | undefined, option: string): number | undefined {
+  if (text === undefined) return undefined;
+  const bytes = parseSize(text);
+  const min = payloadBytesMin();
+  if (bytes < min) {
+    throw new UsageError(
+      `${option} must be at least ${min} bytes (one ${DEFAULT_LIMITS.request_bytes_max}-byte request)`,
+    );
+  }
+  return bytes;
+}
 
 async function run(argv: string[]): Promise<number> {
   const { values, positionals } = parseCommandArgs(argv, {
@@ -43,7 +69,9 @@ async function run(argv: string[]): Promise<number> {
     description: { type: "string" },
     readonly: { type: "boolean" },
     cache: { type: "string" },
+    "payload-max": { type: "string" },
   }, { min: 1, max: 1 });
+  const payloadMax = parsePayloadMax(values["payload-max"], "--payload-max");
   const cache = values.cache ?? "none";
   if (cache !== "none" && cache !== "writeback") {
     throw new UsageError(`--cache expects none or writeback, got '${cache}'`);
@@ -68,6 +96,7 @@ async function run(argv: string[]): Promise<number> {
       tcp,
       lookup: (name) => (name === nbdExport.name ? nbdExport : undefined),
       list: () => [nbdExport],
+      limits: payloadMax === undefined ? {} : { payload_bytes_max: payloadMax },
     });
     const where = [
       server.unixPath && `nbd+unix:///${nbdExport.name}?socket=${server.unixPath}`,
