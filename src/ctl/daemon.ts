@@ -34,6 +34,9 @@ export const minors_max = 1024;
 /** Most client connections at once. */
 export const client_connections_max = 256;
 
+/** Describes the users of a minor's disk that one front end knows of (none: empty). */
+export type ClientProbe = (minor: Minor) => string[];
+
 /** How ctrl runs. */
 export interface CtrlOptions {
   runDir: string;
@@ -64,6 +67,7 @@ export class Ctrl {
   #clients = 0;
   readonly #api: CtlApi;
   readonly #destroyHooks: ((name: string) => Promise<void>)[] = [];
+  readonly #clientProbes: ClientProbe[] = [];
   /** The NBD front end's Unix socket, once it listens (for URIs in replies). */
   nbdSocketPath?: string;
 
@@ -148,6 +152,21 @@ export class Ctrl {
    */
   addDestroyHook(hook: (name: string) => Promise<void>): void {
     this.#destroyHooks.push(hook);
+  }
+
+  /**
+   * Adds a way to see who uses a minor's disk. The NBD front end reports
+   * its connections to the minor's export; the kernel front end adds one
+   * reporting an open /dev/tapdevN. Destructive test tools (`exercise`)
+   * refuse a minor any probe reports.
+   */
+  addClientProbe(probe: ClientProbe): void {
+    this.#clientProbes.push(probe);
+  }
+
+  /** Who uses `minor` now, one description each ("2 NBD connections"); empty when nobody. */
+  clientsOf(minor: Minor): string[] {
+    return this.#clientProbes.flatMap((probe) => probe(minor));
   }
 
   /** Export names, for NBD's LIST. */
