@@ -18,7 +18,7 @@
  * @module
  */
 import { SysError } from "./errno.ts";
-import { File } from "./file.ts";
+import { File, type OpenOptions } from "./file.ts";
 
 /** Permission bits that must be clear on a private file or directory (group, others, set-id, sticky). */
 const shared_mode_bits = 0o7077;
@@ -96,21 +96,19 @@ function checkOpenFile(file: File, what: string): void {
   }
 }
 
-function withSymlinkMessage<T>(path: string, what: string, open: () => T): T {
+// Opens without following a final symbolic link, then checks what was opened.
+function openChecked(path: string, what: string, options: OpenOptions): File {
+  let file: File;
   try {
-    return open();
+    file = File.open(path, { ...options, write: true, noFollow: true });
   } catch (error) {
     if (error instanceof SysError && error.code === "ELOOP") {
       throw refusal(path, what, "is a symbolic link");
     }
     throw error;
   }
-}
-
-/** Options for a private file. */
-export interface PrivateFileOptions {
-  /** Open with O_DIRECT. */
-  direct?: boolean;
+  checkOpenFile(file, what); // created: the umask may only have narrowed 0600
+  return file;
 }
 
 /**
@@ -118,25 +116,8 @@ export interface PrivateFileOptions {
  * 0600), read-write. Fails with a {@linkcode SysError} EEXIST when anything,
  * a symbolic link included, is already there.
  */
-export function createPrivateFile(
-  path: string,
-  what: string,
-  options: PrivateFileOptions = {},
-): File {
-  const file = withSymlinkMessage(
-    path,
-    what,
-    () =>
-      File.open(path, {
-        write: true,
-        createNew: true,
-        noFollow: true,
-        mode: 0o600,
-        direct: options.direct,
-      }),
-  );
-  checkOpenFile(file, what); // the umask may only have narrowed 0600
-  return file;
+export function createPrivateFile(path: string, what: string): File {
+  return openChecked(path, what, { createNew: true, mode: 0o600 });
 }
 
 /**
@@ -144,18 +125,8 @@ export function createPrivateFile(
  * symbolic link, and checks the open file: a regular file owned by us with
  * no group or other access. Throws naming the path and the problem.
  */
-export function openPrivateFile(
-  path: string,
-  what: string,
-  options: PrivateFileOptions = {},
-): File {
-  const file = withSymlinkMessage(
-    path,
-    what,
-    () => File.open(path, { write: true, noFollow: true, direct: options.direct }),
-  );
-  checkOpenFile(file, what);
-  return file;
+export function openPrivateFile(path: string, what: string): File {
+  return openChecked(path, what, {});
 }
 
 /** Opens the private file `path`, creating it (O_EXCL) when absent; see {@linkcode openPrivateFile}. */

@@ -74,6 +74,16 @@ export class CtrlHarness {
     return `nbd+unix:///${name}?socket=${this.runDir}/nbd.sock`;
   }
 
+  /** Runs `blktap ARGS --run-dir RUN_DIR` (a client verb) to its end. */
+  async cli(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+    const out = await selfCommandFor([...args, "--run-dir", this.runDir], {
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    const text = (b: Uint8Array) => new TextDecoder().decode(b);
+    return { code: out.code, stdout: text(out.stdout), stderr: text(out.stderr) };
+  }
+
   request(request: Record<string, unknown>): Promise<Record<string, unknown>> {
     return ctlRequest(this.runDir, request);
   }

@@ -1,5 +1,4 @@
 import assert from "node:assert/strict";
-import { selfCommandFor } from "../../src/cli/self_command.ts";
 import { testSeed } from "../_helpers/random.ts";
 import { assertClean, CtrlHarness, type Load, qcowImage, rawImage } from "./_ctrl_harness.ts";
 
@@ -192,14 +191,7 @@ Deno.test("ctrl: a disk that keeps crashing is failed, its requests get errors, 
 
 Deno.test("ctrl: CLI verbs print what scripts parse", async () => {
   const h = await CtrlHarness.start();
-  const run = async (...args: string[]) => {
-    const out = await selfCommandFor([...args, "--run-dir", h.runDir], {
-      stdout: "piped",
-      stderr: "piped",
-    }).output();
-    const text = (b: Uint8Array) => new TextDecoder().decode(b);
-    return { code: out.code, stdout: text(out.stdout), stderr: text(out.stderr) };
-  };
+  const run = (...args: string[]) => h.cli(...args);
   try {
     const a = await rawImage(h.dir, "a.raw", 4 * MiB);
     const created = await run(

@@ -4,21 +4,11 @@
  * tools it runs are not part of the daemon's static code.
  */
 import assert from "node:assert/strict";
-import { selfCommandFor } from "../../src/cli/self_command.ts";
 import { RawNbdClient } from "../_helpers/nbd_client.ts";
 import { blktap, sha256File } from "../_helpers/tools.ts";
 import { CtrlHarness, rawImage } from "./_ctrl_harness.ts";
 
 const MiB = 1 << 20;
-
-async function cli(h: CtrlHarness, ...args: string[]) {
-  const out = await selfCommandFor([...args, "--run-dir", h.runDir], {
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const text = (b: Uint8Array) => new TextDecoder().decode(b);
-  return { code: out.code, stdout: text(out.stdout), stderr: text(out.stderr) };
-}
 
 Deno.test("exercise: refuses a disk with an NBD client and leaves its data alone; --force runs", async () => {
   const h = await CtrlHarness.start();
@@ -30,7 +20,7 @@ Deno.test("exercise: refuses a disk with an NBD client and leaves its data alone
     const client = await RawNbdClient.connect(`${h.runDir}/nbd.sock`);
     try {
       await client.go("live");
-      const refused = await cli(h, "exercise", "live", "--requests", "500");
+      const refused = await h.cli("exercise", "live", "--requests", "500");
       assert.equal(refused.code, 1, refused.stdout);
       assert.match(refused.stderr, /minor 0 \(live\) has clients: 1 NBD connection/);
       assert.match(refused.stderr, /destroys its data/);
@@ -40,7 +30,7 @@ Deno.test("exercise: refuses a disk with an NBD client and leaves its data alone
       );
       assert.equal(await sha256File(image), before, "the refused run wrote nothing");
       assert.deepEqual(await client.read(0, 4096), new Uint8Array(4096).fill(0x42));
-      const forced = await cli(h, "exercise", "live", "--requests", "500", "--force", "--json");
+      const forced = await h.cli("exercise", "live", "--requests", "500", "--force", "--json");
       assert.equal(forced.code, 0, forced.stderr);
       assert.equal(JSON.parse(forced.stdout).requests, 500);
       await h.request({ op: "pause", minor: "live" }); // its writes reach the file
@@ -51,7 +41,7 @@ Deno.test("exercise: refuses a disk with an NBD client and leaves its data alone
     }
     // Without clients, no --force is needed.
     for (let i = 0; i < 50; i++) {
-      const alone = await cli(h, "exercise", "live", "--requests", "100");
+      const alone = await h.cli("exercise", "live", "--requests", "100");
       if (alone.code === 0) break;
       assert.match(alone.stderr, /has clients/); // the server may not have seen the close yet
       assert.ok(i < 49, "the closed client still counts");
