@@ -7,7 +7,11 @@
 import assert from "node:assert/strict";
 import * as P from "../../../src/frontends/nbd/protocol.ts";
 import { payloadFootprintBytes, PayloadPool } from "../../../src/frontends/nbd/payload_pool.ts";
-import { startNbdServer } from "../../../src/frontends/nbd/server.ts";
+import {
+  type NbdServerStats,
+  type PayloadMemory,
+  startNbdServer,
+} from "../../../src/frontends/nbd/server.ts";
 import { MemoryDriver } from "../../_helpers/memory_driver.ts";
 import { RawNbdClient } from "../../_helpers/nbd_client.ts";
 import { withNbdServer } from "../../_helpers/nbd_harness.ts";
@@ -15,8 +19,10 @@ import { withNbdServer } from "../../_helpers/nbd_harness.ts";
 const KiB = 1024;
 const MiB = 1 << 20;
 
-function rssBytes(): number {
-  const line = Deno.readTextFileSync("/proc/self/status").split("\n")
+const SERVER = new URL("./_budget_server.ts", import.meta.url).pathname;
+
+function rssBytes(pid: number): number {
+  const line = Deno.readTextFileSync(`/proc/${pid}/status`).split("\n")
     .find((l) => l.startsWith("VmRSS:"))!;
   return Number(line.split(/\s+/)[1]) * KiB;
 }
@@ -79,28 +85,83 @@ Deno.test("nbd payload pool: takes wait for the connection's share, then first c
   assert.throws(() => pool.checkFits(8 * MiB, "budget"), /cannot hold one 8388608-byte payload/);
 });
 
+/** The budget server of `_budget_server.ts`, in its own process (its RSS is its own). */
+class BudgetServer {
+  readonly socket: string;
+  readonly #child: Deno.ChildProcess;
+  readonly #writer: WritableStreamDefaultWriter<Uint8Array>;
+  readonly #lines: ReadableStreamDefaultReader<string>;
+  #buffer = "";
+
+  constructor(dir: string, delayMs: number, limits: Record<string, number>) {
+    this.socket = `${dir}/nbd.sock`;
+    this.#child = new Deno.Command(Deno.execPath(), {
+      args: ["run", "--quiet", "-A", SERVER, this.socket, String(delayMs), JSON.stringify(limits)],
+      stdin: "piped",
+      stdout: "piped",
+      stderr: "inherit",
+    }).spawn();
+    this.#writer = this.#child.stdin.getWriter();
+    this.#lines = this.#child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  }
+
+  async line(): Promise<string> {
+    while (!this.#buffer.includes("\n")) {
+      const { value, done } = await this.#lines.read();
+      if (done) throw new Error("the budget server exited");
+      this.#buffer += value;
+    }
+    const end = this.#buffer.indexOf("\n");
+    const line = this.#buffer.slice(0, end);
+    this.#buffer = this.#buffer.slice(end + 1);
+    return line;
+  }
+
+  /** The server's own accounting: payload memory and counters. */
+  async accounting(): Promise<{ memory: PayloadMemory; stats: NbdServerStats }> {
+    await this.#writer.write(new TextEncoder().encode("?\n"));
+    return JSON.parse(await this.line());
+  }
+
+  rssBytes(): number {
+    return rssBytes(this.#child.pid);
+  }
+
+  async close(): Promise<void> {
+    await this.#writer.close().catch(() => {});
+    const timer = setTimeout(() => this.#child.kill("SIGKILL"), 10_000);
+    await this.#child.status;
+    clearTimeout(timer);
+    await this.#lines.cancel().catch(() => {});
+  }
+}
+
 Deno.test("nbd payload budget: 8 connections flooding 4 MiB WRITEs without reading replies stay within it; another client is served", async () => {
   const request_bytes_max = 4 * MiB;
   const payload_bytes_max = 32 * MiB + 64 * KiB;
-  const driver = new MemoryDriver(64 * MiB, { delayMs: 40 });
-  await withNbdServer([{ name: "d", driver }], async (h) => {
-    const rssBefore = rssBytes();
+  const dir = await Deno.makeTempDir({ prefix: "blktap-budget-" });
+  const server = new BudgetServer(dir, 40, {
+    request_bytes_max,
+    payload_bytes_max,
+    connection_payload_bytes_max: 8 * MiB + 32 * KiB,
+  });
+  const hostile: RawNbdClient[] = [];
+  let floods: Promise<void>[] = [];
+  try {
+    assert.equal(await server.line(), "ready");
+    const rssBefore = server.rssBytes();
     let rssPeak = rssBefore;
-    let heldPeak = 0;
-    const sampler = setInterval(() => {
-      rssPeak = Math.max(rssPeak, rssBytes());
-      heldPeak = Math.max(heldPeak, h.server.payloadMemory.heldBytes);
-    }, 5);
-    const payload = new Uint8Array(request_bytes_max).fill(0x77);
-    const hostile = await Promise.all(Array.from({ length: 8 }, async () => {
-      const client = await RawNbdClient.connect(h.socket);
-      await client.go("d");
-      return client;
-    }));
-    const floods = hostile.map((c) => floodWrites(c, payload, 16).catch(() => {}));
+    const sampler = setInterval(() => (rssPeak = Math.max(rssPeak, server.rssBytes())), 5);
     try {
+      const payload = new Uint8Array(request_bytes_max).fill(0x77);
+      for (let i = 0; i < 8; i++) {
+        const client = await RawNbdClient.connect(server.socket);
+        await client.go("d");
+        hostile.push(client);
+      }
+      floods = hostile.map((c) => floodWrites(c, payload, 16).catch(() => {}));
       await new Promise((r) => setTimeout(r, 300)); // the floods fill the budget
-      const good = await RawNbdClient.connect(h.socket);
+      const good = await RawNbdClient.connect(server.socket);
       try {
         await good.go("d");
         const started = performance.now();
@@ -110,26 +171,30 @@ Deno.test("nbd payload budget: 8 connections flooding 4 MiB WRITEs without readi
           assert.equal(await good.command(P.NBD_CMD_WRITE, 0, offset, data.length, data), 0);
           assert.deepEqual(await good.read(offset, data.length), data);
         }
-        console.log(
-          `well-behaved client: 20 requests in ${(performance.now() - started).toFixed(0)} ms`,
-        );
+        const ms = (performance.now() - started).toFixed(0);
+        console.log(`well-behaved client: 20 requests in ${ms} ms beside the floods`);
       } finally {
         good.close();
       }
-      const memory = h.server.payloadMemory;
-      assert.ok(memory.waitsTotal > 0, "the floods had to wait for memory");
-      assert.ok(memory.heldBytesPeak <= payload_bytes_max, `held peak ${memory.heldBytesPeak}`);
-      assert.ok(heldPeak <= payload_bytes_max);
-      const growth = rssPeak - rssBefore;
-      console.log(`payload held peak ${memory.heldBytesPeak} bytes; RSS growth ${growth} bytes`);
-      // Budget, plus the receive buffers and what a garbage collector has not reclaimed yet.
-      assert.ok(growth < payload_bytes_max + 96 * MiB, `RSS grew by ${growth} bytes`);
     } finally {
       clearInterval(sampler);
-      for (const c of hostile) c.close();
-      await Promise.all(floods);
     }
-  }, { request_bytes_max, payload_bytes_max, connection_payload_bytes_max: 8 * MiB + 32 * KiB });
+    const { memory } = await server.accounting();
+    assert.ok(memory.waitsTotal > 0, "the floods had to wait for memory");
+    assert.ok(memory.heldBytesPeak <= payload_bytes_max, `held peak ${memory.heldBytesPeak}`);
+    assert.ok(memory.heldBytesPeak > payload_bytes_max / 2, "the floods did fill the budget");
+    const growth = rssPeak - rssBefore;
+    console.log(
+      `payload held peak ${memory.heldBytesPeak} bytes; server RSS growth ${growth} bytes`,
+    );
+    // The budget, plus receive buffers and what the garbage collector has not reclaimed yet.
+    assert.ok(growth < payload_bytes_max + 96 * MiB, `server RSS grew by ${growth} bytes`);
+  } finally {
+    for (const c of hostile) c.close();
+    await Promise.all(floods);
+    await server.close();
+    await Deno.remove(dir, { recursive: true });
+  }
 });
 
 Deno.test("nbd payload budget: a client that never reads its READ replies is cut after the stall timeout, its memory back", async () => {
