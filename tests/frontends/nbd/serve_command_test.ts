@@ -96,3 +96,22 @@ Deno.test("serve and ctrl --help say that NBD over TCP has no authentication and
     assert.match(text, /127\.0\.0\.1, which every local user can reach/, command);
   }
 });
+
+Deno.test("serve --payload-max and ctrl --nbd-payload-max refuse a budget below one request (exit 2)", async () => {
+  for (
+    const args of [["serve", "raw:/nonexistent", "--payload-max", "1M"], [
+      "ctrl",
+      "--nbd-payload-max",
+      "1M",
+    ]]
+  ) {
+    const out = await blktap(args);
+    assert.equal(out.code, 2, args.join(" "));
+    assert.match(
+      out.stderr,
+      /payload-max must be at least 33562624 bytes \(one 33554432-byte request\)/,
+    );
+  }
+  const help = await blktap(["serve", "--help"]);
+  assert.match(help.stdout, /--payload-max SIZE\s+memory for request and reply payloads/);
+});
