@@ -12,6 +12,7 @@ import {
   UsageError,
 } from "../cli/command.ts";
 import { type LogLevel, setLogLevel } from "../cli/log.ts";
+import { ALLOW_PATH_OPTION, allowPathHelp, parseAllowPaths } from "../cli/allow_path.ts";
 import { waitForStopSignal } from "../cli/signals.ts";
 import { Ctrl } from "./daemon.ts";
 import { NBD_SOCKET_NAME, startCtrlNbd } from "./nbd_frontend.ts";
@@ -48,7 +49,14 @@ Options:
   --nbd-tcp HOST:PORT    also serve NBD on TCP, unauthenticated (host defaults to 127.0.0.1)
   --nbd-payload-max SIZE memory for NBD payloads of all clients together (default ${payloadMaxDefault});
                          a client over its share waits, none can make ctrl take more
-  --no-nbd               do not serve NBD`;
+  --no-nbd               do not serve NBD
+${allowPathHelp(25)}
+                         (for every disk; 'create --allow-path' adds folders for one)
+
+Images attached by path alone are probed once, at create, and recorded with
+their format in DIR/registry.json; they are never probed again. Images are
+locked as QEMU locks them: one that QEMU writes is refused, and QEMU cannot
+write one blktap serves.`;
 
 /** `blktap ctrl`. */
 export const CTRL_COMMAND: Command = {
@@ -66,6 +74,7 @@ export const CTRL_COMMAND: Command = {
       "nbd-tcp": { type: "string" },
       "nbd-payload-max": { type: "string" },
       "no-nbd": { type: "boolean" },
+      ...ALLOW_PATH_OPTION,
     });
     const payloadMax = parsePayloadMax(values["nbd-payload-max"], "--nbd-payload-max");
     const nbdTcp = values["nbd-tcp"] ? parseHostPort(values["nbd-tcp"], "--nbd-tcp") : undefined;
@@ -80,6 +89,7 @@ export const CTRL_COMMAND: Command = {
     const ctrl = new Ctrl({
       runDir: values["run-dir"] ?? defaultRunDir(),
       shmDir: values["shm-dir"],
+      allowPaths: parseAllowPaths(values),
       policy: {
         ...(restartLimit !== undefined ? { restartLimit } : {}),
         ...(windowS !== undefined ? { restartWindowMs: windowS * 1000 } : {}),

@@ -13,7 +13,9 @@ import {
   UsageError,
 } from "../../cli/command.ts";
 import { waitForStopSignal } from "../../cli/signals.ts";
-import { openImage } from "../../formats/open_image.ts";
+import { ALLOW_PATH_OPTION, allowPathHelp, parseAllowPaths } from "../../cli/allow_path.ts";
+import type { BlockDriver } from "../../formats/driver.ts";
+import { openImage, probedNote, resolveImageSpec } from "../../formats/open_image.ts";
 import type { NbdExport } from "./export.ts";
 import { DEFAULT_LIMITS, payloadBytesMin } from "./limits.ts";
 import { startNbdServer } from "./server.ts";
@@ -22,13 +24,16 @@ const payloadMaxDefault = `${DEFAULT_LIMITS.payload_bytes_max >> 20}M`;
 
 const usage = `usage: blktap serve IMAGE [--socket PATH] [--tcp HOST:PORT] [--name NAME]
                     [--description TEXT] [--readonly] [--cache none|writeback]
-                    [--payload-max SIZE]
+                    [--payload-max SIZE] [--allow-path DIR]...
 
-Serves IMAGE (type:path or a path, format probed) over NBD from this process
-until SIGINT or SIGTERM. Listens on a Unix socket, mode 0600 (only this user
-may connect): by default nbd.sock in a new private directory (0700) under
-$TMPDIR, printed at start and removed at exit. With --tcp, on TCP instead
-(port 0 picks one).
+Serves IMAGE (type:path, or a path whose format is probed once, at start)
+over NBD from this process until SIGINT or SIGTERM. A writable image probed
+as raw refuses writes that would make it probe as another format (name it
+aio:PATH to lift that). The image is locked as QEMU locks images.
+
+Listens on a Unix socket, mode 0600 (only this user may connect): by default
+nbd.sock in a new private directory (0700) under $TMPDIR, printed at start
+and removed at exit. With --tcp, on TCP instead (port 0 picks one).
 
 TCP has no authentication and no encryption (TLS is refused): every process
 that can reach HOST:PORT may read and write the image. HOST defaults to
@@ -45,6 +50,7 @@ Options:
   --payload-max SIZE   memory for request and reply payloads of all clients
                        together (default ${payloadMaxDefault}); a client over its share
                        waits, no client can make the server take more
+${allowPathHelp(23)}
 
 Clients: qemu-img info 'nbd+unix:///NAME?socket=PATH', nbdinfo, nbdcopy, fio --ioengine=nbd.`;
 
@@ -70,6 +76,7 @@ async function run(argv: string[]): Promise<number> {
     readonly: { type: "boolean" },
     cache: { type: "string" },
     "payload-max": { type: "string" },
+    ...ALLOW_PATH_OPTION,
   }, { min: 1, max: 1 });
   const payloadMax = parsePayloadMax(values["payload-max"], "--payload-max");
   const cache = values.cache ?? "none";
@@ -78,19 +85,21 @@ async function run(argv: string[]): Promise<number> {
   }
   const tcp = values.tcp === undefined ? undefined : parseHostPort(values.tcp, "--tcp");
   const readOnly = values.readonly ?? false;
-  // Never a fixed name in a shared folder: a private directory of our own.
-  const privateDir = values.socket || tcp
-    ? undefined
-    : makePrivateTempDir(Deno.env.get("TMPDIR") ?? "/tmp", "blktap-serve-");
-  const driver = await openImage(positionals[0], { readOnly, cache });
-  const unixPath = values.socket ?? (privateDir ? `${privateDir}/nbd.sock` : undefined);
+  const allowPaths = parseAllowPaths(values);
+  const driver = await openServedImage(positionals[0], readOnly, cache, allowPaths);
   const nbdExport: NbdExport = {
     name: values.name ?? "",
     description: values.description,
     driver,
     readOnly,
   };
+  let privateDir: string | undefined;
   try {
+    // Never a fixed name in a shared folder: a private directory of our own.
+    if (!values.socket && !tcp) {
+      privateDir = makePrivateTempDir(Deno.env.get("TMPDIR") ?? "/tmp", "blktap-serve-");
+    }
+    const unixPath = values.socket ?? (privateDir ? `${privateDir}/nbd.sock` : undefined);
     const server = await startNbdServer({
       unixPath,
       tcp,
@@ -114,6 +123,20 @@ async function run(argv: string[]): Promise<number> {
     if (privateDir) await Deno.remove(privateDir, { recursive: true }).catch(() => {});
   }
   return 0;
+}
+
+// Probed once, here; served locked, its chain confined, its head guarded when probed raw.
+async function openServedImage(
+  spec: string,
+  readOnly: boolean,
+  cache: "none" | "writeback",
+  allowPaths: string[],
+): Promise<BlockDriver> {
+  const image = await resolveImageSpec(spec, readOnly);
+  if (image.probed) console.error(`blktap serve: ${probedNote(image.spec)}`);
+  if (image.warning) console.error(`blktap serve: WARNING: ${image.warning}`);
+  const { probedRaw } = image;
+  return await openImage(image.spec, { readOnly, cache, lock: true, probedRaw }, { allowPaths });
 }
 
 /** The `serve` subcommand. */
