@@ -161,6 +161,8 @@ Deno.test({
     const ram = `ram:blktap-export-test-${crypto.randomUUID()},size=8M`;
     try {
       const raw = await rawImage(h.dir, "a.raw", 8 * MiB);
+      // Its own file: an image is attached read-write once, or read-only any number of times.
+      const rawRo = await rawImage(h.dir, "ro.raw", 8 * MiB);
       const qcow = await qcowImage(h.dir, "q.qcow", 8);
       const vmdk = `${h.dir}/v.vmdk`;
       createVmdk(vmdk, 8 * MiB);
@@ -170,7 +172,7 @@ Deno.test({
         ["ram", ram, false, true],
         ["qcow", `qcow:${qcow}`, false, false],
         ["vmdk", `vmdk:${vmdk}`, false, false],
-        ["raw-ro", `aio:${raw}`, true, false],
+        ["raw-ro", `aio:${rawRo}`, true, false],
       ];
       for (const [name, image, readOnly] of disks) {
         await h.request({ op: "create", image, name, readOnly });
@@ -191,6 +193,8 @@ Deno.test({
       // The whole path: NBD TRIM -> ring DISCARD -> disk process -> punch hole.
       await assertTrimFrees(h.nbdUri("raw"), raw);
       await assertTrimReadsZeros(h.nbdUri("ram"));
+      // Its last detach removes the RAM disk from /dev/shm.
+      await h.request({ op: "destroy", minor: "ram" });
     } finally {
       await h.close();
     }
