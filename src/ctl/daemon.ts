@@ -305,7 +305,7 @@ export class Ctrl {
   }
 
   async #reattach(record: MinorRecord): Promise<void> {
-    if (record.pid) await killStaleDisk(record.pid, record.minor);
+    if (record.pid) await killStaleDisk(record.pid, record.minor, this.#host().diskSocketPath);
     let device: ShmRingDevice;
     try {
       device = this.#reopenRing(record);
@@ -451,32 +451,46 @@ async function refuseIfRunning(socketPath: string): Promise<void> {
 export const stale_disk_grace_ms = 10_000;
 
 /**
- * Waits for a disk process left by a previous ctrl (if that pid still is
- * one) to finish: it drains and flushes once its channel closed. Killed
- * after {@linkcode stale_disk_grace_ms}.
+ * Waits for a disk process left by a previous ctrl of this run dir (if that
+ * pid still is one) to finish: it drains and flushes once its channel
+ * closed. Killed after {@linkcode stale_disk_grace_ms}. The pid is trusted
+ * only while it names the same process (its start time): a recorded pid may
+ * have been reused by anything, another ctrl's disk included.
  */
-async function killStaleDisk(pid: number, minor: number): Promise<void> {
+async function killStaleDisk(pid: number, minor: number, diskSocketPath: string): Promise<void> {
   let cmdline: string;
   try {
     cmdline = Deno.readTextFileSync(`/proc/${pid}/cmdline`).split("\0").join(" ");
   } catch {
     return; // gone
   }
-  if (!cmdline.includes(" disk --minor " + minor + " ")) return;
-  if (await exited(pid, stale_disk_grace_ms)) return;
+  const ours = cmdline.includes(` disk --minor ${minor} `) && cmdline.includes(diskSocketPath);
+  const started = startTime(pid);
+  if (!ours || started === undefined) return;
+  if (await exited(pid, started, stale_disk_grace_ms)) return;
   try {
     Deno.kill(pid, "SIGKILL");
   } catch {
     return;
   }
-  await exited(pid, 5000);
+  await exited(pid, started, 5000);
 }
 
-async function exited(pid: number, timeoutMs: number): Promise<boolean> {
+/** A process's start time (field 22 of /proc/PID/stat): with the pid, its identity. */
+function startTime(pid: number): string | undefined {
+  try {
+    return Deno.readTextFileSync(`/proc/${pid}/stat`).split(") ")[1]?.split(" ")[19];
+  } catch {
+    return undefined;
+  }
+}
+
+async function exited(pid: number, started: string, timeoutMs: number): Promise<boolean> {
   for (let waited = 0; waited < timeoutMs; waited += 20) {
     try {
-      const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
-      if (stat.split(") ")[1]?.startsWith("Z")) return true; // exited, awaiting its reaper
+      const stat = Deno.readTextFileSync(`/proc/${pid}/stat`).split(") ")[1] ?? "";
+      if (stat.startsWith("Z")) return true; // exited, awaiting its reaper
+      if (stat.split(" ")[19] !== started) return true; // the pid names another process now
     } catch {
       return true;
     }
