@@ -121,9 +121,9 @@ export class CtlApi {
       case "create":
         return await this.#create(args);
       case "list":
-        return { minors: await Promise.all(ctrl.minors.map((m) => m.stats())) };
+        return { minors: ctrl.minors.map((m) => m.stats()) };
       case "stats":
-        return await this.#minor(args).stats();
+        return this.#minor(args).stats();
       case "pause":
         await this.#minor(args).pause();
         return {};
@@ -217,6 +217,8 @@ export class CtlApi {
       maxErrors: number(args, "maxErrors"),
       verify: args.verify !== false,
       aligned: args.aligned === true,
+      initialZero: args.initialZero === true,
+      returnModel: args.returnModel === true,
       seed: number(args, "seed") ?? Math.floor(Math.random() * 2 ** 31),
     };
     if (options.depth < 1 || options.depth > minor.disk.ringEntries) {

@@ -17,6 +17,7 @@ import { SysError } from "../../ffi/errno.ts";
 import { ensurePrivateDir, listenPrivateUnix } from "../../ffi/private_path.ts";
 import { type Logger, logger } from "../cli/log.ts";
 import { DISK_SOCKET_NAME } from "../disk/protocol.ts";
+import { StatsFile, statsPathFor } from "../disk/stats_file.ts";
 import { KickChannel } from "../ring/kick_channel.ts";
 import { defaultShmDir, ShmRingDevice } from "../ring/shm_ring_device.ts";
 import { CtlApi } from "./api.ts";
@@ -241,7 +242,8 @@ export class Ctrl {
       paused: false,
     };
     const device = ShmRingDevice.create(record.shmPath, record);
-    const minor = new Minor(record, this.#host(), device);
+    const stats = StatsFile.create(statsPathFor(record.shmPath), 1);
+    const minor = new Minor(record, this.#host(), device, stats);
     this.#minors.set(number, minor);
     try {
       await minor.start();
@@ -313,7 +315,14 @@ export class Ctrl {
       this.log.error(`minor ${record.minor}: re-attach failed: ${(error as Error).message}`);
       throw error;
     }
-    const minor = new Minor(record, this.#host(), device);
+    // The stats file outlives ctrl like the ring device: what the previous
+    // processes counted is still there (folded in before the next one starts).
+    const generation = (record.lifetime?.foldedGeneration ?? 0) + 1;
+    const stats = StatsFile.openOrCreate(
+      record.statsPath ?? statsPathFor(record.shmPath),
+      generation,
+    );
+    const minor = new Minor(record, this.#host(), device, stats);
     this.#minors.set(record.minor, minor);
     const refusal = await this.#upgradeLegacyImage(record);
     if (refusal) {
@@ -393,7 +402,12 @@ export class Ctrl {
       onMessage: (m) => {
         if (target) return target.onMessage(m);
         const minor = m.t === "hello" ? this.#minors.get(m.minor as number) : undefined;
-        if (!minor) return channel.close();
+        if (!minor) {
+          // Say why before hanging up: a disk started by hand exits with this.
+          channel.send({ t: "refused", error: `ctrl in ${this.runDir} has no minor ${m.minor}` });
+          channel.closeAfterSending();
+          return;
+        }
         target = minor;
         minor.connected(channel, m.pid as number);
       },

@@ -14,6 +14,7 @@ import type { ServedDisk } from "../ring/ring_disk.ts";
 import { ShmRingDevice } from "../ring/shm_ring_device.ts";
 import { defaultRunDir } from "../cli/run_dir.ts";
 import { DiskServer } from "./disk_server.ts";
+import { StatsFile } from "./stats_file.ts";
 import { isNullSpec, openNull } from "./null_driver.ts";
 import { type AttachConfig, DISK_SOCKET_NAME } from "./protocol.ts";
 
@@ -88,7 +89,11 @@ class DiskProcess {
     this.#channel = new KickChannel(conn, {
       onKick: () => this.#server?.kick(),
       onMessage: (m) => this.#onMessage(m),
-      onClose: () => this.#shutdown("ctrl went away"),
+      onClose: () => {
+        // Hung up on before any configuration: ctrl does not know this minor.
+        if (!this.#config) return this.#refused(`ctrl at ${socketPath} closed the connection`);
+        this.#shutdown("ctrl went away");
+      },
     });
     this.#channel.send({ t: "hello", minor: this.#minor, pid: Deno.pid });
     const onSignal = () => this.#shutdown("SIGTERM");
@@ -100,7 +105,15 @@ class DiskProcess {
     }
   }
 
+  // Not served: one line for whoever started this process, exit 2.
+  #refused(why: string): void {
+    console.error(`blktap disk: minor ${this.#minor}: ${why}`);
+    this.#channel.close();
+    this.#done.resolve(2);
+  }
+
   #onMessage(message: Record<string, unknown>): void {
+    if (message.t === "refused") return this.#refused(String(message.error));
     if (message.t === "attach") {
       this.#attach(message as unknown as AttachConfig).catch((error) => {
         this.#log.error(`attach failed: ${error.message}`);
@@ -139,7 +152,11 @@ class DiskProcess {
     this.#config = config;
     const driver = await openDiskImage(config.image, config);
     this.#device = ShmRingDevice.open(config.shmPath, config);
+    // Counting in the minor's stats file: ctrl reads it even after this process is killed.
+    const stats = config.statsPath ? StatsFile.open(config.statsPath) : undefined;
+    if (stats) stats.pid = Deno.pid;
     this.#server = new DiskServer({
+      counters: stats?.counters,
       ring: this.#device.ring,
       pool: this.#device.pool,
       fence: memoryFence,

@@ -32,4 +32,6 @@ export interface AttachConfig {
   readOnly: boolean;
   cache: "none" | "writeback";
   qos: QosSettings;
+  /** The minor's stats file (shared memory) to count into; private counters without one. */
+  statsPath?: string;
 }

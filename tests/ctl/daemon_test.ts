@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { selfCommand, selfCommandFor } from "../../src/cli/self_command.ts";
 import { ctlRequest } from "../../src/ctl/client.ts";
 import { sha256File } from "../_helpers/tools.ts";
-import { assertExportIs, CtrlHarness, rawImage } from "./_ctrl_harness.ts";
+import { assertExportIs, CtrlHarness, rawImage } from "../_helpers/ctrl_harness.ts";
 
 const MiB = 1 << 20;
 

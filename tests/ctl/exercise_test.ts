@@ -6,9 +6,14 @@
 import assert from "node:assert/strict";
 import { RawNbdClient } from "../_helpers/nbd_client.ts";
 import { blktap, sha256File } from "../_helpers/tools.ts";
-import { CtrlHarness, rawImage } from "./_ctrl_harness.ts";
+import { CtrlHarness, rawImage } from "../_helpers/ctrl_harness.ts";
 
 const MiB = 1 << 20;
+
+/** `blktap ARGS` against the harness's ctrl. */
+function cli(h: CtrlHarness, ...args: string[]) {
+  return blktap([...args, "--run-dir", h.runDir]);
+}
 
 Deno.test("exercise: refuses a disk with an NBD client and leaves its data alone; --force runs", async () => {
   const h = await CtrlHarness.start();
@@ -20,7 +25,7 @@ Deno.test("exercise: refuses a disk with an NBD client and leaves its data alone
     const client = await RawNbdClient.connect(`${h.runDir}/nbd.sock`);
     try {
       await client.go("live");
-      const refused = await h.cli("exercise", "live", "--requests", "500");
+      const refused = await cli(h, "exercise", "live", "--requests", "500");
       assert.equal(refused.code, 1, refused.stdout);
       assert.match(refused.stderr, /minor 0 \(live\) has clients: 1 NBD connection/);
       assert.match(refused.stderr, /destroys its data/);
@@ -30,7 +35,7 @@ Deno.test("exercise: refuses a disk with an NBD client and leaves its data alone
       );
       assert.equal(await sha256File(image), before, "the refused run wrote nothing");
       assert.deepEqual(await client.read(0, 4096), new Uint8Array(4096).fill(0x42));
-      const forced = await h.cli("exercise", "live", "--requests", "500", "--force", "--json");
+      const forced = await cli(h, "exercise", "live", "--requests", "500", "--force", "--json");
       assert.equal(forced.code, 0, forced.stderr);
       assert.equal(JSON.parse(forced.stdout).requests, 500);
       await h.request({ op: "pause", minor: "live" }); // its writes reach the file
@@ -41,7 +46,7 @@ Deno.test("exercise: refuses a disk with an NBD client and leaves its data alone
     }
     // Without clients, no --force is needed.
     for (let i = 0; i < 50; i++) {
-      const alone = await h.cli("exercise", "live", "--requests", "100");
+      const alone = await cli(h, "exercise", "live", "--requests", "100");
       if (alone.code === 0) break;
       assert.match(alone.stderr, /has clients/); // the server may not have seen the close yet
       assert.ok(i < 49, "the closed client still counts");

@@ -8,11 +8,10 @@ import assert from "node:assert/strict";
 import { type BlockDriver, BlockError } from "../../../src/formats/driver.ts";
 import { openImage } from "../../../src/formats/open_image.ts";
 import { lock_conflict_wait_ms } from "../../../src/formats/raw/image_lock.ts";
-import { blktap, hasTool, run } from "../../_helpers/tools.ts";
+import { blktap, missingTools, run } from "../../_helpers/tools.ts";
 import { qemuHolding } from "../../_helpers/qemu_hold.ts";
 
-const ignore = !hasTool("qemu-img") || !hasTool("qemu-io") || !hasTool("qemu-nbd");
-if (ignore) console.log("skipping image lock tests: qemu-img, qemu-io or qemu-nbd missing");
+const ignore = missingTools("qemu-img", "qemu-io", "qemu-nbd").length > 0;
 
 const MiB = 1 << 20;
 

@@ -10,7 +10,7 @@ import { createQcow } from "../../../src/formats/qcow/create.ts";
 import { createVmdk } from "../../../src/formats/vmdk/create.ts";
 import { withNbdServer } from "../../_helpers/nbd_harness.ts";
 import { hasTool, run } from "../../_helpers/tools.ts";
-import { CtrlHarness, qcowImage, rawImage } from "../../ctl/_ctrl_harness.ts";
+import { CtrlHarness, qcowImage, rawImage } from "../../_helpers/ctrl_harness.ts";
 
 const MiB = 1 << 20;
 const missingPeers = ["nbdinfo", "qemu-io"].filter((t) => !hasTool(t));

@@ -11,7 +11,7 @@ import * as P from "../../../src/frontends/nbd/protocol.ts";
 import { RawNbdClient } from "../../_helpers/nbd_client.ts";
 import { hostileHeads } from "../../_helpers/hostile_heads.ts";
 import { selfCommandFor } from "../../../src/cli/self_command.ts";
-import { blktap, hasTool, MAIN_TS, run, sha256File } from "../../_helpers/tools.ts";
+import { blktap, hasTool, MAIN_TS, missingTools, run, sha256File } from "../../_helpers/tools.ts";
 
 const MiB = 1 << 20;
 
@@ -67,10 +67,6 @@ Deno.test("serve: a probed raw image says so, warns, and refuses a hostile head 
       await nbdWrite(`${dir}/nbd.sock`, 0, vmdk.head),
       await nbdWrite(`${dir}/nbd.sock`, MiB, qcow.head),
     ];
-    if (hasTool("qemu-io")) {
-      const write = await run("qemu-io", ["-f", "raw", "-c", "write 0 512", path]);
-      assert.match(write.stderr, /Failed to get "write" lock/, "serve holds the image lock");
-    }
     const { code, stderr } = await server.stop();
     assert.equal(code, 0, stderr);
     assert.deepEqual(refusals, [P.NBD_EPERM, P.NBD_EPERM, 0]);
@@ -80,6 +76,25 @@ Deno.test("serve: a probed raw image says so, warns, and refuses a hostile head 
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
+});
+
+Deno.test({
+  name: "serve: holds QEMU's write lock on the image while it serves",
+  ignore: missingTools("qemu-io").length > 0,
+  async fn() {
+    const dir = await Deno.makeTempDir({ prefix: "blktap-serve-" });
+    try {
+      const path = `${dir}/disk.raw`;
+      await Deno.writeFile(path, new Uint8Array(4 * MiB));
+      const server = await serve([`aio:${path}`], `${dir}/nbd.sock`);
+      const write = await run("qemu-io", ["-f", "raw", "-c", "write -P 0x5a 0 512", path]);
+      assert.equal((await server.stop()).code, 0);
+      assert.match(write.stderr, /Failed to get "write" lock/, "serve holds the image lock");
+      assert.deepEqual((await Deno.readFile(path)).subarray(0, 512), new Uint8Array(512));
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
 });
 
 Deno.test("serve: a backing file outside the image's folder needs --allow-path", async () => {

@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 import { selfCommandFor } from "../../src/cli/self_command.ts";
 import { ctlRequest } from "../../src/ctl/client.ts";
-import { hasTool, run } from "../_helpers/tools.ts";
+import { run } from "./tools.ts";
 
 export class CtrlHarness {
   readonly dir: string;
@@ -72,16 +72,6 @@ export class CtrlHarness {
   /** The NBD URI of export `name` (ctrl serves NBD on `nbd.sock` in its run dir). */
   nbdUri(name: string): string {
     return `nbd+unix:///${name}?socket=${this.runDir}/nbd.sock`;
-  }
-
-  /** Runs `blktap ARGS --run-dir RUN_DIR` (a client verb) to its end. */
-  async cli(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-    const out = await selfCommandFor([...args, "--run-dir", this.runDir], {
-      stdout: "piped",
-      stderr: "piped",
-    }).output();
-    const text = (b: Uint8Array) => new TextDecoder().decode(b);
-    return { code: out.code, stdout: text(out.stdout), stderr: text(out.stderr) };
   }
 
   request(request: Record<string, unknown>): Promise<Record<string, unknown>> {
@@ -172,13 +162,6 @@ export type Load = {
 export function assertClean(result: Load, what: string): void {
   assert.equal(result.errors, 0, `${what}: ${result.firstError}`);
   assert.equal(result.mismatches, 0, `${what}: ${result.firstError}`);
-}
-
-/** True (and says so) when one of `peers` is missing: the tests needing them are ignored. */
-export function ignoreWithout(peers: string[], what: string): boolean {
-  const missing = peers.filter((p) => !hasTool(p));
-  if (missing.length > 0) console.log(`skipping ${what} tests: missing ${missing.join(", ")}`);
-  return missing.length > 0;
 }
 
 /**
