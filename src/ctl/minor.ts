@@ -20,10 +20,11 @@ import type { QosSettings } from "../disk/disk_server.ts";
 import { addTotals, type DiskStats, emptyTotals, withDerived } from "../disk/counters.ts";
 import type { StatsFile } from "../disk/stats_file.ts";
 import type { AttachConfig } from "../disk/protocol.ts";
+import type { DriverCapabilities } from "../formats/driver.ts";
 import type { KickChannel } from "../ring/kick_channel.ts";
 import type { MinorLifetime, MinorRecord } from "./registry.ts";
-import type { RingDisk } from "../ring/ring_disk.ts";
-import type { MinorFrontend, ServedInfo } from "./minor_frontend.ts";
+import type { RingDisk, ServedDisk } from "../ring/ring_disk.ts";
+import type { MinorFrontend } from "./minor_frontend.ts";
 
 /** Lifecycle of a minor as `blktap list` shows it. */
 export type MinorState = "starting" | "running" | "paused" | "restarting" | "failed" | "destroyed";
@@ -183,7 +184,7 @@ export class Minor {
 
   onMessage(message: Record<string, unknown>): void {
     if (message.t === "ready") {
-      this.#ready(servedInfo(message));
+      this.#ready(servedDisk(message));
     } else if (message.t === "reply") this.#reply(message);
     else if (message.t === "failed") this.failure = String(message.error);
   }
@@ -197,11 +198,11 @@ export class Minor {
     this.#calls.clear();
   }
 
-  async #ready(info: ServedInfo): Promise<void> {
+  async #ready(served: ServedDisk): Promise<void> {
     const channel = this.#channel!;
-    this.record.sizeBytes = info.sizeBytes;
+    this.record.sizeBytes = served.sizeBytes;
     try {
-      this.frontend.attach(() => channel.kick(), info);
+      this.frontend.attach(() => channel.kick(), served);
     } catch (error) {
       this.failure = (error as Error).message;
       this.#child?.kill("SIGKILL");
@@ -321,8 +322,9 @@ export class Minor {
       this.record.image = image;
       this.record.probedRaw = probedRaw;
     }
-    this.record.sizeBytes = reply.sizeBytes as number;
-    this.frontend.attach(() => this.#channel?.kick(), servedInfo(reply));
+    const served = servedDisk(reply);
+    this.record.sizeBytes = served.sizeBytes;
+    this.frontend.attach(() => this.#channel?.kick(), served);
     this.record.paused = false;
     this.state = "running";
     this.#host.changed();
@@ -410,11 +412,15 @@ export class Minor {
   }
 }
 
-function servedInfo(message: Record<string, unknown>): ServedInfo {
+/** What a disk process's `ready` message (or resume reply) says it serves. */
+function servedDisk(message: Record<string, unknown>): ServedDisk {
+  const capabilities = message.capabilities as DriverCapabilities | undefined;
+  if (typeof message.sizeBytes !== "number" || typeof capabilities !== "object" || !capabilities) {
+    throw new Error(`disk process sent an incomplete ready message: ${JSON.stringify(message)}`);
+  }
   return {
-    sizeBytes: message.sizeBytes as number,
+    sizeBytes: message.sizeBytes,
     volatileWrites: message.volatileWrites === true,
-    canWrite: message.canWrite !== false,
-    canDiscard: message.canDiscard === true,
+    capabilities,
   };
 }

@@ -6,16 +6,10 @@
  * @module
  */
 import type { AttachConfig } from "../disk/protocol.ts";
-import { KernelMinor, type ServedImage } from "../frontends/kernel/kernel_minor.ts";
-import { RingDisk } from "../ring/ring_disk.ts";
+import type { KernelMinor } from "../frontends/kernel/kernel_minor.ts";
+import { RingDisk, type ServedDisk } from "../ring/ring_disk.ts";
 import type { ShmRingDevice } from "../ring/shm_ring_device.ts";
 import type { Fence } from "../ring/ring.ts";
-
-/** What the disk process reported (ready, resume). */
-export interface ServedInfo extends ServedImage {
-  /** Its acknowledged writes may die with it (write-back metadata). */
-  volatileWrites: boolean;
-}
 
 /** The front end of one minor. */
 export interface MinorFrontend {
@@ -23,8 +17,8 @@ export interface MinorFrontend {
   readonly disk: RingDisk | undefined;
   /** Where the disk process finds its ring device. */
   readonly ring: Pick<AttachConfig, "kernelMinor" | "shmPath" | "ringPages" | "poolPages">;
-  /** A disk process serves `info`; `kick` reaches it over ctrl's channel. */
-  attach(kick: () => void, info: ServedInfo): void;
+  /** A disk process serves `served`; `kick` reaches it over ctrl's channel. */
+  attach(kick: () => void, served: ServedDisk): void;
   /** The disk process is gone. */
   detach(): void;
   /** Before a new disk process starts; returns the requests it will be given again. */
@@ -64,8 +58,8 @@ export class ShmFrontend implements MinorFrontend {
     return { shmPath: path, ringPages: layout.ringPages, poolPages: layout.poolPages };
   }
 
-  attach(kick: () => void, info: ServedInfo): void {
-    this.disk.attach(kick, info.sizeBytes, info.volatileWrites);
+  attach(kick: () => void, served: ServedDisk): void {
+    this.disk.attach(kick, served);
   }
 
   detach(): void {
@@ -129,8 +123,9 @@ export class KernelFrontend implements MinorFrontend {
     };
   }
 
-  attach(_kick: () => void, info: ServedInfo): void {
-    this.kernel.attach(info);
+  attach(_kick: () => void, served: ServedDisk): void {
+    const { canWrite, canDiscard } = served.capabilities;
+    this.kernel.attach({ sizeBytes: served.sizeBytes, canWrite, canDiscard });
   }
 
   detach(): void {}

@@ -13,6 +13,7 @@ import { openImage, parseImageSpec } from "../formats/open_image.ts";
 import { KickChannel } from "../ring/kick_channel.ts";
 import { KernelRingDevice } from "../ring/kernel_ring_device.ts";
 import type { RingDevice } from "../ring/ring_device.ts";
+import type { ServedDisk } from "../ring/ring_disk.ts";
 import { ShmRingDevice, ShmRingEnd } from "../ring/shm_ring_device.ts";
 import { defaultRunDir } from "../cli/run_dir.ts";
 import { DiskServer } from "./disk_server.ts";
@@ -70,13 +71,12 @@ function hasVolatileWrites(driver: BlockDriver): boolean {
   return !PROCESS_CRASH_SAFE_FORMATS.has(driver.format);
 }
 
-/** What ctrl learns of the served image (on ready and resume). */
-function readyInfo(driver: BlockDriver): Record<string, unknown> {
+/** What ctrl learns of the disk when it is served: ctrl's front ends advertise its capabilities. */
+function served(driver: BlockDriver): ServedDisk {
   return {
     sizeBytes: driver.sizeBytes,
     volatileWrites: hasVolatileWrites(driver),
-    canWrite: driver.capabilities.canWrite,
-    canDiscard: driver.capabilities.canDiscard,
+    capabilities: { ...driver.capabilities },
   };
 }
 
@@ -211,7 +211,7 @@ class DiskProcess {
     this.#server = server;
     device.start(() => server.kick(), (error) => this.#ringRefused(error));
     this.#log.info(`serving ${config.image} (${driver.sizeBytes} bytes) pid ${Deno.pid}`);
-    this.#channel.send({ t: "ready", ...readyInfo(driver) });
+    this.#channel.send({ t: "ready", ...served(driver) });
     server.kick();
   }
 
@@ -245,7 +245,7 @@ class DiskProcess {
   ): Promise<Record<string, unknown>> {
     if (image) await this.#switchImage(server, image, probedRaw);
     else server.resume();
-    return readyInfo(server.driver);
+    return { ...served(server.driver) };
   }
 
   // The old image is closed first: its locks would refuse the new overlay

@@ -30,6 +30,10 @@ export abstract class FdImageFile implements ImageFile {
     return this.file.path;
   }
 
+  get canPunchHoles(): boolean {
+    return !this.isBlockDevice;
+  }
+
   lengthBytes(): number {
     return this.length;
   }
