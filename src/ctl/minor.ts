@@ -141,7 +141,7 @@ export class Minor {
 
   onMessage(message: Record<string, unknown>): void {
     if (message.t === "ready") {
-      this.#ready(message.sizeBytes as number, message.volatileWrites === true);
+      this.#ready(message.sizeBytes as number);
     } else if (message.t === "reply") this.#reply(message);
     else if (message.t === "failed") this.failure = String(message.error);
   }
@@ -155,10 +155,10 @@ export class Minor {
     this.#calls.clear();
   }
 
-  async #ready(sizeBytes: number, volatileWrites: boolean): Promise<void> {
+  async #ready(sizeBytes: number): Promise<void> {
     const channel = this.#channel!;
     this.record.sizeBytes = sizeBytes;
-    this.disk.attach(() => channel.kick(), sizeBytes, volatileWrites);
+    this.disk.attach(() => channel.kick(), sizeBytes);
     if (this.record.paused) await this.call("pause").catch(() => {});
     this.state = this.record.paused ? "paused" : "running";
     this.failure = undefined;
@@ -247,8 +247,6 @@ export class Minor {
   /** Quiesces the disk: in-flight requests drain, new ones wait in the ring. */
   async pause(): Promise<void> {
     await this.call("pause");
-    // The disk drained and flushed: nothing acknowledged needs a replay.
-    this.disk.writesDurable();
     this.record.paused = true;
     this.state = "paused";
     this.#host.changed();
@@ -259,11 +257,7 @@ export class Minor {
     const reply = await this.call("resume", image ? { image } : {});
     if (image) this.record.image = image;
     this.record.sizeBytes = reply.sizeBytes as number;
-    this.disk.attach(
-      () => this.#channel?.kick(),
-      this.record.sizeBytes,
-      reply.volatileWrites === true,
-    );
+    this.disk.attach(() => this.#channel?.kick(), this.record.sizeBytes);
     this.record.paused = false;
     this.state = "running";
     this.#host.changed();

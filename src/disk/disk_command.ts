@@ -34,18 +34,6 @@ export function openDiskImage(
   return openImage(spec, { readOnly: config.readOnly, cache: config.cache });
 }
 
-/**
- * Formats whose acknowledged writes are in the kernel (or shared memory)
- * once acknowledged, so they survive this process being killed. Others
- * (qcow, vmdk: write-back metadata caches) may lose acknowledged writes
- * that no flush covered yet; ctrl keeps copies of those for replay.
- */
-const PROCESS_CRASH_SAFE_FORMATS = new Set(["aio", "sync", "raw", "null", "ram"]);
-
-function hasVolatileWrites(driver: BlockDriver): boolean {
-  return !PROCESS_CRASH_SAFE_FORMATS.has(driver.format);
-}
-
 /** One disk process's state. */
 class DiskProcess {
   readonly #log: Logger;
@@ -128,11 +116,9 @@ class DiskProcess {
       log: (m) => this.#log.warn(m),
     });
     this.#log.info(`serving ${config.image} (${driver.sizeBytes} bytes) pid ${Deno.pid}`);
-    this.#channel.send({
-      t: "ready",
-      sizeBytes: driver.sizeBytes,
-      volatileWrites: hasVolatileWrites(driver),
-    });
+    // Every driver makes an answered write survive this process's death
+    // (src/formats/driver.ts): ctrl keeps no copies.
+    this.#channel.send({ t: "ready", sizeBytes: driver.sizeBytes });
     this.#server.kick();
   }
 
@@ -158,17 +144,14 @@ class DiskProcess {
   async #resume(server: DiskServer, image: string | undefined): Promise<Record<string, unknown>> {
     if (!image) {
       server.resume();
-      return {
-        sizeBytes: server.driver.sizeBytes,
-        volatileWrites: hasVolatileWrites(server.driver),
-      };
+      return { sizeBytes: server.driver.sizeBytes };
     }
     const driver = await openDiskImage(image, this.#config!);
     const old = server.driver;
     server.resume(driver);
     await old.close().catch(() => {});
     this.#log.info(`resumed on ${image}`);
-    return { sizeBytes: driver.sizeBytes, volatileWrites: hasVolatileWrites(driver) };
+    return { sizeBytes: driver.sizeBytes };
   }
 }
 

@@ -95,11 +95,11 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
   // ---- supervision (see RingProducer) -----------------------------------
 
   /** A disk process serves `sizeBytes`; see {@linkcode RingProducer.attach}. */
-  attach(kick: () => void, sizeBytes: number, volatileWrites = false): void {
+  attach(kick: () => void, sizeBytes: number): void {
     this.#sizeBytes = sizeBytes;
     // A resume may serve another image, whose driver may have extents.
     this.#extentsUnsupported = false;
-    this.producer.attach(kick, volatileWrites);
+    this.producer.attach(kick);
   }
 
   detach(): void {
@@ -108,10 +108,6 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
 
   rearm(): number {
     return this.producer.rearm();
-  }
-
-  writesDurable(): void {
-    this.producer.writesDurable();
   }
 
   fail(): void {
