@@ -26,12 +26,14 @@ export type GrowthMode = "sparse" | "preallocate";
 
 /** The free space at the end of one image file. */
 export class AppendSpace {
+  /** First growth of a file (tests lower it to make growth, and its barrier, frequent). */
+  static growthChunkBytesMin = growth_chunk_bytes_min;
   readonly #file: ImageFile;
   readonly #sync: GroupSync;
   #mode: GrowthMode;
   #endBytes: number;
   #durableBytes: number;
-  #chunkBytes = growth_chunk_bytes_min;
+  #chunkBytes = AppendSpace.growthChunkBytesMin;
   #growing: Promise<void> | undefined;
 
   /**

@@ -85,7 +85,9 @@ export async function checkSparse(
     const rgt = await loadTable(extent, backup, `redundant grain table ${t}`, metadata, f);
     if (gt) collectGrains(extent, t, gt, grains);
     if (gt && rgt) await compareTables(extent, t, gt, rgt, f, repair);
-    else if (gt && redundantDirectory && repair) await copyRedundantTable(extent, t, gt, f);
+    else if (gt && redundantDirectory && repair) {
+      metadata.push(await copyRedundantTable(extent, t, gt, f));
+    }
   }
   checkGrains(extent, grains, metadata, f);
   if (extent.layout.compressed) await checkMarkers(extent, grains, f);
@@ -125,7 +127,7 @@ async function copyRedundantTable(
   t: number,
   gt: Uint32Array,
   f: SparseFindings,
-) {
+): Promise<Range> {
   const { grainBytes, tableBytes, header } = extent.layout;
   const at = Math.ceil(extent.file.lengthBytes() / grainBytes) * grainBytes;
   const bytes = new Uint8Array(Math.ceil(tableBytes / grainBytes) * grainBytes);
@@ -138,6 +140,7 @@ async function copyRedundantTable(
   f.repaired.push(
     `${extent.file.path}: redundant grain table ${t} recreated at sector ${at / SECTOR_BYTES}`,
   );
+  return { start: at, end: at + tableBytes, what: `redundant grain table ${t}` };
 }
 
 async function loadTable(

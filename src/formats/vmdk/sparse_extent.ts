@@ -136,7 +136,7 @@ export class SparseExtent {
   readonly #directoryWriter = new GroupCommit(() => this.#writeDirectory());
   readonly #inflated = new Map<number, Uint8Array>();
   readonly #sync: GroupSync;
-  readonly #space: AppendSpace;
+  #space!: AppendSpace;
   /** The header says "open for writing" (set before the first allocation). */
   #markedOpen: Promise<void> | undefined;
 
@@ -153,11 +153,24 @@ export class SparseExtent {
     this.directory = directory;
     this.redundantDirectory = redundantDirectory;
     this.writable = file.writable && !layout.compressed && layout.header.version !== 3;
-    const end = Math.max(file.lengthBytes(), layout.header.overheadSectors * SECTOR_BYTES);
     this.#sync = new GroupSync(() => file.flush());
+    this.restartSpace();
+  }
+
+  /** Allocation starts again at the end of the file (after a recovery changed it). */
+  restartSpace(): void {
+    const end = Math.max(
+      this.file.lengthBytes(),
+      this.layout.header.overheadSectors * SECTOR_BYTES,
+    );
     // Preallocated growth: O_DIRECT writes that extend a file are serialised
     // by file systems such as ext4, writes inside it are not.
-    this.#space = new AppendSpace(file, this.#sync, end, "preallocate");
+    this.#space = new AppendSpace(
+      this.file,
+      this.#sync,
+      Math.ceil(end / this.layout.grainBytes) * this.layout.grainBytes,
+      "preallocate",
+    );
   }
 
   /** The last writer died with the extent open (the header's `uncleanShutdown`). */

@@ -295,6 +295,7 @@ async function openForWriting(extent: SparseExtent, recovered: string[]): Promis
   await checkSparse(extent, findings, true);
   if (findings.corruptions.length === 0) await extent.markOpen(false);
   else await extent.flush();
+  extent.restartSpace();
   recovered.push(...findings.repaired);
 }
 
