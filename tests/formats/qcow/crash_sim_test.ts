@@ -7,50 +7,18 @@
  * do (`qemu-img compare`).
  */
 import assert from "node:assert/strict";
-import { createQcow } from "../../../src/formats/qcow/create.ts";
-import { QcowDriver } from "../../../src/formats/qcow/qcow.ts";
-import { checkQcowFile } from "../../../src/formats/qcow/check.ts";
-import { RawDriver } from "../../../src/formats/raw/raw.ts";
-import type { ImageFile } from "../../../src/formats/image_file.ts";
 import {
   type CrashFormat,
   type CrashSimResult,
   simulateCrashes,
 } from "../../_helpers/crash_sim.ts";
-import { MemoryFile } from "../../_helpers/fault_file.ts";
 import { testSeed } from "../../_helpers/random.ts";
 import { hasQemu, inTempDir } from "./_util.ts";
-import { runOk } from "../../_helpers/tools.ts";
+import { QCOW_BACKED, QCOW_BLKTAP, QCOW_QEMU } from "./_crash_format.ts";
 
 const size_bytes = 4 << 20;
 const points_per_layout = 5000;
 const qemu_every = 50;
-
-/** qcow images made by `create(path, size)`, over an in-memory raw backing file when `backed`. */
-export function qcowCrashFormat(
-  name: string,
-  create: (path: string, sizeBytes: number) => Promise<void>,
-  backed: boolean,
-): CrashFormat {
-  let base: Uint8Array = new Uint8Array(0);
-  return {
-    name,
-    qemuFormat: "qcow",
-    async create(path, sizeBytes, rng) {
-      base = backed ? rng.bytes(sizeBytes) : new Uint8Array(sizeBytes);
-      if (backed) await Deno.writeFile(`${path.slice(0, path.lastIndexOf("/"))}/base.raw`, base);
-      await create(path, sizeBytes);
-      return base.slice();
-    },
-    open: (path: string, file: ImageFile, readOnly: boolean) =>
-      QcowDriver.open(path, { readOnly }, {
-        openFile: () => Promise.resolve(file),
-        openBacking: () =>
-          Promise.resolve(new RawDriver("aio", new MemoryFile("base.raw", base, false))),
-      }),
-    check: (_path: string, file: ImageFile) => checkQcowFile(file, { repair: false }),
-  };
-}
 
 async function simulate(
   format: CrashFormat,
@@ -78,31 +46,18 @@ async function simulate(
   return result;
 }
 
-const blktapLayout = (path: string, sizeBytes: number) => createQcow(path, { sizeBytes });
-const backedLayout = (path: string, sizeBytes: number) =>
-  createQcow(path, { sizeBytes, backingName: "base.raw" });
-
 Deno.test("qcow crash simulation: every crash point of a blktap-layout image (2 MiB extents)", async () => {
-  await simulate(
-    qcowCrashFormat("qcow-blktap", blktapLayout, false),
-    "qcow crash sim (blktap layout)",
-  );
+  await simulate(QCOW_BLKTAP, "qcow crash sim (blktap layout)");
 });
 
 Deno.test("qcow crash simulation: every crash point over a backing file (512-byte clusters, COW)", async () => {
-  await simulate(qcowCrashFormat("qcow-backed", backedLayout, true), "qcow crash sim (backed)");
+  await simulate(QCOW_BACKED, "qcow crash sim (backed)");
 });
 
 Deno.test({
   name: "qcow crash simulation: every crash point of an image QEMU created (no Xen header)",
   ignore: !hasQemu,
   fn: async () => {
-    const qemuMade = (path: string, sizeBytes: number) =>
-      runOk("qemu-img", ["create", "-q", "-f", "qcow", path, String(sizeBytes)]).then(() => {});
-    await simulate(
-      qcowCrashFormat("qcow-qemu", qemuMade, false),
-      "qcow crash sim (QEMU-made)",
-      2500,
-    );
+    await simulate(QCOW_QEMU, "qcow crash sim (QEMU-made)", 2500);
   },
 });

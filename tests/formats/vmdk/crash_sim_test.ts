@@ -7,11 +7,8 @@
  * read them.
  */
 import assert from "node:assert/strict";
-import { createVmdk, type CreateVmdkOptions } from "../../../src/formats/vmdk/create.ts";
-import { openVmdk } from "../../../src/formats/vmdk/vmdk.ts";
-import { vmdkCheck } from "../../../src/formats/vmdk/check.ts";
-import type { ImageFile } from "../../../src/formats/image_file.ts";
-import { type CrashFormat, simulateCrashes } from "../../_helpers/crash_sim.ts";
+import { simulateCrashes } from "../../_helpers/crash_sim.ts";
+import { VMDK_ON_DEMAND, VMDK_PREALLOCATED } from "./_crash_format.ts";
 import { testSeed } from "../../_helpers/random.ts";
 import { HAVE_QEMU } from "./_vmdk_helpers.ts";
 
@@ -19,37 +16,17 @@ const size_bytes = 4 << 20;
 const points_per_layout = 5000;
 const qemu_every = 50;
 
-/** monolithicSparse images made by createVmdk with `options`. */
-export function vmdkCrashFormat(name: string, options: CreateVmdkOptions): CrashFormat {
-  return {
-    name,
-    qemuFormat: "vmdk",
-    qemuCheck: true,
-    create(path, sizeBytes) {
-      createVmdk(path, sizeBytes, options);
-      return Promise.resolve(new Uint8Array(sizeBytes));
-    },
-    open: (path: string, file: ImageFile, readOnly: boolean) =>
-      openVmdk(path, { readOnly }, () => Promise.resolve(file)),
-    check: (path: string, file: ImageFile) =>
-      vmdkCheck(path, { repair: false }, () => Promise.resolve(file)),
-  };
-}
-
 for (
-  const [layout, options] of [
-    ["preallocated grain tables, 64 KiB grains", { grainBytes: 65536 }],
-    ["grain tables allocated on demand, 4 KiB grains", {
-      grainBytes: 4096,
-      preallocateTables: false,
-    }],
+  const [layout, format] of [
+    ["preallocated grain tables, 64 KiB grains", VMDK_PREALLOCATED],
+    ["grain tables allocated on demand, 4 KiB grains", VMDK_ON_DEMAND],
   ] as const
 ) {
   Deno.test(`vmdk crash simulation: every crash point (${layout})`, async () => {
     const rng = testSeed(`vmdk crash sim (${layout})`);
     const dir = await Deno.makeTempDir({ prefix: "vmdk-crash-sim-" });
     try {
-      const result = await simulateCrashes(vmdkCrashFormat(`vmdk-${options.grainBytes}`, options), {
+      const result = await simulateCrashes(format, {
         seed: rng.seed,
         dir,
         sizeBytes: size_bytes,
