@@ -47,8 +47,14 @@ export const BLKX_MAGIC = 0x424c4b58;
 export const BLKX_OFFSET_BYTES = 64;
 /** QEMU refuses backing names longer than this. */
 export const backing_name_bytes_max = 1023;
-/** Largest L1 table, as QEMU's qcow_open: its byte size must fit a C int (256 Mi entries). */
-export const l1_entries_max = Math.floor(0x7fffffff / 8);
+/**
+ * Largest L1 table: what QEMU 7.2 opens. qcow_open refuses more than
+ * INT_MAX / 8 entries ("Image too large") and reads the table with one
+ * request of at most BDRV_REQUEST_MAX_BYTES (2^31 - 512), so 268435392
+ * entries: 512 TiB - 128 MiB with 4 KiB clusters. We page the table, so
+ * memory does not grow with it.
+ */
+export const l1_entries_max = Math.floor((2 ** 31 - 512) / 8);
 export const cluster_bits_min = 9;
 export const cluster_bits_max = 16;
 

@@ -16,6 +16,7 @@ import { createHash } from "node:crypto";
 import type { ImageFile } from "../image_file.ts";
 import { GroupCommit } from "../group_commit.ts";
 import { checksumOfDigest } from "./header.ts";
+import { isZeroBytes } from "./zero.ts";
 
 /** Bytes of one cached block of the table (512 entries). */
 export const l1_block_bytes = 4096;
@@ -184,15 +185,22 @@ export class L1Table {
 
   /**
    * Calls `visit` for every allocated entry in index order, reading the
-   * table in chunks (cached blocks are newer than the file and win).
+   * table in chunks (cached blocks are newer than the file and win). Holes
+   * of the file and all-zero blocks are skipped unread or undecoded, so a
+   * mostly empty table of a huge image scans quickly.
    */
   async scan(visit: (index: number, offsetBytes: number) => void | Promise<void>): Promise<void> {
     await this.#chunks(async (firstIndex, view) => {
-      for (let i = 0; i < view.byteLength / 8; i += 1) {
-        const value = decode(view, i * 8, this.bigEndian);
-        if (value !== 0) await visit(firstIndex + i, value);
+      const bytes = new Uint8Array(view.buffer, view.byteOffset, view.byteLength);
+      for (let at = 0; at < bytes.byteLength; at += l1_block_bytes) {
+        const block = bytes.subarray(at, Math.min(at + l1_block_bytes, bytes.byteLength));
+        if (isZeroBytes(block)) continue;
+        for (let i = at / 8; i < (at + block.byteLength) / 8; i += 1) {
+          const value = decode(view, i * 8, this.bigEndian);
+          if (value !== 0) await visit(firstIndex + i, value);
+        }
       }
-    });
+    }, true);
   }
 
   /** blktap's Xen checksum of the table as stored (see `l1Checksum`). */
@@ -204,11 +212,27 @@ export class L1Table {
     return checksumOfDigest(md5.digest());
   }
 
-  // The table in order, as views of at most l1_scan_chunk_bytes.
-  async #chunks(each: (firstIndex: number, view: DataView) => void | Promise<void>) {
+  // The table in order, as views of at most l1_scan_chunk_bytes; with
+  // `skipHoles`, chunks the file stores as holes (all zeros) are left out.
+  async #chunks(
+    each: (firstIndex: number, view: DataView) => void | Promise<void>,
+    skipHoles = false,
+  ) {
     const total = this.entries * 8;
+    const holes = skipHoles && !this.#whole
+      ? (await this.#file.extents(this.offsetBytes, total)).filter((e) => !e.data)
+      : [];
     for (let start = 0; start < total; start += l1_scan_chunk_bytes) {
-      const bytes = new Uint8Array(Math.min(l1_scan_chunk_bytes, total - start));
+      const length = Math.min(l1_scan_chunk_bytes, total - start);
+      const at = this.offsetBytes + start;
+      if (holes.some((h) => h.offsetBytes <= at && at + length <= h.offsetBytes + h.lengthBytes)) {
+        if (
+          ![...this.#blocks.keys()].some((b) =>
+            b * l1_block_bytes >= start && b * l1_block_bytes < start + length
+          )
+        ) continue;
+      }
+      const bytes = new Uint8Array(length);
       if (!this.#whole) await this.#file.read(this.offsetBytes + start, bytes);
       for (let at = 0; at < bytes.byteLength; at += l1_block_bytes) {
         const block = this.#blocks.get((start + at) / l1_block_bytes);
