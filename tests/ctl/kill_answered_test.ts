@@ -24,8 +24,9 @@ const size_bytes = 32 * MiB;
 const connections = 8;
 /** Each connection owns the 64 KiB stripes whose number modulo `connections` is its own. */
 const stripe_bytes = 64 << 10;
-const load_ms = 8000;
+/** The load runs until this many kills (restarts are slow under load), within `load_ms_max`. */
 const kills_min = 5;
+const load_ms_max = 90_000;
 
 /** One connection writing random ranges of its own stripes; the model follows each answer. */
 async function writer(
@@ -51,16 +52,20 @@ async function writer(
   return answered;
 }
 
-async function killLoop(h: CtrlHarness, minor: number, rng: Random, until: () => boolean) {
+/** Kills the disk process `kills_min` times, each a while after it serves again; then stops the load. */
+async function killLoop(h: CtrlHarness, minor: number, rng: Random, stop: () => void) {
   let kills = 0;
-  while (!until()) {
+  const deadline = Date.now() + load_ms_max;
+  while (kills < kills_min && Date.now() < deadline) {
     await new Promise((r) => setTimeout(r, rng.int(300, 900)));
     const m = (await h.list()).find((x) => x.minor === minor)!;
-    if (m.state === "running" && typeof m.pid === "number" && !until()) {
+    if (m.state === "running" && typeof m.pid === "number") {
       Deno.kill(m.pid, "SIGKILL");
       kills += 1;
     }
   }
+  await new Promise((r) => setTimeout(r, 500)); // writes go on through the last restart
+  stop();
   return kills;
 }
 
@@ -79,10 +84,10 @@ async function loadWithKills(
     return client;
   }));
   try {
-    const deadline = Date.now() + load_ms;
-    const until = () => Date.now() > deadline;
+    let stopped = false;
+    const until = () => stopped;
     const [kills, ...answered] = await Promise.all([
-      killLoop(h, minor, rng, until),
+      killLoop(h, minor, rng, () => (stopped = true)),
       ...clients.map((client, c) => writer(client, c, rng, model, until)),
     ]);
     const writes = answered.reduce((a, b) => a + b, 0);

@@ -292,7 +292,11 @@ async function openForWriting(extent: SparseExtent, recovered: string[]): Promis
   if (findings.corruptions.length === 0) await extent.markOpen(false);
   else await extent.flush();
   extent.restartSpace();
-  recovered.push(...findings.repaired);
+  recovered.push(
+    ...findings.repaired,
+    `${extent.file.path}: recovered after an unclean shutdown` +
+      (findings.corruptions.length > 0 ? ` (not cleared: ${findings.corruptions[0]})` : ""),
+  );
 }
 
 async function openSparseFile(a: Assembly, file: ImageFile): Promise<VmdkDriver> {
