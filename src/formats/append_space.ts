@@ -6,7 +6,7 @@
  * file extension, or reclaimed at open), so a crash can show nothing but
  * zeros or the bytes written there.
  *
- * The file grows in chunks (doubling up to `growth_chunk_bytes_max`), each
+ * The file grows in chunks (doubling up to a maximum per mode), each
  * made durable with one fdatasync before anything may point into it:
  * metadata that reaches the disk before the file's new length would point
  * past its end (`check` calls that corrupt). The unused rest of the last
@@ -17,9 +17,12 @@
 import type { ImageFile } from "./image_file.ts";
 import type { GroupSync } from "./group_commit.ts";
 
-/** First growth of the file; each later one doubles, up to the maximum. */
+/** First growth of the file; each later one doubles, up to the maximum of its mode. */
 export const growth_chunk_bytes_min = 4 << 20;
-export const growth_chunk_bytes_max = 64 << 20;
+/** Sparse growth costs no disk space: large steps, few fdatasyncs. */
+export const sparse_growth_chunk_bytes_max = 1 << 30;
+/** Preallocated growth takes disk space until it is used or cut. */
+export const preallocated_growth_chunk_bytes_max = 64 << 20;
 
 /** How the file grows: a sparse extension, or preallocated (fallocate). */
 export type GrowthMode = "sparse" | "preallocate";
@@ -70,7 +73,10 @@ export class AppendSpace {
 
   async #grow(endBytes: number): Promise<void> {
     const target = Math.max(endBytes, this.#durableBytes + this.#chunkBytes);
-    this.#chunkBytes = Math.min(2 * this.#chunkBytes, growth_chunk_bytes_max);
+    const max = this.#mode === "sparse"
+      ? sparse_growth_chunk_bytes_max
+      : preallocated_growth_chunk_bytes_max;
+    this.#chunkBytes = Math.min(2 * this.#chunkBytes, max);
     const length = this.#file.lengthBytes();
     if (target > length) await this.#extend(length, target);
     await this.#sync.sync();

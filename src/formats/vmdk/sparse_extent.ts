@@ -7,8 +7,10 @@
  * space that reads as zeros until written, durably part of the file before
  * anything points into it). The whole grain (new bytes, zeros elsewhere) is
  * written, then its entry is set in the cached table and the table is
- * written (both copies, the redundant and the primary) before the write is
- * answered: a killed process loses nothing it answered (driver.ts, `write`).
+ * written before the write is answered: a killed process loses nothing it
+ * answered (driver.ts, `write`). The redundant copies of tables and
+ * directory entries (a backup only readers of a damaged primary use) follow
+ * at the next flush, which halves the metadata writes of allocation.
  * vmdk has no backing files here, so a new grain's previous content was
  * zeros: if its entry reaches the disk before its data (power loss), it
  * reads as zeros or as the bytes written — nothing never written — and no
@@ -51,6 +53,8 @@ import {
 
 /** Grain tables kept in memory per extent (2 KiB each: 8 MiB, 128 GiB of 64 KiB grains). */
 const grain_table_cache_tables_max = 4096;
+/** Tables whose redundant copy may lag (they stay cached) before it is written unasked. */
+const redundant_stale_max = 1024;
 /** Decompressed grains kept for sequential reads of streamOptimized images. */
 const compressed_grain_cache_max = 4;
 /** Size of a grain marker's fixed part: lba u64, size u32. */
@@ -134,6 +138,10 @@ export class SparseExtent {
   /** Directory entries (table indexes) newer in memory than in the file. */
   readonly #dirtyDirectory = new Set<number>();
   readonly #directoryWriter = new GroupCommit(() => this.#writeDirectory());
+  /** Tables and directory entries whose redundant copy lags the primary one. */
+  readonly #redundantStale = new Set<number>();
+  readonly #redundantDirectoryStale = new Set<number>();
+  readonly #redundantWriter = new GroupCommit(() => this.#writeRedundant());
   readonly #inflated = new Map<number, Uint8Array>();
   readonly #sync: GroupSync;
   #space!: AppendSpace;
@@ -254,7 +262,8 @@ export class SparseExtent {
     if (this.#tables.size <= grain_table_cache_tables_max) return;
     for (const t of this.#tables.keys()) {
       if (this.#tables.size <= grain_table_cache_tables_max) break;
-      if (!this.#pins.has(t) && !this.#unsettledTable(t)) this.#tables.delete(t);
+      if (this.#pins.has(t) || this.#unsettledTable(t) || this.#redundantStale.has(t)) continue;
+      this.#tables.delete(t);
     }
   }
 
@@ -542,15 +551,14 @@ export class SparseExtent {
     await Promise.all(writes);
   }
 
+  // The primary copy only: the redundant one follows at the next flush.
   async #writeTable(t: number): Promise<void> {
     if (!this.#dirtyTables.delete(t)) return;
     const image = u32TableBytes(this.#tables.get(t)!);
     this.#writingTables.set(t, (this.#writingTables.get(t) ?? 0) + 1);
     try {
-      const sectors = [this.directory[t], this.redundantDirectory?.[t] ?? 0];
-      await Promise.all(
-        sectors.filter((s) => s !== 0).map((s) => this.file.write(s * SECTOR_BYTES, image)),
-      );
+      await this.file.write(this.directory[t] * SECTOR_BYTES, image);
+      if (this.redundantDirectory) this.#noteRedundantStale(t, this.#redundantStale);
     } catch (error) {
       this.#dirtyTables.add(t);
       throw error;
@@ -564,20 +572,51 @@ export class SparseExtent {
   async #writeDirectory(): Promise<void> {
     const changed = [...this.#dirtyDirectory];
     this.#dirtyDirectory.clear();
-    const header = this.layout.header;
-    const writes: Promise<void>[] = [];
-    for (const t of changed) {
-      writes.push(this.#writeU32(header.directoryOffsetSectors, t, this.directory[t]));
-      if (this.redundantDirectory) {
-        writes.push(
-          this.#writeU32(header.redundantDirectoryOffsetSectors, t, this.redundantDirectory[t]),
-        );
-      }
-    }
+    const at = this.layout.header.directoryOffsetSectors;
     try {
-      await Promise.all(writes);
+      await Promise.all(changed.map((t) => this.#writeU32(at, t, this.directory[t])));
     } catch (error) {
       for (const t of changed) this.#dirtyDirectory.add(t);
+      throw error;
+    }
+    if (this.redundantDirectory) {
+      for (const t of changed) this.#noteRedundantStale(t, this.#redundantDirectoryStale);
+    }
+  }
+
+  // Stale redundant tables stay cached: past a bound they are written without waiting for a flush.
+  #noteRedundantStale(t: number, stale: Set<number>): void {
+    stale.add(t);
+    if (stale.size > redundant_stale_max) this.#redundantWriter.run().catch(() => {});
+  }
+
+  /**
+   * Brings the redundant side up to the primary one. Only entries already
+   * in the primary side are copied, so a crash at any point leaves the
+   * redundant side equal to the primary one or behind it: one-sided
+   * entries, which `check` accepts and recovery repairs.
+   */
+  async #writeRedundant(): Promise<void> {
+    const tables = [...this.#redundantStale];
+    const entries = [...this.#redundantDirectoryStale];
+    this.#redundantStale.clear();
+    this.#redundantDirectoryStale.clear();
+    const header = this.layout.header;
+    try {
+      await Promise.all([
+        ...tables.map((t) =>
+          this.file.write(
+            this.redundantDirectory![t] * SECTOR_BYTES,
+            u32TableBytes(this.#tables.get(t)!),
+          )
+        ),
+        ...entries.map((t) =>
+          this.#writeU32(header.redundantDirectoryOffsetSectors, t, this.redundantDirectory![t])
+        ),
+      ]);
+    } catch (error) {
+      for (const t of tables) this.#redundantStale.add(t);
+      for (const t of entries) this.#redundantDirectoryStale.add(t);
       throw error;
     }
   }
@@ -586,10 +625,16 @@ export class SparseExtent {
     return this.file.write(tableSector * SECTOR_BYTES + index * 4, u32Bytes(value));
   }
 
-  /** Every answered write has its grain and entries in the file: make them durable. */
-  flush(): Promise<void> {
-    if (!this.writable) return Promise.resolve();
-    return this.#sync.sync();
+  /**
+   * Every answered write has its grain and primary entries in the file:
+   * the redundant side catches up, then everything is made durable.
+   */
+  async flush(): Promise<void> {
+    if (!this.writable) return;
+    if (this.#redundantStale.size > 0 || this.#redundantDirectoryStale.size > 0) {
+      await this.#redundantWriter.run();
+    }
+    await this.#sync.sync();
   }
 }
 

@@ -39,7 +39,7 @@ async function simulate(
   });
   console.log(`${name}: ${JSON.stringify(result)}`);
   assert.ok(result.points >= points, `${result.points} crash points`);
-  assert.ok(result.guestFlushes > 20 && result.volatileMax > 10, JSON.stringify(result));
+  assert.ok(result.guestFlushes >= 5 && result.volatileMax > 10, JSON.stringify(result));
   if (hasQemu) {
     assert.ok(result.qemuChecked >= result.points / qemu_every - 1, "QEMU compared its share");
   }

@@ -36,7 +36,7 @@ for (
       });
       console.log(`vmdk crash sim (${layout}): ${JSON.stringify(result)}`);
       assert.ok(result.points >= points_per_layout, `${result.points} crash points`);
-      assert.ok(result.guestFlushes > 20 && result.volatileMax > 10, JSON.stringify(result));
+      assert.ok(result.guestFlushes >= 5 && result.volatileMax > 10, JSON.stringify(result));
       if (HAVE_QEMU) assert.ok(result.qemuChecked >= result.points / qemu_every - 1);
     } finally {
       await Deno.remove(dir, { recursive: true });
