@@ -17,11 +17,15 @@
 import type { ImageFile } from "./image_file.ts";
 import type { GroupSync } from "./group_commit.ts";
 
-/** First growth of the file; each later one doubles, up to the maximum of its mode. */
-export const growth_chunk_bytes_min = 4 << 20;
-/** Sparse growth costs no disk space: large steps, few fdatasyncs. */
+/**
+ * Growth steps: the first is the minimum of its mode, each later one
+ * doubles up to the maximum. Sparse growth costs no disk space: large
+ * steps, few fdatasyncs. Preallocated growth takes disk space until it is
+ * used or cut: small steps.
+ */
+export const sparse_growth_chunk_bytes_min = 64 << 20;
 export const sparse_growth_chunk_bytes_max = 1 << 30;
-/** Preallocated growth takes disk space until it is used or cut. */
+export const preallocated_growth_chunk_bytes_min = 4 << 20;
 export const preallocated_growth_chunk_bytes_max = 64 << 20;
 
 /** How the file grows: a sparse extension, or preallocated (fallocate). */
@@ -29,14 +33,14 @@ export type GrowthMode = "sparse" | "preallocate";
 
 /** The free space at the end of one image file. */
 export class AppendSpace {
-  /** First growth of a file (tests lower it to make growth, and its barrier, frequent). */
-  static growthChunkBytesMin = growth_chunk_bytes_min;
+  /** When set, the first growth of every file (tests lower it: growth and its barrier happen often). */
+  static growthChunkBytesMin: number | undefined;
   readonly #file: ImageFile;
   readonly #sync: GroupSync;
   #mode: GrowthMode;
   #endBytes: number;
   #durableBytes: number;
-  #chunkBytes = AppendSpace.growthChunkBytesMin;
+  #chunkBytes: number;
   #growing: Promise<void> | undefined;
 
   /**
@@ -49,6 +53,8 @@ export class AppendSpace {
     this.#mode = mode;
     this.#endBytes = startBytes;
     this.#durableBytes = file.lengthBytes();
+    this.#chunkBytes = AppendSpace.growthChunkBytesMin ??
+      (mode === "sparse" ? sparse_growth_chunk_bytes_min : preallocated_growth_chunk_bytes_min);
   }
 
   /** Where the next allocation goes (before alignment). */

@@ -294,7 +294,7 @@ Deno.test("qcow: zero writes to unallocated clusters are not allocated; backing 
   });
 });
 
-Deno.test("qcow: the L2 cache stays bounded and write-back survives eviction", async () => {
+Deno.test("qcow: the L2 cache stays bounded; entries written through survive eviction", async () => {
   const saved = QcowDriver.l2CacheBytesMax;
   QcowDriver.l2CacheBytesMax = 16 * 4096; // 16 tables: 32 MiB of guest space
   try {
