@@ -17,7 +17,7 @@ import { createVmdk } from "../../src/formats/vmdk/create.ts";
 import type { CheckReport } from "../../src/formats/inspect.ts";
 import { RawNbdClient } from "../_helpers/nbd_client.ts";
 import { type Random, testSeed } from "../_helpers/random.ts";
-import { CtrlHarness, qcowImage } from "./_ctrl_harness.ts";
+import { CtrlHarness, qcowImage } from "../_helpers/ctrl_harness.ts";
 
 const MiB = 1 << 20;
 const size_bytes = 32 * MiB;
