@@ -23,8 +23,6 @@ export interface MinorFrontend {
   detach(): void;
   /** Before a new disk process starts; returns the requests it will be given again. */
   rearm(): number;
-  /** A pause flushed everything acknowledged. */
-  writesDurable(): void;
   /** The disk cannot be served any more: every held and later request fails. */
   fail(): void;
   /** The disk process kicked over ctrl's channel. */
@@ -68,10 +66,6 @@ export class ShmFrontend implements MinorFrontend {
 
   rearm(): number {
     return this.disk.rearm();
-  }
-
-  writesDurable(): void {
-    this.disk.writesDurable();
   }
 
   fail(): void {
@@ -133,8 +127,6 @@ export class KernelFrontend implements MinorFrontend {
   rearm(): number {
     return this.kernel.outstanding;
   }
-
-  writesDurable(): void {}
 
   fail(): void {
     this.kernel.fail();
