@@ -21,7 +21,7 @@ stage_module() {
 	make -s -C "$repo" kernel KVER="$kver" >"$work/build.log" 2>&1 ||
 		{ cat "$work/build.log"; stage_fail "module build"; }
 	cp "$repo/kernel/blktap.ko" "$work/"
-	gcc -static -O2 -Wall -Wextra -Werror -o "$work/tapctl" "$repo/tests/kernel/tapctl.c" ||
+	gcc-12 -static -O2 -Wall -Wextra -Werror -o "$work/tapctl" "$repo/tests/kernel/tapctl.c" ||
 		stage_fail "tapctl build"
 }
 
