@@ -40,9 +40,9 @@ import {
   type QcowHeader,
   XEN_FLAG_L1_BIG_ENDIAN,
 } from "./header.ts";
-import { L2Cache, L2Table } from "./l2_cache.ts";
-import { inflateCluster } from "./compress.ts";
-import { isZeroBytes } from "./zero.ts";
+import { CachedTable, TableCache } from "../table_cache.ts";
+import { inflateCluster } from "../cluster_compress.ts";
+import { isZeroBytes } from "../zero_bytes.ts";
 
 /** Bytes read at open for the header, its extension and the backing name. */
 const head_bytes = 4096;
@@ -117,7 +117,7 @@ export class QcowDriver extends BlockDriverBase {
   readonly #l1: number[];
   /** L1 entries set in memory and not yet written. */
   readonly #l1Dirty = new Set<number>();
-  readonly #cache: L2Cache;
+  readonly #cache: TableCache;
   /** One allocator per L1 entry: allocation inside an L2 table is serialized. */
   readonly #allocLocks = new RangeLock();
   /** Whole extents are reserved per L2 table (blktap layout, trusted images only). */
@@ -147,7 +147,7 @@ export class QcowDriver extends BlockDriverBase {
       xen!.minClusterAlloc === this.#geo.l2Entries;
     this.#extentTablesFrom = image.header.extentTablesFromBytes ?? 0;
     const tablesMax = Math.floor(QcowDriver.l2CacheBytesMax / this.#geo.l2TableBytes);
-    this.#cache = new L2Cache(tablesMax, (i) => this.#loadTable(i), () => this.#commitQueued());
+    this.#cache = new TableCache(tablesMax, (i) => this.#loadTable(i), () => this.#commitQueued());
     this.capabilities = imageFormatCapabilities(file.writable);
   }
 
@@ -195,36 +195,25 @@ export class QcowDriver extends BlockDriverBase {
 
   // ---- tables ------------------------------------------------------------
 
-  async #loadTable(l1Index: number): Promise<L2Table> {
+  async #loadTable(l1Index: number): Promise<CachedTable> {
     const offset = this.#l1[l1Index];
     const bytes = new Uint8Array(this.#geo.l2TableBytes);
     await this.#file.read(offset, bytes);
-    return new L2Table(l1Index, offset, bytes);
+    return new CachedTable(l1Index, offset, bytes);
   }
 
   /** The live (not evicted) table of an allocated L1 entry. */
-  async #table(l1Index: number): Promise<L2Table> {
-    for (;;) {
-      const table = await this.#cache.get(l1Index);
-      if (!table.evicted) return table;
-    }
+  #table(l1Index: number): Promise<CachedTable> {
+    return this.#cache.update(l1Index, (table) => table);
   }
 
-  /**
-   * Changes a cached table. The liveness check and the change happen in one
-   * synchronous step: between an `await` returning a table and the code
-   * after it, other tasks may evict that table, and a change to an evicted
-   * copy would be lost.
-   */
-  async #mutateTable(l1Index: number, change: (table: L2Table) => void): Promise<void> {
-    for (;;) {
-      const table = await this.#cache.get(l1Index);
-      if (!table.evicted) return change(table);
-    }
+  /** Changes a cached table (see {@linkcode TableCache.update}). */
+  async #mutateTable(l1Index: number, change: (table: CachedTable) => void): Promise<void> {
+    await this.#cache.update(l1Index, change);
   }
 
   /** Reserves a new L2 table (and its extent) at the end of the file. */
-  async #newTable(l1Index: number): Promise<L2Table> {
+  async #newTable(l1Index: number): Promise<CachedTable> {
     const { clusterBytes, l2TableBytes, l2Entries } = this.#geo;
     const offset = _alignUp(this.#fdEnd, Math.max(clusterBytes, 4096));
     let end = offset + _alignUp(l2TableBytes, clusterBytes);
@@ -233,7 +222,7 @@ export class QcowDriver extends BlockDriverBase {
     // The table (a hole, so zeros) and its extent lie inside the file
     // before any L1 entry can point at them; QEMU allocates past the end.
     if (end > this.#file.lengthBytes()) await this.#file.truncate(end);
-    const table = new L2Table(l1Index, offset, new Uint8Array(l2TableBytes));
+    const table = new CachedTable(l1Index, offset, new Uint8Array(l2TableBytes));
     if (this.#extentMode) {
       // blktap's layout: the whole extent is allocated at once, every entry
       // pointing at its slot. The slots are fresh file space (holes), so
@@ -249,7 +238,7 @@ export class QcowDriver extends BlockDriverBase {
     return table;
   }
 
-  #slotOf(table: L2Table, index: number): number {
+  #slotOf(table: CachedTable, index: number): number {
     const { clusterBytes, l2TableBytes } = this.#geo;
     return table.offsetBytes + _alignUp(l2TableBytes, clusterBytes) + index * clusterBytes;
   }
@@ -323,7 +312,7 @@ export class QcowDriver extends BlockDriverBase {
   }
 
   /** Starts the reads of one table's range; throws on a bad entry. */
-  #planRead(table: L2Table, offsetBytes: number, out: Uint8Array, tasks: Promise<void>[]) {
+  #planRead(table: CachedTable, offsetBytes: number, out: Uint8Array, tasks: Promise<void>[]) {
     const { clusterBytes, l2Entries, clusterBits } = this.#geo;
     const end = offsetBytes + out.byteLength;
     // Runs of clusters read together: unallocated, or contiguous on disk.
@@ -426,7 +415,7 @@ export class QcowDriver extends BlockDriverBase {
   }
 
   /** Writes in place when every cluster is allocated plain; else undefined. */
-  #writeAllocated(table: L2Table, offsetBytes: number, data: Uint8Array) {
+  #writeAllocated(table: CachedTable, offsetBytes: number, data: Uint8Array) {
     const { clusterBytes, l2Entries } = this.#geo;
     const end = offsetBytes + data.byteLength;
     const runs: { host: number; start: number; end: number }[] = [];
@@ -455,7 +444,7 @@ export class QcowDriver extends BlockDriverBase {
    * clusters in place, new ones whole (copy-on-write of what lies beneath),
    * then publishes the new entries.
    */
-  async #writeAllocating(table: L2Table, offsetBytes: number, data: Uint8Array) {
+  async #writeAllocating(table: CachedTable, offsetBytes: number, data: Uint8Array) {
     const writes: Promise<void>[] = [];
     const fresh: { index: number; host: number; bytes: Uint8Array }[] = [];
     try {
@@ -467,14 +456,14 @@ export class QcowDriver extends BlockDriverBase {
     writes.push(this.#writeClusters(fresh));
     await Promise.all(writes);
     if (fresh.length > 0) {
-      await this.#mutateTable(table.l1Index, (live) => {
+      await this.#mutateTable(table.key, (live) => {
         for (const f of fresh) live.set(f.index, f.host);
       });
     }
   }
 
   async #planAllocatingWrite(
-    table: L2Table,
+    table: CachedTable,
     offsetBytes: number,
     data: Uint8Array,
     writes: Promise<void>[],
@@ -501,7 +490,7 @@ export class QcowDriver extends BlockDriverBase {
     }
     const ownsExtent = this.#extentMode && table.offsetBytes >= this.#extentTablesFrom;
     for (const f of fresh) {
-      const clusterStart = (table.l1Index * l2Entries + f.index) * clusterBytes;
+      const clusterStart = (table.key * l2Entries + f.index) * clusterBytes;
       f.host = ownsExtent && f.host === 0
         ? this.#slotOf(table, f.index)
         : this.#allocateCluster(clusterStart % 4096 === 0);
@@ -691,7 +680,7 @@ export class QcowDriver extends BlockDriverBase {
     const runs: QcowMapRun[] = [];
     const { clusterBytes, l2Entries, l2SpanBytes, clusterBits } = this.#geo;
     const end = offsetBytes + lengthBytes;
-    let table: L2Table | undefined;
+    let table: CachedTable | undefined;
     let tableIndex = -1;
     for (let pos = offsetBytes; pos < end;) {
       const l1Index = Math.floor(pos / l2SpanBytes);
