@@ -32,9 +32,14 @@ export interface CheckResult {
   status: number;
 }
 
+/** Corruptions found (the count when the list was cut short). */
+export function corruptionCount(report: CheckReport): number {
+  return report.corruptionCount ?? report.corruptions.length;
+}
+
 function statusOf(report: CheckReport): number {
   if (report.unusable !== undefined) return CHECK_UNUSABLE;
-  return report.corruptions.length > 0 ? CHECK_CORRUPT : CHECK_CLEAN;
+  return corruptionCount(report) > 0 ? CHECK_CORRUPT : CHECK_CLEAN;
 }
 
 /** Checks `spec` (`type:path` or a path); never throws for a bad image. */
@@ -76,8 +81,9 @@ export function formatCheckHuman(result: CheckResult): string {
     return lines.join("\n");
   }
   for (const c of report.corruptions) lines.push(`ERROR: ${c}`);
-  if (report.corruptions.length > 0) {
-    lines.push(`\n${report.corruptions.length} errors were found on ${result.filename}.`);
+  const errors = corruptionCount(report);
+  if (errors > 0) {
+    lines.push(`\n${errors} errors were found on ${result.filename}.`);
   } else {
     lines.push(`No errors were found on ${result.filename}.`);
   }
@@ -85,6 +91,18 @@ export function formatCheckHuman(result: CheckResult): string {
     lines.push(
       `${report.leakedClusters} leaked clusters were found on the image.\n` +
         "This means waste of disk space, but no harm to data.",
+    );
+  }
+  const stats = report.clusterStats;
+  if (stats) {
+    // As qemu-img: fragmented and compressed are shares of the allocated clusters.
+    const pct = (n: number, of: number) => (of > 0 ? (100 * n) / of : 0).toFixed(2);
+    const allocated = stats.allocatedClusters;
+    lines.push(
+      `${allocated}/${stats.totalClusters} = ${pct(allocated, stats.totalClusters)}% allocated, ` +
+        `${pct(stats.fragmentedClusters, allocated)}% fragmented, ` +
+        `${pct(stats.compressedClusters, allocated)}% compressed clusters`,
+      `Image end offset: ${stats.imageEndOffsetBytes}`,
     );
   }
   return lines.join("\n");
