@@ -43,6 +43,8 @@ export interface CheckReport {
   corruptions: string[];
   /** How many corruptions there are when `corruptions` lists only the first (qemu-img's count). */
   corruptionCount?: number;
+  /** Refcounts or tables that could not be read (qemu-img's check-errors): not verified. */
+  checkErrors?: number;
   /** Clusters allocated but referenced by nothing (harmless, reported). */
   leakedClusters: number;
   /** Set when the image cannot be checked at all (exit 2). */

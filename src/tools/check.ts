@@ -39,7 +39,7 @@ export function corruptionCount(report: CheckReport): number {
 
 function statusOf(report: CheckReport): number {
   if (report.unusable !== undefined) return CHECK_UNUSABLE;
-  return corruptionCount(report) > 0 ? CHECK_CORRUPT : CHECK_CLEAN;
+  return corruptionCount(report) > 0 || (report.checkErrors ?? 0) > 0 ? CHECK_CORRUPT : CHECK_CLEAN;
 }
 
 /** Checks `spec` (`type:path` or a path); never throws for a bad image. */
@@ -82,6 +82,9 @@ export function formatCheckHuman(result: CheckResult): string {
   }
   for (const c of report.corruptions) lines.push(`ERROR: ${c}`);
   const errors = corruptionCount(report);
+  if (report.checkErrors) {
+    lines.push(`\n${report.checkErrors} internal errors have occurred during the check.`);
+  }
   if (errors > 0) {
     lines.push(`\n${errors} errors were found on ${result.filename}.`);
   } else {

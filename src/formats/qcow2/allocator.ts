@@ -413,10 +413,6 @@ export class ClusterAllocator {
     await Promise.all(writes);
   }
 
-  debug(): unknown {
-    return { frontier: this.#frontier, res: this.#reservations, refilling: !!this.#refilling, free: this.#free.length, cursor: this.#scanCursor, frees: this.#freesQueued };
-  }
-
   /** The frontier (clusters), for tests. */
   get frontier(): number | undefined {
     return this.#frontier;

@@ -25,8 +25,8 @@ import {
   FIELD_REFCOUNT_TABLE_OFFSET,
   INCOMPAT_CORRUPT,
   INCOMPAT_DIRTY,
-  type Qcow2Geometry,
   Qcow2FormatError,
+  type Qcow2Geometry,
   setU64,
   unsupportedFeature,
 } from "./header.ts";
@@ -81,6 +81,8 @@ interface Analysis {
   messages: string[];
   corruptions: number;
   leaks: number;
+  /** Refcounts that could not be read (QEMU's check_errors). */
+  checkErrors: number;
   /** The refcount structure itself is broken: repair must rebuild it. */
   rebuild: boolean;
   allocated: number;
@@ -109,6 +111,7 @@ class Checker {
       messages: [],
       corruptions: 0,
       leaks: 0,
+      checkErrors: 0,
       rebuild: false,
       allocated: 0,
       fragmented: 0,
@@ -183,7 +186,11 @@ class Checker {
       if (e.reserved) this.corrupt(`found L1 entry with reserved bits set: ${_hex(hi, lo)}`);
       this.inc(e.offsetBytes, this.#g.clusterBytes);
       if (e.offsetBytes % this.#g.clusterBytes !== 0) {
-        this.corrupt(`l2_offset=${e.offsetBytes.toString(16)}: Table is not cluster aligned; L1 entry corrupted`);
+        this.corrupt(
+          `l2_offset=${
+            e.offsetBytes.toString(16)
+          }: Table is not cluster aligned; L1 entry corrupted`,
+        );
       }
       if (Number.isFinite(e.offsetBytes)) await this.#file.read(e.offsetBytes, table);
       else table.fill(0);
@@ -201,7 +208,11 @@ class Checker {
       if (e.reserved) this.corrupt(`found l2 entry with reserved bits set: ${_hex(hi, lo)}`);
       if (e.kind === "compressed") {
         if (e.copied) {
-          this.corrupt(`coffset=0x${e.offsetBytes.toString(16)}: copied flag must never be set for compressed clusters`);
+          this.corrupt(
+            `coffset=0x${
+              e.offsetBytes.toString(16)
+            }: copied flag must never be set for compressed clusters`,
+          );
         }
         this.inc(e.offsetBytes, e.compressedBytes);
         if (active) {
@@ -213,8 +224,12 @@ class Checker {
         if (e.offsetBytes % c !== 0) {
           this.corrupt(
             e.kind === "zero-alloc"
-              ? `offset=${e.offsetBytes.toString(16)}: Preallocated cluster is not properly aligned; L2 entry corrupted.`
-              : `offset=${e.offsetBytes.toString(16)}: Data cluster is not properly aligned; L2 entry corrupted.`,
+              ? `offset=${
+                e.offsetBytes.toString(16)
+              }: Preallocated cluster is not properly aligned; L2 entry corrupted.`
+              : `offset=${
+                e.offsetBytes.toString(16)
+              }: Data cluster is not properly aligned; L2 entry corrupted.`,
           );
         }
         if (active) {
@@ -287,6 +302,10 @@ class Checker {
     const a = this.a;
     for (let i = 0; i < a.refs.size; i += 1) {
       const have = await stored.get(i);
+      if (have === undefined) {
+        a.checkErrors += 1; // QEMU: "Can't get refcount for cluster"
+        continue;
+      }
       const counted = a.refs.get(i);
       if (have > 0 || counted > 0) a.highest = i;
       if (have === counted) continue;
@@ -297,8 +316,8 @@ class Checker {
     }
   }
 
-  /** QEMU's check_oflag_copied: `fix` rewrites the flags from `refcountOf`. */
-  async checkCopied(refcountOf: (cluster: number) => Promise<number>, fix: boolean) {
+  /** QEMU's check_oflag_copied: `fix` rewrites the flags from `refcountOf` (undefined: unreadable, skipped). */
+  async checkCopied(refcountOf: (cluster: number) => Promise<number | undefined>, fix: boolean) {
     const h = this.#image.header;
     const c = this.#g.clusterBytes;
     const l1 = this.#image.l1Bytes;
@@ -311,13 +330,17 @@ class Checker {
       const e = decodeL1(hi, l1View.getUint32(i * 8 + 4));
       if (e.offsetBytes === 0 || !Number.isFinite(e.offsetBytes)) continue;
       const refcount = await refcountOf(Math.floor(e.offsetBytes / c));
-      if ((refcount === 1) !== e.copied) {
+      if (refcount !== undefined && (refcount === 1) !== e.copied) {
         if (fix) {
           l1View.setUint32(i * 8, refcount === 1 ? (hi | HI_COPIED) >>> 0 : hi & ~HI_COPIED);
           await this.#file.write(h.l1TableOffset + i * 8, l1.slice(i * 8, i * 8 + 8));
           fixed += 1;
         } else {
-          this.corrupt(`OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${_hex(hi, l1View.getUint32(i * 8 + 4))} refcount=${refcount}`);
+          this.corrupt(
+            `OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${
+              _hex(hi, l1View.getUint32(i * 8 + 4))
+            } refcount=${refcount}`,
+          );
         }
       }
       await this.#file.read(e.offsetBytes, table);
@@ -328,7 +351,7 @@ class Checker {
         const entry = decodeL2(eh, el, this.#g.clusterBits);
         if (entry.kind !== "normal" && entry.kind !== "zero-alloc") continue;
         const rc = await refcountOf(Math.floor(entry.offsetBytes / c));
-        if ((rc === 1) === entry.copied) continue;
+        if (rc === undefined || (rc === 1) === entry.copied) continue;
         if (fix) {
           view.setUint32(j * 8, rc === 1 ? (eh | HI_COPIED) >>> 0 : eh & ~HI_COPIED);
           dirty = true;
@@ -361,13 +384,17 @@ class StoredRefcounts {
     if (b >= this.#entries) return 0;
     const e = decodeReftable(this.#table.getUint32(b * 8), this.#table.getUint32(b * 8 + 4));
     if (e.offsetBytes === 0) return 0;
-    return e.offsetBytes % this.#g.clusterBytes === 0 && Number.isFinite(e.offsetBytes) ? e.offsetBytes : -1;
+    return e.offsetBytes % this.#g.clusterBytes === 0 && Number.isFinite(e.offsetBytes)
+      ? e.offsetBytes
+      : -1;
   }
 
-  async get(cluster: number): Promise<number> {
+  /** The stored refcount; undefined when its block's table entry is unusable (QEMU: EIO). */
+  async get(cluster: number): Promise<number | undefined> {
     const b = Math.floor(cluster / this.#g.refblockEntries);
     const offset = this.blockOffset(b);
-    if (offset <= 0) return 0;
+    if (offset < 0) return undefined;
+    if (offset === 0) return 0;
     if (this.#block?.index !== b) {
       const bytes = new Uint8Array(this.#g.clusterBytes);
       await this.#file.read(offset, bytes);
@@ -428,6 +455,7 @@ function _report(a: Analysis, image: Qcow2Image): CheckReport {
     corruptions: messages,
     corruptionCount: a.corruptions,
     leakedClusters: a.leaks,
+    checkErrors: a.checkErrors || undefined,
     clusterStats: {
       totalClusters: Math.ceil(image.header.sizeBytes / g.clusterBytes),
       allocatedClusters: a.allocated,
@@ -450,7 +478,9 @@ export async function repairQcow2(file: ImageFile, image: Qcow2Image): Promise<s
   const stored = new StoredRefcounts(file, image);
   await checker.compare(stored);
   const a = checker.a;
-  let finalRefcounts: (cluster: number) => Promise<number> = (c) => stored.get(c);
+  // Read again after the fix: the blocks `stored` cached are stale then.
+  const refreshed = new StoredRefcounts(file, image);
+  let finalRefcounts: (cluster: number) => Promise<number | undefined> = (c) => refreshed.get(c);
   if (a.rebuild || !_blocksCover(a, stored, image.geometry)) {
     const fresh = new Checker(file, image);
     await fresh.count(false);
@@ -477,7 +507,9 @@ export async function repairQcow2(file: ImageFile, image: Qcow2Image): Promise<s
 
 /** Every cluster whose refcount must change has a usable refcount block. */
 function _blocksCover(a: Analysis, stored: StoredRefcounts, g: Qcow2Geometry): boolean {
-  return a.mismatches.every((m) => stored.blockOffset(Math.floor(m.cluster / g.refblockEntries)) > 0);
+  return a.mismatches.every((m) =>
+    stored.blockOffset(Math.floor(m.cluster / g.refblockEntries)) > 0
+  );
 }
 
 /** Writes the counted refcounts over the stored ones; punches out what became free. */
@@ -495,7 +527,12 @@ async function _fixInPlace(file: ImageFile, image: Qcow2Image, a: Analysis): Pro
     await file.read(offset, bytes);
     const view = new DataView(bytes.buffer);
     for (const m of list) {
-      setRefcount(view, m.cluster % g.refblockEntries, g.refcountOrder, Math.min(m.counted, g.refcountMax));
+      setRefcount(
+        view,
+        m.cluster % g.refblockEntries,
+        g.refcountOrder,
+        Math.min(m.counted, g.refcountMax),
+      );
     }
     await file.write(offset, bytes);
   }

@@ -59,7 +59,6 @@ export class ClusterLocks {
     return undefined;
   }
 
-  dump(): unknown { return this.#holders.map((h) => [h.first, h.end, h.exclusive, h.granted]); }
   /** Ranges held or waited for (for tests). */
   get size(): number {
     return this.#holders.length;

@@ -71,7 +71,10 @@ export function parseCreateSettings(options: Record<string, string>): Qcow2Creat
   const version = compat === "0.10" || compat === "v2" ? 2 : 3;
   const clusterBytes = parseSizeBytes(options.cluster_size ?? "64K");
   const clusterBits = Math.log2(clusterBytes);
-  if (!Number.isInteger(clusterBits) || clusterBits < cluster_bits_min || clusterBits > cluster_bits_max) {
+  if (
+    !Number.isInteger(clusterBits) || clusterBits < cluster_bits_min ||
+    clusterBits > cluster_bits_max
+  ) {
     throw new RangeError(`qcow2 option cluster_size: ${clusterBytes} (a power of two, 512 to 2M)`);
   }
   const refcountBits = Number(options.refcount_bits ?? "16");
@@ -88,7 +91,9 @@ export function parseCreateSettings(options: Record<string, string>): Qcow2Creat
   }
   const preallocation = options.preallocation ?? "off";
   if (!["off", "metadata", "falloc", "full"].includes(preallocation)) {
-    throw new RangeError(`qcow2 option preallocation: '${preallocation}' (off, metadata, falloc, full)`);
+    throw new RangeError(
+      `qcow2 option preallocation: '${preallocation}' (off, metadata, falloc, full)`,
+    );
   }
   if (options.extended_l2 !== undefined && _flag("extended_l2", options.extended_l2)) {
     throw new RangeError("qcow2 option extended_l2=on: subclusters are not supported");
@@ -141,7 +146,15 @@ function _layout(sizeBytes: number, s: Qcow2CreateSettings): Layout {
     const needBlocks = Math.ceil(clusters / entriesPerBlock);
     const needTable = Math.max(1, Math.ceil((needBlocks * 8) / c));
     if (needBlocks === refblocks && needTable === reftableClusters) {
-      return { reftableClusters, refblocks, l1Entries, l1Clusters, l2Tables, dataClusters, clusters };
+      return {
+        reftableClusters,
+        refblocks,
+        l1Entries,
+        l1Clusters,
+        l2Tables,
+        dataClusters,
+        clusters,
+      };
     }
     refblocks = needBlocks;
     reftableClusters = needTable;
@@ -160,7 +173,7 @@ export async function createQcow2(path: string, options: CreateOptions): Promise
   if (sizeBytes === 0 && backingName !== undefined) {
     sizeBytes = await _backingSize(path, backingName, backingFormat);
   }
-  if (!Number.isSafeInteger(sizeBytes) || sizeBytes < 0) {
+  if (!Number.isInteger(sizeBytes) || sizeBytes < 0 || sizeBytes > 2 ** 63) {
     throw new RangeError(`invalid qcow2 size ${sizeBytes}`);
   }
   sizeBytes = Math.ceil(sizeBytes / 512) * 512; // QEMU rounds to sectors
@@ -263,7 +276,10 @@ async function _backingSize(path: string, name: string, format?: string): Promis
   const slash = path.lastIndexOf("/");
   const folder = slash < 0 ? "." : path.slice(0, slash) || "/";
   const full = name.startsWith("/") ? name : `${folder}/${name}`;
-  const driver = await openImage(format ? `${format}:${full}` : full, { readOnly: true, cache: "writeback" });
+  const driver = await openImage(format ? `${format}:${full}` : full, {
+    readOnly: true,
+    cache: "writeback",
+  });
   try {
     return driver.sizeBytes;
   } finally {

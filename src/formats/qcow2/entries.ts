@@ -82,7 +82,11 @@ function _decodeCompressed(hi: number, lo: number, clusterBits: number, copied: 
 }
 
 /** `[hi, lo]` of a standard entry at `offsetBytes` (0: unallocated). */
-export function standardEntry(offsetBytes: number, copied: boolean, zero = false): [number, number] {
+export function standardEntry(
+  offsetBytes: number,
+  copied: boolean,
+  zero = false,
+): [number, number] {
   const hi = Math.floor(offsetBytes / 2 ** 32) | (copied ? HI_COPIED : 0);
   return [hi >>> 0, ((offsetBytes >>> 0) | (zero ? LO_ZERO : 0)) >>> 0];
 }

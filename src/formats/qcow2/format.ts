@@ -59,7 +59,11 @@ function _details(h: Qcow2Header, refcountBits: number): Record<string, string |
     compat: h.version === 3 ? "1.1" : "0.10",
   };
   if (h.version === 3) {
-    details.compression_type = h.compressionType === 0 ? "zlib" : h.compressionType === 1 ? "zstd" : String(h.compressionType);
+    details.compression_type = h.compressionType === 0
+      ? "zlib"
+      : h.compressionType === 1
+      ? "zstd"
+      : String(h.compressionType);
     details.lazy_refcounts = (h.compatible & COMPAT_LAZY_REFCOUNTS) !== 0n;
   }
   details.refcount_bits = refcountBits;
@@ -71,7 +75,12 @@ function _details(h: Qcow2Header, refcountBits: number): Record<string, string |
   const features: string[] = [];
   for (const [type, mask] of [[0, h.incompatible], [1, h.compatible], [2, h.autoclear]] as const) {
     for (let bit = 0; bit < 64; bit += 1) {
-      if ((mask >> BigInt(bit)) & 1n) features.push(featureName(h, type, bit) ?? `${["incompatible", "compatible", "autoclear"][type]} bit ${bit}`);
+      if ((mask >> BigInt(bit)) & 1n) {
+        features.push(
+          featureName(h, type, bit) ??
+            `${["incompatible", "compatible", "autoclear"][type]} bit ${bit}`,
+        );
+      }
     }
   }
   if (features.length > 0) details.features = features.join(", ");

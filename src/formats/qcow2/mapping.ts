@@ -56,6 +56,11 @@ export class MappingTables {
     );
   }
 
+  /** Bytes of L2 slices cached now. */
+  get cachedBytes(): number {
+    return this.#cache.size * this.sliceBytes;
+  }
+
   l1Entry(index: number): L1Entry {
     if (index >= this.l1Size) return { offsetBytes: 0, copied: false, reserved: false };
     return decodeL1(this.#l1View.getUint32(index * 8), this.#l1View.getUint32(index * 8 + 4));

@@ -37,7 +37,7 @@ import type { ImageFile, ImageOpenOptions } from "../image_file.ts";
 import type { OpenContext } from "../format_entry.ts";
 import { deflateCluster, inflateCluster } from "../cluster_compress.ts";
 import { isZeroBytes } from "../zero_bytes.ts";
-import { type ClusterRun, ClusterAllocator } from "./allocator.ts";
+import { ClusterAllocator, type ClusterRun } from "./allocator.ts";
 import { ClusterLocks } from "./cluster_locks.ts";
 import { compressedEntry, type L2Entry, standardEntry } from "./entries.ts";
 import { GroupSync } from "./group_sync.ts";
@@ -47,8 +47,8 @@ import {
   FIELD_REFCOUNT_TABLE_OFFSET,
   INCOMPAT_CORRUPT,
   INCOMPAT_DIRTY,
-  type Qcow2Geometry,
   Qcow2FormatError,
+  type Qcow2Geometry,
   setU64,
   unsupportedFeature,
 } from "./header.ts";
@@ -205,8 +205,9 @@ export class Qcow2Driver extends BlockDriverBase {
     return this.#sync.completed;
   }
 
-  debugState(): unknown {
-    return { locks: this.#locks.dump(), preps: [...this.#preps.keys()], writer: this.#writer.busyBlocks, alloc: (this.#allocator as any).debug?.() };
+  /** Cached metadata (L2 and refcount slices), for tests of the memory bound. */
+  get cachedBytes(): { l2: number; refcounts: number } {
+    return { l2: this.#tables.cachedBytes, refcounts: this.#refcounts.cachedBytes };
   }
 
   // ---- helpers ---------------------------------------------------------------
@@ -264,7 +265,12 @@ export class Qcow2Driver extends BlockDriverBase {
   async #perTable(
     offsetBytes: number,
     lengthBytes: number,
-    piece: (l1Index: number, offsetBytes: number, payloadAt: number, lengthBytes: number) => Promise<void>,
+    piece: (
+      l1Index: number,
+      offsetBytes: number,
+      payloadAt: number,
+      lengthBytes: number,
+    ) => Promise<void>,
   ): Promise<void> {
     const span = this.#g.l2SpanBytes;
     const end = offsetBytes + lengthBytes;
@@ -357,7 +363,11 @@ export class Qcow2Driver extends BlockDriverBase {
         close(p);
         runHost = -2;
         if (entry.kind === "compressed") {
-          tasks.push(observed(this.#readCompressed(entry, clusterStart, p, clusterEnd, payload, at + p - pos)));
+          tasks.push(
+            observed(
+              this.#readCompressed(entry, clusterStart, p, clusterEnd, payload, at + p - pos),
+            ),
+          );
         } else {
           if (this.image.header.version < 3) {
             throw this.#corrupt(clusterStart, "zero cluster in a version 2 image");
@@ -472,7 +482,11 @@ export class Qcow2Driver extends BlockDriverBase {
     if (table.offsetBytes === 0 || !table.copied) return false;
     const c = this.#g.clusterBytes;
     const [first, end] = this.#clusterRange(pos, length);
-    const entries = await this.#tables.entries(table.offsetBytes, first % this.#g.l2Entries, end - first);
+    const entries = await this.#tables.entries(
+      table.offsetBytes,
+      first % this.#g.l2Entries,
+      end - first,
+    );
     if (!entries.every((e) => e.kind === "normal" && e.copied)) return false;
     const writes: Promise<void>[] = [];
     let runStart = pos;
@@ -480,9 +494,12 @@ export class Qcow2Driver extends BlockDriverBase {
     const stop = pos + length;
     for (let p = pos; p < stop;) {
       const clusterStart = p - (p % c);
-      const host = this.#hostOf(entries[clusterStart / c - first], clusterStart) + (p - clusterStart);
+      const host = this.#hostOf(entries[clusterStart / c - first], clusterStart) +
+        (p - clusterStart);
       if (runHost < 0 || runHost + (p - runStart) !== host) {
-        if (runHost >= 0) writes.push(this.#writeFile(runHost, payload.slice(at + runStart - pos, at + p - pos)));
+        if (runHost >= 0) {
+          writes.push(this.#writeFile(runHost, payload.slice(at + runStart - pos, at + p - pos)));
+        }
         runStart = p;
         runHost = host;
       }
@@ -529,7 +546,9 @@ export class Qcow2Driver extends BlockDriverBase {
       if (table.copied && entry.kind === "normal" && entry.copied) {
         const host = this.#hostOf(entry, clusterStart) + from;
         writes.push(this.#writeFile(host, payload.slice(payloadAt, payloadAt + to - from)));
-      } else if (!await this.#alreadyReads(entry, clusterStart + from, payload, payloadAt, to - from)) {
+      } else if (
+        !await this.#alreadyReads(entry, clusterStart + from, payload, payloadAt, to - from)
+      ) {
         const index = firstIndex + clusterStart / c - first;
         fresh.push({ index, guestStart: clusterStart, from, to, payloadAt, old: entry });
       }
@@ -623,7 +642,12 @@ export class Qcow2Driver extends BlockDriverBase {
         flushRun();
         if (f.fresh && await this.#readsZeroBeneath(f)) {
           // Fresh file space reads as zeros: only the written part is needed.
-          writes.push(this.#writeFile(f.host! + f.from, payload.slice(f.payloadAt, f.payloadAt + f.to - f.from)));
+          writes.push(
+            this.#writeFile(
+              f.host! + f.from,
+              payload.slice(f.payloadAt, f.payloadAt + f.to - f.from),
+            ),
+          );
           continue;
         }
         const bytes = new Uint8Array(c);
@@ -743,8 +767,18 @@ export class Qcow2Driver extends BlockDriverBase {
 
   // ---- zeroes, discard, compressed writes ---------------------------------------
 
-  protected override async _writeZeroes(offsetBytes: number, lengthBytes: number, options: ZeroOptions) {
-    await this.#zeroRange(offsetBytes, lengthBytes, options.mayTrim ?? false, options.fast ?? false, false);
+  protected override async _writeZeroes(
+    offsetBytes: number,
+    lengthBytes: number,
+    options: ZeroOptions,
+  ) {
+    await this.#zeroRange(
+      offsetBytes,
+      lengthBytes,
+      options.mayTrim ?? false,
+      options.fast ?? false,
+      false,
+    );
   }
 
   protected override async _discard(offsetBytes: number, lengthBytes: number): Promise<void> {
@@ -757,7 +791,13 @@ export class Qcow2Driver extends BlockDriverBase {
    * for a discard), whole clusters by their L2 entry (v3 zero flag; v2
    * without backing: unallocated), freeing what they held.
    */
-  async #zeroRange(offset: number, length: number, unmap: boolean, fast: boolean, discard: boolean) {
+  async #zeroRange(
+    offset: number,
+    length: number,
+    unmap: boolean,
+    fast: boolean,
+    discard: boolean,
+  ) {
     this.#checkOpen();
     const c = this.#g.clusterBytes;
     const end = offset + length;
@@ -769,8 +809,12 @@ export class Qcow2Driver extends BlockDriverBase {
       return;
     }
     const tasks: Promise<void>[] = [];
-    if (!discard && offset < wholeStart) tasks.push(this.#writeZeroBytes(offset, wholeStart - offset, fast));
-    if (!discard && wholeEnd < end) tasks.push(this.#writeZeroBytes(wholeEnd, end - wholeEnd, fast));
+    if (!discard && offset < wholeStart) {
+      tasks.push(this.#writeZeroBytes(offset, wholeStart - offset, fast));
+    }
+    if (!discard && wholeEnd < end) {
+      tasks.push(this.#writeZeroBytes(wholeEnd, end - wholeEnd, fast));
+    }
     tasks.push(this.#perTable(wholeStart, wholeEnd - wholeStart, async (l1Index, pos, _at, len) => {
       const [first, last] = this.#clusterRange(pos, len);
       const release = await this.#locks.acquire(first, last, true);
@@ -812,7 +856,9 @@ export class Qcow2Driver extends BlockDriverBase {
       const index = firstIndex + k;
       if (e.kind === "zero-plain" || (e.kind === "unallocated" && !hideBeneath)) return;
       // Without unmap a cluster of our own stays allocated, flagged zero (QEMU: ZERO_ALLOC).
-      if (v3 && !unmap && table.copied && e.copied && (e.kind === "normal" || e.kind === "zero-alloc")) {
+      if (
+        v3 && !unmap && table.copied && e.copied && (e.kind === "normal" || e.kind === "zero-alloc")
+      ) {
         if (e.kind === "normal") values.push([index, standardEntry(e.offsetBytes, true, true)]);
         return;
       }
@@ -839,7 +885,10 @@ export class Qcow2Driver extends BlockDriverBase {
     this.#checkOpen();
     const c = this.#g.clusterBytes;
     if (offsetBytes % c !== 0 || data.byteLength !== Math.min(c, this.sizeBytes - offsetBytes)) {
-      throw new BlockError("EINVAL", `${this.path}: compressed writes take one whole aligned cluster`);
+      throw new BlockError(
+        "EINVAL",
+        `${this.path}: compressed writes take one whole aligned cluster`,
+      );
     }
     const cluster = offsetBytes / c;
     const release = await this.#locks.acquire(cluster, cluster + 1, true);
@@ -869,7 +918,10 @@ export class Qcow2Driver extends BlockDriverBase {
     const { offsetBytes: host, ready } = await this.#allocator.allocateBytes(packed.byteLength);
     await Promise.all([observed(this.#file.write(host, packed)), ready, prep.ready]);
     await this.#sync.sync();
-    await this.#publish(prep, [[index, compressedEntry(host, packed.byteLength, this.#g.clusterBits)]]);
+    await this.#publish(prep, [[
+      index,
+      compressedEntry(host, packed.byteLength, this.#g.clusterBits),
+    ]]);
     return true;
   }
 
@@ -919,7 +971,10 @@ export class Qcow2Driver extends BlockDriverBase {
 
   // ---- block status and map -------------------------------------------------------
 
-  protected override async _blockStatus(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
+  protected override async _blockStatus(
+    offsetBytes: number,
+    lengthBytes: number,
+  ): Promise<Extent[]> {
     const extents: Extent[] = [];
     const push = (e: Extent) => {
       const last = extents[extents.length - 1];
@@ -973,7 +1028,11 @@ export class Qcow2Driver extends BlockDriverBase {
         continue;
       }
       const [first, last] = this.#clusterRange(pos, tableEnd - pos);
-      const entries = await this.#tables.entries(table.offsetBytes, first % this.#g.l2Entries, last - first);
+      const entries = await this.#tables.entries(
+        table.offsetBytes,
+        first % this.#g.l2Entries,
+        last - first,
+      );
       for (let p = pos; p < tableEnd;) {
         const clusterStart = p - (p % c);
         const clusterEnd = Math.min(tableEnd, clusterStart + c);

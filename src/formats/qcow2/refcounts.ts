@@ -57,6 +57,11 @@ export class RefcountStore {
     );
   }
 
+  /** Bytes of refcount slices cached now. */
+  get cachedBytes(): number {
+    return this.#cache.size * this.sliceBytes;
+  }
+
   /** Entries of the refcount table. */
   get tableEntries(): number {
     return this.#table.byteLength / 8;
@@ -70,9 +75,14 @@ export class RefcountStore {
   /** Offset of refcount block `index`, 0 when it has none; throws on a corrupt entry. */
   blockOffset(index: number): number {
     if (index >= this.tableEntries) return 0;
-    const e = decodeReftable(this.#tableView.getUint32(index * 8), this.#tableView.getUint32(index * 8 + 4));
+    const e = decodeReftable(
+      this.#tableView.getUint32(index * 8),
+      this.#tableView.getUint32(index * 8 + 4),
+    );
     if (e.offsetBytes === 0) return 0;
-    if (e.reserved || e.offsetBytes % this.g.clusterBytes !== 0 || !Number.isFinite(e.offsetBytes)) {
+    if (
+      e.reserved || e.offsetBytes % this.g.clusterBytes !== 0 || !Number.isFinite(e.offsetBytes)
+    ) {
       throw new BlockError(
         "EIO",
         `${this.#file.path}: refcount table entry ${index} is corrupt (offset ${e.offsetBytes})`,

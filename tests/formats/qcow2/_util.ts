@@ -141,7 +141,9 @@ export async function randomOps(
     for (let b = rng.int(1, burst); b > 0 && i < count; b -= 1, i += 1) {
       let op = randomOp(rng, model.byteLength, clusterBytes);
       const range = (o: Op): [number, number] =>
-        o.kind === "write" ? [o.offset, o.offset + o.data.byteLength] : [o.offset, o.offset + o.length];
+        o.kind === "write"
+          ? [o.offset, o.offset + o.data.byteLength]
+          : [o.offset, o.offset + o.length];
       while (taken.some(([s, e]) => range(op)[0] < e && s < range(op)[1])) {
         op = randomOp(rng, model.byteLength, clusterBytes);
       }
@@ -152,7 +154,9 @@ export async function randomOps(
     const unsure = new Uint8Array(model.byteLength);
     for (const op of ops) apply(model, op, unsure);
     await Promise.all(ops.map((op) => runOp(driver, op)));
-    if (ops.some((op) => op.kind === "discard")) await _settleDiscards(driver, model, before, unsure, ops);
+    if (ops.some((op) => op.kind === "discard")) {
+      await _settleDiscards(driver, model, before, unsure, ops);
+    }
     if (rng.next() < 0.05) await driver.flush();
   }
 }
@@ -171,7 +175,9 @@ async function _settleDiscards(
     for (let k = 0; k < op.length; k += 1) {
       const at: number = op.offset + k;
       if (got[k] !== 0 && got[k] !== before[at]) {
-        assert.fail(`discard at ${op.offset}+${op.length}: byte ${at} reads ${got[k]}, neither old nor zero`);
+        assert.fail(
+          `discard at ${op.offset}+${op.length}: byte ${at} reads ${got[k]}, neither old nor zero`,
+        );
       }
       model[at] = got[k];
     }

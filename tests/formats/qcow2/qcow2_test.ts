@@ -40,13 +40,50 @@ const CASES: Case[] = [
     ops: 800,
   },
   { name: "2M clusters", size: 64 << 20, options: { cluster_size: "2M" }, ops: 300 },
-  { name: "refcount_bits=1", size: 8 << 20, options: { cluster_size: "4K", refcount_bits: "1" }, ops: 400 },
-  { name: "refcount_bits=2", size: 8 << 20, options: { cluster_size: "1K", refcount_bits: "2" }, ops: 400 },
-  { name: "refcount_bits=4", size: 8 << 20, options: { cluster_size: "2K", refcount_bits: "4" }, ops: 400 },
-  { name: "refcount_bits=8", size: 8 << 20, options: { cluster_size: "8K", refcount_bits: "8" }, ops: 400 },
-  { name: "refcount_bits=32", size: 8 << 20, options: { cluster_size: "16K", refcount_bits: "32" }, ops: 400 },
-  { name: "v3 backed by raw", size: 16 << 20, options: { cluster_size: "16K" }, ops: 500, backed: true },
-  { name: "v2 backed by raw", size: 16 << 20, options: { compat: "0.10", cluster_size: "8K" }, ops: 600, backed: true },
+  {
+    name: "refcount_bits=1",
+    size: 8 << 20,
+    options: { cluster_size: "4K", refcount_bits: "1" },
+    ops: 400,
+  },
+  {
+    name: "refcount_bits=2",
+    size: 8 << 20,
+    options: { cluster_size: "1K", refcount_bits: "2" },
+    ops: 400,
+  },
+  {
+    name: "refcount_bits=4",
+    size: 8 << 20,
+    options: { cluster_size: "2K", refcount_bits: "4" },
+    ops: 400,
+  },
+  {
+    name: "refcount_bits=8",
+    size: 8 << 20,
+    options: { cluster_size: "8K", refcount_bits: "8" },
+    ops: 400,
+  },
+  {
+    name: "refcount_bits=32",
+    size: 8 << 20,
+    options: { cluster_size: "16K", refcount_bits: "32" },
+    ops: 400,
+  },
+  {
+    name: "v3 backed by raw",
+    size: 16 << 20,
+    options: { cluster_size: "16K" },
+    ops: 500,
+    backed: true,
+  },
+  {
+    name: "v2 backed by raw",
+    size: 16 << 20,
+    options: { compat: "0.10", cluster_size: "8K" },
+    ops: 600,
+    backed: true,
+  },
   {
     name: "tiny caches (eviction)",
     size: 32 << 20,
@@ -54,7 +91,12 @@ const CASES: Case[] = [
     ops: 500,
     smallCaches: true,
   },
-  { name: "preallocation=metadata", size: 12 << 20, options: { preallocation: "metadata" }, ops: 500 },
+  {
+    name: "preallocation=metadata",
+    size: 12 << 20,
+    options: { preallocation: "metadata" },
+    ops: 500,
+  },
 ];
 
 for (const c of CASES) {
@@ -78,7 +120,9 @@ for (const c of CASES) {
           backingFormat: c.backed ? "raw" : undefined,
         });
         const limits = [Qcow2Driver.l2CacheBytesMax, Qcow2Driver.refcountCacheBytesMax];
-        if (c.smallCaches) [Qcow2Driver.l2CacheBytesMax, Qcow2Driver.refcountCacheBytesMax] = [8192, 8192];
+        if (c.smallCaches) {
+          [Qcow2Driver.l2CacheBytesMax, Qcow2Driver.refcountCacheBytesMax] = [8192, 8192];
+        }
         try {
           const driver = await openImage(image);
           try {
