@@ -173,8 +173,10 @@ class Checker {
   async #countL1(offset: number, size: number, active: boolean): Promise<void> {
     if (size === 0) return;
     this.inc(offset, size * 8);
-    const l1 = new Uint8Array(size * 8);
+    // Entries past the end of the file read as zeros: only what lies inside is read.
+    const l1 = new Uint8Array(Math.max(0, Math.min(size * 8, this.#fileBytes - offset)));
     await this.#file.read(offset, l1);
+    size = Math.floor(l1.byteLength / 8);
     const view = new DataView(l1.buffer);
     const table = new Uint8Array(this.#g.clusterBytes);
     const tableView = new DataView(table.buffer);
@@ -192,8 +194,9 @@ class Checker {
           }: Table is not cluster aligned; L1 entry corrupted`,
         );
       }
-      if (Number.isFinite(e.offsetBytes)) await this.#file.read(e.offsetBytes, table);
-      else table.fill(0);
+      // A table past the end of the file reads as zeros: nothing to count in it.
+      if (!(e.offsetBytes < this.#fileBytes)) continue;
+      await this.#file.read(e.offsetBytes, table);
       this.#countL2(tableView, active);
     }
   }
@@ -245,14 +248,18 @@ class Checker {
   async #countBitmaps(): Promise<void> {
     const b = this.#image.header.bitmaps!;
     this.inc(b.directoryOffset, b.directoryBytes);
-    const dir = new Uint8Array(Math.min(b.directoryBytes, 64 << 20));
+    const dir = new Uint8Array(
+      Math.max(0, Math.min(b.directoryBytes, this.#fileBytes - b.directoryOffset)),
+    );
     await this.#file.read(b.directoryOffset, dir);
     const view = new DataView(dir.buffer);
     for (let at = 0, n = 0; n < b.count && at + 24 <= dir.byteLength; n += 1) {
       const tableOffset = view.getUint32(at) * 2 ** 32 + view.getUint32(at + 4);
       const tableSize = view.getUint32(at + 8);
       this.inc(tableOffset, tableSize * 8);
-      const table = new Uint8Array(Math.min(tableSize * 8, 64 << 20));
+      const table = new Uint8Array(
+        Math.max(0, Math.min(tableSize * 8, this.#fileBytes - tableOffset)),
+      );
       await this.#file.read(tableOffset, table);
       const tv = new DataView(table.buffer);
       for (let i = 0; i + 8 <= table.byteLength; i += 8) {
@@ -343,6 +350,7 @@ class Checker {
           );
         }
       }
+      if (!(e.offsetBytes < this.#fileBytes)) continue; // reads as zeros: no entries
       await this.#file.read(e.offsetBytes, table);
       let dirty = false;
       for (let j = 0; j < this.#g.l2Entries; j += 1) {

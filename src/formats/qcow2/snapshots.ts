@@ -11,7 +11,7 @@
  * @module
  */
 import type { ImageFile } from "../image_file.ts";
-import { Qcow2FormatError, u64 } from "./header.ts";
+import { l1_table_bytes_max, Qcow2FormatError, u64 } from "./header.ts";
 
 /** One internal snapshot. */
 export interface Qcow2Snapshot {
@@ -72,6 +72,10 @@ export async function readSnapshots(
       id: text(at + 40 + extraBytes, idBytes),
       name: text(at + 40 + extraBytes + idBytes, nameBytes),
     };
+    if (s.l1Size * 8 > l1_table_bytes_max) fail(`snapshot ${i}: L1 table too large`);
+    if (s.l1TableOffset % 512 !== 0) {
+      fail(`snapshot ${i}: L1 table offset ${s.l1TableOffset} unaligned`);
+    }
     if (extraBytes >= 8) s.vmStateBytes = u64(view, at + 40);
     if (extraBytes >= 16) s.diskSizeBytes = u64(view, at + 48);
     if (extraBytes >= 24) s.icount = Number(view.getBigInt64(at + 56));

@@ -191,3 +191,21 @@ export async function assertReads(driver: BlockDriver, model: Uint8Array, what: 
   const at = firstDifference(got, model);
   assert.equal(at, -1, `${what}: first difference at byte ${at} (${got[at]} vs ${model[at]})`);
 }
+
+/** One operation of the SIGKILL test: a write (`data`) or a write-zeroes. */
+export interface KillOp {
+  offset: number;
+  length: number;
+  data?: Uint8Array;
+}
+
+/** A batch of the SIGKILL test: 1-8 non-overlapping writes and zeroes, deterministic in `rng`. */
+export function killBatch(rng: Random, diskBytes: number): KillOp[] {
+  const ops: KillOp[] = [];
+  for (let n = rng.int(1, 8); n > 0; n -= 1) {
+    const [offset, length] = randomWrite(rng, diskBytes);
+    if (ops.some((o) => offset < o.offset + o.length && o.offset < offset + length)) continue;
+    ops.push(rng.next() < 0.15 ? { offset, length } : { offset, length, data: rng.bytes(length) });
+  }
+  return ops;
+}
