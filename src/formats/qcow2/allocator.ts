@@ -6,9 +6,12 @@
  *   refcount from 0 to 1 in one step, so no cluster is handed out twice.
  * - Otherwise clusters come from reservations at the frontier (past the
  *   end of everything the image uses): a reservation sets the refcounts of
- *   a run of clusters to 1 ahead of need, so most allocations write no
- *   refcount at all. A crash leaks what was reserved and unused; the dirty
- *   bit makes the next writable open reclaim it, and close releases it.
+ *   a run of clusters to 1 and extends the file over them (holes), made
+ *   durable by one barrier, ahead of need (the next one starts while the
+ *   current one lasts). Most allocations then write no refcount and need
+ *   no barrier of their own. A crash leaks what was reserved and unused;
+ *   the dirty bit makes the next writable open reclaim it, and close
+ *   releases it.
  * - When the frontier reaches a range without a refcount block, a new block
  *   is placed at the frontier itself (it describes itself); when the
  *   refcount table is full, a larger one is written behind new blocks that
@@ -20,6 +23,7 @@
  */
 import type { ImageFile } from "../image_file.ts";
 import type { GroupSync } from "./group_sync.ts";
+import { observed } from "./observed.ts";
 import type { RefcountStore } from "./refcounts.ts";
 import { setRefcount } from "./refcount_width.ts";
 
@@ -28,9 +32,12 @@ export interface ClusterRun {
   /** First cluster index. */
   start: number;
   count: number;
-  /** Never written since the file grew past it: reads as zeros. */
+  /**
+   * Never written, inside the file as a hole: reads as zeros. Only runs of
+   * frontier reservations are fresh, and their `ready` means durable.
+   */
   fresh: boolean;
-  /** Resolves when the run's refcounts are in the file. */
+  /** Resolves when the run's refcounts are in the file (durable for fresh runs). */
   ready: Promise<void>;
 }
 
@@ -160,13 +167,36 @@ export class ClusterAllocator {
       const start = this.#frontier!;
       const block = Math.floor(start / this.#store.g.refblockEntries);
       const n = Math.min(count, (block + 1) * this.#store.g.refblockEntries - start);
+      const end = (start + n) * this.#clusterBytes;
       const fresh = this.#hooks.growsWithHoles &&
         start * this.#clusterBytes >= this.#file.lengthBytes();
-      const ready = (await this.#store.change(start, n, () => 1)).written;
+      const written = (await this.#store.change(start, n, () => 1)).written;
+      // Durable ahead of use: the refcounts, and the file covering the run
+      // (a hole: its clusters read as zeros until written).
+      const ready = observed(written.then(async () => {
+        if (fresh) await this.#extendFile(start * this.#clusterBytes, end);
+        await this.#sync.sync();
+      }));
       if (this.#scanCursor >= start) this.#scanCursor = start + n;
       this.#frontier = start + n;
       this.#reservations.push({ next: start, end: start + n, fresh, ready });
     });
+  }
+
+  /**
+   * Makes `[start, end)` part of the file: allocated in the file system
+   * (unwritten extents, reading as zeros) so writes into it need no block
+   * allocation, which file systems serialize; a plain hole where the file
+   * system cannot preallocate.
+   */
+  async #extendFile(start: number, end: number): Promise<void> {
+    try {
+      await this.#file.allocate(start, end - start);
+    } catch (error) {
+      const code = (error as { code?: string }).code;
+      if (code !== "EOPNOTSUPP" && code !== "EINVAL" && code !== "ENOSYS") throw error;
+      if (end > this.#file.lengthBytes()) await this.#file.truncate(end);
+    }
   }
 
   /** Claims clusters from the first free extent; returns how many it took. */
@@ -196,6 +226,8 @@ export class ClusterAllocator {
 
   /** Scans refcount blocks below the frontier for free clusters; false when done. */
   async #scanMore(): Promise<boolean> {
+    // Scanned up to the frontier already: nothing to find (the common case).
+    if (this.#frontier !== undefined && this.#scanCursor >= this.#frontier) return false;
     await this.#locked(() => this.#initFrontier());
     const entries = this.#store.g.refblockEntries;
     const perSlice = this.#store.entriesPerSlice;
@@ -402,15 +434,22 @@ export class ClusterAllocator {
       await this.#freeChain;
     }
     if (this.#refilling) await this.#refilling;
-    const unused = this.#reservations;
+    const unused = this.#reservations.filter((r) => r.next < r.end);
     this.#reservations = [];
     const writes: Promise<void>[] = [];
     for (const r of unused) {
-      if (r.next < r.end) {
-        writes.push((await this.#store.change(r.next, r.end - r.next, () => 0)).written);
-      }
+      writes.push((await this.#store.change(r.next, r.end - r.next, () => 0)).written);
     }
     await Promise.all(writes);
+    // Give the preallocated space back; the file ends where the last used cluster does.
+    const c = this.#clusterBytes;
+    for (const r of unused) {
+      if (!r.fresh) continue;
+      await this.#file.punchHole(r.next * c, (r.end - r.next) * c);
+      if (r.end === this.#frontier && r.end * c >= this.#file.lengthBytes()) {
+        await this.#file.truncate(r.next * c);
+      }
+    }
   }
 
   /** The frontier (clusters), for tests. */

@@ -76,6 +76,8 @@ interface TablePrep {
   ready: Promise<void>;
   /** The old table (copy-on-write), freed once the new L1 entry is durable. */
   oldOffsetBytes: number;
+  /** A new table in a fresh hole: it reads as empty whether or not its zeros are durable. */
+  orderFree: boolean;
   linked?: Promise<void>;
 }
 
@@ -92,6 +94,8 @@ interface FreshCluster {
   old: L2Entry;
   host?: number;
   fresh?: boolean;
+  /** What the cluster reads now is zeros (nothing beneath, or a zero cluster). */
+  zeroBeneath?: boolean;
 }
 
 /** A qcow2 image served as a block device. */
@@ -558,20 +562,30 @@ export class Qcow2Driver extends BlockDriverBase {
       await Promise.all(writes);
       return;
     }
-    let runs: ClusterRun[] = [];
-    let prep: TablePrep | undefined;
-    try {
-      prep = await this.#tableForWrite(l1Index);
-      runs = await this.#allocator.allocate(fresh.length);
-      _assignHosts(fresh, runs, c);
-      await this.#writeFreshClusters(fresh, payload);
-    } finally {
-      await Promise.allSettled(writes);
-    }
-    await Promise.all([...writes, ...runs.map((r) => r.ready), prep.ready]);
+    const prep = await this.#tableForWrite(l1Index);
+    const runs = await this.#allocator.allocate(fresh.length);
+    _assignHosts(fresh, runs, c);
+    for (const f of fresh) f.zeroBeneath = await this.#readsZeroBeneath(f);
+    const published = fresh.map((f): [number, [number, number]] => [
+      f.index,
+      standardEntry(f.host!, true),
+    ]);
     // Data, refcounts and a new table durable before any entry names them.
-    await this.#sync.sync();
-    await this.#publish(prep, fresh.map((f) => [f.index, standardEntry(f.host!, true)]));
+    // Not needed when every new cluster is a fresh hole of a durable
+    // reservation over zeros: whatever of the data a crash keeps, the
+    // cluster reads as before (zeros) or as this unanswered write left it,
+    // so data and entries go out together.
+    const orderFree = prep.orderFree && fresh.every((f) => f.fresh && f.zeroBeneath);
+    writes.push(observed(this.#writeFreshClusters(fresh, payload)));
+    if (orderFree) {
+      await Promise.all([...runs.map((r) => r.ready), prep.ready]);
+      writes.push(observed(this.#publish(prep, published)));
+      await _settled(writes);
+    } else {
+      await _settled([...writes, ...runs.map((r) => r.ready), prep.ready]);
+      await this.#sync.sync();
+      await this.#publish(prep, published);
+    }
     this.#freeOld(fresh.map((f) => f.old));
   }
 
@@ -640,7 +654,7 @@ export class Qcow2Driver extends BlockDriverBase {
           continue;
         }
         flushRun();
-        if (f.fresh && await this.#readsZeroBeneath(f)) {
+        if (f.fresh && f.zeroBeneath) {
           // Fresh file space reads as zeros: only the written part is needed.
           writes.push(
             this.#writeFile(
@@ -727,6 +741,7 @@ export class Qcow2Driver extends BlockDriverBase {
         offsetBytes: table.offsetBytes,
         ready: Promise.resolve(),
         oldOffsetBytes: 0,
+        orderFree: true,
         linked: Promise.resolve(),
       };
     }
@@ -749,7 +764,13 @@ export class Qcow2Driver extends BlockDriverBase {
     const write = observed(this.#file.write(offsetBytes, content));
     const ready = observed(Promise.all([write, run.ready]).then(() => {}));
     await this.#tables.installTable(offsetBytes, content, ready);
-    return { l1Index, offsetBytes, ready, oldOffsetBytes: oldOffset };
+    return {
+      l1Index,
+      offsetBytes,
+      ready,
+      oldOffsetBytes: oldOffset,
+      orderFree: run.fresh && oldOffset === 0,
+    };
   }
 
   /** Points the L1 entry at a prepared table (first caller after a barrier); its write. */
@@ -869,7 +890,7 @@ export class Qcow2Driver extends BlockDriverBase {
     const prep = await this.#tableForWrite(l1Index);
     await prep.ready;
     // A new or copied table must be durable before the L1 entry names it.
-    if (!prep.linked) await this.#sync.sync();
+    if (!prep.linked && !prep.orderFree) await this.#sync.sync();
     await this.#publish(prep, values);
     this.#freeOld(freed);
   }
@@ -1079,6 +1100,13 @@ export class Qcow2Driver extends BlockDriverBase {
       await this.#sync.sync();
     }
   }
+}
+
+/** Waits for every promise to settle, then throws the first failure (none left running). */
+async function _settled(promises: Promise<unknown>[]): Promise<void> {
+  const results = await Promise.allSettled(promises);
+  const failed = results.find((r) => r.status === "rejected");
+  if (failed) throw (failed as PromiseRejectedResult).reason;
 }
 
 function _pushRun(runs: Qcow2MapRun[], run: Qcow2MapRun): void {
