@@ -5,17 +5,23 @@
  * and starts a new process on it; a disk that crashes more than
  * `restartLimit` times within `restartWindowMs` is marked failed and its
  * requests are answered with ERROR.
+ *
+ * Counters: each disk process counts in the minor's stats file (shared
+ * memory, so a killed process's counts stay readable); before the next
+ * process starts, the minor folds them into the totals since create kept
+ * in the registry, so totals survive disk-process and ctrl restarts.
  * @module
  */
 import { memoryFence } from "../../ffi/memory.ts";
 import { type Logger, logLevel } from "../cli/log.ts";
 import { selfCommandFor } from "../cli/self_command.ts";
 import type { QosSettings } from "../disk/disk_server.ts";
-import type { DiskStats } from "../disk/counters.ts";
+import { addTotals, type DiskStats, emptyTotals, withDerived } from "../disk/counters.ts";
+import type { StatsFile } from "../disk/stats_file.ts";
 import type { AttachConfig } from "../disk/protocol.ts";
 import type { KickChannel } from "../ring/kick_channel.ts";
 import { ShmRingDevice } from "../ring/shm_ring_device.ts";
-import type { MinorRecord } from "./registry.ts";
+import type { MinorLifetime, MinorRecord } from "./registry.ts";
 import { RingDisk } from "../ring/ring_disk.ts";
 
 /** Lifecycle of a minor as `blktap list` shows it. */
@@ -38,6 +44,8 @@ export const disk_call_timeout_ms = 30_000;
 /** What the minor needs from ctrl. */
 export interface MinorHost {
   diskSocketPath: string;
+  /** ctrl's own `--allow-path` folders, for every minor. */
+  allowPaths: string[];
   policy: SupervisionPolicy;
   log: Logger;
   /** The record changed (state, pid, image): persist the registry. */
@@ -49,8 +57,9 @@ export class Minor {
   readonly record: MinorRecord;
   readonly device: ShmRingDevice;
   readonly disk: RingDisk;
+  /** Where the disk process counts (see the module comment). */
+  readonly statsFile: StatsFile;
   state: MinorState = "starting";
-  restarts = 0;
   readonly #host: MinorHost;
   #child: Deno.ChildProcess | undefined;
   #channel: KickChannel | undefined;
@@ -64,10 +73,13 @@ export class Minor {
   #destroying = false;
   failure: string | undefined;
 
-  constructor(record: MinorRecord, host: MinorHost, device: ShmRingDevice) {
+  constructor(record: MinorRecord, host: MinorHost, device: ShmRingDevice, statsFile: StatsFile) {
     this.record = record;
+    record.statsPath = statsFile.path;
+    record.lifetime ??= { restarts: 0, folded: emptyTotals(), foldedGeneration: 0 };
     this.#host = host;
     this.device = device;
+    this.statsFile = statsFile;
     this.disk = new RingDisk(record.name, device, {
       fence: memoryFence,
       readOnly: record.readOnly,
@@ -79,6 +91,15 @@ export class Minor {
     return this.#child?.pid;
   }
 
+  get #lifetime(): MinorLifetime {
+    return this.record.lifetime!;
+  }
+
+  /** Disk processes restarted after dying, since create (kept across ctrl restarts). */
+  get restarts(): number {
+    return this.#lifetime.restarts;
+  }
+
   /** Starts a disk process; resolves once it reported ready (or the minor failed). */
   start(): Promise<void> {
     const waiter = Promise.withResolvers<void>();
@@ -87,7 +108,21 @@ export class Minor {
     return waiter.promise;
   }
 
+  // The previous disk process's counts join the totals since create (saved
+  // first, so a ctrl dying here counts them once), then the stats file is
+  // zeroed for the next process.
+  #beginProcessCounters(): void {
+    const life = this.#lifetime;
+    if (this.statsFile.generation > life.foldedGeneration) {
+      life.folded = addTotals(life.folded, this.statsFile.counters.totals());
+      life.foldedGeneration = this.statsFile.generation;
+      this.#host.changed();
+    }
+    this.statsFile.reset(life.foldedGeneration + 1);
+  }
+
   #spawn(): void {
+    this.#beginProcessCounters();
     const child = selfCommandFor(
       ["disk", "--minor", String(this.record.minor), "--socket", this.#host.diskSocketPath],
       { stdin: "null", stdout: "null", stderr: "inherit", env: { BLKTAP_LOG_LEVEL: logLevel() } },
@@ -117,7 +152,13 @@ export class Minor {
   connected(channel: KickChannel, pid: number): void {
     if (pid !== this.#child?.pid) {
       this.#host.log.warn(`minor ${this.record.minor}: hello from unexpected pid ${pid}`);
-      channel.close();
+      const servedBy = this.#child ? `pid ${this.#child.pid}, started by ctrl` : "nobody now";
+      channel.send({
+        t: "refused",
+        error:
+          `minor ${this.record.minor} is served by ${servedBy}; ctrl starts its disk processes itself`,
+      });
+      channel.closeAfterSending();
       return;
     }
     this.#channel = channel;
@@ -128,9 +169,12 @@ export class Minor {
       ringPages: r.ringPages,
       poolPages: r.poolPages,
       image: r.image,
+      probedRaw: r.probedRaw ?? false,
+      allowPaths: [...this.#host.allowPaths, ...(r.allowPaths ?? [])],
       readOnly: r.readOnly,
       cache: r.cache,
       qos: r.qos,
+      statsPath: this.statsFile.path,
     };
     channel.send({ t: "attach", ...config });
   }
@@ -199,7 +243,7 @@ export class Minor {
       return;
     }
     const reissued = this.disk.rearm();
-    this.restarts += 1;
+    this.#lifetime.restarts += 1;
     this.state = "restarting";
     this.#host.log.warn(
       `minor ${this.record.minor}: disk process ${child.pid} died (${how}); restarting, ${reissued} requests to re-issue`,
@@ -207,6 +251,11 @@ export class Minor {
     setTimeout(() => {
       if (!this.#destroying && this.state === "restarting") this.#spawn();
     }, restartDelayMs);
+  }
+
+  /** Marks the minor failed without starting a disk process (an image ctrl will not open). */
+  refuse(reason: string): void {
+    this.#markFailed(reason);
   }
 
   #markFailed(reason: string): void {
@@ -254,10 +303,16 @@ export class Minor {
     this.#host.changed();
   }
 
-  /** Resumes, optionally on another image (e.g. a new snapshot overlay). */
-  async resume(image?: string): Promise<void> {
-    const reply = await this.call("resume", image ? { image } : {});
-    if (image) this.record.image = image;
+  /**
+   * Resumes, optionally on another image (e.g. a new snapshot overlay),
+   * named with its type (`probedRaw` when ctrl probed it as raw).
+   */
+  async resume(image?: string, probedRaw = false): Promise<void> {
+    const reply = await this.call("resume", image ? { image, probedRaw } : {});
+    if (image) {
+      this.record.image = image;
+      this.record.probedRaw = probedRaw;
+    }
     this.record.sizeBytes = reply.sizeBytes as number;
     this.disk.attach(
       () => this.#channel?.kick(),
@@ -276,18 +331,25 @@ export class Minor {
     this.#host.changed();
   }
 
-  /** Counters from the disk process (when it is up) and from supervision. */
-  async stats(): Promise<Record<string, unknown>> {
-    let disk: DiskStats | undefined;
-    if (this.#channel) {
-      disk = (await this.call("stats").catch(() => ({ stats: undefined }))).stats as DiskStats;
-    }
+  /**
+   * Counters, read from the stats file (no call to the disk process, so a
+   * hung or dead one is shown too): `disk` since the current (or last) disk
+   * process started, `total` since create, dead processes included, with
+   * `restarts` beside them.
+   */
+  stats(): Record<string, unknown> {
+    const inflight = this.#channel ? this.statsFile.counters.inflight : 0;
+    const current = this.statsFile.counters.totals();
+    const life = this.#lifetime;
+    // Folded already (ctrl restarted before a process started): not twice.
+    const unfolded = this.statsFile.generation > life.foldedGeneration ? current : emptyTotals();
     return {
       ...this.summary(),
       outstanding: this.disk.outstanding,
-      restarts: this.restarts,
       ...(this.failure ? { failure: this.failure } : {}),
-      ...(disk ? { disk } : {}),
+      diskStartedAt: new Date(this.statsFile.sinceMs).toISOString(),
+      disk: withDerived(current, inflight) satisfies DiskStats,
+      total: withDerived(addTotals(life.folded, unfolded), inflight) satisfies DiskStats,
     };
   }
 
@@ -335,5 +397,7 @@ export class Minor {
     this.#settleWaiters(new Error(`minor ${this.record.minor} destroyed`));
     this.device.close();
     this.device.unlink();
+    this.statsFile.close();
+    this.statsFile.unlink();
   }
 }

@@ -6,14 +6,38 @@
  * @module
  */
 import type { QosSettings } from "../disk/disk_server.ts";
+import type { CounterTotals } from "../disk/counters.ts";
+
+/**
+ * A minor's history across disk-process restarts and ctrl restarts: the
+ * counts of every disk process that is gone (the stats file holds the
+ * current one's), and how many times one was restarted.
+ */
+export interface MinorLifetime {
+  /** Disk processes restarted after dying (crashed or killed), since create. */
+  restarts: number;
+  /** Counts of the disk processes already folded in. */
+  folded: CounterTotals;
+  /** Generation of the last process folded in: a stats file still at it is counted already. */
+  foldedGeneration: number;
+}
 
 /** One disk as ctrl remembers it. */
 export interface MinorRecord {
   minor: number;
   /** Export name (`--name`, default `tapN`). */
   name: string;
-  /** `type:path` currently served. */
+  /**
+   * `type:path` currently served, the path absolute. The format is decided
+   * once, at create (probed when the user named none) and never probed
+   * again. A bare path here comes from an older blktap: see `Ctrl`'s
+   * re-attach.
+   */
   image: string;
+  /** The format was probed as raw: writes that would change that are refused. */
+  probedRaw?: boolean;
+  /** `--allow-path` folders given at create (ctrl's own are added when opening). */
+  allowPaths?: string[];
   readOnly: boolean;
   cache: "none" | "writeback";
   qos: QosSettings;
@@ -26,6 +50,10 @@ export interface MinorRecord {
   paused: boolean;
   /** Pid of the disk process last started, for a new ctrl to clean up. */
   pid?: number;
+  /** The stats file the disk process counts into (absent in older registries: derived). */
+  statsPath?: string;
+  /** Totals since create (absent in older registries: from zero). */
+  lifetime?: MinorLifetime;
 }
 
 /** The registry file's content. */

@@ -11,6 +11,10 @@ import {
   UsageError,
 } from "../cli/command.ts";
 import { ctlRequest } from "./client.ts";
+import type { CounterTotals, DiskStats } from "../disk/counters.ts";
+import { ALLOW_PATH_OPTION, allowPathHelp, parseAllowPaths } from "../cli/allow_path.ts";
+import { isNullSpec } from "../disk/null_driver.ts";
+import { absolutePath, probedNote, specFilePath } from "../formats/open_image.ts";
 import { defaultRunDir } from "../cli/run_dir.ts";
 
 const RUN_DIR_HELP =
@@ -40,21 +44,42 @@ function minorArg(text: string): number | string {
   return /^\d+$/.test(text) ? Number(text) : text;
 }
 
+// A relative path in an image spec is relative to the caller, not to ctrl.
+function absoluteSpec(spec: string): string {
+  const path = isNullSpec(spec) ? undefined : specFilePath(spec);
+  return path === undefined ? spec : spec.slice(0, spec.length - path.length) + absolutePath(path);
+}
+
+// Says on stderr which format create or resume found, and QEMU's warning for probed raw.
+function reportImage(result: Record<string, unknown>): void {
+  if (result.probed === true) console.error(`blktap: ${probedNote(String(result.image))}`);
+  if (typeof result.warning === "string") console.error(`blktap: WARNING: ${result.warning}`);
+}
+
 const CREATE: Command = {
   name: "create",
   summary: "attach an image as a new minor; prints the minor and its NBD URI",
-  usage: `usage: blktap create TYPE:PATH [--name NAME] [--readonly] [--cache none|writeback]
-                     [--max-iops N] [--max-bps N] [--burst-ms MS] [--json] [--run-dir DIR]
+  usage: `usage: blktap create TYPE:PATH|PATH [--name NAME] [--readonly] [--cache none|writeback]
+                     [--allow-path DIR]... [--max-iops N] [--max-bps N] [--burst-ms MS]
+                     [--json] [--run-dir DIR]
 
-  --name NAME     export name (default tapN)
-  --readonly      refuse writes
-  --cache MODE    none (O_DIRECT, default) or writeback (page cache), as QEMU's cache modes
-  --max-iops N    QoS: requests per second (0 = unlimited)
-  --max-bps N     QoS: bytes per second (suffixes K, M, G)
-  --burst-ms MS   QoS bucket depth in milliseconds of the rate (default 1000)
-  --json          print {"minor", "name", "uri"} as JSON
+An image named by PATH alone is probed once, now, and recorded with the
+format found (TYPE:PATH); it is never probed again. A writable image probed
+as raw refuses writes that would make it probe as another format: name the
+format (aio:PATH) to lift that.
 
-Prints the minor, then the NBD URI of the new disk (when ctrl serves NBD).
+  --name NAME          export name (default tapN)
+  --readonly           refuse writes
+  --cache MODE         none (O_DIRECT, default) or writeback (page cache), as QEMU's cache modes
+${allowPathHelp(23)}
+  --max-iops N         QoS: requests per second (0 = unlimited)
+  --max-bps N          QoS: bytes per second (suffixes K, M, G)
+  --burst-ms MS        QoS bucket depth in milliseconds of the rate (default 1000)
+  --json               print {"minor", "name", "uri", "image", "format", "probed"} as JSON
+
+Prints the minor, then the NBD URI of the new disk (when ctrl serves NBD);
+on stderr, the format when it was probed. An image another minor writes, or
+one QEMU has open for writing, is refused.
 ${RUN_DIR_HELP}`,
   async run(argv) {
     const { values, positionals } = parseCommandArgs(argv, {
@@ -62,6 +87,7 @@ ${RUN_DIR_HELP}`,
       name: { type: "string" },
       readonly: { type: "boolean" },
       cache: { type: "string" },
+      ...ALLOW_PATH_OPTION,
       ...qosOptions,
       json: { type: "boolean" },
     }, { min: 1, max: 1 });
@@ -71,12 +97,14 @@ ${RUN_DIR_HELP}`,
     }
     const result = await ctlRequest(runDir(values), {
       op: "create",
-      image: positionals[0],
+      image: absoluteSpec(positionals[0]),
+      allowPaths: parseAllowPaths(values),
       name: values.name,
       readOnly: values.readonly ?? false,
       cache,
       ...qosRequest(values),
     });
+    reportImage(result);
     if (values.json) console.log(JSON.stringify(result));
     else console.log([result.minor, result.uri].filter((x) => x !== undefined).join("\n"));
     return 0;
@@ -86,8 +114,14 @@ ${RUN_DIR_HELP}`,
 const LIST: Command = {
   name: "list",
   summary: "list minors: name, pid, state, image, counters",
-  usage:
-    `usage: blktap list [--json] [--run-dir DIR]\n\n  --json          machine-readable output\n${RUN_DIR_HELP}`,
+  usage: `usage: blktap list [--json] [--run-dir DIR]
+
+OPS and ERRORS count since the disk was created, across restarts of its
+disk process (RESTARTS) and of ctrl; PROC-OPS and PROC-ERRORS since the
+current disk process (PID) started.
+
+  --json          machine-readable output
+${RUN_DIR_HELP}`,
   async run(argv) {
     const { values } = parseCommandArgs(argv, { ...runDirOption, json: { type: "boolean" } });
     const { minors } = await ctlRequest(runDir(values), { op: "list" }) as {
@@ -97,15 +131,33 @@ const LIST: Command = {
       console.log(JSON.stringify(minors, null, 2));
       return 0;
     }
-    const rows = [["MINOR", "NAME", "PID", "STATE", "OPS", "ERRORS", "RESTARTS", "IMAGE"]];
+    const rows = [[
+      "MINOR",
+      "NAME",
+      "PID",
+      "STATE",
+      "RESTARTS",
+      "OPS",
+      "ERRORS",
+      "PROC-OPS",
+      "PROC-ERRORS",
+      "IMAGE",
+    ]];
     for (const m of minors) {
-      const disk = m.disk as { ops: Record<string, number>; errors: number } | undefined;
-      const ops = disk ? Object.values(disk.ops).reduce((a, b) => a + b, 0) : "-";
-      rows.push(
-        [m.minor, m.name, m.pid ?? "-", m.state, ops, disk?.errors ?? "-", m.restarts, m.image].map(
-          String,
-        ),
-      );
+      const total = m.total as CounterTotals | undefined;
+      const disk = m.disk as CounterTotals | undefined;
+      rows.push([
+        m.minor,
+        m.name,
+        m.pid ?? "-",
+        m.state,
+        m.restarts,
+        total ? opsOf(total) : "-",
+        total?.errors ?? "-",
+        disk ? opsOf(disk) : "-",
+        disk?.errors ?? "-",
+        m.image,
+      ].map(String));
     }
     const widths = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));
     for (const r of rows) {
@@ -115,11 +167,21 @@ const LIST: Command = {
   },
 };
 
+function opsOf(counters: CounterTotals): number {
+  return Object.values(counters.ops).reduce((a, b) => a + b, 0);
+}
+
 const STATS: Command = {
   name: "stats",
-  summary: "counters of one minor (ops, bytes, errors, latency)",
-  usage:
-    `usage: blktap stats MINOR [--json] [--run-dir DIR]\n\n  --json          machine-readable output\n${RUN_DIR_HELP}`,
+  summary: "counters of one minor (ops, bytes, errors, latency), since create and per process",
+  usage: `usage: blktap stats MINOR [--json] [--run-dir DIR]
+
+Counters since the disk was created (every disk process, killed ones
+included, across ctrl restarts) and since the current disk process started.
+
+  --json          machine-readable output: "total" since create, "disk" for
+                  the current process (started at "diskStartedAt"), "restarts"
+${RUN_DIR_HELP}`,
   async run(argv) {
     const { values, positionals } = parseCommandArgs(argv, {
       ...runDirOption,
@@ -142,27 +204,36 @@ const STATS: Command = {
 };
 
 function printStats(stats: Record<string, unknown>): void {
-  const disk = stats.disk as Record<string, unknown> | undefined;
   for (const [key, value] of Object.entries(stats)) {
-    if (key !== "disk") {
-      console.log(`${key}: ${typeof value === "object" ? JSON.stringify(value) : value}`);
-    }
+    if (key === "disk" || key === "total" || key === "diskStartedAt") continue;
+    console.log(`${key}: ${typeof value === "object" ? JSON.stringify(value) : value}`);
   }
-  if (!disk) return;
-  const ops = disk.ops as Record<string, number>;
-  console.log(`ops: ${Object.entries(ops).map(([k, v]) => `${k}=${v}`).join(" ")}`);
+  const total = stats.total as DiskStats | undefined;
+  if (total) {
+    console.log(`since create (all disk processes, ${stats.restarts} restarts):`);
+    printCounters(total);
+  }
+  const disk = stats.disk as DiskStats | undefined;
+  if (disk) {
+    console.log(`this disk process (pid ${stats.pid ?? "-"}, since ${stats.diskStartedAt}):`);
+    printCounters(disk);
+    console.log(`  inflight: ${disk.inflight}`);
+  }
+}
+
+function printCounters(counters: DiskStats): void {
+  console.log(`  ops: ${Object.entries(counters.ops).map(([k, v]) => `${k}=${v}`).join(" ")}`);
   for (
     const key of [
       "bytesRead",
       "bytesWritten",
       "errors",
       "invalid",
-      "inflight",
       "latencyUsP50",
       "latencyUsP99",
-    ]
+    ] as const
   ) {
-    console.log(`${key}: ${disk[key]}`);
+    console.log(`  ${key}: ${counters[key]}`);
   }
 }
 
@@ -178,11 +249,12 @@ function simpleVerb(name: string, summary: string, extra = ""): Command {
         min: 1,
         max: extra ? 2 : 1,
       });
-      await ctlRequest(runDir(values), {
+      const result = await ctlRequest(runDir(values), {
         op: name,
         minor: minorArg(positionals[0]),
-        ...(positionals[1] ? { image: positionals[1] } : {}),
+        ...(positionals[1] ? { image: absoluteSpec(positionals[1]) } : {}),
       });
+      reportImage(result);
       return 0;
     },
   };
@@ -219,7 +291,7 @@ const EXERCISE: Command = {
 
 Runs the test front end inside ctrl on MINOR's ring: random reads and writes
 verified against a model of what it wrote (reads of sectors it has not
-written are not checked).
+written are checked only with --initial-zero).
 
   --requests N        stop after N requests (default: --seconds)
   --seconds S         stop after S seconds (default 10)
@@ -233,6 +305,7 @@ written are not checked).
   --region SIZE       only use the first SIZE bytes of the disk
   --no-verify         do not fill or check data (benchmarks)
   --aligned           page-aligned offsets and buffers (O_DIRECT without bounce)
+  --initial-zero      the disk is all zeros before the run: check unwritten sectors too
   --seed N            replay a run
   --json              machine-readable output
 ${RUN_DIR_HELP}`,
@@ -252,6 +325,7 @@ ${RUN_DIR_HELP}`,
       region: { type: "string" },
       "no-verify": { type: "boolean" },
       aligned: { type: "boolean" },
+      "initial-zero": { type: "boolean" },
       seed: { type: "string" },
       json: { type: "boolean" },
     }, { min: 1, max: 1 });
@@ -274,6 +348,7 @@ ${RUN_DIR_HELP}`,
       regionBytes: size(values.region),
       verify: !values["no-verify"],
       aligned: values.aligned ?? false,
+      initialZero: values["initial-zero"] ?? false,
       seed: parseCount(values.seed, "--seed"),
     });
     if (values.json) console.log(JSON.stringify(result));

@@ -45,6 +45,8 @@ export interface DiskServerOptions {
   maxInflightRequests?: number;
   qos?: QosSettings;
   log?: (message: string) => void;
+  /** Where to count (a minor's stats file); private counters by default. */
+  counters?: DiskCounters;
 }
 
 /** Default in-flight bound: a whole 128-entry ring. */
@@ -52,7 +54,7 @@ export const max_inflight_requests_default = 128;
 
 /** Serves one ring. */
 export class DiskServer {
-  readonly counters = new DiskCounters();
+  readonly counters: DiskCounters;
   readonly #back: BackRing;
   readonly #ringView: DataView;
   readonly #options: DiskServerOptions;
@@ -75,6 +77,8 @@ export class DiskServer {
 
   constructor(options: DiskServerOptions) {
     this.#options = options;
+    this.counters = options.counters ?? new DiskCounters();
+    this.counters.inflight = 0;
     this.#back = new BackRing(options.ring, options.fence);
     this.#ringView = this.#back.sring.view;
     this.#maxInflight = Math.min(
@@ -166,7 +170,7 @@ export class DiskServer {
   }
 
   #start(request: ParsedRequest): void {
-    this.#inflight += 1;
+    this.counters.inflight = ++this.#inflight;
     const started = performance.now();
     this.#execute(request).then(
       () => this.#finish(request, started, B.BLKIF_RSP_OKAY),
@@ -189,7 +193,7 @@ export class DiskServer {
 
   #finish(request: ParsedRequest, started: number, status: number): void {
     if (this.#stopped) return; // the ring may belong to a successor now
-    this.#inflight -= 1;
+    this.counters.inflight = --this.#inflight;
     if (request.kind === "flush" || request.kind === "barrier") this.#ordering = false;
     const latencyUs = (performance.now() - started) * 1000;
     this.counters.complete(
@@ -248,7 +252,7 @@ export class DiskServer {
   }
 
   stats(): DiskStats {
-    return this.counters.snapshot(this.#inflight);
+    return this.counters.snapshot();
   }
 
   /** Quiesces: no new request starts; resolves once in-flight ones drained and data is flushed. */
@@ -262,12 +266,20 @@ export class DiskServer {
 
   /** Resumes serving, optionally on a new driver (the old one is the caller's to close). */
   resume(driver?: BlockDriver): void {
-    if (driver) {
-      this.#driver = driver;
-      this.#ctx = this.#context(driver);
-    }
+    if (driver) this.replaceDriver(driver);
     this.#paused = false;
     this.kick();
+  }
+
+  /** Whether `pause` holds new requests back. */
+  get paused(): boolean {
+    return this.#paused;
+  }
+
+  /** Serves `driver` from now on, paused or not as before (the old one is the caller's to close). */
+  replaceDriver(driver: BlockDriver): void {
+    this.#driver = driver;
+    this.#ctx = this.#context(driver);
   }
 
   /** Changes QoS limits. */

@@ -21,6 +21,7 @@ import {
   probeFormat,
 } from "../formats/open_image.ts";
 import { openImageFile } from "../formats/raw/open_file.ts";
+import { resolveStoredName } from "../formats/chain_policy.ts";
 
 /** Backing chains deeper than this are refused (as `openImage` does). */
 export const chain_depth_max = 64;
@@ -38,11 +39,6 @@ export function isRawFormat(format: string): boolean {
   return format === "aio" || format === "sync" || format === "raw";
 }
 
-function dirname(path: string): string {
-  const slash = path.lastIndexOf("/");
-  return slash < 0 ? "." : slash === 0 ? "/" : path.slice(0, slash);
-}
-
 async function layerInfo(path: string, format: string): Promise<ImageInfo> {
   const entry = formatEntry(format);
   if (!entry) throw new BlockError("EINVAL", `${path}: unknown image format '${format}'`);
@@ -51,31 +47,44 @@ async function layerInfo(path: string, format: string): Promise<ImageInfo> {
   return { format: entry.name, virtualSizeBytes: stat.size };
 }
 
-/** Walks the backing chain of `spec` (`type:path` or a path), top first. */
+// The file behind a path (a link or another spelling of the same path is the same file).
+async function fileIdentity(path: string): Promise<string | undefined> {
+  try {
+    const stat = await Deno.stat(path);
+    return `${stat.dev}:${stat.ino}`;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Walks the backing chain of `spec` (`type:path` or a path), top first.
+ * Throws, naming the chain, when a backing file is missing, when the chain
+ * comes back to a file already in it (an image that is its own backing
+ * file, two images backing each other), or when it is deeper than
+ * {@linkcode chain_depth_max}.
+ */
 export async function describeChain(spec: string): Promise<ChainLayer[]> {
   const parsed = parseImageSpec(spec);
   let path = parsed.path;
   let format = parsed.format ?? await probeFormat(path);
   const layers: ChainLayer[] = [];
+  const seen = new Set<string | undefined>([await fileIdentity(path)]);
   for (;;) {
     const info = await layerInfo(path, format);
     layers.push({ path, format: formatEntry(format)!.name, info });
     if (!info.backingFile) return layers;
-    const next = info.backingFile.startsWith("/")
-      ? info.backingFile
-      : `${dirname(path)}/${info.backingFile}`;
+    const next = resolveStoredName(info.backingFile, path);
     const shown = [...layers.map((l) => l.path), next].join(" -> ");
     if (layers.length >= chain_depth_max) {
       throw new BlockError("EINVAL", `backing chain deeper than ${chain_depth_max}: ${shown}`);
     }
-    if (layers.some((l) => l.path === next)) {
-      throw new BlockError("EINVAL", `backing file loop: ${shown}`);
-    }
-    try {
-      await Deno.stat(next);
-    } catch {
+    const identity = await fileIdentity(next);
+    if (identity === undefined) {
       throw new BlockError("EINVAL", `backing file ${next} not found (chain: ${shown})`);
     }
+    if (seen.has(identity)) throw new BlockError("EINVAL", `backing file loop: ${shown}`);
+    seen.add(identity);
     path = next;
     format = info.backingFormat && formatEntry(info.backingFormat)
       ? info.backingFormat
@@ -124,7 +133,7 @@ export async function openLayerAlone(layer: ChainLayer): Promise<BlockDriver> {
   const context: OpenContext = {
     openFile: (path, options) => openImageFile(path, options),
     openBacking: async (name, overlayPath, format) => {
-      const path = name.startsWith("/") ? name : `${dirname(overlayPath)}/${name}`;
+      const path = resolveStoredName(name, overlayPath);
       const real = await openImage(format ? `${format}:${path}` : path, { readOnly: true });
       const size = real.sizeBytes;
       await real.close();

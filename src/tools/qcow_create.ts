@@ -8,6 +8,7 @@
 import { type Command, parseCommandArgs, parseSize, UsageError } from "../cli/command.ts";
 import { openImage } from "../formats/open_image.ts";
 import { createQcow } from "../formats/qcow/create.ts";
+import { resolveStoredName } from "../formats/chain_policy.ts";
 
 const USAGE = `usage: blktap qcow-create [-r] SIZE FILE [BACKING]
 
@@ -21,11 +22,6 @@ Creates FILE as a qcow (version 1) image in blktap's layout.
               an absolute path.
   -r, --reserve   preallocate every cluster (no backing file)`;
 
-function _dirname(path: string): string {
-  const slash = path.lastIndexOf("/");
-  return slash < 0 ? "." : slash === 0 ? "/" : path.slice(0, slash);
-}
-
 function _exists(path: string): boolean {
   try {
     Deno.statSync(path);
@@ -38,7 +34,7 @@ function _exists(path: string): boolean {
 /** The name to store for `backing`, and the path to open it by now. */
 export function resolveBackingForCreate(backing: string, imagePath: string) {
   if (backing.startsWith("/")) return { stored: backing, path: backing };
-  const fromImage = `${_dirname(imagePath)}/${backing}`;
+  const fromImage = resolveStoredName(backing, imagePath);
   if (_exists(fromImage)) return { stored: backing, path: fromImage };
   if (_exists(backing)) {
     const absolute = Deno.realPathSync(backing);
