@@ -11,14 +11,12 @@
  * @module
  */
 import type { ImageFile } from "../image_file.ts";
-import { CachedTable, table_block_bytes, TableCache } from "../table_cache.ts";
+import { CachedTable, table_block_bytes } from "../table_cache.ts";
 import { decodeL1, decodeL2, HI_COPIED, type L1Entry, type L2Entry } from "./entries.ts";
 import type { Qcow2Geometry } from "./header.ts";
 import type { MetadataWriter } from "./metadata_writer.ts";
 import { observed } from "./observed.ts";
-
-/** Bytes of one cached L2 slice (at most a cluster). */
-export const l2_slice_bytes_max = 4096;
+import { SliceCache } from "./slice_cache.ts";
 
 /** L1 in memory, L2 slices cached. */
 export class MappingTables {
@@ -29,9 +27,8 @@ export class MappingTables {
   readonly l1Size: number;
   readonly #l1: Uint8Array;
   readonly #l1View: DataView;
-  readonly #file: ImageFile;
   readonly #writer: MetadataWriter;
-  readonly #cache: TableCache;
+  readonly #slices: SliceCache;
 
   constructor(
     file: ImageFile,
@@ -40,36 +37,25 @@ export class MappingTables {
     l1: { offsetBytes: number; size: number; bytes: Uint8Array },
     cacheBytesMax: number,
   ) {
-    this.#file = file;
     this.g = g;
     this.#writer = writer;
-    this.sliceBytes = Math.min(g.clusterBytes, l2_slice_bytes_max);
+    this.#slices = new SliceCache(file, writer, g.clusterBytes, cacheBytesMax);
+    this.sliceBytes = this.#slices.sliceBytes;
     this.entriesPerSlice = this.sliceBytes / 8;
     this.l1Offset = l1.offsetBytes;
     this.l1Size = l1.size;
     this.#l1 = l1.bytes;
     this.#l1View = new DataView(l1.bytes.buffer, l1.bytes.byteOffset, l1.bytes.byteLength);
-    this.#cache = new TableCache(
-      Math.floor(cacheBytesMax / this.sliceBytes),
-      (key) => this.#load(key),
-      () => this.#writer.idle(),
-    );
   }
 
   /** Bytes of L2 slices cached now. */
   get cachedBytes(): number {
-    return this.#cache.size * this.sliceBytes;
+    return this.#slices.cachedBytes;
   }
 
   l1Entry(index: number): L1Entry {
     if (index >= this.l1Size) return { offsetBytes: 0, copied: false, reserved: false };
     return decodeL1(this.#l1View.getUint32(index * 8), this.#l1View.getUint32(index * 8 + 4));
-  }
-
-  async #load(key: number): Promise<CachedTable> {
-    const bytes = new Uint8Array(this.sliceBytes);
-    await this.#file.read(key * this.sliceBytes, bytes);
-    return new CachedTable(key, key * this.sliceBytes, bytes);
   }
 
   /** Entries `[first, first + count)` of the L2 table at `tableOffset` (one table). */
@@ -78,7 +64,7 @@ export class MappingTables {
     for (let i = 0; i < count;) {
       const index = first + i;
       const key = tableOffset / this.sliceBytes + Math.floor(index / this.entriesPerSlice);
-      const slice = await this.#cache.get(key);
+      const slice = await this.#slices.cache.get(key);
       const within = index % this.entriesPerSlice;
       const n = Math.min(count - i, this.entriesPerSlice - within);
       for (let k = 0; k < n; k += 1) {
@@ -103,27 +89,16 @@ export class MappingTables {
       const n = Math.min(values.length - i, this.entriesPerSlice - within);
       const from = i;
       // Wrapped: a promise returned from the callback would be awaited here.
-      const { written } = await this.#cache.update(key, (slice) => {
+      const { written } = await this.#slices.cache.update(key, (slice) => {
         for (let k = 0; k < n; k += 1) {
           slice.setEntry(within + k, values[from + k][0], values[from + k][1]);
         }
-        slice.dirtyBlocks.clear(); // written through below, not at a commit
-        return { written: this.#persist(slice) };
+        return { written: this.#slices.persist(slice) };
       });
       writes.push(written);
       i += n;
     }
     await Promise.all(writes);
-  }
-
-  /** Writes `slice` whole and pins it until the write completes. */
-  #persist(slice: CachedTable): Promise<void> {
-    slice.writesInFlight += 1;
-    return observed(
-      this.#writer.persist(slice.offsetBytes, () => slice.bytes.slice()).finally(() => {
-        slice.writesInFlight -= 1;
-      }),
-    );
   }
 
   /**
@@ -139,7 +114,7 @@ export class MappingTables {
       const slice = new CachedTable(key, tableOffset + s * this.sliceBytes, bytes);
       slice.writesInFlight += 1;
       slices.push(slice);
-      await this.#cache.insert(slice);
+      await this.#slices.cache.insert(slice);
     }
     written.catch(() => {}).finally(() => {
       for (const slice of slices) slice.writesInFlight -= 1;

@@ -58,8 +58,3 @@ export function setRefcount(view: DataView, index: number, order: number, value:
       view.setUint32(index * 8 + 4, value >>> 0);
   }
 }
-
-/** Byte offset inside a refcount block of entry `index` (its containing byte). */
-export function refcountByteOffset(index: number, order: number): number {
-  return Math.floor((index * (1 << order)) / 8);
-}

@@ -11,22 +11,20 @@
  */
 import { BlockError } from "../driver.ts";
 import type { ImageFile } from "../image_file.ts";
-import { CachedTable, table_block_bytes, TableCache } from "../table_cache.ts";
+import { table_block_bytes } from "../table_cache.ts";
 import { decodeReftable } from "./entries.ts";
 import type { Qcow2Geometry } from "./header.ts";
 import type { MetadataWriter } from "./metadata_writer.ts";
 import { observed } from "./observed.ts";
 import { getRefcount, setRefcount } from "./refcount_width.ts";
-
-/** Bytes of one cached slice of a refcount block (at most a cluster). */
-export const refcount_slice_bytes_max = 4096;
+import { SliceCache } from "./slice_cache.ts";
 
 /** The refcount structures of one image. */
 export class RefcountStore {
   readonly g: Qcow2Geometry;
   readonly #file: ImageFile;
   readonly #writer: MetadataWriter;
-  readonly #cache: TableCache;
+  readonly #slices: SliceCache;
   readonly sliceBytes: number;
   readonly entriesPerSlice: number;
   tableOffsetBytes: number;
@@ -44,22 +42,18 @@ export class RefcountStore {
     this.#file = file;
     this.g = g;
     this.#writer = writer;
-    this.sliceBytes = Math.min(g.clusterBytes, refcount_slice_bytes_max);
+    this.#slices = new SliceCache(file, writer, g.clusterBytes, cacheBytesMax);
+    this.sliceBytes = this.#slices.sliceBytes;
     this.entriesPerSlice = (this.sliceBytes * 8) / g.refcountBits;
     this.tableOffsetBytes = table.offsetBytes;
     this.tableClusters = table.clusters;
     this.#table = table.bytes;
     this.#tableView = new DataView(table.bytes.buffer, table.bytes.byteOffset);
-    this.#cache = new TableCache(
-      Math.floor(cacheBytesMax / this.sliceBytes),
-      (key) => this.#load(key),
-      () => this.#writer.idle(),
-    );
   }
 
   /** Bytes of refcount slices cached now. */
   get cachedBytes(): number {
-    return this.#cache.size * this.sliceBytes;
+    return this.#slices.cachedBytes;
   }
 
   /** Entries of the refcount table. */
@@ -91,12 +85,6 @@ export class RefcountStore {
     return e.offsetBytes;
   }
 
-  async #load(key: number): Promise<CachedTable> {
-    const bytes = new Uint8Array(this.sliceBytes);
-    await this.#file.read(key * this.sliceBytes, bytes);
-    return new CachedTable(key, key * this.sliceBytes, bytes);
-  }
-
   /** Where cluster `cluster`'s refcount lives: slice key and index, or undefined (no block). */
   #locate(cluster: number): { key: number; index: number } | undefined {
     const block = Math.floor(cluster / this.g.refblockEntries);
@@ -116,7 +104,7 @@ export class RefcountStore {
   async get(cluster: number): Promise<number> {
     const at = this.#locate(cluster);
     if (!at) return 0;
-    const slice = await this.#cache.get(at.key);
+    const slice = await this.#slices.cache.get(at.key);
     return getRefcount(slice.view, at.index, this.g.refcountOrder);
   }
 
@@ -127,7 +115,7 @@ export class RefcountStore {
   async visitSlice(cluster: number, visit: (cluster: number, refcount: number) => void) {
     const at = this.#locate(cluster);
     if (!at) return;
-    const slice = await this.#cache.get(at.key);
+    const slice = await this.#slices.cache.get(at.key);
     const first = cluster - at.index;
     for (let i = 0; i < this.entriesPerSlice; i += 1) {
       visit(first + i, getRefcount(slice.view, i, this.g.refcountOrder));
@@ -152,7 +140,7 @@ export class RefcountStore {
       const n = Math.min(first + count - c, this.entriesPerSlice - at.index);
       const start = c;
       // Wrapped: a promise returned from the callback would be awaited here.
-      const { write } = await this.#cache.update(at.key, (slice) => {
+      const { write } = await this.#slices.cache.update(at.key, (slice) => {
         let changed = false;
         for (let i = 0; i < n; i += 1) {
           const old = getRefcount(slice.view, at.index + i, this.g.refcountOrder);
@@ -167,26 +155,12 @@ export class RefcountStore {
           setRefcount(slice.view, at.index + i, this.g.refcountOrder, value);
           changed = true;
         }
-        return { write: changed ? this.#persist(slice) : undefined };
+        return { write: changed ? this.#slices.persist(slice) : undefined };
       });
       if (write) writes.push(write);
       c += n;
     }
     return { written: observed(Promise.all(writes).then(() => {})) };
-  }
-
-  /**
-   * Writes `slice` whole (an aligned block: no read-modify-write under
-   * O_DIRECT; unchanged sectors rewritten with the same bytes are harmless
-   * if torn); pins it until the write completes.
-   */
-  #persist(slice: CachedTable): Promise<void> {
-    slice.writesInFlight += 1;
-    return observed(
-      this.#writer.persist(slice.offsetBytes, () => slice.bytes.slice()).finally(() => {
-        slice.writesInFlight -= 1;
-      }),
-    );
   }
 
   /** Points refcount table entry `index` at `offsetBytes` and writes that entry's block. */
@@ -212,7 +186,7 @@ export class RefcountStore {
   /** Drops cached slices of a cluster about to become a refcount block. */
   forgetCluster(offsetBytes: number): void {
     for (let s = 0; s < this.g.clusterBytes / this.sliceBytes; s += 1) {
-      this.#cache.forget(offsetBytes / this.sliceBytes + s);
+      this.#slices.cache.forget(offsetBytes / this.sliceBytes + s);
     }
   }
 }
