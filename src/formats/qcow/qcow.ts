@@ -42,18 +42,18 @@ import {
 } from "./header.ts";
 import { CachedTable, TableCache } from "../table_cache.ts";
 import { inflateCluster } from "../cluster_compress.ts";
+import {
+  type MapRun,
+  pushExtent,
+  pushMapRun,
+  readBeneath,
+  statusBeneath,
+  zeroBeneath,
+} from "../beneath.ts";
 import { isZeroBytes } from "../zero_bytes.ts";
 
 /** Bytes read at open for the header, its extension and the backing name. */
 const head_bytes = 4096;
-
-/** One run of {@linkcode QcowDriver.mapRuns}. */
-export interface QcowMapRun {
-  offsetBytes: number;
-  lengthBytes: number;
-  kind: "hole" | "data" | "compressed";
-  hostOffsetBytes?: number;
-}
 
 /** What the driver learned at open, also used by `check` and `info`. */
 export interface QcowImage {
@@ -356,11 +356,8 @@ export class QcowDriver extends BlockDriverBase {
   }
 
   /** What lies beneath this image at a range: the parent's bytes or zeros. */
-  async #readBeneath(offsetBytes: number, out: Uint8Array): Promise<void> {
-    const parentSize = this.#parent?.sizeBytes ?? 0;
-    const inParent = Math.max(0, Math.min(out.byteLength, parentSize - offsetBytes));
-    if (inParent > 0) await this.#parent!.read(offsetBytes, out.subarray(0, inParent));
-    out.fill(0, inParent);
+  #readBeneath(offsetBytes: number, out: Uint8Array): Promise<void> {
+    return readBeneath(this.#parent, offsetBytes, [out]);
   }
 
   async #inflate(hostOffset: number, compressedBytes: number, guest: number): Promise<Uint8Array> {
@@ -528,12 +525,8 @@ export class QcowDriver extends BlockDriverBase {
     return (await this.#zeroBeneath(clusterStart, clusterBytes)) ? undefined : bytes;
   }
 
-  async #zeroBeneath(offsetBytes: number, lengthBytes: number): Promise<boolean> {
-    const parentSize = this.#parent?.sizeBytes ?? 0;
-    const inParent = Math.min(lengthBytes, parentSize - offsetBytes);
-    if (inParent <= 0) return true;
-    const extents = await this.#parent!.blockStatus(offsetBytes, inParent);
-    return extents.every((e) => e.zero);
+  #zeroBeneath(offsetBytes: number, lengthBytes: number): Promise<boolean> {
+    return zeroBeneath(this.#parent, offsetBytes, lengthBytes);
   }
 
   /** Writes new clusters, one request per run of adjacent host offsets. */
@@ -636,11 +629,7 @@ export class QcowDriver extends BlockDriverBase {
     lengthBytes: number,
   ): Promise<Extent[]> {
     const extents: Extent[] = [];
-    const push = (e: Extent) => {
-      const last = extents[extents.length - 1];
-      if (last && last.hole === e.hole && last.zero === e.zero) last.lengthBytes += e.lengthBytes;
-      else extents.push({ ...e });
-    };
+    const push = (e: Extent) => pushExtent(extents, e);
     const { clusterBytes, l2Entries, l2SpanBytes } = this.#geo;
     const end = offsetBytes + lengthBytes;
     for (let pos = offsetBytes; pos < end;) {
@@ -675,9 +664,9 @@ export class QcowDriver extends BlockDriverBase {
    * prints them): unallocated runs are holes, plain clusters data at their
    * file offset, compressed clusters data without one.
    */
-  async mapRuns(offsetBytes: number, lengthBytes: number): Promise<QcowMapRun[]> {
+  async mapRuns(offsetBytes: number, lengthBytes: number): Promise<MapRun[]> {
     this.checkRange(offsetBytes, lengthBytes);
-    const runs: QcowMapRun[] = [];
+    const runs: MapRun[] = [];
     const { clusterBytes, l2Entries, l2SpanBytes, clusterBits } = this.#geo;
     const end = offsetBytes + lengthBytes;
     let table: CachedTable | undefined;
@@ -691,37 +680,20 @@ export class QcowDriver extends BlockDriverBase {
       const clusterEnd = Math.min(end, pos - (pos % clusterBytes) + clusterBytes);
       const index = Math.floor(pos / clusterBytes) % l2Entries;
       const entry = table ? decodeEntry(table.hi(index), table.lo(index), clusterBits) : undefined;
-      const run: QcowMapRun = { offsetBytes: pos, lengthBytes: clusterEnd - pos, kind: "hole" };
+      const run: MapRun = { offsetBytes: pos, lengthBytes: clusterEnd - pos, kind: "hole" };
       if (entry?.compressed) run.kind = "compressed";
       else if (entry && entry.offsetBytes !== 0) {
         run.kind = "data";
         run.hostOffsetBytes = entry.offsetBytes + (pos % clusterBytes);
       }
-      const last = runs[runs.length - 1];
-      const joins = last && last.kind === run.kind &&
-        (last.hostOffsetBytes === undefined
-          ? run.hostOffsetBytes === undefined
-          : last.hostOffsetBytes + last.lengthBytes === run.hostOffsetBytes);
-      if (joins) last.lengthBytes += run.lengthBytes;
-      else runs.push(run);
+      pushMapRun(runs, run);
       pos = clusterEnd;
     }
     return runs;
   }
 
-  async #statusBeneath(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
-    const parentSize = this.#parent?.sizeBytes ?? 0;
-    const inParent = Math.max(0, Math.min(lengthBytes, parentSize - offsetBytes));
-    const extents = inParent > 0 ? await this.#parent!.blockStatus(offsetBytes, inParent) : [];
-    if (inParent < lengthBytes) {
-      extents.push({
-        offsetBytes: offsetBytes + inParent,
-        lengthBytes: lengthBytes - inParent,
-        hole: true,
-        zero: true,
-      });
-    }
-    return extents;
+  #statusBeneath(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
+    return statusBeneath(this.#parent, offsetBytes, lengthBytes);
   }
 
   async close(): Promise<void> {

@@ -36,6 +36,14 @@ import {
 import type { ImageFile, ImageOpenOptions } from "../image_file.ts";
 import type { OpenContext } from "../format_entry.ts";
 import { deflateCluster, inflateCluster } from "../cluster_compress.ts";
+import {
+  type MapRun,
+  pushExtent,
+  pushMapRun,
+  readBeneath,
+  statusBeneath,
+  zeroBeneath,
+} from "../beneath.ts";
 import { isZeroBytes } from "../zero_bytes.ts";
 import { ClusterAllocator, type ClusterRun } from "./allocator.ts";
 import { ClusterLocks } from "./cluster_locks.ts";
@@ -59,14 +67,6 @@ import { observed } from "./observed.ts";
 import { joined, Payload } from "./payload.ts";
 import { RefcountStore } from "./refcounts.ts";
 import { repairQcow2 } from "./check.ts";
-
-/** One run of {@linkcode Qcow2Driver.mapRuns}: this layer alone. */
-export interface Qcow2MapRun {
-  offsetBytes: number;
-  lengthBytes: number;
-  kind: "hole" | "data" | "compressed" | "zero";
-  hostOffsetBytes?: number;
-}
 
 /** A table being created or copied for writing, until its L1 entry points at it. */
 interface TablePrep {
@@ -396,21 +396,9 @@ export class Qcow2Driver extends BlockDriverBase {
     })).then(() => {});
   }
 
-  /** What lies beneath this image: the parent's bytes or zeros. */
-  async #readBeneath(pos: number, payload: Payload, at: number, length: number): Promise<void> {
-    const parentSize = this.#parent?.sizeBytes ?? 0;
-    const inParent = Math.max(0, Math.min(length, parentSize - pos));
-    if (inParent > 0) {
-      const parts = payload.slice(at, at + inParent);
-      if (parts.length === 1) await this.#parent!.read(pos, parts[0]);
-      else if (this.#parent!.readv) await this.#parent!.readv(pos, parts);
-      else {
-        const bounce = new Uint8Array(inParent);
-        await this.#parent!.read(pos, bounce);
-        payload.copyFrom(at, bounce);
-      }
-    }
-    if (inParent < length) payload.fill(at + inParent, at + length);
+  /** What lies beneath this image at payload bytes `[at, at + length)`. */
+  #readBeneath(pos: number, payload: Payload, at: number, length: number): Promise<void> {
+    return readBeneath(this.#parent, pos, payload.slice(at, at + length));
   }
 
   async #inflate(entry: L2Entry, guestStart: number): Promise<Uint8Array> {
@@ -621,12 +609,8 @@ export class Qcow2Driver extends BlockDriverBase {
     return await this.#zeroBeneath(guestOffset, length);
   }
 
-  async #zeroBeneath(offsetBytes: number, lengthBytes: number): Promise<boolean> {
-    const parentSize = this.#parent?.sizeBytes ?? 0;
-    const inParent = Math.min(lengthBytes, parentSize - offsetBytes);
-    if (inParent <= 0) return true;
-    const extents = await this.#parent!.blockStatus(offsetBytes, inParent);
-    return extents.every((e) => e.zero);
+  #zeroBeneath(offsetBytes: number, lengthBytes: number): Promise<boolean> {
+    return zeroBeneath(this.#parent, offsetBytes, lengthBytes);
   }
 
   /** Writes the new clusters: whole, or only the written part of a fresh cluster over zeros. */
@@ -997,33 +981,19 @@ export class Qcow2Driver extends BlockDriverBase {
     lengthBytes: number,
   ): Promise<Extent[]> {
     const extents: Extent[] = [];
-    const push = (e: Extent) => {
-      const last = extents[extents.length - 1];
-      if (last && last.hole === e.hole && last.zero === e.zero) last.lengthBytes += e.lengthBytes;
-      else extents.push({ ...e });
-    };
     for (const run of await this.mapRuns(offsetBytes, lengthBytes)) {
       if (run.kind === "hole") {
-        for (const e of await this.#statusBeneath(run.offsetBytes, run.lengthBytes)) push(e);
+        const beneath = await statusBeneath(this.#parent, run.offsetBytes, run.lengthBytes);
+        for (const e of beneath) pushExtent(extents, e);
       } else {
         const zero = run.kind === "zero";
-        push({ offsetBytes: run.offsetBytes, lengthBytes: run.lengthBytes, hole: false, zero });
+        pushExtent(extents, {
+          offsetBytes: run.offsetBytes,
+          lengthBytes: run.lengthBytes,
+          hole: false,
+          zero,
+        });
       }
-    }
-    return extents;
-  }
-
-  async #statusBeneath(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
-    const parentSize = this.#parent?.sizeBytes ?? 0;
-    const inParent = Math.max(0, Math.min(lengthBytes, parentSize - offsetBytes));
-    const extents = inParent > 0 ? await this.#parent!.blockStatus(offsetBytes, inParent) : [];
-    if (inParent < lengthBytes) {
-      extents.push({
-        offsetBytes: offsetBytes + inParent,
-        lengthBytes: lengthBytes - inParent,
-        hole: true,
-        zero: true,
-      });
     }
     return extents;
   }
@@ -1034,9 +1004,9 @@ export class Qcow2Driver extends BlockDriverBase {
    * compressed clusters data without one, zero clusters zero (with the
    * offset of a preallocated one).
    */
-  async mapRuns(offsetBytes: number, lengthBytes: number): Promise<Qcow2MapRun[]> {
+  async mapRuns(offsetBytes: number, lengthBytes: number): Promise<MapRun[]> {
     this.checkRange(offsetBytes, lengthBytes);
-    const runs: Qcow2MapRun[] = [];
+    const runs: MapRun[] = [];
     const c = this.#g.clusterBytes;
     const end = offsetBytes + lengthBytes;
     for (let pos = offsetBytes; pos < end;) {
@@ -1044,7 +1014,7 @@ export class Qcow2Driver extends BlockDriverBase {
       const tableEnd = Math.min(end, (l1Index + 1) * this.#g.l2SpanBytes);
       const table = this.#tableOf(l1Index);
       if (table.offsetBytes === 0) {
-        _pushRun(runs, { offsetBytes: pos, lengthBytes: tableEnd - pos, kind: "hole" });
+        pushMapRun(runs, { offsetBytes: pos, lengthBytes: tableEnd - pos, kind: "hole" });
         pos = tableEnd;
         continue;
       }
@@ -1058,7 +1028,7 @@ export class Qcow2Driver extends BlockDriverBase {
         const clusterStart = p - (p % c);
         const clusterEnd = Math.min(tableEnd, clusterStart + c);
         const e = entries[clusterStart / c - first];
-        const run: Qcow2MapRun = { offsetBytes: p, lengthBytes: clusterEnd - p, kind: "hole" };
+        const run: MapRun = { offsetBytes: p, lengthBytes: clusterEnd - p, kind: "hole" };
         if (e.kind === "normal") {
           run.kind = "data";
           run.hostOffsetBytes = this.#hostOf(e, clusterStart) + (p - clusterStart);
@@ -1067,7 +1037,7 @@ export class Qcow2Driver extends BlockDriverBase {
           run.kind = "zero";
           if (e.kind === "zero-alloc") run.hostOffsetBytes = e.offsetBytes + (p - clusterStart);
         }
-        _pushRun(runs, run);
+        pushMapRun(runs, run);
         p = clusterEnd;
       }
       pos = tableEnd;
@@ -1107,16 +1077,6 @@ async function _settled(promises: Promise<unknown>[]): Promise<void> {
   const results = await Promise.allSettled(promises);
   const failed = results.find((r) => r.status === "rejected");
   if (failed) throw (failed as PromiseRejectedResult).reason;
-}
-
-function _pushRun(runs: Qcow2MapRun[], run: Qcow2MapRun): void {
-  const last = runs[runs.length - 1];
-  const joins = last && last.kind === run.kind &&
-    (last.hostOffsetBytes === undefined
-      ? run.hostOffsetBytes === undefined
-      : last.hostOffsetBytes + last.lengthBytes === run.hostOffsetBytes);
-  if (joins) last.lengthBytes += run.lengthBytes;
-  else runs.push(run);
 }
 
 function _assignHosts(fresh: FreshCluster[], runs: ClusterRun[], clusterBytes: number): void {

@@ -11,7 +11,8 @@ import { createQcow2 } from "../../../src/formats/qcow2/create.ts";
 import { Qcow2Driver } from "../../../src/formats/qcow2/qcow2.ts";
 import { checkQcow2 } from "../../../src/formats/qcow2/check.ts";
 import { testSeed } from "../../_helpers/random.ts";
-import { runOk } from "../../_helpers/tools.ts";
+import { hasTool, runOk } from "../../_helpers/tools.ts";
+import { withNbdServer } from "../../_helpers/nbd_harness.ts";
 import {
   assertQemuClean,
   assertQemuReads,
@@ -287,6 +288,84 @@ Deno.test({
       assert.equal(c.corruptions + c.leaks, 0, JSON.stringify(c));
       assert.equal(c.allocated, 300);
       void readAll;
+    });
+  },
+});
+
+Deno.test({
+  name: "qcow2 over NBD: qemu-io writes, zeroes and trims through blktap, QEMU checks the image",
+  ignore: !hasQemu || !hasTool("nbdinfo"),
+  fn: async () => {
+    await inTempDir(async (dir) => {
+      const path = `${dir}/n.qcow2`;
+      await createQcow2(path, { sizeBytes: 8 << 20, options: {} });
+      const driver = await openImage(path);
+      await withNbdServer([{ name: "q", driver }], async (h) => {
+        const io = (...cmds: string[]) =>
+          runOk("qemu-io", ["-f", "raw", ...cmds.flatMap((c) => ["-c", c]), h.uri("q")]);
+        await io(
+          "write -P 0x61 0 3M",
+          "write -z 1M 512k",
+          "discard 2M 1M",
+          "write -P 0x62 5000 3000",
+        );
+        await io(
+          "read -P 0x61 0 5000",
+          "read -P 0x62 5000 3000",
+          "read -P 0 1M 512k",
+          "read -P 0x61 1536k 512k",
+        );
+        const map = JSON.parse(await runOk("nbdinfo", ["--map", "--json", h.uri("q")])) as {
+          offset: number;
+          type: number;
+        }[];
+        // 1M..1.5M and 2M..3M are zero clusters: reported zero (type bit 2), not holes.
+        assert.ok(map.some((e) => e.offset === 1 << 20 && (e.type & 2) === 2), JSON.stringify(map));
+      });
+      await driver.close();
+      const model = new Uint8Array(8 << 20);
+      model.fill(0x61, 0, 2 << 20);
+      model.fill(0, 1 << 20, (1 << 20) + (512 << 10));
+      model.fill(0x62, 5000, 8000);
+      await assertQemuClean(path);
+      await assertQemuReads(dir, path, model);
+    });
+  },
+});
+
+Deno.test({
+  name:
+    "qcow2: a chain 12 layers deep, layers made by QEMU and by us in turns, reads as QEMU reads it",
+  ignore: !hasQemu,
+  fn: async () => {
+    await inTempDir(async (dir) => {
+      const rng = testSeed("qcow2 deep chain");
+      const size = 4 << 20;
+      await Deno.writeFile(`${dir}/l0.raw`, rng.bytes(size));
+      let below = { name: "l0.raw", format: "raw" };
+      for (let i = 1; i <= 12; i += 1) {
+        const path = `${dir}/l${i}.qcow2`;
+        const at = rng.int(0, size - 70_000);
+        if (i % 2) {
+          await qemuCreate(path, size, { cluster_size: "16K" }, below);
+          await runOk("qemu-io", ["-f", "qcow2", "-c", `write -P ${i} ${at} 65536`, path]);
+        } else {
+          await createQcow2(path, {
+            sizeBytes: size,
+            backingName: below.name,
+            backingFormat: below.format,
+            options: { cluster_size: "4K" },
+          });
+          const d = await openImage(path);
+          await d.write(at + 3, new Uint8Array(65536).fill(i));
+          await d.close();
+        }
+        below = { name: `l${i}.qcow2`, format: "qcow2" };
+      }
+      await runOk("qemu-img", ["convert", "-O", "raw", `${dir}/l12.qcow2`, `${dir}/ref.raw`]);
+      const driver = await openImage(`${dir}/l12.qcow2`, { readOnly: true });
+      await assertReads(driver, await Deno.readFile(`${dir}/ref.raw`), "deep chain");
+      await driver.close();
     });
   },
 });

@@ -20,8 +20,8 @@ import {
 } from "./_util.ts";
 
 const disk_bytes = 16 << 20;
-const kills_max = 60;
-const run_time_ms = 75_000;
+const kills_max = 50;
+const run_time_ms = 50_000;
 const writer = new URL("./_kill_writer.ts", import.meta.url).pathname;
 
 async function waitForReady(log: string, child: Deno.ChildProcess): Promise<void> {
