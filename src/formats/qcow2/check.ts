@@ -421,26 +421,30 @@ export async function checkQcow2(path: string, options: CheckOptions): Promise<C
     return { corruptions: [], leakedClusters: 0, unusable: (error as Error).message };
   }
   try {
-    let image: Qcow2Image;
-    try {
-      image = await readQcow2Image(file);
-      const problem = unsupportedFeature(image.header);
-      if (problem) throw new Qcow2FormatError(path, problem);
-    } catch (error) {
-      if (error instanceof Qcow2FormatError) {
-        return { corruptions: [], leakedClusters: 0, unusable: error.message };
-      }
-      throw error;
-    }
-    const repaired = options.repair ? await repairQcow2(file, image) : undefined;
-    if (repaired) image = await readQcow2Image(file);
-    const a = await analyse(file, image);
-    const report = _report(a, image);
-    if (repaired) report.repaired = repaired;
-    return report;
+    return await checkQcow2File(file, options);
   } finally {
     await file.close();
   }
+}
+
+/** {@linkcode checkQcow2} on an open file (the crash simulator checks in-memory files). */
+export async function checkQcow2File(file: ImageFile, options: CheckOptions): Promise<CheckReport> {
+  let image: Qcow2Image;
+  try {
+    image = await readQcow2Image(file);
+    const problem = unsupportedFeature(image.header);
+    if (problem) throw new Qcow2FormatError(file.path, problem);
+  } catch (error) {
+    if (error instanceof Qcow2FormatError) {
+      return { corruptions: [], leakedClusters: 0, unusable: error.message };
+    }
+    throw error;
+  }
+  const repaired = options.repair ? await repairQcow2(file, image) : undefined;
+  if (repaired) image = await readQcow2Image(file);
+  const report = _report(await analyse(file, image), image);
+  if (repaired) report.repaired = repaired;
+  return report;
 }
 
 /** Counts references and compares them with the stored refcounts and COPIED flags. */

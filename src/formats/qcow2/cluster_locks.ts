@@ -14,33 +14,46 @@ interface Holder {
   first: number;
   end: number;
   exclusive: boolean;
-  released: Promise<void>;
-  release: () => void;
   granted: boolean;
+  /** Who waits for this holder to go (made only when someone does). */
+  waiters?: (() => void)[];
 }
 
 /** The lock table (ranges are `[first, end)` cluster indexes). */
 export class ClusterLocks {
   #holders: Holder[] = [];
+  /** Exclusive holders and waiters: while there are none, shared locks are granted at once. */
+  #exclusives = 0;
+
+  /** A shared lock granted at once when nothing exclusive is held or waited for; else undefined. */
+  tryShared(first: number, end: number): (() => void) | undefined {
+    if (this.#exclusives > 0) return undefined;
+    const me: Holder = { first, end, exclusive: false, granted: true };
+    this.#holders.push(me);
+    return () => this.#release(me);
+  }
 
   /** Waits until `[first, end)` can be held in the given mode; returns the release. */
   async acquire(first: number, end: number, exclusive: boolean): Promise<() => void> {
-    let release!: () => void;
-    const released = new Promise<void>((resolve) => (release = resolve));
-    const me: Holder = { first, end, exclusive, released, release, granted: false };
+    const me: Holder = { first, end, exclusive, granted: false };
+    if (exclusive) this.#exclusives += 1;
     for (;;) {
       const blocker = this.#blocker(me);
       if (!blocker) break;
       if (!this.#holders.includes(me)) this.#holders.push(me); // queued: visible to shared requests
-      await blocker.released;
+      await new Promise<void>((resolve) => (blocker.waiters ??= []).push(resolve));
     }
     if (!this.#holders.includes(me)) this.#holders.push(me);
     me.granted = true;
-    return () => {
-      const at = this.#holders.indexOf(me);
-      if (at >= 0) this.#holders.splice(at, 1);
-      me.release();
-    };
+    return () => this.#release(me);
+  }
+
+  #release(me: Holder): void {
+    const at = this.#holders.indexOf(me);
+    if (at < 0) return;
+    this.#holders.splice(at, 1);
+    if (me.exclusive) this.#exclusives -= 1;
+    for (const wake of me.waiters ?? []) wake();
   }
 
   #blocker(me: Holder): Holder | undefined {

@@ -58,8 +58,31 @@ export class MappingTables {
     return decodeL1(this.#l1View.getUint32(index * 8), this.#l1View.getUint32(index * 8 + 4));
   }
 
+  /**
+   * Entries `[first, first + count)` of the L2 table at `tableOffset` when
+   * their slices are cached (the hot path, without an await); else undefined.
+   */
+  cachedEntries(tableOffset: number, first: number, count: number): L2Entry[] | undefined {
+    const out: L2Entry[] = new Array(count);
+    for (let i = 0; i < count;) {
+      const index = first + i;
+      const key = tableOffset / this.sliceBytes + Math.floor(index / this.entriesPerSlice);
+      const slice = this.#slices.cache.peek(key);
+      if (!slice) return undefined;
+      const within = index % this.entriesPerSlice;
+      const n = Math.min(count - i, this.entriesPerSlice - within);
+      for (let k = 0; k < n; k += 1) {
+        out[i + k] = decodeL2(slice.hi(within + k), slice.lo(within + k), this.g.clusterBits);
+      }
+      i += n;
+    }
+    return out;
+  }
+
   /** Entries `[first, first + count)` of the L2 table at `tableOffset` (one table). */
   async entries(tableOffset: number, first: number, count: number): Promise<L2Entry[]> {
+    const cached = this.cachedEntries(tableOffset, first, count);
+    if (cached) return cached;
     const out: L2Entry[] = new Array(count);
     for (let i = 0; i < count;) {
       const index = first + i;

@@ -50,14 +50,10 @@ import { ClusterLocks } from "./cluster_locks.ts";
 import { compressedEntry, type L2Entry, standardEntry } from "./entries.ts";
 import { GroupSync } from "./group_sync.ts";
 import {
-  FIELD_AUTOCLEAR,
-  FIELD_INCOMPATIBLE,
-  FIELD_REFCOUNT_TABLE_OFFSET,
   INCOMPAT_CORRUPT,
   INCOMPAT_DIRTY,
   Qcow2FormatError,
   type Qcow2Geometry,
-  setU64,
   unsupportedFeature,
 } from "./header.ts";
 import { type Qcow2Image, readQcow2Image } from "./image.ts";
@@ -66,20 +62,9 @@ import { MetadataWriter } from "./metadata_writer.ts";
 import { observed } from "./observed.ts";
 import { joined, Payload } from "./payload.ts";
 import { RefcountStore } from "./refcounts.ts";
+import { HeaderFields } from "./header_fields.ts";
+import { type TablePrep, TablePreps } from "./table_preps.ts";
 import { repairQcow2 } from "./check.ts";
-
-/** A table being created or copied for writing, until its L1 entry points at it. */
-interface TablePrep {
-  l1Index: number;
-  offsetBytes: number;
-  /** The table's content is in the file (and its refcount). */
-  ready: Promise<void>;
-  /** The old table (copy-on-write), freed once the new L1 entry is durable. */
-  oldOffsetBytes: number;
-  /** A new table in a fresh hole: it reads as empty whether or not its zeros are durable. */
-  orderFree: boolean;
-  linked?: Promise<void>;
-}
 
 /** One cluster of a write that needs a new host cluster. */
 interface FreshCluster {
@@ -117,9 +102,10 @@ export class Qcow2Driver extends BlockDriverBase {
   readonly #sync: GroupSync;
   readonly #writer: MetadataWriter;
   readonly #locks = new ClusterLocks();
-  readonly #preps = new Map<number, Promise<TablePrep>>();
-  #dirtied?: Promise<void>;
+  readonly #preps: TablePreps;
+  readonly #header: HeaderFields;
   #inflated?: { offsetBytes: number; data: Uint8Array };
+  #guards?: { reftable: number; ranges: [number, number][] };
   #closed = false;
 
   private constructor(file: ImageFile, image: Qcow2Image, parent?: BlockDriver) {
@@ -143,12 +129,14 @@ export class Qcow2Driver extends BlockDriverBase {
       clusters: h.refcountTableClusters,
       bytes: image.reftableBytes,
     }, Qcow2Driver.refcountCacheBytesMax);
+    this.#header = new HeaderFields(file, image, this.#sync);
     this.#allocator = new ClusterAllocator(this.#refcounts, file, this.#sync, {
-      prepare: () => this.#markDirty(),
-      writeReftableFields: (offset, clusters) => this.#writeReftableFields(offset, clusters),
+      prepare: () => this.#header.markDirty(),
+      writeReftableFields: (offset, clusters) => this.#header.setReftable(offset, clusters),
       minimumFrontier: () => this.#minimumFrontier(),
       growsWithHoles: _growsWithHoles(file),
     });
+    this.#preps = new TablePreps(file, this.#tables, this.#allocator);
     const writable = file.writable;
     const zeroing = writable && (h.version === 3 || !parent);
     this.capabilities = {
@@ -218,14 +206,17 @@ export class Qcow2Driver extends BlockDriverBase {
 
   /** Metadata ranges a data write must never touch (header, L1, refcount table). */
   #guardedRanges(): [number, number][] {
+    const reftable = this.#refcounts.tableOffsetBytes;
+    if (this.#guards?.reftable === reftable) return this.#guards.ranges;
     const h = this.image.header;
     const c = this.#g.clusterBytes;
-    const reftable = this.#refcounts.tableOffsetBytes;
-    return [
+    const ranges: [number, number][] = [
       [0, c],
       [h.l1TableOffset, h.l1TableOffset + h.l1Size * 8],
       [reftable, reftable + this.#refcounts.tableClusters * c],
     ];
+    this.#guards = { reftable, ranges }; // the refcount table moves when it grows
+    return ranges;
   }
 
   /** Lowest cluster new allocations may use: past the tables the header names. */
@@ -306,7 +297,8 @@ export class Qcow2Driver extends BlockDriverBase {
   #readPayload(offsetBytes: number, payload: Payload): Promise<void> {
     return this.#perTable(offsetBytes, payload.lengthBytes, async (l1Index, pos, at, length) => {
       const [first, end] = this.#clusterRange(pos, length);
-      const release = await this.#locks.acquire(first, end, false);
+      const release = this.#locks.tryShared(first, end) ??
+        await this.#locks.acquire(first, end, false);
       try {
         await this.#readInTable(l1Index, pos, payload, at, length);
       } finally {
@@ -326,11 +318,9 @@ export class Qcow2Driver extends BlockDriverBase {
     if (table.offsetBytes === 0) return await this.#readBeneath(pos, payload, at, length);
     const c = this.#g.clusterBytes;
     const [first, end] = this.#clusterRange(pos, length);
-    const entries = await this.#tables.entries(
-      table.offsetBytes,
-      first % this.#g.l2Entries,
-      end - first,
-    );
+    const index = first % this.#g.l2Entries;
+    const entries = this.#tables.cachedEntries(table.offsetBytes, index, end - first) ??
+      await this.#tables.entries(table.offsetBytes, index, end - first);
     const tasks: Promise<void>[] = [];
     // Runs of clusters read together: beneath (-1), or contiguous on disk.
     let runStart = pos;
@@ -443,7 +433,8 @@ export class Qcow2Driver extends BlockDriverBase {
     this.#checkOpen();
     return this.#perTable(offsetBytes, payload.lengthBytes, async (l1Index, pos, at, length) => {
       const [first, end] = this.#clusterRange(pos, length);
-      let release = await this.#locks.acquire(first, end, false);
+      let release = this.#locks.tryShared(first, end) ??
+        await this.#locks.acquire(first, end, false);
       try {
         if (await this.#writeInPlace(l1Index, pos, payload, at, length)) return;
       } finally {
@@ -474,11 +465,9 @@ export class Qcow2Driver extends BlockDriverBase {
     if (table.offsetBytes === 0 || !table.copied) return false;
     const c = this.#g.clusterBytes;
     const [first, end] = this.#clusterRange(pos, length);
-    const entries = await this.#tables.entries(
-      table.offsetBytes,
-      first % this.#g.l2Entries,
-      end - first,
-    );
+    const index = first % this.#g.l2Entries;
+    const entries = this.#tables.cachedEntries(table.offsetBytes, index, end - first) ??
+      await this.#tables.entries(table.offsetBytes, index, end - first);
     if (!entries.every((e) => e.kind === "normal" && e.copied)) return false;
     const writes: Promise<void>[] = [];
     let runStart = pos;
@@ -550,7 +539,7 @@ export class Qcow2Driver extends BlockDriverBase {
       await Promise.all(writes);
       return;
     }
-    const prep = await this.#tableForWrite(l1Index);
+    const prep = await this.#preps.forWrite(l1Index, this.#tableOf(l1Index));
     const runs = await this.#allocator.allocate(fresh.length);
     _assignHosts(fresh, runs, c);
     for (const f of fresh) f.zeroBeneath = await this.#readsZeroBeneath(f);
@@ -681,7 +670,7 @@ export class Qcow2Driver extends BlockDriverBase {
 
   /** After the barrier: the L1 link (once per table) and the L2 entries; resolves when written. */
   async #publish(prep: TablePrep, values: [number, [number, number]][]): Promise<void> {
-    const link = this.#link(prep);
+    const link = this.#preps.link(prep);
     if (values.length > 0) {
       values.sort((a, b) => a[0] - b[0]);
       const writes: Promise<void>[] = [];
@@ -712,62 +701,6 @@ export class Qcow2Driver extends BlockDriverBase {
         this.#allocator.freeLater(first, last - first + 1, true);
       }
     }
-  }
-
-  // ---- tables --------------------------------------------------------------------
-
-  /** The table to write entries of L1 entry `l1Index` into: existing, new, or a copy. */
-  async #tableForWrite(l1Index: number): Promise<TablePrep> {
-    const table = this.#tableOf(l1Index);
-    if (table.offsetBytes !== 0 && table.copied) {
-      return {
-        l1Index,
-        offsetBytes: table.offsetBytes,
-        ready: Promise.resolve(),
-        oldOffsetBytes: 0,
-        orderFree: true,
-        linked: Promise.resolve(),
-      };
-    }
-    let prep = this.#preps.get(l1Index);
-    if (!prep) {
-      prep = observed(this.#prepareTable(l1Index, table.offsetBytes));
-      this.#preps.set(l1Index, prep);
-      prep.catch(() => this.#preps.delete(l1Index));
-    }
-    return await prep;
-  }
-
-  /** Allocates a table cluster and writes zeros (or a copy of the shared table) to it. */
-  async #prepareTable(l1Index: number, oldOffset: number): Promise<TablePrep> {
-    const c = this.#g.clusterBytes;
-    const [run] = await this.#allocator.allocate(1);
-    const offsetBytes = run.start * c;
-    const content = new Uint8Array(c);
-    if (oldOffset !== 0) await this.#file.read(oldOffset, content);
-    const write = observed(this.#file.write(offsetBytes, content));
-    const ready = observed(Promise.all([write, run.ready]).then(() => {}));
-    await this.#tables.installTable(offsetBytes, content, ready);
-    return {
-      l1Index,
-      offsetBytes,
-      ready,
-      oldOffsetBytes: oldOffset,
-      orderFree: run.fresh && oldOffset === 0,
-    };
-  }
-
-  /** Points the L1 entry at a prepared table (first caller after a barrier); its write. */
-  #link(prep: TablePrep): Promise<void> {
-    if (!prep.linked) {
-      prep.linked = observed(this.#tables.setL1(prep.l1Index, prep.offsetBytes));
-      this.#preps.delete(prep.l1Index);
-      const old = prep.oldOffsetBytes;
-      if (old !== 0) {
-        prep.linked.then(() => this.#allocator.freeLater(old / this.#g.clusterBytes, 1), () => {});
-      }
-    }
-    return prep.linked;
   }
 
   // ---- zeroes, discard, compressed writes ---------------------------------------
@@ -871,7 +804,7 @@ export class Qcow2Driver extends BlockDriverBase {
       if (e.kind !== "unallocated") freed.push(e);
     });
     if (values.length === 0) return;
-    const prep = await this.#tableForWrite(l1Index);
+    const prep = await this.#preps.forWrite(l1Index, this.#tableOf(l1Index));
     await prep.ready;
     // A new or copied table must be durable before the L1 entry names it.
     if (!prep.linked && !prep.orderFree) await this.#sync.sync();
@@ -919,7 +852,7 @@ export class Qcow2Driver extends BlockDriverBase {
     cluster.set(data);
     const packed = deflateCluster(cluster, c - 1);
     if (!packed) return false;
-    const prep = await this.#tableForWrite(l1Index);
+    const prep = await this.#preps.forWrite(l1Index, this.#tableOf(l1Index));
     const { offsetBytes: host, ready } = await this.#allocator.allocateBytes(packed.byteLength);
     await Promise.all([observed(this.#file.write(host, packed)), ready, prep.ready]);
     await this.#sync.sync();
@@ -935,43 +868,6 @@ export class Qcow2Driver extends BlockDriverBase {
   protected _flush(): Promise<void> {
     if (!this.#file.writable) return Promise.resolve();
     return this.#sync.sync();
-  }
-
-  /** Sets the dirty bit (v3) and clears the autoclear bits before the first refcount change. */
-  #markDirty(): Promise<void> {
-    this.#dirtied ??= observed((async () => {
-      const h = this.image.header;
-      if (h.version < 3) return;
-      h.incompatible |= INCOMPAT_DIRTY;
-      // We maintain no bitmaps: the spec asks writers to clear what they do not keep consistent.
-      h.autoclear = 0n;
-      await this.#writeHeaderFields();
-      await this.#sync.sync();
-    })());
-    return this.#dirtied;
-  }
-
-  async #writeHeaderFields(): Promise<void> {
-    const h = this.image.header;
-    const sector = this.image.head.slice(0, 512);
-    const view = new DataView(sector.buffer);
-    setU64(view, FIELD_REFCOUNT_TABLE_OFFSET, this.#refcounts.tableOffsetBytes);
-    view.setUint32(FIELD_REFCOUNT_TABLE_OFFSET + 8, this.#refcounts.tableClusters);
-    if (h.version === 3) {
-      view.setBigUint64(FIELD_INCOMPATIBLE, h.incompatible);
-      view.setBigUint64(FIELD_AUTOCLEAR, h.autoclear);
-    }
-    this.image.head.set(sector);
-    await this.#file.write(0, sector);
-  }
-
-  async #writeReftableFields(offsetBytes: number, clusters: number): Promise<void> {
-    const view = new DataView(this.image.head.buffer, this.image.head.byteOffset);
-    setU64(view, FIELD_REFCOUNT_TABLE_OFFSET, offsetBytes);
-    view.setUint32(FIELD_REFCOUNT_TABLE_OFFSET + 8, clusters);
-    this.image.header.refcountTableOffset = offsetBytes;
-    this.image.header.refcountTableClusters = clusters;
-    await this.#file.write(0, this.image.head.slice(0, 512));
   }
 
   // ---- block status and map -------------------------------------------------------
@@ -1062,13 +958,7 @@ export class Qcow2Driver extends BlockDriverBase {
   async #finish(): Promise<void> {
     await this.#allocator.drain();
     await this.#sync.sync();
-    const h = this.image.header;
-    if (this.#dirtied && h.version === 3 && this.#allocator.freeErrors.length === 0) {
-      await this.#dirtied;
-      h.incompatible &= ~INCOMPAT_DIRTY;
-      await this.#writeHeaderFields();
-      await this.#sync.sync();
-    }
+    if (this.#allocator.freeErrors.length === 0) await this.#header.markClean();
   }
 }
 

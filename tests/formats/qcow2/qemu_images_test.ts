@@ -260,6 +260,14 @@ async function setIncompatible(path: string, bits: bigint, featureName?: [number
   await Deno.writeFile(path, bytes);
 }
 
+/** A plain image whose header says it is encrypted (1: AES, 2: LUKS). */
+async function withCryptMethod(path: string, method: number): Promise<void> {
+  await qemuCreate(path, "1M");
+  const bytes = await Deno.readFile(path);
+  new DataView(bytes.buffer).setUint32(32, method);
+  await Deno.writeFile(path, bytes);
+}
+
 Deno.test({
   name: "qcow2: unsupported features are refused with a message naming them",
   ignore: !hasQemu,
@@ -269,20 +277,9 @@ Deno.test({
         ["ext", () => qemuCreate(`${dir}/ext.qcow2`, "1M", { extended_l2: "on" }), /extended L2/],
         [
           "luks",
-          async () => {
-            await runOk("qemu-img", [
-              "create",
-              "-q",
-              "-f",
-              "qcow2",
-              "--object",
-              "secret,id=s0,data=pw",
-              "-o",
-              "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
-              `${dir}/luks.qcow2`,
-              "1M",
-            ]);
-          },
+          // qemu-img's LUKS key derivation times itself and fails on a loaded
+          // machine: the header field is what we must refuse on.
+          () => withCryptMethod(`${dir}/luks.qcow2`, 2),
           /encryption \(crypt_method LUKS\)/,
         ],
         [
@@ -300,12 +297,7 @@ Deno.test({
         ],
         [
           "aes",
-          async () => {
-            await qemuCreate(`${dir}/aes.qcow2`, "1M");
-            const bytes = await Deno.readFile(`${dir}/aes.qcow2`);
-            new DataView(bytes.buffer).setUint32(32, 1);
-            await Deno.writeFile(`${dir}/aes.qcow2`, bytes);
-          },
+          () => withCryptMethod(`${dir}/aes.qcow2`, 1),
           /encryption \(crypt_method AES\)/,
         ],
       ];
