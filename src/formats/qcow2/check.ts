@@ -18,7 +18,14 @@
 import type { CheckOptions, CheckReport } from "../inspect.ts";
 import type { ImageFile } from "../image_file.ts";
 import { openImageFile } from "../raw/open_file.ts";
-import { decodeL1, decodeL2, decodeReftable, HI_COPIED, offsetField } from "./entries.ts";
+import {
+  decodeL1,
+  decodeL2,
+  decodeReftable,
+  HI_COPIED,
+  offsetField,
+  offsetHex,
+} from "./entries.ts";
 import {
   AUTOCLEAR_BITMAPS,
   FIELD_INCOMPATIBLE,
@@ -105,7 +112,8 @@ class Checker {
     this.#file = file;
     this.#image = image;
     this.#g = image.geometry;
-    this.#fileBytes = file.lengthBytes();
+    // As QEMU sees a file: its length in whole 512-byte sectors (bdrv_getlength).
+    this.#fileBytes = Math.ceil(file.lengthBytes() / 512) * 512;
     this.a = {
       refs: new References(Math.ceil(this.#fileBytes / this.#g.clusterBytes)),
       messages: [],
@@ -127,13 +135,13 @@ class Checker {
   }
 
   /** QEMU's qcow2_inc_refcounts_imrt. */
-  inc(offset: number, size: number): void {
+  inc(offset: number, size: number, offsetText = offset.toString(16)): void {
     if (size <= 0) return;
     const c = this.#g.clusterBytes;
     if (!(offset + size - this.#fileBytes < c)) {
       this.corrupt(
         `counting reference for region exceeding the end of the file by one cluster or more: ` +
-          `offset 0x${offset.toString(16)} size 0x${size.toString(16)}`,
+          `offset 0x${offsetText} size 0x${size.toString(16)}`,
       );
       return;
     }
@@ -153,21 +161,34 @@ class Checker {
     const h = this.#image.header;
     this.inc(0, this.#g.clusterBytes);
     await this.#countL1(h.l1TableOffset, h.l1Size, true);
-    if (h.nbSnapshots > 0) {
-      try {
-        const table = await readSnapshots(this.#file, h.snapshotsOffset, h.nbSnapshots);
-        for (const s of table.snapshots) await this.#countL1(s.l1TableOffset, s.l1Size, false);
-        this.inc(h.snapshotsOffset, table.lengthBytes);
-      } catch (error) {
-        this.corrupt((error as Error).message);
-      }
-    }
+    if (h.nbSnapshots > 0) await this.#countSnapshots();
     if (withRefcounts) {
       this.inc(h.refcountTableOffset, this.#image.reftableBytes.byteLength);
     }
     if (h.crypto) this.inc(h.crypto.offsetBytes, h.crypto.lengthBytes);
     if (h.bitmaps && (h.autoclear & AUTOCLEAR_BITMAPS) !== 0n) await this.#countBitmaps();
     if (withRefcounts) this.#countRefblocks();
+  }
+
+  /** QEMU's qcow2_check_read_snapshot_table, then every snapshot's tables. */
+  async #countSnapshots(): Promise<void> {
+    const h = this.#image.header;
+    let table;
+    try {
+      table = await readSnapshots(this.#file, h.snapshotsOffset, h.nbSnapshots);
+    } catch (error) {
+      // QEMU: "ERROR failed to read the snapshot table" is a check error; snapshots ignored.
+      this.a.checkErrors += 1;
+      if (this.a.messages.length < messages_max) this.a.messages.push((error as Error).message);
+      return;
+    }
+    table.snapshots.forEach((s, i) => {
+      if (h.version >= 3 && s.extraDataBytes < 16) {
+        this.corrupt(`snapshot table entry ${i} is incomplete`);
+      }
+    });
+    for (const s of table.snapshots) await this.#countL1(s.l1TableOffset, s.l1Size, false);
+    this.inc(h.snapshotsOffset, table.lengthBytes);
   }
 
   async #countL1(offset: number, size: number, active: boolean): Promise<void> {
@@ -186,13 +207,10 @@ class Checker {
       if (hi === 0 && lo === 0) continue;
       const e = decodeL1(hi, lo);
       if (e.reserved) this.corrupt(`found L1 entry with reserved bits set: ${_hex(hi, lo)}`);
-      this.inc(e.offsetBytes, this.#g.clusterBytes);
-      if (e.offsetBytes % this.#g.clusterBytes !== 0) {
-        this.corrupt(
-          `l2_offset=${
-            e.offsetBytes.toString(16)
-          }: Table is not cluster aligned; L1 entry corrupted`,
-        );
+      this.inc(e.offsetBytes, this.#g.clusterBytes, offsetHex(hi, lo));
+      if (e.offsetLow % this.#g.clusterBytes !== 0) {
+        const at = offsetHex(hi, lo);
+        this.corrupt(`l2_offset=${at}: Table is not cluster aligned; L1 entry corrupted`);
       }
       // A table past the end of the file reads as zeros: nothing to count in it.
       if (!(e.offsetBytes < this.#fileBytes)) continue;
@@ -224,15 +242,10 @@ class Checker {
           this.a.fragmented += 1;
         }
       } else if (e.kind === "normal" || e.kind === "zero-alloc") {
-        if (e.offsetBytes % c !== 0) {
+        if (e.offsetLow % c !== 0) {
+          const what = e.kind === "zero-alloc" ? "Preallocated cluster" : "Data cluster";
           this.corrupt(
-            e.kind === "zero-alloc"
-              ? `offset=${
-                e.offsetBytes.toString(16)
-              }: Preallocated cluster is not properly aligned; L2 entry corrupted.`
-              : `offset=${
-                e.offsetBytes.toString(16)
-              }: Data cluster is not properly aligned; L2 entry corrupted.`,
+            `offset=${offsetHex(hi, lo)}: ${what} is not properly aligned; L2 entry corrupted.`,
           );
         }
         if (active) {
@@ -240,7 +253,7 @@ class Checker {
           if (next !== 0 && e.offsetBytes !== next) this.a.fragmented += 1;
           next = e.offsetBytes + c;
         }
-        this.inc(e.offsetBytes, c);
+        this.inc(e.offsetBytes, c, offsetHex(hi, lo));
       }
     }
   }
@@ -283,12 +296,12 @@ class Checker {
         this.a.rebuild = true;
         continue;
       }
-      if (e.offsetBytes % c !== 0 || !Number.isFinite(e.offsetBytes)) {
+      if (e.offsetLow % c !== 0) {
         this.corrupt(`refcount block ${i} is not cluster aligned; refcount table entry corrupted`);
         this.a.rebuild = true;
         continue;
       }
-      const cluster = e.offsetBytes / c;
+      const cluster = e.offsetBytes / c; // Infinity past 2^53: outside any image
       if (cluster >= this.a.refs.size) {
         this.corrupt(`refcount block ${i} is outside image`);
         this.a.rebuild = true;
@@ -335,7 +348,7 @@ class Checker {
     for (let i = 0; i < h.l1Size; i += 1) {
       const hi = l1View.getUint32(i * 8);
       const e = decodeL1(hi, l1View.getUint32(i * 8 + 4));
-      if (e.offsetBytes === 0 || !Number.isFinite(e.offsetBytes)) continue;
+      if (e.offsetBytes === 0 && e.offsetLow === 0) continue;
       const refcount = await refcountOf(Math.floor(e.offsetBytes / c));
       if (refcount !== undefined && (refcount === 1) !== e.copied) {
         if (fix) {
@@ -392,9 +405,7 @@ class StoredRefcounts {
     if (b >= this.#entries) return 0;
     const e = decodeReftable(this.#table.getUint32(b * 8), this.#table.getUint32(b * 8 + 4));
     if (e.offsetBytes === 0) return 0;
-    return e.offsetBytes % this.#g.clusterBytes === 0 && Number.isFinite(e.offsetBytes)
-      ? e.offsetBytes
-      : -1;
+    return e.offsetLow % this.#g.clusterBytes === 0 ? e.offsetBytes : -1;
   }
 
   /** The stored refcount; undefined when its block's table entry is unusable (QEMU: EIO). */
@@ -402,7 +413,8 @@ class StoredRefcounts {
     const b = Math.floor(cluster / this.#g.refblockEntries);
     const offset = this.blockOffset(b);
     if (offset < 0) return undefined;
-    if (offset === 0) return 0;
+    // No block, or one past the end of any file: reads as zeros.
+    if (offset === 0 || !Number.isSafeInteger(offset)) return 0;
     if (this.#block?.index !== b) {
       const bytes = new Uint8Array(this.#g.clusterBytes);
       await this.#file.read(offset, bytes);

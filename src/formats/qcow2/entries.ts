@@ -29,6 +29,8 @@ export interface L2Entry {
   compressedSectors: number;
   /** Reserved bits of a standard descriptor are set (QEMU check counts it). */
   reserved: boolean;
+  /** The offset field's low 32 bits: alignment is decided by them, whatever the offset's size. */
+  offsetLow: number;
 }
 
 export const HI_COPIED = 0x80000000;
@@ -60,7 +62,16 @@ export function decodeL2(hi: number, lo: number, clusterBits: number): L2Entry {
   let kind: ClusterKind;
   if ((lo & LO_ZERO) !== 0) kind = offsetBytes === 0 ? "zero-plain" : "zero-alloc";
   else kind = offsetBytes === 0 ? "unallocated" : "normal";
-  return { kind, offsetBytes, copied, compressedBytes: 0, compressedSectors: 0, reserved };
+  const offsetLow = (lo & LO_OFFSET_MASK) >>> 0;
+  return {
+    kind,
+    offsetBytes,
+    copied,
+    compressedBytes: 0,
+    compressedSectors: 0,
+    reserved,
+    offsetLow,
+  };
 }
 
 function _decodeCompressed(hi: number, lo: number, clusterBits: number, copied: boolean): L2Entry {
@@ -78,6 +89,7 @@ function _decodeCompressed(hi: number, lo: number, clusterBits: number, copied: 
     compressedBytes,
     compressedSectors: sectors,
     reserved: false,
+    offsetLow: lo >>> 0,
   };
 }
 
@@ -109,6 +121,8 @@ export interface L1Entry {
   offsetBytes: number;
   copied: boolean;
   reserved: boolean;
+  /** See {@linkcode L2Entry.offsetLow}. */
+  offsetLow: number;
 }
 
 export function decodeL1(hi: number, lo: number): L1Entry {
@@ -116,11 +130,22 @@ export function decodeL1(hi: number, lo: number): L1Entry {
     offsetBytes: offsetField(hi, lo),
     copied: (hi & HI_COPIED) !== 0,
     reserved: (hi & HI_L1_RESERVED) !== 0 || (lo & LO_L1_RESERVED) !== 0,
+    offsetLow: (lo & LO_OFFSET_MASK) >>> 0,
   };
 }
 
 /** A decoded refcount table entry (bits 9..63 offset; reserved bits 0..8). */
-export function decodeReftable(hi: number, lo: number): { offsetBytes: number; reserved: boolean } {
+export function decodeReftable(hi: number, lo: number) {
   const offsetBytes = hi >= 0x200000 ? Infinity : hi * 2 ** 32 + ((lo & LO_OFFSET_MASK) >>> 0);
-  return { offsetBytes, reserved: (lo & LO_REFTABLE_RESERVED) !== 0 };
+  return {
+    offsetBytes,
+    reserved: (lo & LO_REFTABLE_RESERVED) !== 0,
+    offsetLow: (lo & LO_OFFSET_MASK) >>> 0,
+  };
+}
+
+/** An entry's offset field (bits 9..55, or 9..63 with `wide`) in hex, exact at any size. */
+export function offsetHex(hi: number, lo: number, wide = false): string {
+  const high = BigInt((wide ? hi : hi & HI_OFFSET_MASK) >>> 0);
+  return ((high << 32n) | BigInt((lo & LO_OFFSET_MASK) >>> 0)).toString(16);
 }

@@ -28,7 +28,14 @@ export async function qcow2Info(path: string): Promise<ImageInfo> {
   try {
     const image = await readQcow2Image(file);
     const h = image.header;
-    const table = await readSnapshots(file, h.snapshotsOffset, h.nbSnapshots);
+    // A broken snapshot table is shown, not fatal: the image's own data is still there.
+    let table: Awaited<ReturnType<typeof readSnapshots>> = { snapshots: [], lengthBytes: 0 };
+    let tableError: string | undefined;
+    try {
+      table = await readSnapshots(file, h.snapshotsOffset, h.nbSnapshots);
+    } catch (error) {
+      tableError = (error as Error).message;
+    }
     const info: ImageInfo = {
       format: "qcow2",
       virtualSizeBytes: h.sizeBytes,
@@ -37,6 +44,7 @@ export async function qcow2Info(path: string): Promise<ImageInfo> {
       details: _details(h, image.geometry.refcountBits),
     };
     if (h.backingFormat) info.backingFormat = h.backingFormat;
+    if (tableError) info.details!.snapshot_table_error = tableError;
     if (table.snapshots.length > 0) {
       info.snapshots = table.snapshots.map((s) => ({
         id: s.id,

@@ -54,7 +54,9 @@ export class MappingTables {
   }
 
   l1Entry(index: number): L1Entry {
-    if (index >= this.l1Size) return { offsetBytes: 0, copied: false, reserved: false };
+    if (index >= this.l1Size) {
+      return { offsetBytes: 0, copied: false, reserved: false, offsetLow: 0 };
+    }
     return decodeL1(this.#l1View.getUint32(index * 8), this.#l1View.getUint32(index * 8 + 4));
   }
 

@@ -576,6 +576,7 @@ export class Qcow2Driver extends BlockDriverBase {
       compressedBytes: 0,
       compressedSectors: 0,
       reserved: false,
+      offsetLow: 0,
     };
     return Promise.resolve(new Array(count).fill(none));
   }

@@ -27,6 +27,8 @@ export interface Qcow2Snapshot {
   diskSizeBytes?: number;
   /** Instruction count (extra data), when recorded; -1 means none. */
   icount?: number;
+  /** Bytes of extra data the entry carries (v3 requires at least 16). */
+  extraDataBytes: number;
 }
 
 /** The snapshot table: its entries and its byte length (for refcounting). */
@@ -38,7 +40,11 @@ export interface SnapshotTable {
 /** Most bytes the table may take (QEMU: 1 KiB per snapshot). */
 const table_bytes_max = 1024 * 65536;
 
-/** Reads `count` snapshots at `offset`; throws {@linkcode Qcow2FormatError} on a bad table. */
+/**
+ * Reads `count` snapshots at `offset`; what lies past the end of the file
+ * reads as zeros (as QEMU reads it). Throws {@linkcode Qcow2FormatError} on
+ * a table QEMU refuses (too large, too much extra data, huge L1 tables).
+ */
 export async function readSnapshots(
   file: ImageFile,
   offset: number,
@@ -51,34 +57,41 @@ export async function readSnapshots(
   const bytes = new Uint8Array(Math.min(table_bytes_max, Math.max(0, file.lengthBytes() - offset)));
   await file.read(offset, bytes);
   const view = new DataView(bytes.buffer);
+  // Bytes past the file (or what was read of it) are zeros.
+  const u8 = (at: number) => (at < bytes.byteLength ? view.getUint8(at) : 0);
+  const u16 = (at: number) => (u8(at) << 8) | u8(at + 1);
+  const u32 = (at: number) => ((u16(at) << 16) | u16(at + 2)) >>> 0;
+  const u64at = (
+    at: number,
+  ) => (at + 8 <= bytes.byteLength ? u64(view, at) : u32(at) * 2 ** 32 + u32(at + 4));
+  const text = (from: number, length: number) =>
+    new TextDecoder().decode(
+      bytes.subarray(Math.min(from, bytes.byteLength), Math.min(from + length, bytes.byteLength)),
+    );
   const snapshots: Qcow2Snapshot[] = [];
   let at = 0;
   for (let i = 0; i < count; i += 1) {
-    if (at + 40 > bytes.byteLength) fail(`entry ${i} lies past the end of the file`);
-    const idBytes = view.getUint16(at + 12);
-    const nameBytes = view.getUint16(at + 14);
-    const extraBytes = view.getUint32(at + 36);
+    const idBytes = u16(at + 12);
+    const nameBytes = u16(at + 14);
+    const extraBytes = u32(at + 36);
+    if (extraBytes > 1024) fail(`entry ${i} has too much extra metadata`);
     const end = at + 40 + extraBytes + idBytes + nameBytes;
-    if (extraBytes > 1024 || end > bytes.byteLength) fail(`entry ${i} is too large`);
-    const text = (from: number, length: number) =>
-      new TextDecoder().decode(bytes.subarray(from, from + length));
+    if (end > table_bytes_max) fail("the table exceeds the maximum size");
     const s: Qcow2Snapshot = {
-      l1TableOffset: u64(view, at),
-      l1Size: view.getUint32(at + 8),
-      dateSeconds: view.getUint32(at + 16),
-      dateNanoseconds: view.getUint32(at + 20),
-      vmClockNanoseconds: u64(view, at + 24),
-      vmStateBytes: view.getUint32(at + 32),
+      l1TableOffset: u64at(at),
+      l1Size: u32(at + 8),
+      dateSeconds: u32(at + 16),
+      dateNanoseconds: u32(at + 20),
+      vmClockNanoseconds: u64at(at + 24),
+      vmStateBytes: u32(at + 32),
       id: text(at + 40 + extraBytes, idBytes),
       name: text(at + 40 + extraBytes + idBytes, nameBytes),
+      extraDataBytes: extraBytes,
     };
     if (s.l1Size * 8 > l1_table_bytes_max) fail(`snapshot ${i}: L1 table too large`);
-    if (s.l1TableOffset % 512 !== 0) {
-      fail(`snapshot ${i}: L1 table offset ${s.l1TableOffset} unaligned`);
-    }
-    if (extraBytes >= 8) s.vmStateBytes = u64(view, at + 40);
-    if (extraBytes >= 16) s.diskSizeBytes = u64(view, at + 48);
-    if (extraBytes >= 24) s.icount = Number(view.getBigInt64(at + 56));
+    if (extraBytes >= 8) s.vmStateBytes = u64at(at + 40);
+    if (extraBytes >= 16) s.diskSizeBytes = u64at(at + 48);
+    if (extraBytes >= 24) s.icount = u64at(at + 56);
     snapshots.push(s);
     at = Math.ceil(end / 8) * 8;
   }

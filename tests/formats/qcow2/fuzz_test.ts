@@ -5,7 +5,8 @@
  * result or an error naming the problem — never another exception, never
  * a hang (each case has a watchdog) — and never write to the input (checked
  * after every case). A second pass writes to mutated copies: errors, not
- * crashes. A few hundred cases go through the CLI for exit codes 0/1/2.
+ * crashes. A few hundred cases go through the CLI for exit codes 0/1/2,
+ * and a few hundred through `qemu-img check`, whose counts ours must match.
  */
 import assert from "node:assert/strict";
 import { openImage } from "../../../src/formats/open_image.ts";
@@ -13,12 +14,14 @@ import { createQcow2 } from "../../../src/formats/qcow2/create.ts";
 import { checkQcow2 } from "../../../src/formats/qcow2/check.ts";
 import { type Random, testSeed } from "../../_helpers/random.ts";
 import { blktap, runOk } from "../../_helpers/tools.ts";
-import { hasQemu, inTempDir } from "./_util.ts";
+import { hasQemu, inTempDir, qemuCheck } from "./_util.ts";
+import { corruptionCount } from "../../../src/tools/check.ts";
 
 const read_only_cases = 10_000;
 const write_cases = 600;
 const cli_cases = 240;
 const cli_parallel = 4;
+const parity_cases = 400;
 const case_timeout_ms = 20_000;
 
 interface Base {
@@ -293,4 +296,42 @@ Deno.test("qcow2 fuzz: mutated images through the CLI exit 0, 1 or 2 with a mess
     await Promise.all(Array.from({ length: cli_parallel }, (_, w) => worker(w)));
     console.log(`${cli_cases} CLI runs:`, Object.fromEntries(codes));
   });
+});
+
+Deno.test({
+  name: "qcow2 fuzz: on mutated images our check counts what qemu-img check counts",
+  ignore: !hasQemu,
+  fn: async () => {
+    await inTempDir(async (dir) => {
+      const rng = testSeed("qcow2 fuzz counts");
+      const bases = await makeBases(dir);
+      const path = `${dir}/counts.qcow2`;
+      let compared = 0;
+      let damaged = 0;
+      for (let i = 0; i < parity_cases; i += 1) {
+        const base = bases[i % bases.length];
+        await Deno.writeFile(path, mutate(rng, base));
+        const what = `case ${i} (${base.name})`;
+        const theirs = await watchdog(qemuCheck(path), what);
+        // Only where QEMU opened the image and counted (exit 0: clean, 2: corrupt, 3: leaks).
+        if (![0, 2, 3].includes(theirs.exitCode) || theirs.checkErrors > 0) continue;
+        const ours = await watchdog(checkQcow2(path, { repair: false }), what);
+        if (ours.unusable !== undefined) continue; // refused: a feature we do not open
+        compared += 1;
+        if (theirs.corruptions + theirs.leaks > 0) damaged += 1;
+        const detail = `${what}: qemu-img ${theirs.stderr.slice(0, 800)} / ours ${
+          JSON.stringify(ours.corruptions.slice(0, 10))
+        }`;
+        assert.equal(corruptionCount(ours), theirs.corruptions, `${detail}: corruptions`);
+        assert.equal(ours.leakedClusters, theirs.leaks, `${detail}: leaks`);
+      }
+      console.log(
+        `${compared} of ${parity_cases} mutated images compared with qemu-img check, ${damaged} damaged`,
+      );
+      assert.ok(
+        compared > parity_cases / 4 && damaged > compared / 4,
+        `${compared} compared, ${damaged} damaged`,
+      );
+    });
+  },
 });
