@@ -8,7 +8,7 @@
  * @module
  */
 
-const SHIM_ABI_VERSION = 3;
+const SHIM_ABI_VERSION = 4;
 
 const SYMBOLS = {
   shim_abi_version: { parameters: [], result: "i32" },
@@ -30,22 +30,15 @@ const SYMBOLS = {
   shim_munmap: { parameters: ["u64", "u64"], result: "i64" },
   shim_memcpy: { parameters: ["u64", "u64", "u64"], result: "i64" },
   shim_fence: { parameters: [], result: "void" },
-  shim_aio_create: { parameters: ["u32"], result: "i64" },
-  shim_aio_destroy: { parameters: ["u64"], result: "i64" },
-  shim_aio_events: { parameters: ["u64"], result: "i64" },
-  shim_aio_submit: { parameters: ["u64", "buffer", "u32"], result: "i64" },
-  shim_aio_wait: {
-    parameters: ["u64", "u32", "i64"],
-    result: "i64",
-    nonblocking: true,
-  },
-  // The same wait without leaving the JavaScript thread, for polling with a
-  // zero timeout: it avoids a thread hop when completions are already there.
-  shim_aio_poll: {
-    name: "shim_aio_wait",
-    parameters: ["u64", "u32", "i64"],
-    result: "i64",
-  },
+  shim_io_create: { parameters: ["i32", "u32"], result: "i64" },
+  shim_io_destroy: { parameters: ["u64"], result: "i64" },
+  shim_io_events: { parameters: ["u64"], result: "i64" },
+  shim_io_submit: { parameters: ["u64", "buffer", "u32"], result: "i64" },
+  shim_io_reap: { parameters: ["u64"], result: "i64" },
+  // Runs off the JavaScript thread: it only sleeps until completions may be there.
+  shim_io_wait: { parameters: ["u64", "i64"], result: "i64", nonblocking: true },
+  // The same wait on the JavaScript thread (a process with nothing else to do while it waits).
+  shim_io_wait_here: { name: "shim_io_wait", parameters: ["u64", "i64"], result: "i64" },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 /** The shim's symbols, typed. */

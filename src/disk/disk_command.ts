@@ -7,6 +7,7 @@
 import { type Command, parseCommandArgs, parseCount, UsageError } from "../cli/command.ts";
 import { type Logger, logger } from "../cli/log.ts";
 import { memoryFence } from "../../ffi/memory.ts";
+import { waitOnThisThread } from "../../ffi/aio.ts";
 import type { BlockDriver } from "../formats/driver.ts";
 import { openImage, parseImageSpec } from "../formats/open_image.ts";
 import { KickChannel } from "../ring/kick_channel.ts";
@@ -25,6 +26,14 @@ Options:
   --minor N        the ring device (minor) to serve
   --run-dir DIR    ctrl's run directory (default $XDG_RUNTIME_DIR/blktap, else /run/blktap)
   --socket PATH    ctrl's disk socket (default DIR/${DISK_SOCKET_NAME})`;
+
+/**
+ * How long the disk process waits for its I/O on its own thread before
+ * handing the wait to another thread (ffi/aio.ts `waitOnThisThread`): its
+ * requests arrive in the shared ring, looked at on every completion, so
+ * nothing else needs the thread meanwhile. BLKTAP_DISK_WAIT_US=0 turns it off.
+ */
+const io_wait_on_thread_us = Number(Deno.env.get("BLKTAP_DISK_WAIT_US") ?? "200");
 
 /**
  * Opens an image spec as the disk process serves it: by its recorded type
@@ -238,6 +247,7 @@ export const DISK_COMMAND: Command = {
     const minor = parseCount(values.minor, "--minor");
     if (minor === undefined) throw new UsageError("--minor is required");
     const socket = values.socket ?? `${values["run-dir"] ?? defaultRunDir()}/${DISK_SOCKET_NAME}`;
+    waitOnThisThread(io_wait_on_thread_us);
     return await new DiskProcess(minor).run(socket);
   },
 };

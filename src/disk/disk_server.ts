@@ -9,6 +9,12 @@
  * responses completed in one turn are published with one push (one kick).
  * Ordering: FLUSH_DISKCACHE and WRITE_BARRIER wait until every earlier
  * request has completed, and later requests wait for them.
+ *
+ * Kicks: with at least `busy_requests_min` requests running, the server does
+ * not ask to be kicked for new ones (req_event stays where it was): each
+ * completion looks at the ring anyway, soon enough to keep the disk busy,
+ * and the front end saves a wake-up of this process per batch. Below that
+ * it arms req_event as blkback does when it goes idle.
  * @module
  */
 import * as B from "../ring/blkif.ts";
@@ -51,6 +57,9 @@ export interface DiskServerOptions {
 
 /** Default in-flight bound: a whole 128-entry ring. */
 export const max_inflight_requests_default = 128;
+
+/** Requests running from which completions, not kicks, bring new requests in. */
+export const busy_requests_min = 8;
 
 /** Serves one ring. */
 export class DiskServer {
@@ -136,6 +145,8 @@ export class DiskServer {
         if (!this.#startHeld()) break;
       }
       if (!this.#canStart() || this.#held) break;
+      // Busy: the next completion pumps again (see the module comment).
+      if (this.#inflight >= busy_requests_min) break;
       if (!this.#back.finalCheckForRequests()) break;
     }
     this.#checkIdle();

@@ -5,6 +5,7 @@ import { testSeed } from "../_helpers/random.ts";
 import { DiskModel } from "../_helpers/load_model.ts";
 import { MemoryDriver } from "../_helpers/memory_driver.ts";
 import { ringPair, servedRing } from "../_helpers/ring_pair.ts";
+import { busy_requests_min } from "../../src/disk/disk_server.ts";
 
 /** Front end and back end over one ArrayBuffer, kicks as function calls. */
 function pair(sizeBytes: number, ringPages = 4, poolPages = 4096) {
@@ -124,4 +125,24 @@ Deno.test("disk server: QoS holds IOPS to the limit after the burst", async () =
   assert.equal(result.errors, 0);
   // 20 from the burst, then 100 at 200/s: about 500 ms.
   assert.ok(elapsed > 400 && elapsed < 2000, `elapsed ${elapsed} ms`);
+});
+
+Deno.test("disk server: busy, it takes new requests without kicks; idle, it asks for kicks again", async () => {
+  const size = 1 << 20;
+  const driver = new MemoryDriver(size);
+  driver.delayMs = 20;
+  const { disk, serve } = ringPair("kicks", driver, size);
+  const server = serve();
+  let kicks = 0;
+  disk.attach(() => (kicks += 1, server.kick()), size);
+  const read = (i: number) => disk.read(i * 4096, new Uint8Array(4096));
+  const first = Array.from({ length: busy_requests_min * 2 }, (_, i) => read(i));
+  await new Promise((resolve) => setTimeout(resolve, 5)); // the server is busy with them
+  assert.ok(server.inflight >= busy_requests_min);
+  const second = Array.from({ length: 4 }, (_, i) => read(100 + i));
+  await Promise.all([...first, ...second]);
+  assert.equal(kicks, 1, "requests pushed while busy were found by completions, not by kicks");
+  await read(200);
+  assert.equal(kicks, 2, "after going idle the server asks to be kicked again");
+  assert.equal(disk.outstanding, 0);
 });

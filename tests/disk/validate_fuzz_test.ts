@@ -54,6 +54,6 @@ Deno.test("disk validation: a fuzz run fails, naming the entry, when a disk stop
   await server.pause(); // a disk process that takes requests and never answers
   await assert.rejects(
     () => fuzzRing(disk, 100, 4, () => rng.next(), 200),
-    /malformed entry \d+ \([a-z-]+\) unanswered after 200 ms/,
+    /malformed entry \d+ \([a-z0-9-]+\) unanswered after 200 ms/,
   );
 });

@@ -354,21 +354,24 @@ export class Transmission {
   }
 
   // The data and the allocation map are fetched at once, so a sparse read
-  // costs the slower of the two round trips, not their sum.
+  // costs the slower of the two round trips, not their sum. The data lands
+  // in a lent buffer when the driver has one (ring pages: no bounce copy).
   async #readSparse(hi: number, lo: number, offset: number, length: number) {
-    const payload = this.#context.pool.take(length);
+    const borrowed = this.#lender?.borrowBuffer(length);
+    const payload = borrowed ? undefined : this.#context.pool.take(length);
+    const data = borrowed ?? payload!.data;
     const [chunks, read] = await Promise.allSettled([
       this.#readChunks(offset, length),
-      this.#driver.read(offset, payload.data),
+      this.#driver.read(offset, data),
     ]);
     if (read.status === "rejected") {
-      this.#context.pool.give(payload);
+      this.#release(borrowed, payload);
       throw read.reason;
     }
     if (chunks.status === "fulfilled" && chunks.value) {
-      this.#sendChunks(hi, lo, offset, chunks.value, payload);
+      this.#sendChunks(hi, lo, offset, chunks.value, data, () => this.#release(borrowed, payload));
     } else {
-      this.#sendData(hi, lo, offset, length, payload.data, payload);
+      this.#sendData(hi, lo, offset, length, data, payload);
     }
   }
 
@@ -394,7 +397,14 @@ export class Transmission {
   }
 
   // proto.md: chunks of one reply may be in any order, DONE on the last; holes as OFFSET_HOLE.
-  #sendChunks(hi: number, lo: number, offset: number, chunks: Extent[], payload: Payload) {
+  #sendChunks(
+    hi: number,
+    lo: number,
+    offset: number,
+    chunks: Extent[],
+    data: Uint8Array,
+    release: () => void,
+  ) {
     for (let i = 0; i < chunks.length; i++) {
       const c = chunks[i];
       const flags = i === chunks.length - 1 ? P.NBD_REPLY_FLAG_DONE : 0;
@@ -411,12 +421,12 @@ export class Transmission {
         v.setUint32(24, c.offsetBytes >>> 0);
         this.#writer.pushCopy(this.#header.subarray(0, 28));
         this.#writer.pushOwned(
-          payload.data.subarray(c.offsetBytes - offset, c.offsetBytes - offset + c.lengthBytes),
+          data.subarray(c.offsetBytes - offset, c.offsetBytes - offset + c.lengthBytes),
         );
       }
     }
-    // Data chunks above the copy threshold are written from `payload` itself.
-    this.#writer.pushRelease(() => this.#context.pool.give(payload));
+    // Data chunks above the copy threshold are written from `data` itself.
+    this.#writer.pushRelease(release);
   }
 
   async #blockStatus(flags: number, hi: number, lo: number, offset: number, length: number) {
