@@ -1,11 +1,15 @@
 /**
  * What lies beneath a layer of a backing chain (qcow, qcow2): where the
  * layer has nothing, reads see the backing image, clipped to its size,
- * and zeros past it (or everywhere without one). Also the merging of
- * allocation runs both formats report.
+ * and zeros past it (or everywhere without one). Also what both formats
+ * share around that: merging the allocation runs they report, opening a
+ * layer and its parent, opening a file for their check.
  * @module
  */
-import type { BlockDriver, Extent } from "./driver.ts";
+import { type BlockDriver, BlockError, type Extent } from "./driver.ts";
+import type { ImageFile } from "./image_file.ts";
+import type { CheckReport } from "./inspect.ts";
+import { openImageFile } from "./raw/open_file.ts";
 
 /** Fills `buffers` (consecutive guest bytes from `offsetBytes`) from `parent`, zeros past its end. */
 export async function readBeneath(
@@ -92,4 +96,48 @@ export function pushMapRun(runs: MapRun[], run: MapRun): void {
       : last.hostOffsetBytes + last.lengthBytes === run.hostOffsetBytes);
   if (joins) last.lengthBytes += run.lengthBytes;
   else runs.push(run);
+}
+
+/**
+ * Opens one layer of a chain over its open `file`: `body` parses it and may
+ * open the parent through `adopt`; if anything fails, the parent and the
+ * file are closed again, and the format's own error (`formatError`) becomes
+ * a BlockError (EINVAL) naming the problem.
+ */
+export async function openLayer<D>(
+  file: ImageFile,
+  formatError: abstract new (...args: never[]) => Error,
+  body: (adopt: (open: () => Promise<BlockDriver>) => Promise<BlockDriver>) => Promise<D>,
+): Promise<D> {
+  let parent: BlockDriver | undefined;
+  try {
+    return await body(async (open) => (parent = await open()));
+  } catch (error) {
+    await parent?.close();
+    await file.close();
+    if (error instanceof formatError) throw new BlockError("EINVAL", error.message);
+    throw error;
+  }
+}
+
+/**
+ * Runs a format's check on `path` opened for it (read-only unless
+ * `repair`); a file that cannot be opened is reported unusable.
+ */
+export async function checkOnFile(
+  path: string,
+  repair: boolean,
+  check: (file: ImageFile) => Promise<CheckReport>,
+): Promise<CheckReport> {
+  let file: ImageFile;
+  try {
+    file = await openImageFile(path, { readOnly: !repair, engine: "sync" });
+  } catch (error) {
+    return { corruptions: [], leakedClusters: 0, unusable: (error as Error).message };
+  }
+  try {
+    return await check(file);
+  } finally {
+    await file.close();
+  }
 }

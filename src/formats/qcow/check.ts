@@ -9,7 +9,7 @@
  */
 import type { CheckOptions, CheckReport } from "../inspect.ts";
 import type { ImageFile } from "../image_file.ts";
-import { openImageFile } from "../raw/open_file.ts";
+import { checkOnFile } from "../beneath.ts";
 import { decodeEntry, l1Checksum, QcowFormatError } from "./header.ts";
 import { type QcowImage, readQcowImage } from "./qcow.ts";
 
@@ -41,39 +41,33 @@ class _Findings {
 }
 
 /** Checks `path`; see the module description. */
-export async function checkQcow(path: string, options: CheckOptions): Promise<CheckReport> {
-  let file: ImageFile;
+export function checkQcow(path: string, options: CheckOptions): Promise<CheckReport> {
+  return checkOnFile(path, options.repair, (file) => _checkFile(file, options));
+}
+
+async function _checkFile(file: ImageFile, options: CheckOptions): Promise<CheckReport> {
+  let image: QcowImage;
   try {
-    file = await openImageFile(path, { readOnly: !options.repair, engine: "sync" });
+    image = await readQcowImage(file);
   } catch (error) {
-    return { corruptions: [], leakedClusters: 0, unusable: (error as Error).message };
-  }
-  try {
-    let image: QcowImage;
-    try {
-      image = await readQcowImage(file);
-    } catch (error) {
-      if (error instanceof QcowFormatError) {
-        return { corruptions: [], leakedClusters: 0, unusable: error.message };
-      }
-      throw error;
+    if (error instanceof QcowFormatError) {
+      return { corruptions: [], leakedClusters: 0, unusable: error.message };
     }
-    const findings = new _Findings();
-    const spans = await _collectSpans(file, image, findings);
-    _findOverlaps(spans, findings);
-    const leaks = await _findLeaks(file, image, spans);
-    const report: CheckReport = {
-      corruptions: findings.finish(),
-      leakedClusters: leaks.clusters,
-    };
-    if (options.repair && report.corruptions.length === 0) {
-      report.repaired = await _repair(file, image, spans, leaks);
-      if (leaks.ranges.length > 0) report.leakedClusters = 0;
-    }
-    return report;
-  } finally {
-    await file.close();
+    throw error;
   }
+  const findings = new _Findings();
+  const spans = await _collectSpans(file, image, findings);
+  _findOverlaps(spans, findings);
+  const leaks = await _findLeaks(file, image, spans);
+  const report: CheckReport = {
+    corruptions: findings.finish(),
+    leakedClusters: leaks.clusters,
+  };
+  if (options.repair && report.corruptions.length === 0) {
+    report.repaired = await _repair(file, image, spans, leaks);
+    if (leaks.ranges.length > 0) report.leakedClusters = 0;
+  }
+  return report;
 }
 
 /**

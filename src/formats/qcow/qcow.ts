@@ -44,6 +44,7 @@ import { CachedTable, TableCache } from "../table_cache.ts";
 import { inflateCluster } from "../cluster_compress.ts";
 import {
   type MapRun,
+  openLayer,
   pushExtent,
   pushMapRun,
   readBeneath,
@@ -158,20 +159,15 @@ export class QcowDriver extends BlockDriverBase {
     context: OpenContext,
   ): Promise<QcowDriver> {
     const file = await context.openFile(path, options);
-    let parent: BlockDriver | undefined;
-    try {
+    return await openLayer(file, QcowFormatError, async (adopt) => {
       const image = await readQcowImage(file);
       _checkL1(file, image);
-      if (image.backingName !== undefined) {
-        parent = await context.openBacking(image.backingName, path);
-      }
+      const name = image.backingName;
+      const parent = name === undefined
+        ? undefined
+        : await adopt(() => context.openBacking(name, path));
       return new QcowDriver(file, image, parent);
-    } catch (error) {
-      await parent?.close();
-      await file.close();
-      if (error instanceof QcowFormatError) throw new BlockError("EINVAL", error.message);
-      throw error;
-    }
+    });
   }
 
   get path(): string {

@@ -17,7 +17,7 @@
  */
 import type { CheckOptions, CheckReport } from "../inspect.ts";
 import type { ImageFile } from "../image_file.ts";
-import { openImageFile } from "../raw/open_file.ts";
+import { checkOnFile } from "../beneath.ts";
 import {
   decodeL1,
   decodeL2,
@@ -425,18 +425,8 @@ class StoredRefcounts {
 }
 
 /** Checks `path` as `qemu-img check` does; writes only with `repair`. */
-export async function checkQcow2(path: string, options: CheckOptions): Promise<CheckReport> {
-  let file: ImageFile;
-  try {
-    file = await openImageFile(path, { readOnly: !options.repair, engine: "sync" });
-  } catch (error) {
-    return { corruptions: [], leakedClusters: 0, unusable: (error as Error).message };
-  }
-  try {
-    return await checkQcow2File(file, options);
-  } finally {
-    await file.close();
-  }
+export function checkQcow2(path: string, options: CheckOptions): Promise<CheckReport> {
+  return checkOnFile(path, options.repair, (file) => checkQcow2File(file, options));
 }
 
 /** {@linkcode checkQcow2} on an open file (the crash simulator checks in-memory files). */

@@ -38,6 +38,7 @@ import type { OpenContext } from "../format_entry.ts";
 import { deflateCluster, inflateCluster } from "../cluster_compress.ts";
 import {
   type MapRun,
+  openLayer,
   pushExtent,
   pushMapRun,
   readBeneath,
@@ -157,8 +158,7 @@ export class Qcow2Driver extends BlockDriverBase {
     context: OpenContext,
   ): Promise<Qcow2Driver> {
     const file = await context.openFile(path, options);
-    let parent: BlockDriver | undefined;
-    try {
+    return await openLayer(file, Qcow2FormatError, async (adopt) => {
       let image = await readQcow2Image(file);
       _refuseUnsupported(file, image);
       if (file.writable && (image.header.incompatible & INCOMPAT_DIRTY) !== 0n) {
@@ -166,17 +166,12 @@ export class Qcow2Driver extends BlockDriverBase {
         await repairQcow2(file, image);
         image = await readQcow2Image(file);
       }
-      const h = image.header;
-      if (h.backingName !== undefined) {
-        parent = await context.openBacking(h.backingName, path, h.backingFormat || undefined);
-      }
+      const { backingName, backingFormat } = image.header;
+      const parent = backingName === undefined
+        ? undefined
+        : await adopt(() => context.openBacking(backingName, path, backingFormat || undefined));
       return new Qcow2Driver(file, image, parent);
-    } catch (error) {
-      await parent?.close();
-      await file.close();
-      if (error instanceof Qcow2FormatError) throw new BlockError("EINVAL", error.message);
-      throw error;
-    }
+    });
   }
 
   get path(): string {
