@@ -43,6 +43,11 @@ export interface ClusterRun {
 
 /** Size of the frontier reservations (bytes), at least 16 clusters. */
 export const reservation_bytes = 8 << 20;
+/**
+ * Through the page cache a barrier (fdatasync) also writes back every dirty
+ * page of the file: reservations are larger, so barriers are rarer.
+ */
+export const reservation_bytes_page_cache = 128 << 20;
 const reservation_clusters_min = 16;
 /** Free extents remembered for reuse (memory bound). */
 const free_extents_max = 4096;
@@ -66,6 +71,8 @@ export interface AllocatorHooks {
   minimumFrontier(): number;
   /** Whether fresh file space reads as zeros (false on block devices). */
   growsWithHoles: boolean;
+  /** Bytes reserved at once ({@linkcode reservation_bytes} or the page-cache size). */
+  reservationBytes: number;
 }
 
 /** The allocator; see the module description. */
@@ -96,7 +103,7 @@ export class ClusterAllocator {
     this.#clusterBytes = store.g.clusterBytes;
     this.#reserveClusters = Math.max(
       reservation_clusters_min,
-      Math.ceil(reservation_bytes / this.#clusterBytes),
+      Math.ceil(hooks.reservationBytes / this.#clusterBytes),
     );
   }
 

@@ -46,7 +46,12 @@ import {
   zeroBeneath,
 } from "../beneath.ts";
 import { isZeroBytes } from "../zero_bytes.ts";
-import { ClusterAllocator, type ClusterRun } from "./allocator.ts";
+import {
+  ClusterAllocator,
+  type ClusterRun,
+  reservation_bytes,
+  reservation_bytes_page_cache,
+} from "./allocator.ts";
 import { ClusterLocks } from "./cluster_locks.ts";
 import { compressedEntry, type L2Entry, standardEntry } from "./entries.ts";
 import { GroupSync } from "./group_sync.ts";
@@ -109,7 +114,12 @@ export class Qcow2Driver extends BlockDriverBase {
   #guards?: { reftable: number; ranges: [number, number][] };
   #closed = false;
 
-  private constructor(file: ImageFile, image: Qcow2Image, parent?: BlockDriver) {
+  private constructor(
+    file: ImageFile,
+    image: Qcow2Image,
+    options: ImageOpenOptions,
+    parent?: BlockDriver,
+  ) {
     super();
     this.#file = file;
     this.image = image;
@@ -136,6 +146,9 @@ export class Qcow2Driver extends BlockDriverBase {
       writeReftableFields: (offset, clusters) => this.#header.setReftable(offset, clusters),
       minimumFrontier: () => this.#minimumFrontier(),
       growsWithHoles: _growsWithHoles(file),
+      reservationBytes: options.cache === "writeback"
+        ? reservation_bytes_page_cache
+        : reservation_bytes,
     });
     this.#preps = new TablePreps(file, this.#tables, this.#allocator);
     const writable = file.writable;
@@ -170,7 +183,7 @@ export class Qcow2Driver extends BlockDriverBase {
       const parent = backingName === undefined
         ? undefined
         : await adopt(() => context.openBacking(backingName, path, backingFormat || undefined));
-      return new Qcow2Driver(file, image, parent);
+      return new Qcow2Driver(file, image, options, parent);
     });
   }
 
