@@ -87,6 +87,14 @@ export function checkVerdict(result: CheckResult): string | undefined {
   return undefined;
 }
 
+/** `x` with two decimals as C's printf("%.2f") gives it (exact ties to even: 3.125 -> 3.12). */
+function printfFixed2(x: number): string {
+  const scaled = x * 100;
+  const floor = Math.floor(scaled);
+  if (scaled - floor === 0.5 && floor % 2 === 0) return (floor / 100).toFixed(2);
+  return x.toFixed(2);
+}
+
 /** Text in the spirit of `qemu-img check`. */
 export function formatCheckHuman(result: CheckResult): string {
   const { report } = result;
@@ -115,7 +123,7 @@ export function formatCheckHuman(result: CheckResult): string {
   const stats = report.clusterStats;
   if (stats) {
     // As qemu-img: fragmented and compressed are shares of the allocated clusters.
-    const pct = (n: number, of: number) => (of > 0 ? (100 * n) / of : 0).toFixed(2);
+    const pct = (n: number, of: number) => printfFixed2(of > 0 ? (100 * n) / of : 0);
     const allocated = stats.allocatedClusters;
     lines.push(
       `${allocated}/${stats.totalClusters} = ${pct(allocated, stats.totalClusters)}% allocated, ` +

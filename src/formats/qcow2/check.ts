@@ -18,14 +18,8 @@
 import type { CheckOptions, CheckReport } from "../inspect.ts";
 import type { ImageFile } from "../image_file.ts";
 import { checkOnFile } from "../beneath.ts";
-import {
-  decodeL1,
-  decodeL2,
-  decodeReftable,
-  HI_COPIED,
-  offsetField,
-  offsetHex,
-} from "./entries.ts";
+import { bitmapSpace } from "./bitmaps.ts";
+import { decodeL1, decodeL2, decodeReftable, HI_COPIED, offsetHex } from "./entries.ts";
 import {
   AUTOCLEAR_BITMAPS,
   FIELD_INCOMPATIBLE,
@@ -259,29 +253,16 @@ class Checker {
   }
 
   async #countBitmaps(): Promise<void> {
-    const b = this.#image.header.bitmaps!;
-    this.inc(b.directoryOffset, b.directoryBytes);
-    const dir = new Uint8Array(
-      Math.max(0, Math.min(b.directoryBytes, this.#fileBytes - b.directoryOffset)),
+    const space = await bitmapSpace(
+      this.#file,
+      this.#image.header,
+      this.#g.clusterBytes,
+      this.#fileBytes,
     );
-    await this.#file.read(b.directoryOffset, dir);
-    const view = new DataView(dir.buffer);
-    for (let at = 0, n = 0; n < b.count && at + 24 <= dir.byteLength; n += 1) {
-      const tableOffset = view.getUint32(at) * 2 ** 32 + view.getUint32(at + 4);
-      const tableSize = view.getUint32(at + 8);
-      this.inc(tableOffset, tableSize * 8);
-      const table = new Uint8Array(
-        Math.max(0, Math.min(tableSize * 8, this.#fileBytes - tableOffset)),
-      );
-      await this.#file.read(tableOffset, table);
-      const tv = new DataView(table.buffer);
-      for (let i = 0; i + 8 <= table.byteLength; i += 8) {
-        const offset = offsetField(tv.getUint32(i), tv.getUint32(i + 4));
-        if (offset % this.#g.clusterBytes !== 0) {
-          this.corrupt(`bitmap table entry ${i / 8} is not cluster aligned`);
-        } else if (offset !== 0) this.inc(offset, this.#g.clusterBytes);
-      }
-      at += Math.ceil((24 + view.getUint32(at + 20) + view.getUint16(at + 18)) / 8) * 8;
+    for (const s of space) {
+      if ("unaligned" in s) {
+        this.corrupt(`bitmap table entry ${s.unaligned} is not cluster aligned`);
+      } else this.inc(s.offsetBytes, s.lengthBytes);
     }
   }
 

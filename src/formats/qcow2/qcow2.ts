@@ -56,6 +56,7 @@ import { ClusterLocks } from "./cluster_locks.ts";
 import { compressedEntry, type L2Entry, standardEntry } from "./entries.ts";
 import { GroupSync } from "./group_sync.ts";
 import {
+  AUTOCLEAR_BITMAPS,
   INCOMPAT_CORRUPT,
   INCOMPAT_DIRTY,
   Qcow2FormatError,
@@ -71,6 +72,7 @@ import { RefcountStore } from "./refcounts.ts";
 import { HeaderFields } from "./header_fields.ts";
 import { type TablePrep, TablePreps } from "./table_preps.ts";
 import { repairQcow2 } from "./check.ts";
+import { bitmapSpace } from "./bitmaps.ts";
 
 /** One cluster of a write that needs a new host cluster. */
 interface FreshCluster {
@@ -111,6 +113,7 @@ export class Qcow2Driver extends BlockDriverBase {
   readonly #preps: TablePreps;
   readonly #header: HeaderFields;
   #inflated?: { offsetBytes: number; data: Uint8Array };
+  #prepared?: Promise<void>;
   #guards?: { reftable: number; ranges: [number, number][] };
   #closed = false;
 
@@ -142,7 +145,7 @@ export class Qcow2Driver extends BlockDriverBase {
     }, Qcow2Driver.refcountCacheBytesMax);
     this.#header = new HeaderFields(file, image, this.#sync);
     this.#allocator = new ClusterAllocator(this.#refcounts, file, this.#sync, {
-      prepare: () => this.#header.markDirty(),
+      prepare: () => this.#prepareWrites(),
       writeReftableFields: (offset, clusters) => this.#header.setReftable(offset, clusters),
       minimumFrontier: () => this.#minimumFrontier(),
       growsWithHoles: _growsWithHoles(file),
@@ -877,6 +880,29 @@ export class Qcow2Driver extends BlockDriverBase {
   protected _flush(): Promise<void> {
     if (!this.#file.writable) return Promise.resolve();
     return this.#sync.sync();
+  }
+
+  /**
+   * Before the first refcount change: the dirty bit set and the autoclear
+   * bits cleared, durably; then the space of bitmaps we just stopped
+   * vouching for is given back (QEMU drops such bitmaps), so none leaks.
+   */
+  #prepareWrites(): Promise<void> {
+    this.#prepared ??= observed((async () => {
+      const h = this.image.header;
+      const vouched = h.bitmaps !== undefined && (h.autoclear & AUTOCLEAR_BITMAPS) !== 0n;
+      await this.#header.markDirty();
+      if (!vouched) return;
+      const c = this.#g.clusterBytes;
+      for (const s of await bitmapSpace(this.#file, h, c)) {
+        if ("unaligned" in s || s.lengthBytes <= 0 || !Number.isSafeInteger(s.offsetBytes)) {
+          continue;
+        }
+        const first = Math.floor(s.offsetBytes / c);
+        this.#allocator.freeLater(first, Math.ceil((s.offsetBytes + s.lengthBytes) / c) - first);
+      }
+    })());
+    return this.#prepared;
   }
 
   // ---- block status and map -------------------------------------------------------
