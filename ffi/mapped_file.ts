@@ -1,11 +1,17 @@
 /**
  * A small file mapped shared between processes (ring devices, stats
  * files): created fresh, private to this user, or opened when it exists
- * with the size the caller expects.
+ * with the size the caller expects. These files live in shared-memory
+ * folders, so they are private files (./private_path.ts): created with
+ * O_EXCL|O_NOFOLLOW and mode 0600, opened with O_NOFOLLOW and checked to
+ * be a regular file of ours with mode 0600 — a symbolic link or another
+ * user's file where one goes is refused, never followed or written.
  * @module
  */
-import { File } from "./file.ts";
+import { SysError } from "./errno.ts";
+import type { File } from "./file.ts";
 import { NativeMemory } from "./memory.ts";
+import { createPrivateFile, openPrivateFile } from "./private_path.ts";
 
 /** A file of `sizeBytes` mapped with MAP_SHARED. */
 export class MappedFile {
@@ -22,14 +28,13 @@ export class MappedFile {
     this.bytes = this.#memory.bytes;
   }
 
-  /** Creates (or replaces) `path` with `sizeBytes` of zeros, mode 0600, and maps it. */
-  static create(path: string, sizeBytes: number): MappedFile {
-    try {
-      Deno.removeSync(path);
-    } catch {
-      // absent
-    }
-    const file = File.open(path, { write: true, createNew: true, mode: 0o600 });
+  /**
+   * Creates `path` with `sizeBytes` of zeros, mode 0600, and maps it. A
+   * stale file of ours there (left by a process that died before recording
+   * it) is replaced; anything else is refused, naming `what`.
+   */
+  static create(path: string, sizeBytes: number, what: string): MappedFile {
+    const file = createReplacingOurs(path, what);
     try {
       file.truncate(sizeBytes);
       return new MappedFile(path, file, sizeBytes);
@@ -41,7 +46,7 @@ export class MappedFile {
 
   /** Maps the existing regular file `path`; throws, naming `what`, unless it has `sizeBytes`. */
   static open(path: string, sizeBytes: number, what: string): MappedFile {
-    const file = File.open(path, { write: true });
+    const file = openPrivateFile(path, what);
     try {
       const stat = file.stat();
       if (stat.kind !== "file" || stat.sizeBytes !== sizeBytes) {
@@ -70,4 +75,16 @@ export class MappedFile {
       // already gone
     }
   }
+}
+
+// openPrivateFile refuses what is not ours before anything is removed.
+function createReplacingOurs(path: string, what: string): File {
+  try {
+    return createPrivateFile(path, what);
+  } catch (error) {
+    if (!(error instanceof SysError && error.code === "EEXIST")) throw error;
+  }
+  openPrivateFile(path, what).close();
+  Deno.removeSync(path);
+  return createPrivateFile(path, what);
 }

@@ -19,10 +19,11 @@ import type { QosSettings } from "../disk/disk_server.ts";
 import { addTotals, type DiskStats, emptyTotals, withDerived } from "../disk/counters.ts";
 import type { StatsFile } from "../disk/stats_file.ts";
 import type { AttachConfig } from "../disk/protocol.ts";
+import type { DriverCapabilities } from "../formats/driver.ts";
 import type { KickChannel } from "../ring/kick_channel.ts";
 import { ShmRingDevice } from "../ring/shm_ring_device.ts";
 import type { MinorLifetime, MinorRecord } from "./registry.ts";
-import { RingDisk } from "../ring/ring_disk.ts";
+import { RingDisk, type ServedDisk } from "../ring/ring_disk.ts";
 
 /** Lifecycle of a minor as `blktap list` shows it. */
 export type MinorState = "starting" | "running" | "paused" | "restarting" | "failed" | "destroyed";
@@ -185,7 +186,7 @@ export class Minor {
 
   onMessage(message: Record<string, unknown>): void {
     if (message.t === "ready") {
-      this.#ready(message.sizeBytes as number, message.volatileWrites === true);
+      this.#ready(servedDisk(message));
     } else if (message.t === "reply") this.#reply(message);
     else if (message.t === "failed") this.failure = String(message.error);
   }
@@ -199,10 +200,10 @@ export class Minor {
     this.#calls.clear();
   }
 
-  async #ready(sizeBytes: number, volatileWrites: boolean): Promise<void> {
+  async #ready(served: ServedDisk): Promise<void> {
     const channel = this.#channel!;
-    this.record.sizeBytes = sizeBytes;
-    this.disk.attach(() => channel.kick(), sizeBytes, volatileWrites);
+    this.record.sizeBytes = served.sizeBytes;
+    this.disk.attach(() => channel.kick(), served);
     if (this.record.paused) await this.call("pause").catch(() => {});
     this.state = this.record.paused ? "paused" : "running";
     this.failure = undefined;
@@ -313,12 +314,9 @@ export class Minor {
       this.record.image = image;
       this.record.probedRaw = probedRaw;
     }
-    this.record.sizeBytes = reply.sizeBytes as number;
-    this.disk.attach(
-      () => this.#channel?.kick(),
-      this.record.sizeBytes,
-      reply.volatileWrites === true,
-    );
+    const served = servedDisk(reply);
+    this.record.sizeBytes = served.sizeBytes;
+    this.disk.attach(() => this.#channel?.kick(), served);
     this.record.paused = false;
     this.state = "running";
     this.#host.changed();
@@ -400,4 +398,17 @@ export class Minor {
     this.statsFile.close();
     this.statsFile.unlink();
   }
+}
+
+/** What a disk process's `ready` message (or resume reply) says it serves. */
+function servedDisk(message: Record<string, unknown>): ServedDisk {
+  const capabilities = message.capabilities as DriverCapabilities | undefined;
+  if (typeof message.sizeBytes !== "number" || typeof capabilities !== "object" || !capabilities) {
+    throw new Error(`disk process sent an incomplete ready message: ${JSON.stringify(message)}`);
+  }
+  return {
+    sizeBytes: message.sizeBytes,
+    volatileWrites: message.volatileWrites === true,
+    capabilities,
+  };
 }

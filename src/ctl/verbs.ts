@@ -286,12 +286,18 @@ ${RUN_DIR_HELP}`,
 
 const EXERCISE: Command = {
   name: "exercise",
-  summary: "drive a minor with the verified test front end (tests, bench)",
-  usage: `usage: blktap exercise MINOR [OPTIONS] [--run-dir DIR]
+  summary: "test a minor with random verified I/O (DESTROYS the disk's data; tests, bench)",
+  usage: `usage: blktap exercise MINOR [OPTIONS] [--force] [--run-dir DIR]
+
+DESTROYS DATA: writes test patterns over MINOR's disk (the image loses its
+contents). Use it on scratch disks only.
 
 Runs the test front end inside ctrl on MINOR's ring: random reads and writes
 verified against a model of what it wrote (reads of sectors it has not
-written are checked only with --initial-zero).
+written are checked only with --initial-zero). A minor with clients (NBD
+connections to its export) is refused unless --force.
+
+  --force             run even though the disk has clients (their data is destroyed)
 
   --requests N        stop after N requests (default: --seconds)
   --seconds S         stop after S seconds (default 10)
@@ -328,6 +334,7 @@ ${RUN_DIR_HELP}`,
       "initial-zero": { type: "boolean" },
       seed: { type: "string" },
       json: { type: "boolean" },
+      force: { type: "boolean" },
     }, { min: 1, max: 1 });
     const pct = (v: string | undefined) => (v === undefined ? undefined : Number(v) / 100);
     const size = (v: string | undefined) => (v === undefined ? undefined : parseSize(v));
@@ -350,6 +357,7 @@ ${RUN_DIR_HELP}`,
       aligned: values.aligned ?? false,
       initialZero: values["initial-zero"] ?? false,
       seed: parseCount(values.seed, "--seed"),
+      force: values.force ?? false,
     });
     if (values.json) console.log(JSON.stringify(result));
     else for (const [k, v] of Object.entries(result)) console.log(`${k}: ${v}`);

@@ -11,6 +11,7 @@ import { waitOnThisThread } from "../../ffi/aio.ts";
 import type { BlockDriver } from "../formats/driver.ts";
 import { openImage, parseImageSpec } from "../formats/open_image.ts";
 import { KickChannel } from "../ring/kick_channel.ts";
+import type { ServedDisk } from "../ring/ring_disk.ts";
 import { ShmRingDevice } from "../ring/shm_ring_device.ts";
 import { defaultRunDir } from "../cli/run_dir.ts";
 import { DiskServer } from "./disk_server.ts";
@@ -66,6 +67,15 @@ const PROCESS_CRASH_SAFE_FORMATS = new Set(["aio", "sync", "raw", "null", "ram"]
 
 function hasVolatileWrites(driver: BlockDriver): boolean {
   return !PROCESS_CRASH_SAFE_FORMATS.has(driver.format);
+}
+
+/** What ctrl learns of the disk when it is served: ctrl's front ends advertise its capabilities. */
+function served(driver: BlockDriver): ServedDisk {
+  return {
+    sizeBytes: driver.sizeBytes,
+    volatileWrites: hasVolatileWrites(driver),
+    capabilities: { ...driver.capabilities },
+  };
 }
 
 /** One disk process's state. */
@@ -166,11 +176,7 @@ class DiskProcess {
       log: (m) => this.#log.warn(m),
     });
     this.#log.info(`serving ${config.image} (${driver.sizeBytes} bytes) pid ${Deno.pid}`);
-    this.#channel.send({
-      t: "ready",
-      sizeBytes: driver.sizeBytes,
-      volatileWrites: hasVolatileWrites(driver),
-    });
+    this.#channel.send({ t: "ready", ...served(driver) });
     this.#server.kick();
   }
 
@@ -204,10 +210,7 @@ class DiskProcess {
   ): Promise<Record<string, unknown>> {
     if (image) await this.#switchImage(server, image, probedRaw);
     else server.resume();
-    return {
-      sizeBytes: server.driver.sizeBytes,
-      volatileWrites: hasVolatileWrites(server.driver),
-    };
+    return { ...served(server.driver) };
   }
 
   // The old image is closed first: its locks would refuse the new overlay

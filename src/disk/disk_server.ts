@@ -187,8 +187,8 @@ export class DiskServer {
       () => this.#finish(request, started, B.BLKIF_RSP_OKAY),
       (error) => {
         const code = (error as { code?: string }).code;
-        // A driver without extents is an expected answer, not a fault.
-        if (code !== "EOPNOTSUPP" || request.kind !== "block-status") {
+        // A driver without extents or discard gives an expected answer, not a fault.
+        if (code !== "EOPNOTSUPP" || !["block-status", "discard"].includes(request.kind)) {
           this.#options.log?.(
             `request ${request.kind} ${request.offsetBytes}+${request.lengthBytes}: ${error}`,
           );

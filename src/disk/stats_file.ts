@@ -54,7 +54,7 @@ export class StatsFile {
 
   /** Creates (or replaces) the file, private to this user, with zero counters of `generation`. */
   static create(path: string, generation: number): StatsFile {
-    const stats = new StatsFile(MappedFile.create(path, stats_file_bytes));
+    const stats = new StatsFile(MappedFile.create(path, stats_file_bytes, "stats file"));
     stats.#words[0] = stats_magic;
     stats.#words[1] = stats_version;
     stats.reset(generation);

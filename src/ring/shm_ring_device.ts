@@ -3,6 +3,10 @@
  * ring pages, then the data page pool. ctrl creates it; the disk process
  * maps the same file. A request's grefs are page numbers in the pool.
  * Kicks travel separately (src/ring/kick_channel.ts).
+ *
+ * The file lives in a shared-memory folder, so it is a private file
+ * (ffi/mapped_file.ts): a symbolic link or someone else's file where a ring
+ * device goes is refused, never followed.
  * @module
  */
 import { MappedFile } from "../../ffi/mapped_file.ts";
@@ -48,13 +52,21 @@ export class ShmRingDevice {
     this.pool = mapped.bytes.subarray(ringBytes, deviceBytes(layout));
   }
 
-  /** Creates (or replaces) the file at `path` and maps it; contents are zero. */
+  /**
+   * Creates the file at `path` and maps it; contents are zero. A stale ring
+   * device of ours there is replaced; anything else (a symbolic link, a
+   * file of another user or with another mode) is refused.
+   */
   static create(path: string, layout: RingDeviceLayout): ShmRingDevice {
     checkLayout(layout);
-    return new ShmRingDevice(layout, MappedFile.create(path, deviceBytes(layout)));
+    return new ShmRingDevice(layout, MappedFile.create(path, deviceBytes(layout), "ring device"));
   }
 
-  /** Maps an existing ring device; its size must match `layout`. */
+  /**
+   * Maps an existing ring device; its size must match `layout`. Throws a
+   * `SysError` ENOENT when there is none, an error naming the problem when
+   * the file there is not a private file of ours.
+   */
   static open(path: string, layout: RingDeviceLayout): ShmRingDevice {
     checkLayout(layout);
     return new ShmRingDevice(layout, MappedFile.open(path, deviceBytes(layout), "ring device"));

@@ -57,7 +57,6 @@ export class MemoryDriver extends BlockDriverBase {
     this.capabilities = {
       canWrite,
       canFlush: true,
-      canFua: false,
       canDiscard: canWrite,
       canZero: canWrite,
       canExtents: options.extents ?? true,

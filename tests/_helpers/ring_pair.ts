@@ -67,7 +67,11 @@ export function servedRing(driver: BlockDriver, options: ServedRingOptions = {})
   const { disk, ring, pool, serve } = ringPair("test", driver, sizeBytes, options);
   const start = (serving: BlockDriver) => {
     const server = serve(serving);
-    disk.attach(() => server.kick(), sizeBytes, options.volatileWrites ?? false);
+    disk.attach(() => server.kick(), {
+      sizeBytes,
+      volatileWrites: options.volatileWrites ?? false,
+      capabilities: serving.capabilities,
+    });
     return server;
   };
   let server = start(driver);

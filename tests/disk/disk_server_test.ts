@@ -106,12 +106,17 @@ Deno.test("disk server: a flush starts after earlier writes complete and before 
 
 Deno.test("disk server: QoS holds IOPS to the limit after the burst", async () => {
   const sizeBytes = 1 << 20;
-  const { disk, serve } = ringPair("qos", new MemoryDriver(sizeBytes), sizeBytes, {
+  const driver = new MemoryDriver(sizeBytes);
+  const { disk, serve } = ringPair("qos", driver, sizeBytes, {
     poolPages: 64,
     qos: { maxIops: 200, maxBps: 0, burstMs: 100 },
   });
   const server = serve();
-  disk.attach(() => server.kick(), sizeBytes);
+  disk.attach(() => server.kick(), {
+    sizeBytes,
+    volatileWrites: false,
+    capabilities: driver.capabilities,
+  });
   const started = performance.now();
   const result = await new TestFrontend(disk, {
     requests: 120,
@@ -134,7 +139,11 @@ Deno.test("disk server: busy, it takes new requests without kicks; idle, it asks
   const { disk, serve } = ringPair("kicks", driver, size);
   const server = serve();
   let kicks = 0;
-  disk.attach(() => (kicks += 1, server.kick()), size);
+  disk.attach(() => (kicks += 1, server.kick()), {
+    sizeBytes: size,
+    volatileWrites: false,
+    capabilities: driver.capabilities,
+  });
   const read = (i: number) => disk.read(i * 4096, new Uint8Array(4096));
   const first = Array.from({ length: busy_requests_min * 2 }, (_, i) => read(i));
   await new Promise((resolve) => setTimeout(resolve, 5)); // the server is busy with them

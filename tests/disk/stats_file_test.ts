@@ -44,13 +44,17 @@ Deno.test("stats file: counts cross mappings, outlive the counter, reset by gene
     ctrlSide.close();
 
     const stranger = `${dir}/other`;
-    await Deno.writeFile(stranger, new Uint8Array(stats_file_bytes).fill(7));
+    await Deno.writeFile(stranger, new Uint8Array(stats_file_bytes).fill(7), { mode: 0o600 });
     assert.throws(() => StatsFile.open(stranger), /stats file/);
     await Deno.writeFile(stranger, new Uint8Array(100));
     assert.throws(() => StatsFile.open(stranger), /stats file/);
     const replaced = StatsFile.openOrCreate(stranger, 5);
     assert.equal(replaced.generation, 5);
     replaced.close();
+    // A file others may read or write is not ours to replace: refused, left as it is.
+    await Deno.chmod(stranger, 0o644);
+    assert.throws(() => StatsFile.openOrCreate(stranger, 6), /stats file .* has mode 0644/);
+    assert.equal((await Deno.stat(stranger)).mode! & 0o777, 0o644);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

@@ -240,6 +240,11 @@ export class TestFrontend {
     return r;
   }
 
+  // A disk whose driver cannot discard answers EOPNOTSUPP: it gets no discards.
+  get #discardFraction(): number {
+    return this.#disk.capabilities.canDiscard ? this.#o.discardFraction : 0;
+  }
+
   #more(): boolean {
     if (this.#result.errors >= this.#o.maxErrors) return false;
     if (this.#o.requests !== undefined) return this.#issued < this.#o.requests;
@@ -251,7 +256,7 @@ export class TestFrontend {
       this.#issued += 1;
       const roll = this.#random();
       if (roll < this.#o.flushFraction) await this.#flush();
-      else if (roll < this.#o.flushFraction + this.#o.discardFraction) await this.#discard();
+      else if (roll < this.#o.flushFraction + this.#discardFraction) await this.#discard();
       else await this.#readOrWrite();
     }
   }
