@@ -87,7 +87,7 @@ if [[ -n ${BLKTAP_EXE:-} ]]; then BLKTAP=("$BLKTAP_EXE"); else BLKTAP=("$DENO" r
 
 CTRL_RUN=$WORK/blktap-ctrl-run
 start_ctrl() { # CONFIG SPEC CACHE: ctrl (ring + disk process) serving SPEC as export "bench"
-  rm -rf "$CTRL_RUN"; mkdir -p "$CTRL_RUN"
+  rm -rf "$CTRL_RUN"; mkdir -m 700 -p "$CTRL_RUN" # ctrl refuses a run dir others can reach
   start_server "$1" "$CTRL_RUN/nbd.sock" "${BLKTAP[@]}" ctrl --run-dir "$CTRL_RUN" --shm-dir "$CTRL_RUN" --log-level warn
   timeout 60 "${BLKTAP[@]}" create "$2" --name bench --cache "$3" --run-dir "$CTRL_RUN" >/dev/null
   CFG_SOCK=$CTRL_RUN/nbd.sock CFG_EXPORT=bench
