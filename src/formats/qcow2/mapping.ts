@@ -60,44 +60,51 @@ export class MappingTables {
     return decodeL1(this.#l1View.getUint32(index * 8), this.#l1View.getUint32(index * 8 + 4));
   }
 
+  /** Keys of the slices holding entries `[first, first + count)` of the table at `tableOffset`. */
+  #sliceKeys(tableOffset: number, first: number, count: number): number[] {
+    const keys: number[] = [];
+    const base = tableOffset / this.sliceBytes;
+    const last = Math.floor((first + count - 1) / this.entriesPerSlice);
+    for (let s = Math.floor(first / this.entriesPerSlice); s <= last; s += 1) keys.push(base + s);
+    return keys;
+  }
+
+  /** Decodes entries `[first, first + count)` from their slices (`slices[0]` holds `first`). */
+  #decode(first: number, count: number, slices: CachedTable[]): L2Entry[] {
+    const out: L2Entry[] = new Array(count);
+    const firstSlice = Math.floor(first / this.entriesPerSlice);
+    for (let i = 0; i < count; i += 1) {
+      const index = first + i;
+      const slice = slices[Math.floor(index / this.entriesPerSlice) - firstSlice];
+      const within = index % this.entriesPerSlice;
+      out[i] = decodeL2(slice.hi(within), slice.lo(within), this.g.clusterBits);
+    }
+    return out;
+  }
+
   /**
    * Entries `[first, first + count)` of the L2 table at `tableOffset` when
    * their slices are cached (the hot path, without an await); else undefined.
    */
   cachedEntries(tableOffset: number, first: number, count: number): L2Entry[] | undefined {
-    const out: L2Entry[] = new Array(count);
-    for (let i = 0; i < count;) {
-      const index = first + i;
-      const key = tableOffset / this.sliceBytes + Math.floor(index / this.entriesPerSlice);
+    const slices: CachedTable[] = [];
+    for (const key of this.#sliceKeys(tableOffset, first, count)) {
       const slice = this.#slices.cache.peek(key);
       if (!slice) return undefined;
-      const within = index % this.entriesPerSlice;
-      const n = Math.min(count - i, this.entriesPerSlice - within);
-      for (let k = 0; k < n; k += 1) {
-        out[i + k] = decodeL2(slice.hi(within + k), slice.lo(within + k), this.g.clusterBits);
-      }
-      i += n;
+      slices.push(slice);
     }
-    return out;
+    return this.#decode(first, count, slices);
   }
 
   /** Entries `[first, first + count)` of the L2 table at `tableOffset` (one table). */
   async entries(tableOffset: number, first: number, count: number): Promise<L2Entry[]> {
     const cached = this.cachedEntries(tableOffset, first, count);
     if (cached) return cached;
-    const out: L2Entry[] = new Array(count);
-    for (let i = 0; i < count;) {
-      const index = first + i;
-      const key = tableOffset / this.sliceBytes + Math.floor(index / this.entriesPerSlice);
-      const slice = await this.#slices.cache.get(key);
-      const within = index % this.entriesPerSlice;
-      const n = Math.min(count - i, this.entriesPerSlice - within);
-      for (let k = 0; k < n; k += 1) {
-        out[i + k] = decodeL2(slice.hi(within + k), slice.lo(within + k), this.g.clusterBits);
-      }
-      i += n;
+    const slices: CachedTable[] = [];
+    for (const key of this.#sliceKeys(tableOffset, first, count)) {
+      slices.push(await this.#slices.cache.get(key));
     }
-    return out;
+    return this.#decode(first, count, slices);
   }
 
   /**

@@ -159,7 +159,6 @@ export class Qcow2Driver extends BlockDriverBase {
     this.capabilities = {
       canWrite: writable,
       canFlush: true,
-      canFua: false,
       canDiscard: zeroing,
       canZero: zeroing,
       canExtents: true,
@@ -732,7 +731,6 @@ export class Qcow2Driver extends BlockDriverBase {
   }
 
   protected override async _discard(offsetBytes: number, lengthBytes: number): Promise<void> {
-    if (!this.capabilities.canDiscard) return;
     await this.#zeroRange(offsetBytes, lengthBytes, true, false, true);
   }
 

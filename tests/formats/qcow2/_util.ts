@@ -114,10 +114,11 @@ function apply(model: Uint8Array, op: Op, unsure: Uint8Array): void {
   else unsure.fill(1, op.offset, op.offset + op.length);
 }
 
-/** Runs `op` on `driver`. */
+/** Runs `op` on `driver` (a discard the driver does not offer is skipped: the bytes stay). */
 export function runOp(driver: BlockDriver, op: Op): Promise<void> {
   if (op.kind === "write") return driver.write(op.offset, op.data);
   if (op.kind === "zero") return driver.writeZeroes(op.offset, op.length, { mayTrim: op.mayTrim });
+  if (!driver.capabilities.canDiscard) return Promise.resolve();
   return driver.discard(op.offset, op.length);
 }
 
