@@ -15,6 +15,11 @@
  *    write in flight makes them durable, then the L2 entry and the L1 entry
  *    are written. Frees are applied only behind a later barrier. A crash
  *    at any instant leaves at most leaked clusters.
+ *    Most new clusters need no barrier of their own: they come from a
+ *    reservation made durable ahead (refcounts set, the file preallocated
+ *    over it, one barrier), and a fresh hole over zeros (no backing data
+ *    beneath) reads as before or as the unanswered write left it whatever
+ *    a crash keeps of the data, so data and entries go out together.
  * 3. FLUSH is one more barrier: everything answered is then durable.
  * Writes into allocated clusters whose refcount is one (COPIED) go in
  * place with no metadata; requests to different clusters run concurrently
