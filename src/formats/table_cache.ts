@@ -4,10 +4,10 @@
  * with one load per key at a time and eviction of clean tables only.
  *
  * A table is changed in memory, its changed blocks remembered; the format
- * decides when they reach the file (qcow: at a commit, after an fdatasync
- * made the data durable; qcow2: right after the change, behind a barrier).
- * A table with unwritten changes or writes in flight is never evicted, so
- * a change can never be lost by reloading a stale copy.
+ * writes them through (qcow: before the write that changed them is
+ * answered; qcow2: right after the change, behind a barrier). A table with
+ * unwritten changes or writes in flight is never evicted, so a change can
+ * never be lost by reloading a stale copy.
  * @module
  */
 
@@ -84,30 +84,24 @@ export class CachedTable {
   }
 }
 
-/** A block of a table captured for writing. */
-export interface BlockSnapshot {
-  table: CachedTable;
-  block: number;
-  fileOffsetBytes: number;
-  bytes: Uint8Array;
-}
-
 /**
- * The cache. `load` reads a table from the file; `makeClean` is called
- * when every cached table is pinned (dirty or being written) and room is
- * needed: it should write tables back, or wait for writes in flight.
+ * The cache. `load` reads a table from the file; `makeClean`, if given, is
+ * called when every cached table is pinned (dirty or being written) and
+ * room is needed: it should write tables back, or wait for writes in
+ * flight. Without it (or when tables stay pinned) the cache overshoots
+ * its bound briefly.
  */
 export class TableCache<T extends CachedTable = CachedTable> {
   readonly tablesMax: number;
   readonly #tables = new Map<number, T>();
   readonly #loading = new Map<number, Promise<T>>();
   readonly #load: (key: number) => Promise<T>;
-  readonly #makeClean: () => Promise<void>;
+  readonly #makeClean: (() => Promise<void>) | undefined;
 
   constructor(
     tablesMax: number,
     load: (key: number) => Promise<T>,
-    makeClean: () => Promise<void>,
+    makeClean?: () => Promise<void>,
   ) {
     this.tablesMax = Math.max(2, tablesMax);
     this.#load = load;
@@ -200,41 +194,8 @@ export class TableCache<T extends CachedTable = CachedTable> {
         continue;
       }
       // Every table is pinned: let them be written (they stay cached, then clean).
-      if (attempt > 8) return; // tables keep being pinned: allow a brief overshoot
+      if (!this.#makeClean || attempt > 8) return; // pinned: allow a brief overshoot
       await this.#makeClean();
-    }
-  }
-
-  /** Every cached table (for commits that walk them). */
-  tables(): IterableIterator<T> {
-    return this.#tables.values();
-  }
-
-  /** Captures every dirty block for writing and marks it clean. */
-  snapshotDirty(): BlockSnapshot[] {
-    const snapshots: BlockSnapshot[] = [];
-    for (const table of this.#tables.values()) {
-      for (const block of table.dirtyBlocks) {
-        const start = block * table_block_bytes;
-        const end = Math.min(start + table_block_bytes, table.bytes.byteLength);
-        snapshots.push({
-          table,
-          block,
-          fileOffsetBytes: table.offsetBytes + start,
-          bytes: table.bytes.slice(start, end),
-        });
-      }
-      table.writesInFlight += table.dirtyBlocks.size;
-      table.dirtyBlocks.clear();
-    }
-    return snapshots;
-  }
-
-  /** Ends the writes of `snapshots`; failed ones are marked dirty again. */
-  settle(snapshots: BlockSnapshot[], failed: boolean): void {
-    for (const s of snapshots) {
-      s.table.writesInFlight -= 1;
-      if (failed) s.table.dirtyBlocks.add(s.block);
     }
   }
 }

@@ -22,7 +22,7 @@
  * @module
  */
 import type { ImageFile } from "../image_file.ts";
-import type { GroupSync } from "./group_sync.ts";
+import type { GroupSync } from "../group_commit.ts";
 import { observed } from "./observed.ts";
 import type { RefcountStore } from "./refcounts.ts";
 import { setRefcount } from "./refcount_width.ts";

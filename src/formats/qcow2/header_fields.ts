@@ -17,7 +17,7 @@ import {
   setU64,
 } from "./header.ts";
 import type { Qcow2Image } from "./image.ts";
-import type { GroupSync } from "./group_sync.ts";
+import type { GroupSync } from "../group_commit.ts";
 import { observed } from "./observed.ts";
 
 /** Writes the changing fields of one open image's header. */

@@ -59,7 +59,7 @@ import {
 } from "./allocator.ts";
 import { ClusterLocks } from "./cluster_locks.ts";
 import { compressedEntry, type L2Entry, standardEntry } from "./entries.ts";
-import { GroupSync } from "./group_sync.ts";
+import { GroupSync } from "../group_commit.ts";
 import {
   AUTOCLEAR_BITMAPS,
   INCOMPAT_CORRUPT,
@@ -209,7 +209,7 @@ export class Qcow2Driver extends BlockDriverBase {
 
   /** Barriers (fdatasync) completed so far (for tests and benchmarks). */
   get barriers(): number {
-    return this.#sync.completed;
+    return this.#sync.syncs;
   }
 
   /** Cached metadata (L2 and refcount slices), for tests of the memory bound. */
