@@ -1,5 +1,5 @@
 /**
- * qcow's L2 tables in memory, cached in a bounded {@linkcode TableCache}
+ * qcow's L2 tables in memory, cached in a bounded `TableCache` (table_cache.ts)
  * keyed by L1 index (which overshoots its bound briefly when every table is
  * in use). Tables are written through: an
  * entry is set once the cluster it names may be referenced (its data
@@ -12,7 +12,6 @@
 import type { ImageFile } from "../image_file.ts";
 import { GroupCommit } from "../group_commit.ts";
 import { CachedTable, table_block_bytes } from "../table_cache.ts";
-import type { TableCache } from "../table_cache.ts";
 
 /** One L2 table: its on-disk bytes (big-endian u64 entries) and its write state. */
 export class L2Table extends CachedTable {
