@@ -40,7 +40,8 @@ function minorArg(text: string): number | string {
   return /^\d+$/.test(text) ? Number(text) : text;
 }
 
-const CREATE: Command = {
+/** `blktap create TYPE:PATH`: attach an image as a new minor (see src/cli/create_command.ts). */
+export const ATTACH_VERB: Command = {
   name: "create",
   summary: "attach an image as a new minor; prints the minor and its NBD URI",
   usage: `usage: blktap create TYPE:PATH [--name NAME] [--readonly] [--cache none|writeback]
@@ -282,9 +283,8 @@ ${RUN_DIR_HELP}`,
   },
 };
 
-/** Every client verb, in help order. */
+/** Every client verb but `create` (which shares its name with image creation), in help order. */
 export const CLIENT_VERBS: Command[] = [
-  CREATE,
   LIST,
   STATS,
   simpleVerb("pause", "quiesce a minor: in-flight requests drain, new ones wait"),

@@ -29,8 +29,11 @@ export interface FormatEntry {
   name: string;
   /** Other accepted type names. */
   aliases?: string[];
-  /** True when the first bytes of a file (up to 4 KiB) are this format. */
-  probe?(head: Uint8Array): boolean;
+  /**
+   * True when the first bytes of a file (up to 4 KiB), or its last 512
+   * bytes (`tail`, where a fixed VHD keeps its footer), are this format.
+   */
+  probe?(head: Uint8Array, tail?: Uint8Array): boolean;
   /** Opens `path` (the part after `type:`). */
   open(path: string, options: ImageOpenOptions, context: OpenContext): Promise<BlockDriver>;
   /** Header facts for `blktap info` (without opening the chain). */

@@ -51,6 +51,11 @@ export interface ImageFile {
 export interface ImageOpenOptions {
   /** Open without write permission. */
   readOnly?: boolean;
-  /** `none` = O_DIRECT (default), `writeback` = page cache, as QEMU's cache modes. */
-  cache?: "none" | "writeback";
+  /**
+   * `none` = O_DIRECT (default), `writeback` = page cache, as QEMU's cache
+   * modes. `unsafe` = page cache, and formats may skip the barriers that
+   * order their metadata between flushes (crash consistency only at a
+   * completed flush): for tools filling a new image they delete on failure.
+   */
+  cache?: "none" | "writeback" | "unsafe";
 }

@@ -20,6 +20,8 @@ export function formatEntry(name: string): FormatEntry | undefined {
 
 const backing_chain_depth_max = 64;
 const probe_bytes = 4096;
+/** The last bytes probed too: a fixed VHD's footer. */
+const probe_tail_bytes = 512;
 
 /** Splits `type:path`; a spec without a known type is a bare path. */
 export function parseImageSpec(spec: string): { format?: string; path: string } {
@@ -44,9 +46,12 @@ export function formatNames(): string[] {
 export async function probeFormat(path: string): Promise<string> {
   const file = await openImageFile(path, { readOnly: true, cache: "writeback" });
   try {
-    const head = new Uint8Array(Math.min(probe_bytes, file.lengthBytes()));
+    const length = file.lengthBytes();
+    const head = new Uint8Array(Math.min(probe_bytes, length));
     await file.read(0, head);
-    return FORMATS.find((f) => f.probe?.(head))?.name ?? "aio";
+    const tail = new Uint8Array(Math.min(probe_tail_bytes, length));
+    await file.read(length - tail.byteLength, tail);
+    return FORMATS.find((f) => f.probe?.(head, tail))?.name ?? "aio";
   } finally {
     await file.close();
   }

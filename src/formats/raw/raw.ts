@@ -12,7 +12,8 @@ import {
   type ZeroOptions,
 } from "../driver.ts";
 import type { ImageFile, ImageOpenOptions } from "../image_file.ts";
-import type { FormatEntry } from "../format_entry.ts";
+import type { CreateOptions, FormatEntry } from "../format_entry.ts";
+import { CreateOptionError, readCreateOptions } from "../create_options.ts";
 import { type FileEngine, openImageFile } from "./open_file.ts";
 import type { FdImageFile } from "./fd_image_file.ts";
 
@@ -23,11 +24,12 @@ export class RawDriver extends BlockDriverBase {
   readonly capabilities: DriverCapabilities;
   readonly #file: ImageFile;
 
-  constructor(format: string, file: ImageFile) {
+  /** `sizeBytes`: the disk is the file's first bytes (a fixed VHD keeps its footer behind them). */
+  constructor(format: string, file: ImageFile, sizeBytes = file.lengthBytes()) {
     super();
     this.format = format;
     this.#file = file;
-    this.sizeBytes = file.lengthBytes();
+    this.sizeBytes = sizeBytes;
     this.capabilities = {
       canWrite: file.writable,
       canFlush: true,
@@ -100,6 +102,26 @@ export class RawDriver extends BlockDriverBase {
   }
 }
 
+/**
+ * `blktap create -f raw`: a sparse file of the size, or with
+ * `-o preallocation=falloc` its space reserved (as `qemu-img create`).
+ */
+async function createRaw(path: string, options: CreateOptions): Promise<void> {
+  const values = readCreateOptions("raw", options.options, { preallocation: ["off", "falloc"] });
+  if (options.backingName !== undefined) {
+    throw new CreateOptionError("raw images cannot have a backing file");
+  }
+  const file = await openImageFile(path, { createNew: true, engine: "sync" });
+  try {
+    if (values.preallocation === "falloc" && options.sizeBytes > 0) {
+      await file.allocate(0, options.sizeBytes);
+    } else await file.truncate(options.sizeBytes);
+    await file.flush();
+  } finally {
+    await file.close();
+  }
+}
+
 function rawFormat(name: string, engine: FileEngine, aliases: string[] = []): FormatEntry {
   return {
     name,
@@ -107,6 +129,7 @@ function rawFormat(name: string, engine: FileEngine, aliases: string[] = []): Fo
     async open(path: string, options: ImageOpenOptions) {
       return new RawDriver(name, await openImageFile(path, { ...options, engine }));
     },
+    create: createRaw,
   };
 }
 

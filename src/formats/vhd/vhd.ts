@@ -1,0 +1,560 @@
+/**
+ * The dynamic and differencing VHD driver. Guest bytes live in blocks
+ * (2 MiB by default) listed by the BAT; each block is a sector bitmap
+ * followed by its data. Unallocated blocks, and sectors whose bit is
+ * clear, read from the parent (differencing) or as zeros (dynamic).
+ *
+ * Write ordering (DESIGN.md §4). When a write is answered, its data and
+ * every metadata write it needs are in the file (page cache): a killed
+ * process loses nothing it answered. For power loss, new space is only
+ * ever taken past the end of the file, so it reads as zeros until written,
+ * and a block is allocated in barrier-separated groups:
+ *   1. the footer at the new end of the file (its moved copy), barrier —
+ *      the file's last 512 bytes are a valid footer at every instant;
+ *   2. dynamic: data, bitmap (all sectors present) and BAT entry together —
+ *      whichever of them a crash keeps, the block reads as written or as
+ *      zeros, which is what it held;
+ *      differencing: data, barrier, then bitmap and BAT entry — a set bit
+ *      never shows bytes that were not written, a clear one shows the parent.
+ * Setting bits in an allocated block is data, barrier, bitmap. Barriers
+ * are group commits (`SyncBarrier`): writes in flight share them. FLUSH is
+ * one more barrier. Opened with cache `unsafe` (a tool filling a new image)
+ * the barriers are skipped; FLUSH still makes everything durable.
+ *
+ * New blocks start where their data is page aligned (Xen's layout), so
+ * O_DIRECT guest pages map to file pages.
+ * @module
+ */
+import {
+  type BlockDriver,
+  BlockDriverBase,
+  BlockError,
+  type DriverCapabilities,
+  type Extent,
+  imageFormatCapabilities,
+} from "../driver.ts";
+import type { ImageFile, ImageOpenOptions } from "../image_file.ts";
+import type { OpenContext } from "../format_entry.ts";
+import { RangeLock } from "../raw/range_lock.ts";
+import { SyncBarrier } from "../sync_barrier.ts";
+import { isZeroBytes } from "../qcow/zero.ts";
+import { DISK_DIFFERENCING, FOOTER_BYTES, VHD_SECTOR_BYTES, VhdFormatError } from "./footer.ts";
+import { BAT_UNUSED, encodeBatEntries } from "./dynamic_header.ts";
+import { layoutProblems, type VhdImage } from "./image.ts";
+import { allSet, BitmapCache, runEnd, setBits, testBit } from "./bitmap_cache.ts";
+import { openParent } from "./parent.ts";
+
+/** Memory for cached bitmaps of partly written blocks. */
+const bitmap_cache_bytes_max = 32 << 20;
+/** New block data starts on this boundary (O_DIRECT pages). */
+const block_data_alignment_bytes = 4096;
+/** BAT entries per 512-byte sector: the unit BAT updates are written in. */
+const bat_entries_per_sector = VHD_SECTOR_BYTES / 4;
+/** Largest sector a BAT entry (u32) can name. */
+const bat_sector_max = 0xfffffffe;
+
+/** Per-block state; 0 (not yet known) until the bitmap is read. */
+const STATE_FULL = 1;
+const STATE_PARTIAL = 2;
+
+/** One run of {@linkcode DynamicVhdDriver.mapRuns}. */
+export interface VhdMapRun {
+  offsetBytes: number;
+  lengthBytes: number;
+  kind: "hole" | "data";
+  hostOffsetBytes?: number;
+}
+
+/** A dynamic or differencing VHD served as a block device. */
+export class DynamicVhdDriver extends BlockDriverBase {
+  readonly format = "vhd";
+  readonly sizeBytes: number;
+  readonly capabilities: DriverCapabilities;
+  readonly image: VhdImage;
+  readonly #file: ImageFile;
+  readonly #parent?: BlockDriver;
+  readonly #blockBytes: number;
+  readonly #bitmapBytes: number;
+  readonly #sectorsPerBlock: number;
+  readonly #batOffset: number;
+  /** Published BAT: what reads and writes follow. */
+  readonly #bat: Uint32Array;
+  /** BAT as it is to be on disk: entries enter it only when their data may be referenced. */
+  readonly #batStaged: Uint32Array;
+  readonly #state: Uint8Array;
+  readonly #bitmaps: BitmapCache;
+  readonly #allocating = new Map<number, Promise<void>>();
+  /** Writes that set bits hold their sectors (global sector numbers). */
+  readonly #sectorLocks = new RangeLock();
+  readonly #batChains = new Map<number, Promise<void>>();
+  readonly #bitmapChains = new Map<number, Promise<void>>();
+  readonly #barrier: SyncBarrier;
+  readonly #ordered: boolean;
+  readonly #footerBytes: Uint8Array;
+  /** End of the file as this driver has extended it: new blocks go past it. */
+  #endBytes: number;
+  #closed = false;
+
+  private constructor(file: ImageFile, image: VhdImage, ordered: boolean, parent?: BlockDriver) {
+    super();
+    this.#file = file;
+    this.image = image;
+    this.#parent = parent;
+    this.sizeBytes = image.sizeBytes;
+    this.#blockBytes = image.blockBytes;
+    this.#bitmapBytes = image.bitmapBytes;
+    this.#sectorsPerBlock = image.blockBytes / VHD_SECTOR_BYTES;
+    this.#batOffset = image.header!.tableOffsetBytes;
+    this.#bat = image.bat!.slice();
+    this.#batStaged = image.bat!.slice();
+    this.#state = new Uint8Array(this.#bat.length);
+    this.#bitmaps = new BitmapCache(
+      Math.floor(bitmap_cache_bytes_max / image.bitmapBytes),
+      (block) => this.#loadBitmap(block),
+    );
+    this.#barrier = new SyncBarrier(() => file.flush());
+    this.#ordered = ordered;
+    this.#footerBytes = image.footer.bytes;
+    this.#endBytes = file.lengthBytes();
+    this.capabilities = imageFormatCapabilities(file.writable);
+  }
+
+  /** Opens a dynamic or differencing image already read into `image`. */
+  static async openImage(
+    file: ImageFile,
+    image: VhdImage,
+    options: ImageOpenOptions,
+    context: OpenContext,
+  ): Promise<DynamicVhdDriver> {
+    const problem = layoutProblems(image, 1)[0];
+    if (problem) throw new VhdFormatError(file.path, problem);
+    const parent = image.footer.diskType === DISK_DIFFERENCING
+      ? await openParent(file, image, context)
+      : undefined;
+    return new DynamicVhdDriver(file, image, options.cache !== "unsafe", parent);
+  }
+
+  get path(): string {
+    return this.#file.path;
+  }
+
+  /** The footer UUID (a child's parent UUID names it). */
+  get vhdUuid(): Uint8Array {
+    return this.image.footer.uuid;
+  }
+
+  /** The opened parent of a differencing disk. */
+  get parent(): BlockDriver | undefined {
+    return this.#parent;
+  }
+
+  /** fdatasyncs issued so far (barriers and flushes). */
+  get barriers(): number {
+    return this.#barrier.count;
+  }
+
+  // ---- reads ----------------------------------------------------------------
+
+  protected _read(offsetBytes: number, buffer: Uint8Array): Promise<void> {
+    return this.#perBlock(offsetBytes, buffer, (b, at, out) => this.#readInBlock(b, at, out));
+  }
+
+  async #perBlock(
+    offsetBytes: number,
+    bytes: Uint8Array,
+    piece: (block: number, offsetBytes: number, bytes: Uint8Array) => Promise<void>,
+  ): Promise<void> {
+    const tasks: Promise<void>[] = [];
+    const end = offsetBytes + bytes.byteLength;
+    for (let pos = offsetBytes; pos < end;) {
+      const block = Math.floor(pos / this.#blockBytes);
+      const pieceEnd = Math.min(end, (block + 1) * this.#blockBytes);
+      tasks.push(piece(block, pos, bytes.subarray(pos - offsetBytes, pieceEnd - offsetBytes)));
+      pos = pieceEnd;
+    }
+    await Promise.all(tasks);
+  }
+
+  #dataOffset(block: number): number {
+    return this.#bat[block] * VHD_SECTOR_BYTES + this.#bitmapBytes;
+  }
+
+  async #readInBlock(block: number, offsetBytes: number, out: Uint8Array): Promise<void> {
+    if (this.#bat[block] === BAT_UNUSED) return await this.#readBeneath(offsetBytes, out);
+    const inBlock = offsetBytes - block * this.#blockBytes;
+    const dataAt = this.#dataOffset(block);
+    if (this.#state[block] === STATE_FULL) return await this.#file.read(dataAt + inBlock, out);
+    const bits = await this.#bitmaps.acquire(block);
+    try {
+      const tasks: Promise<void>[] = [];
+      this.#forRuns(bits, inBlock, out.byteLength, (start, end, present) => {
+        const slice = out.subarray(start - inBlock, end - inBlock);
+        const guest = block * this.#blockBytes + start;
+        tasks.push(
+          present ? this.#file.read(dataAt + start, slice) : this.#readBeneath(guest, slice),
+        );
+      });
+      await Promise.all(tasks);
+    } finally {
+      this.#bitmaps.release(block);
+    }
+  }
+
+  /** Calls `run` for each stretch of `[inBlock, inBlock + length)` whose sectors share a bit. */
+  #forRuns(
+    bits: Uint8Array,
+    inBlock: number,
+    length: number,
+    run: (start: number, end: number, present: boolean) => void,
+  ): void {
+    const end = inBlock + length;
+    for (let pos = inBlock; pos < end;) {
+      const sector = Math.floor(pos / VHD_SECTOR_BYTES);
+      const stop = Math.min(
+        end,
+        runEnd(bits, sector, Math.ceil(end / VHD_SECTOR_BYTES)) * VHD_SECTOR_BYTES,
+      );
+      run(pos, stop, testBit(bits, sector));
+      pos = stop;
+    }
+  }
+
+  async #readBeneath(offsetBytes: number, out: Uint8Array): Promise<void> {
+    const inParent = Math.max(
+      0,
+      Math.min(out.byteLength, (this.#parent?.sizeBytes ?? 0) - offsetBytes),
+    );
+    if (inParent > 0) await this.#parent!.read(offsetBytes, out.subarray(0, inParent));
+    out.fill(0, inParent);
+  }
+
+  async #loadBitmap(block: number): Promise<Uint8Array> {
+    const bits = new Uint8Array(this.#bitmapBytes);
+    await this.#file.read(this.#bat[block] * VHD_SECTOR_BYTES, bits);
+    this.#state[block] = allSet(bits, 0, this.#sectorsPerBlock) ? STATE_FULL : STATE_PARTIAL;
+    return bits;
+  }
+
+  // ---- writes -----------------------------------------------------------------
+
+  protected _write(offsetBytes: number, data: Uint8Array): Promise<void> {
+    return this.#perBlock(offsetBytes, data, (b, at, bytes) => this.#writeInBlock(b, at, bytes));
+  }
+
+  async #writeInBlock(block: number, offsetBytes: number, data: Uint8Array): Promise<void> {
+    let zeroChecked = false;
+    for (;;) {
+      const pending = this.#allocating.get(block);
+      if (pending) {
+        await pending.catch(() => {});
+        continue;
+      }
+      if (this.#bat[block] !== BAT_UNUSED) {
+        return await this.#writeAllocated(block, offsetBytes, data);
+      }
+      if (!zeroChecked && isZeroBytes(data)) {
+        zeroChecked = true;
+        // Zeros over zeros need no block; recheck: the block may have appeared meanwhile.
+        if (await this.#zeroBeneath(offsetBytes, data.byteLength)) {
+          if (this.#bat[block] === BAT_UNUSED && !this.#allocating.has(block)) return;
+        }
+        continue;
+      }
+      const allocation = this.#allocate(block, offsetBytes, data);
+      this.#allocating.set(block, allocation);
+      try {
+        return await allocation;
+      } finally {
+        this.#allocating.delete(block);
+      }
+    }
+  }
+
+  async #zeroBeneath(offsetBytes: number, lengthBytes: number): Promise<boolean> {
+    const inParent = Math.min(lengthBytes, (this.#parent?.sizeBytes ?? 0) - offsetBytes);
+    if (inParent <= 0) return true;
+    const extents = await this.#parent!.blockStatus(offsetBytes, inParent);
+    return extents.every((e) => e.zero);
+  }
+
+  /** Reserves a block past the end of the file: bitmap, page-aligned data, moved footer. */
+  #reserveBlock(): { start: number; footerAt: number } {
+    const dataAt = Math.ceil((this.#endBytes + this.#bitmapBytes) / block_data_alignment_bytes) *
+      block_data_alignment_bytes;
+    const start = dataAt - this.#bitmapBytes;
+    if (start / VHD_SECTOR_BYTES > bat_sector_max) {
+      throw new BlockError(
+        "ENOSPC",
+        `${this.path}: no room for a new block (VHD files end at 2 TiB)`,
+      );
+    }
+    const footerAt = dataAt + this.#blockBytes;
+    // Fresh space only: what lies past the end reads as zeros until written.
+    console.assert(start >= this.#endBytes, "new block overlaps written space");
+    this.#endBytes = footerAt + FOOTER_BYTES;
+    return { start, footerAt };
+  }
+
+  async #allocate(block: number, offsetBytes: number, data: Uint8Array): Promise<void> {
+    try {
+      await this.#allocateAt(block, offsetBytes, data);
+    } catch (error) {
+      // The reserved space stays a leak; the entry must not reach disk with another one.
+      this.#batStaged[block] = this.#bat[block];
+      throw error;
+    }
+  }
+
+  async #allocateAt(block: number, offsetBytes: number, data: Uint8Array): Promise<void> {
+    const { start, footerAt } = this.#reserveBlock();
+    await this.#file.write(footerAt, this.#footerBytes);
+    await this.#order();
+    const entry = start / VHD_SECTOR_BYTES;
+    const inBlock = offsetBytes - block * this.#blockBytes;
+    const dataAt = start + this.#bitmapBytes;
+    const bits = new Uint8Array(this.#bitmapBytes);
+    if (!this.#parent) {
+      bits.fill(0xff);
+      this.#batStaged[block] = entry;
+      await Promise.all([
+        this.#file.write(dataAt + inBlock, data),
+        this.#file.write(start, bits),
+        this.#writeBatEntry(block),
+      ]);
+      this.#state[block] = STATE_FULL;
+    } else {
+      const [first, end] = await this.#writeSectors(dataAt, block, inBlock, data, () => false);
+      await this.#order();
+      setBits(bits, first, end);
+      this.#batStaged[block] = entry;
+      await Promise.all([this.#file.write(start, bits), this.#writeBatEntry(block)]);
+      const full = allSet(bits, 0, this.#sectorsPerBlock);
+      this.#state[block] = full ? STATE_FULL : STATE_PARTIAL;
+      if (!full) this.#bitmaps.insert(block, bits);
+    }
+    this.#bat[block] = entry;
+  }
+
+  /**
+   * Writes `data` at `inBlock` of a block whose data starts at `dataAt`,
+   * whole sectors: a partial first or last sector whose bit is clear
+   * (`present` false) is completed from what lies beneath. Returns the
+   * sectors covered.
+   */
+  async #writeSectors(
+    dataAt: number,
+    block: number,
+    inBlock: number,
+    data: Uint8Array,
+    present: (sector: number) => boolean,
+  ): Promise<[number, number]> {
+    const first = Math.floor(inBlock / VHD_SECTOR_BYTES);
+    const end = Math.ceil((inBlock + data.byteLength) / VHD_SECTOR_BYTES);
+    const guestBase = block * this.#blockBytes;
+    const writes: Promise<void>[] = [];
+    let body = data;
+    let bodyAt = inBlock;
+    const headPartial = inBlock % VHD_SECTOR_BYTES !== 0 && !present(first);
+    const tailPartial = (inBlock + data.byteLength) % VHD_SECTOR_BYTES !== 0 && !present(end - 1) &&
+      !(headPartial && end - 1 === first);
+    if (headPartial) {
+      const sectorAt = first * VHD_SECTOR_BYTES;
+      const sector = new Uint8Array(VHD_SECTOR_BYTES);
+      await this.#readBeneath(guestBase + sectorAt, sector);
+      const take = Math.min(data.byteLength, sectorAt + VHD_SECTOR_BYTES - inBlock);
+      sector.set(data.subarray(0, take), inBlock - sectorAt);
+      writes.push(this.#file.write(dataAt + sectorAt, sector));
+      body = data.subarray(take);
+      bodyAt = inBlock + take;
+    }
+    if (tailPartial) {
+      const sectorAt = (end - 1) * VHD_SECTOR_BYTES;
+      const sector = new Uint8Array(VHD_SECTOR_BYTES);
+      await this.#readBeneath(guestBase + sectorAt, sector);
+      const keep = sectorAt - bodyAt;
+      sector.set(body.subarray(keep), 0);
+      writes.push(this.#file.write(dataAt + sectorAt, sector));
+      body = body.subarray(0, keep);
+    }
+    if (body.byteLength > 0) writes.push(this.#file.write(dataAt + bodyAt, body));
+    await Promise.all(writes);
+    return [first, end];
+  }
+
+  /** A write into an allocated block; sets the bits of sectors not yet present. */
+  async #writeAllocated(block: number, offsetBytes: number, data: Uint8Array): Promise<void> {
+    const inBlock = offsetBytes - block * this.#blockBytes;
+    const dataAt = this.#dataOffset(block);
+    if (this.#state[block] === STATE_FULL) return await this.#file.write(dataAt + inBlock, data);
+    const first = Math.floor(inBlock / VHD_SECTOR_BYTES);
+    const end = Math.ceil((inBlock + data.byteLength) / VHD_SECTOR_BYTES);
+    const bits = await this.#bitmaps.acquire(block);
+    try {
+      if (allSet(bits, first, end)) return await this.#file.write(dataAt + inBlock, data);
+      const base = block * this.#sectorsPerBlock;
+      const release = await this.#sectorLocks.acquire(base + first, base + end);
+      try {
+        // Bits only ever get set: recheck now that these sectors are ours.
+        if (allSet(bits, first, end)) return await this.#file.write(dataAt + inBlock, data);
+        const present = (s: number) => testBit(bits, s);
+        await this.#writeSectors(dataAt, block, inBlock, data, present);
+        await this.#order();
+        setBits(bits, first, end);
+        await this.#writeBitmap(block, bits);
+        if (allSet(bits, 0, this.#sectorsPerBlock)) this.#state[block] = STATE_FULL;
+      } finally {
+        release();
+      }
+    } finally {
+      this.#bitmaps.release(block);
+      if (this.#state[block] === STATE_FULL) this.#bitmaps.drop(block);
+    }
+  }
+
+  /** A barrier between dependent write groups (skipped for `unsafe` images). */
+  #order(): Promise<void> {
+    return this.#ordered ? this.#barrier.wait() : Promise.resolve();
+  }
+
+  /**
+   * Writes the BAT sector holding `block`'s staged entry. Writes of one
+   * sector are chained and each takes the staged entries when it runs, so
+   * the last one carries every entry staged before it.
+   */
+  #writeBatEntry(block: number): Promise<void> {
+    const sector = Math.floor(block / bat_entries_per_sector);
+    const first = sector * bat_entries_per_sector;
+    const count = Math.min(bat_entries_per_sector, this.#batStaged.length - first);
+    const previous = this.#batChains.get(sector) ?? Promise.resolve();
+    const next = previous.catch(() => {}).then(() =>
+      this.#file.write(this.#batOffset + first * 4, encodeBatEntries(this.#batStaged, first, count))
+    );
+    this.#batChains.set(sector, next);
+    next.finally(() => {
+      if (this.#batChains.get(sector) === next) this.#batChains.delete(sector);
+    }).catch(() => {});
+    return next;
+  }
+
+  /** Writes a block's bitmap, chained per block like BAT sectors. */
+  #writeBitmap(block: number, bits: Uint8Array): Promise<void> {
+    const previous = this.#bitmapChains.get(block) ?? Promise.resolve();
+    const next = previous.catch(() => {}).then(() =>
+      this.#file.write(this.#bat[block] * VHD_SECTOR_BYTES, bits.slice())
+    );
+    this.#bitmapChains.set(block, next);
+    next.finally(() => {
+      if (this.#bitmapChains.get(block) === next) this.#bitmapChains.delete(block);
+    }).catch(() => {});
+    return next;
+  }
+
+  protected _flush(): Promise<void> {
+    if (!this.#file.writable) return Promise.resolve();
+    return this.#barrier.wait();
+  }
+
+  // ---- block status -----------------------------------------------------------
+
+  protected override async _blockStatus(
+    offsetBytes: number,
+    lengthBytes: number,
+  ): Promise<Extent[]> {
+    const extents: Extent[] = [];
+    const push = (e: Extent) => {
+      const last = extents[extents.length - 1];
+      if (last && last.hole === e.hole && last.zero === e.zero) last.lengthBytes += e.lengthBytes;
+      else extents.push({ ...e });
+    };
+    for (const run of await this.mapRuns(offsetBytes, lengthBytes)) {
+      if (run.kind === "data") {
+        push({
+          offsetBytes: run.offsetBytes,
+          lengthBytes: run.lengthBytes,
+          hole: false,
+          zero: false,
+        });
+      } else for (const e of await this.#statusBeneath(run.offsetBytes, run.lengthBytes)) push(e);
+    }
+    return extents;
+  }
+
+  async #statusBeneath(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
+    const inParent = Math.max(
+      0,
+      Math.min(lengthBytes, (this.#parent?.sizeBytes ?? 0) - offsetBytes),
+    );
+    const extents = inParent > 0 ? await this.#parent!.blockStatus(offsetBytes, inParent) : [];
+    if (inParent < lengthBytes) {
+      extents.push({
+        offsetBytes: offsetBytes + inParent,
+        lengthBytes: lengthBytes - inParent,
+        hole: true,
+        zero: true,
+      });
+    }
+    return extents;
+  }
+
+  /**
+   * This layer alone, at bitmap granularity, with host offsets (for `blktap
+   * map`): `data` where the sectors are present here, `hole` elsewhere.
+   */
+  async mapRuns(offsetBytes: number, lengthBytes: number): Promise<VhdMapRun[]> {
+    this.checkRange(offsetBytes, lengthBytes);
+    const runs: VhdMapRun[] = [];
+    const push = (run: VhdMapRun) => {
+      const last = runs[runs.length - 1];
+      const joins = last && last.kind === run.kind &&
+        (last.hostOffsetBytes === undefined
+          ? run.hostOffsetBytes === undefined
+          : last.hostOffsetBytes + last.lengthBytes === run.hostOffsetBytes);
+      if (joins) last.lengthBytes += run.lengthBytes;
+      else runs.push(run);
+    };
+    const end = offsetBytes + lengthBytes;
+    for (let pos = offsetBytes; pos < end;) {
+      const block = Math.floor(pos / this.#blockBytes);
+      const blockEnd = Math.min(end, (block + 1) * this.#blockBytes);
+      await this.#mapBlock(block, pos, blockEnd, push);
+      pos = blockEnd;
+    }
+    return runs;
+  }
+
+  async #mapBlock(block: number, pos: number, end: number, push: (run: VhdMapRun) => void) {
+    const base = block * this.#blockBytes;
+    if (this.#bat[block] === BAT_UNUSED) {
+      return push({ offsetBytes: pos, lengthBytes: end - pos, kind: "hole" });
+    }
+    const dataAt = this.#dataOffset(block);
+    const data = (start: number, stop: number) =>
+      push({
+        offsetBytes: start,
+        lengthBytes: stop - start,
+        kind: "data",
+        hostOffsetBytes: dataAt + start - base,
+      });
+    if (this.#state[block] === STATE_FULL) return data(pos, end);
+    const bits = await this.#bitmaps.acquire(block);
+    try {
+      this.#forRuns(bits, pos - base, end - pos, (start, stop, present) => {
+        if (present) data(base + start, base + stop);
+        else push({ offsetBytes: base + start, lengthBytes: stop - start, kind: "hole" });
+      });
+    } finally {
+      this.#bitmaps.release(block);
+    }
+  }
+
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    try {
+      if (this.#file.writable) await this._flush();
+    } finally {
+      await this.#parent?.close();
+      await this.#file.close();
+    }
+  }
+}
