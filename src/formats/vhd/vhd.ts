@@ -48,6 +48,8 @@ import { openParent } from "./parent.ts";
 const bitmap_cache_bytes_max = 32 << 20;
 /** New block data starts on this boundary (O_DIRECT pages). */
 const block_data_alignment_bytes = 4096;
+/** New data is made present in units of this size (whole pages, as Hyper-V). */
+const present_unit_bytes = 4096;
 /** BAT entries per 512-byte sector: the unit BAT updates are written in. */
 const bat_entries_per_sector = VHD_SECTOR_BYTES / 4;
 /** Largest sector a BAT entry (u32) can name. */
@@ -76,6 +78,8 @@ export class DynamicVhdDriver extends BlockDriverBase {
   readonly #blockBytes: number;
   readonly #bitmapBytes: number;
   readonly #sectorsPerBlock: number;
+  /** Sectors made present together (4 KiB, or the block when smaller). */
+  readonly #unitSectors: number;
   readonly #batOffset: number;
   /** Published BAT: what reads and writes follow. */
   readonly #bat: Uint32Array;
@@ -104,6 +108,7 @@ export class DynamicVhdDriver extends BlockDriverBase {
     this.#blockBytes = image.blockBytes;
     this.#bitmapBytes = image.bitmapBytes;
     this.#sectorsPerBlock = image.blockBytes / VHD_SECTOR_BYTES;
+    this.#unitSectors = Math.min(present_unit_bytes / VHD_SECTOR_BYTES, this.#sectorsPerBlock);
     this.#batOffset = image.header!.tableOffsetBytes;
     this.#bat = image.bat!.slice();
     this.#batStaged = image.bat!.slice();
@@ -323,7 +328,7 @@ export class DynamicVhdDriver extends BlockDriverBase {
       ]);
       this.#state[block] = STATE_FULL;
     } else {
-      const [first, end] = await this.#writeSectors(dataAt, block, inBlock, data, () => false);
+      const [first, end] = await this.#writeUnits(dataAt, block, inBlock, data, () => false);
       await this.#order();
       setBits(bits, first, end);
       this.#batStaged[block] = entry;
@@ -335,53 +340,74 @@ export class DynamicVhdDriver extends BlockDriverBase {
     this.#bat[block] = entry;
   }
 
+  /** The sectors a write at `inBlock` makes present: whole 4 KiB units around it. */
+  #unitRange(inBlock: number, lengthBytes: number): [number, number] {
+    const unit = this.#unitSectors;
+    const first = Math.floor(inBlock / VHD_SECTOR_BYTES / unit) * unit;
+    const end = Math.ceil((inBlock + lengthBytes) / VHD_SECTOR_BYTES / unit) * unit;
+    return [first, Math.min(end, this.#sectorsPerBlock)];
+  }
+
   /**
-   * Writes `data` at `inBlock` of a block whose data starts at `dataAt`,
-   * whole sectors: a partial first or last sector whose bit is clear
-   * (`present` false) is completed from what lies beneath. Returns the
-   * sectors covered.
+   * Writes `data` at `inBlock` of a block whose data starts at `dataAt`, and
+   * completes the 4 KiB units it touches: their sectors not yet `present`
+   * get what lies beneath (the parent, or zeros); present ones are left as
+   * they are. Afterwards every sector of the returned range may be marked
+   * present. Whole units, as Hyper-V writes them: libvhdi reads a unit from
+   * one layer.
    */
-  async #writeSectors(
+  async #writeUnits(
     dataAt: number,
     block: number,
     inBlock: number,
     data: Uint8Array,
     present: (sector: number) => boolean,
   ): Promise<[number, number]> {
-    const first = Math.floor(inBlock / VHD_SECTOR_BYTES);
-    const end = Math.ceil((inBlock + data.byteLength) / VHD_SECTOR_BYTES);
-    const guestBase = block * this.#blockBytes;
+    const [first, end] = this.#unitRange(inBlock, data.byteLength);
+    const dataEnd = inBlock + data.byteLength;
     const writes: Promise<void>[] = [];
-    let body = data;
-    let bodyAt = inBlock;
-    const headPartial = inBlock % VHD_SECTOR_BYTES !== 0 && !present(first);
-    const tailPartial = (inBlock + data.byteLength) % VHD_SECTOR_BYTES !== 0 && !present(end - 1) &&
-      !(headPartial && end - 1 === first);
-    if (headPartial) {
-      const sectorAt = first * VHD_SECTOR_BYTES;
-      const sector = new Uint8Array(VHD_SECTOR_BYTES);
-      await this.#readBeneath(guestBase + sectorAt, sector);
-      const take = Math.min(data.byteLength, sectorAt + VHD_SECTOR_BYTES - inBlock);
-      sector.set(data.subarray(0, take), inBlock - sectorAt);
-      writes.push(this.#file.write(dataAt + sectorAt, sector));
-      body = data.subarray(take);
-      bodyAt = inBlock + take;
+    for (let s = first; s < end;) {
+      const here = present(s);
+      let stop = s + 1;
+      while (stop < end && present(stop) === here) stop += 1;
+      const from = s * VHD_SECTOR_BYTES;
+      const to = stop * VHD_SECTOR_BYTES;
+      const lo = Math.max(from, inBlock);
+      const hi = Math.min(to, dataEnd);
+      if (here || (lo === from && hi === to)) {
+        // Present sectors keep their other bytes; a fully covered run needs nothing beneath.
+        if (hi > lo) {
+          writes.push(this.#file.write(dataAt + lo, data.subarray(lo - inBlock, hi - inBlock)));
+        }
+      } else writes.push(this.#completeRun(dataAt, block, from, to, data, inBlock));
+      s = stop;
     }
-    if (tailPartial) {
-      const sectorAt = (end - 1) * VHD_SECTOR_BYTES;
-      const sector = new Uint8Array(VHD_SECTOR_BYTES);
-      await this.#readBeneath(guestBase + sectorAt, sector);
-      const keep = sectorAt - bodyAt;
-      sector.set(body.subarray(keep), 0);
-      writes.push(this.#file.write(dataAt + sectorAt, sector));
-      body = body.subarray(0, keep);
-    }
-    if (body.byteLength > 0) writes.push(this.#file.write(dataAt + bodyAt, body));
     await Promise.all(writes);
     return [first, end];
   }
 
-  /** A write into an allocated block; sets the bits of sectors not yet present. */
+  /** Writes sectors `[from, to)` (bytes in the block) from beneath, overlaid with `data`. */
+  async #completeRun(
+    dataAt: number,
+    block: number,
+    from: number,
+    to: number,
+    data: Uint8Array,
+    inBlock: number,
+  ) {
+    const run = new Uint8Array(to - from);
+    const guest = block * this.#blockBytes;
+    const lo = Math.min(Math.max(from, inBlock), to);
+    const hi = Math.max(Math.min(to, inBlock + data.byteLength), lo);
+    const reads: Promise<void>[] = [];
+    if (lo > from) reads.push(this.#readBeneath(guest + from, run.subarray(0, lo - from)));
+    if (to > hi) reads.push(this.#readBeneath(guest + hi, run.subarray(hi - from)));
+    await Promise.all(reads);
+    if (hi > lo) run.set(data.subarray(lo - inBlock, hi - inBlock), lo - from);
+    await this.#file.write(dataAt + from, run);
+  }
+
+  /** A write into an allocated block; makes the units it touches present. */
   async #writeAllocated(block: number, offsetBytes: number, data: Uint8Array): Promise<void> {
     const inBlock = offsetBytes - block * this.#blockBytes;
     const dataAt = this.#dataOffset(block);
@@ -392,14 +418,15 @@ export class DynamicVhdDriver extends BlockDriverBase {
     try {
       if (allSet(bits, first, end)) return await this.#file.write(dataAt + inBlock, data);
       const base = block * this.#sectorsPerBlock;
-      const release = await this.#sectorLocks.acquire(base + first, base + end);
+      const [unitFirst, unitEnd] = this.#unitRange(inBlock, data.byteLength);
+      const release = await this.#sectorLocks.acquire(base + unitFirst, base + unitEnd);
       try {
         // Bits only ever get set: recheck now that these sectors are ours.
         if (allSet(bits, first, end)) return await this.#file.write(dataAt + inBlock, data);
         const present = (s: number) => testBit(bits, s);
-        await this.#writeSectors(dataAt, block, inBlock, data, present);
+        await this.#writeUnits(dataAt, block, inBlock, data, present);
         await this.#order();
-        setBits(bits, first, end);
+        setBits(bits, unitFirst, unitEnd);
         await this.#writeBitmap(block, bits);
         if (allSet(bits, 0, this.#sectorsPerBlock)) this.#state[block] = STATE_FULL;
       } finally {
