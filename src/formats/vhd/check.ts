@@ -51,6 +51,16 @@ export async function checkVhd(path: string, options: CheckOptions): Promise<Che
     return { corruptions: [], leakedClusters: 0, unusable: (error as Error).message };
   }
   try {
+    return await checkVhdFile(file, options);
+  } finally {
+    await file.close();
+  }
+}
+
+/** Checks an open file (the crash simulator passes its in-memory images). */
+export async function checkVhdFile(file: ImageFile, options: CheckOptions): Promise<CheckReport> {
+  const path = file.path;
+  try {
     let image: VhdImage;
     try {
       image = await readVhdImage(file);
@@ -71,8 +81,6 @@ export async function checkVhd(path: string, options: CheckOptions): Promise<Che
     return report;
   } catch (error) {
     return { corruptions: [], leakedClusters: 0, unusable: `${path}: ${(error as Error).message}` };
-  } finally {
-    await file.close();
   }
 }
 
