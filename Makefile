@@ -9,7 +9,7 @@ SHIM := shim/libaio_shim.so
 # What blktap needs at run time, and nothing more.
 PERMISSIONS := --allow-read --allow-write --allow-ffi --allow-env --allow-run --allow-net --allow-sys
 SOURCES := main.ts $(shell find src ffi -name '*.ts' 2>/dev/null)
-APT_PACKAGES := libaio-dev libaio1 qemu-utils nbdkit libnbd-bin fio
+APT_PACKAGES := libaio-dev libaio1 qemu-utils nbdkit libnbd-bin fio libvhdi-utils
 export DENO_NO_UPDATE_CHECK := 1
 SHELL := /bin/bash
 

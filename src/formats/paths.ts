@@ -5,6 +5,16 @@
  * @module
  */
 
+/** True when `path` names something (links followed). */
+export function exists(path: string): boolean {
+  try {
+    Deno.statSync(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 /** The folder of `path` (`.` for a bare name). */
 export function dirname(path: string): string {
   const slash = path.lastIndexOf("/");

@@ -43,7 +43,7 @@ export function optionRecord(lists: string[]): Record<string, string> {
   }
 }
 
-function _exists(path: string): boolean {
+function _occupied(path: string): boolean {
   try {
     Deno.lstatSync(path);
     return true;
@@ -89,7 +89,7 @@ export async function createImage(request: CreateRequest): Promise<void> {
     throw new UsageError("-F needs -b");
   }
   let sizeBytes = request.sizeText === undefined ? 0 : parseSize(request.sizeText);
-  if (_exists(request.file)) {
+  if (_occupied(request.file)) {
     throw new Error(`${request.file} already exists; blktap create never overwrites an image`);
   }
   const backing = request.backing === undefined ? undefined : await _backing(request);

@@ -43,6 +43,7 @@ import {
 import { L2Cache, L2Table } from "./l2_cache.ts";
 import { inflateCluster } from "./compress.ts";
 import { isZeroBytes } from "./zero.ts";
+import { pushExtent, readBeneath, statusBeneath, zeroBeneath } from "../beneath.ts";
 
 /** Bytes read at open for the header, its extension and the backing name. */
 const head_bytes = 4096;
@@ -310,7 +311,7 @@ export class QcowDriver extends BlockDriverBase {
   }
 
   async #readInTable(l1Index: number, offsetBytes: number, out: Uint8Array): Promise<void> {
-    if (this.#l1[l1Index] === 0) return await this.#readBeneath(offsetBytes, out);
+    if (this.#l1[l1Index] === 0) return await readBeneath(this.#parent, offsetBytes, out);
     const table = await this.#table(l1Index);
     const tasks: Promise<void>[] = [];
     try {
@@ -333,7 +334,7 @@ export class QcowDriver extends BlockDriverBase {
       if (runEnd <= runStart) return;
       const slice = out.subarray(runStart - offsetBytes, runEnd - offsetBytes);
       tasks.push(
-        runHost < 0 ? this.#readBeneath(runStart, slice) : this.#file.read(runHost, slice),
+        runHost < 0 ? readBeneath(this.#parent, runStart, slice) : this.#file.read(runHost, slice),
       );
     };
     for (let pos = offsetBytes; pos < end;) {
@@ -367,12 +368,6 @@ export class QcowDriver extends BlockDriverBase {
   }
 
   /** What lies beneath this image at a range: the parent's bytes or zeros. */
-  async #readBeneath(offsetBytes: number, out: Uint8Array): Promise<void> {
-    const parentSize = this.#parent?.sizeBytes ?? 0;
-    const inParent = Math.max(0, Math.min(out.byteLength, parentSize - offsetBytes));
-    if (inParent > 0) await this.#parent!.read(offsetBytes, out.subarray(0, inParent));
-    out.fill(0, inParent);
-  }
 
   async #inflate(hostOffset: number, compressedBytes: number, guest: number): Promise<Uint8Array> {
     if (this.#inflated?.offsetBytes === hostOffset) return this.#inflated.data;
@@ -530,21 +525,13 @@ export class QcowDriver extends BlockDriverBase {
         bytes.set(await this.#inflate(entry.offsetBytes, entry.compressedBytes, clusterStart));
       } else {
         const visible = Math.min(clusterBytes, this.sizeBytes - clusterStart);
-        await this.#readBeneath(clusterStart, bytes.subarray(0, visible));
+        await readBeneath(this.#parent, clusterStart, bytes.subarray(0, visible));
       }
       bytes.set(slice, pos - clusterStart);
     }
     if (entry.compressed || !isZeroBytes(bytes)) return bytes;
     if (!this.#parent) return undefined;
-    return (await this.#zeroBeneath(clusterStart, clusterBytes)) ? undefined : bytes;
-  }
-
-  async #zeroBeneath(offsetBytes: number, lengthBytes: number): Promise<boolean> {
-    const parentSize = this.#parent?.sizeBytes ?? 0;
-    const inParent = Math.min(lengthBytes, parentSize - offsetBytes);
-    if (inParent <= 0) return true;
-    const extents = await this.#parent!.blockStatus(offsetBytes, inParent);
-    return extents.every((e) => e.zero);
+    return (await zeroBeneath(this.#parent, clusterStart, clusterBytes)) ? undefined : bytes;
   }
 
   /** Writes new clusters, one request per run of adjacent host offsets. */
@@ -647,18 +634,14 @@ export class QcowDriver extends BlockDriverBase {
     lengthBytes: number,
   ): Promise<Extent[]> {
     const extents: Extent[] = [];
-    const push = (e: Extent) => {
-      const last = extents[extents.length - 1];
-      if (last && last.hole === e.hole && last.zero === e.zero) last.lengthBytes += e.lengthBytes;
-      else extents.push({ ...e });
-    };
+    const push = (e: Extent) => pushExtent(extents, e);
     const { clusterBytes, l2Entries, l2SpanBytes } = this.#geo;
     const end = offsetBytes + lengthBytes;
     for (let pos = offsetBytes; pos < end;) {
       const l1Index = Math.floor(pos / l2SpanBytes);
       const tableEnd = Math.min(end, (l1Index + 1) * l2SpanBytes);
       if (this.#l1[l1Index] === 0) {
-        for (const e of await this.#statusBeneath(pos, tableEnd - pos)) push(e);
+        for (const e of await statusBeneath(this.#parent, pos, tableEnd - pos)) push(e);
         pos = tableEnd;
         continue;
       }
@@ -674,7 +657,7 @@ export class QcowDriver extends BlockDriverBase {
         }
         if (allocated) {
           push({ offsetBytes: pos, lengthBytes: runEnd - pos, hole: false, zero: false });
-        } else for (const e of await this.#statusBeneath(pos, runEnd - pos)) push(e);
+        } else for (const e of await statusBeneath(this.#parent, pos, runEnd - pos)) push(e);
         pos = runEnd;
       }
     }
@@ -718,21 +701,6 @@ export class QcowDriver extends BlockDriverBase {
       pos = clusterEnd;
     }
     return runs;
-  }
-
-  async #statusBeneath(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
-    const parentSize = this.#parent?.sizeBytes ?? 0;
-    const inParent = Math.max(0, Math.min(lengthBytes, parentSize - offsetBytes));
-    const extents = inParent > 0 ? await this.#parent!.blockStatus(offsetBytes, inParent) : [];
-    if (inParent < lengthBytes) {
-      extents.push({
-        offsetBytes: offsetBytes + inParent,
-        lengthBytes: lengthBytes - inParent,
-        hole: true,
-        zero: true,
-      });
-    }
-    return extents;
   }
 
   async close(): Promise<void> {

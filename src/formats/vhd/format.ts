@@ -11,7 +11,7 @@ import type { ImageFile, ImageOpenOptions } from "../image_file.ts";
 import { openImageFile } from "../raw/open_file.ts";
 import { RawDriver } from "../raw/raw.ts";
 import { CreateOptionError, readCreateOptions } from "../create_options.ts";
-import { dirname, relativePath, resolveFrom } from "../paths.ts";
+import { dirname, exists, relativePath, resolveFrom } from "../paths.ts";
 import {
   DISK_DIFFERENCING,
   DISK_FIXED,
@@ -70,15 +70,6 @@ function uuidText(bytes: Uint8Array): string {
   }`;
 }
 
-function _exists(path: string): boolean {
-  try {
-    Deno.statSync(path);
-    return true;
-  } catch {
-    return false;
-  }
-}
-
 /** Header facts for `blktap info` (the parent is located, not opened). */
 export async function vhdInfo(path: string): Promise<ImageInfo> {
   const file = await openImageFile(path, { readOnly: true, engine: "sync" });
@@ -106,7 +97,7 @@ export async function vhdInfo(path: string): Promise<ImageInfo> {
       details.parent_name = header.parentName;
       details.parent_uuid = uuidText(header.parentUuid);
       details.parent_locators = candidates.map((c) => `${c.platform}:${c.name}`).join(", ");
-      const found = candidates.find((c) => _exists(resolveFrom(path, c.name))) ?? candidates[0];
+      const found = candidates.find((c) => exists(resolveFrom(path, c.name))) ?? candidates[0];
       if (found) info.backingFile = found.name;
       info.backingFormat = hasRawParent(image) ? "raw" : "vhd";
     }

@@ -38,6 +38,7 @@ import type { OpenContext } from "../format_entry.ts";
 import { RangeLock } from "../raw/range_lock.ts";
 import { SyncBarrier } from "../sync_barrier.ts";
 import { isZeroBytes } from "../qcow/zero.ts";
+import { pushExtent, readBeneath, statusBeneath, zeroBeneath } from "../beneath.ts";
 import { DISK_DIFFERENCING, FOOTER_BYTES, VHD_SECTOR_BYTES, VhdFormatError } from "./footer.ts";
 import { BAT_UNUSED, encodeBatEntries } from "./dynamic_header.ts";
 import { layoutProblems, type VhdImage } from "./image.ts";
@@ -185,7 +186,7 @@ export class DynamicVhdDriver extends BlockDriverBase {
   }
 
   async #readInBlock(block: number, offsetBytes: number, out: Uint8Array): Promise<void> {
-    if (this.#bat[block] === BAT_UNUSED) return await this.#readBeneath(offsetBytes, out);
+    if (this.#bat[block] === BAT_UNUSED) return await readBeneath(this.#parent, offsetBytes, out);
     const inBlock = offsetBytes - block * this.#blockBytes;
     const dataAt = this.#dataOffset(block);
     if (this.#state[block] === STATE_FULL) return await this.#file.read(dataAt + inBlock, out);
@@ -196,7 +197,9 @@ export class DynamicVhdDriver extends BlockDriverBase {
         const slice = out.subarray(start - inBlock, end - inBlock);
         const guest = block * this.#blockBytes + start;
         tasks.push(
-          present ? this.#file.read(dataAt + start, slice) : this.#readBeneath(guest, slice),
+          present
+            ? this.#file.read(dataAt + start, slice)
+            : readBeneath(this.#parent, guest, slice),
         );
       });
       await Promise.all(tasks);
@@ -222,15 +225,6 @@ export class DynamicVhdDriver extends BlockDriverBase {
       run(pos, stop, testBit(bits, sector));
       pos = stop;
     }
-  }
-
-  async #readBeneath(offsetBytes: number, out: Uint8Array): Promise<void> {
-    const inParent = Math.max(
-      0,
-      Math.min(out.byteLength, (this.#parent?.sizeBytes ?? 0) - offsetBytes),
-    );
-    if (inParent > 0) await this.#parent!.read(offsetBytes, out.subarray(0, inParent));
-    out.fill(0, inParent);
   }
 
   async #loadBitmap(block: number): Promise<Uint8Array> {
@@ -260,7 +254,7 @@ export class DynamicVhdDriver extends BlockDriverBase {
       if (!zeroChecked && isZeroBytes(data)) {
         zeroChecked = true;
         // Zeros over zeros need no block; recheck: the block may have appeared meanwhile.
-        if (await this.#zeroBeneath(offsetBytes, data.byteLength)) {
+        if (await zeroBeneath(this.#parent, offsetBytes, data.byteLength)) {
           if (this.#bat[block] === BAT_UNUSED && !this.#allocating.has(block)) return;
         }
         continue;
@@ -273,13 +267,6 @@ export class DynamicVhdDriver extends BlockDriverBase {
         this.#allocating.delete(block);
       }
     }
-  }
-
-  async #zeroBeneath(offsetBytes: number, lengthBytes: number): Promise<boolean> {
-    const inParent = Math.min(lengthBytes, (this.#parent?.sizeBytes ?? 0) - offsetBytes);
-    if (inParent <= 0) return true;
-    const extents = await this.#parent!.blockStatus(offsetBytes, inParent);
-    return extents.every((e) => e.zero);
   }
 
   /** Reserves a block past the end of the file: bitmap, page-aligned data, moved footer. */
@@ -400,8 +387,8 @@ export class DynamicVhdDriver extends BlockDriverBase {
     const lo = Math.min(Math.max(from, inBlock), to);
     const hi = Math.max(Math.min(to, inBlock + data.byteLength), lo);
     const reads: Promise<void>[] = [];
-    if (lo > from) reads.push(this.#readBeneath(guest + from, run.subarray(0, lo - from)));
-    if (to > hi) reads.push(this.#readBeneath(guest + hi, run.subarray(hi - from)));
+    if (lo > from) reads.push(readBeneath(this.#parent, guest + from, run.subarray(0, lo - from)));
+    if (to > hi) reads.push(readBeneath(this.#parent, guest + hi, run.subarray(hi - from)));
     await Promise.all(reads);
     if (hi > lo) run.set(data.subarray(lo - inBlock, hi - inBlock), lo - from);
     await this.#file.write(dataAt + from, run);
@@ -488,11 +475,7 @@ export class DynamicVhdDriver extends BlockDriverBase {
     lengthBytes: number,
   ): Promise<Extent[]> {
     const extents: Extent[] = [];
-    const push = (e: Extent) => {
-      const last = extents[extents.length - 1];
-      if (last && last.hole === e.hole && last.zero === e.zero) last.lengthBytes += e.lengthBytes;
-      else extents.push({ ...e });
-    };
+    const push = (e: Extent) => pushExtent(extents, e);
     for (const run of await this.mapRuns(offsetBytes, lengthBytes)) {
       if (run.kind === "data") {
         push({
@@ -501,24 +484,9 @@ export class DynamicVhdDriver extends BlockDriverBase {
           hole: false,
           zero: false,
         });
-      } else for (const e of await this.#statusBeneath(run.offsetBytes, run.lengthBytes)) push(e);
-    }
-    return extents;
-  }
-
-  async #statusBeneath(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
-    const inParent = Math.max(
-      0,
-      Math.min(lengthBytes, (this.#parent?.sizeBytes ?? 0) - offsetBytes),
-    );
-    const extents = inParent > 0 ? await this.#parent!.blockStatus(offsetBytes, inParent) : [];
-    if (inParent < lengthBytes) {
-      extents.push({
-        offsetBytes: offsetBytes + inParent,
-        lengthBytes: lengthBytes - inParent,
-        hole: true,
-        zero: true,
-      });
+      } else {for (const e of await statusBeneath(this.#parent, run.offsetBytes, run.lengthBytes)) {
+          push(e);
+        }}
     }
     return extents;
   }

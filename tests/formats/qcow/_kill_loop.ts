@@ -17,7 +17,8 @@ import { assertDurable, assertQemuSees, crashBatch, hasQemu, readAll } from "./_
 const disk_bytes = 4 << 20;
 const writer = new URL("./_crash_writer.ts", import.meta.url).pathname;
 
-async function waitForReady(log: string, child: Deno.ChildProcess): Promise<void> {
+/** Waits until a crash writer logged `ready` (it has opened its image). */
+export async function waitForReady(log: string, child: Deno.ChildProcess): Promise<void> {
   const deadline = Date.now() + 20_000;
   let exited = false;
   child.status.then(() => (exited = true));

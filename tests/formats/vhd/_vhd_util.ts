@@ -6,7 +6,7 @@
  */
 import assert from "node:assert/strict";
 import type { BlockDriver } from "../../../src/formats/driver.ts";
-import { hasTool, run, runOk } from "../../_helpers/tools.ts";
+import { blktap, hasTool, run, runOk } from "../../_helpers/tools.ts";
 import type { Random } from "../../_helpers/random.ts";
 import { firstDifference, readAll } from "../qcow/_util.ts";
 
@@ -147,5 +147,33 @@ export function assertCrashConsistent(got: Uint8Array, state: Unflushed, what: s
         `${what}: byte ${i} is ${got[i]}: neither flushed (${state.stable[i]}) nor written since`,
       );
     }
+  }
+}
+
+/** `blktap create` of a differencing `image` over `parent` (named relative to it). */
+export async function createChild(
+  image: string,
+  parent: string,
+  parentFormat: "raw" | "vhd",
+  blockBytes = 2 << 20,
+): Promise<void> {
+  const args = ["-o", `block_size=${blockBytes}`, "-b", parent, "-F", parentFormat, image];
+  const made = await blktap(["create", "-q", "-f", "vhd", ...args]);
+  assert.equal(made.code, 0, made.stderr);
+}
+
+/** `count` random writes through `driver`, mirrored into `model`. */
+export async function writeRandomly(
+  driver: BlockDriver,
+  model: Uint8Array,
+  rng: Random,
+  count: number,
+  blockBytes = 2 << 20,
+): Promise<void> {
+  for (let i = 0; i < count; i += 1) {
+    const [offset, length] = vhdWrite(rng, model.byteLength, blockBytes);
+    const data = vhdData(rng, length);
+    model.set(data, offset);
+    await driver.write(offset, data);
   }
 }

@@ -16,7 +16,7 @@ import { vhdChecksum } from "../../../src/formats/vhd/footer.ts";
 import { type Random, testSeed } from "../../_helpers/random.ts";
 import { blktap, runOk } from "../../_helpers/tools.ts";
 import { inTempDir } from "../qcow/_util.ts";
-import { hasQemu } from "./_vhd_util.ts";
+import { createChild, hasQemu } from "./_vhd_util.ts";
 
 const in_process_cases = 10_000;
 const cli_cases = 200;
@@ -47,20 +47,7 @@ async function makeBases(dir: string): Promise<Base[]> {
   await d.close();
   await add("dyn.vhd", true);
   await Deno.writeFile(`${dir}/parent.raw`, new Uint8Array(3 << 20).fill(9));
-  const made = await blktap([
-    "create",
-    "-q",
-    "-f",
-    "vhd",
-    "-o",
-    "block_size=64K",
-    "-b",
-    "parent.raw",
-    "-F",
-    "raw",
-    `${dir}/diff.vhd`,
-  ]);
-  assert.equal(made.code, 0, made.stderr);
+  await createChild(`${dir}/diff.vhd`, "parent.raw", "raw", 64 << 10);
   d = await openImage(`${dir}/diff.vhd`);
   await d.write(70_000, new Uint8Array(3000).fill(3));
   await d.close();

@@ -21,19 +21,19 @@ import { readVhdImage } from "../../../src/formats/vhd/image.ts";
 import { openImageFile } from "../../../src/formats/raw/open_file.ts";
 import { mapImage } from "../../../src/tools/map.ts";
 import { testSeed } from "../../_helpers/random.ts";
-import { blktap, runOk } from "../../_helpers/tools.ts";
+import { runOk } from "../../_helpers/tools.ts";
 import { inTempDir, mergeRanges, ourDataRanges } from "../qcow/_util.ts";
 import {
   assertQemuReads,
   assertReads,
   assertVhdiReads,
+  createChild,
   hasQemu,
   hasVhdiInfo,
   readAll,
-  vhdData,
   vhdiInfo,
   vhdimountWorks,
-  vhdWrite,
+  writeRandomly,
 } from "./_vhd_util.ts";
 
 const MiB = 1 << 20;
@@ -92,12 +92,7 @@ for (const spec of QEMU_IMAGES) {
           if (spec.name !== "fixed") {
             assert.deepEqual(await ourDataRanges(driver), await qemuMapData(image), "allocation");
           }
-          for (let i = 0; i < 60; i += 1) {
-            const [offset, length] = vhdWrite(rng, model.byteLength, 2 * MiB);
-            const data = vhdData(rng, length);
-            model.set(data, offset);
-            await driver.write(offset, data);
-          }
+          await writeRandomly(driver, model, rng, 60);
         } finally {
           await driver.close();
         }
@@ -119,12 +114,7 @@ Deno.test({
         const driver = await openImage(image);
         const model = new Uint8Array(driver.sizeBytes);
         try {
-          for (let i = 0; i < 80; i += 1) {
-            const [offset, length] = vhdWrite(rng, model.byteLength, 2 * MiB);
-            const data = vhdData(rng, length);
-            model.set(data, offset);
-            await driver.write(offset, data);
-          }
+          await writeRandomly(driver, model, rng, 80);
         } finally {
           await driver.close();
         }
@@ -172,11 +162,6 @@ async function hyperVLocators(image: string, relative: string, absolute: string)
   }
 }
 
-async function blktapCreate(args: string[]): Promise<void> {
-  const made = await blktap(["create", "-q", ...args]);
-  assert.equal(made.code, 0, made.stderr);
-}
-
 Deno.test("vhd differencing: Hyper-V locators, moved images, wrong parents", async () => {
   await inTempDir(async (dir) => {
     const rng = testSeed("vhd-hyperv");
@@ -190,7 +175,7 @@ Deno.test("vhd differencing: Hyper-V locators, moved images, wrong parents", asy
     const parentData = rng.bytes(base.sizeBytes);
     await base.write(0, parentData);
     await base.close();
-    await blktapCreate(["-f", "vhd", "-b", "base.vhd", `${dir}/a/child.vhd`]);
+    await createChild(`${dir}/a/child.vhd`, "base.vhd", "vhd");
     // W2ku names a path that does not exist; W2ru finds the parent.
     await hyperVLocators(`${dir}/a/child.vhd`, "base.vhd", "/nowhere/base.vhd");
     let child = await openImage(`${dir}/a/child.vhd`);
@@ -233,7 +218,7 @@ Deno.test("vhd differencing: map shows which layer holds each range; libvhdi agr
     model.fill(3, 0, 3 * MiB);
     await base.write(0, model.subarray(0, 3 * MiB));
     await base.close();
-    await blktapCreate(["-f", "vhd", "-o", "block_size=1M", "-b", "base.vhd", `${dir}/child.vhd`]);
+    await createChild(`${dir}/child.vhd`, "base.vhd", "vhd", 1 << 20);
     const child = await openImage(`${dir}/child.vhd`);
     model.fill(9, 1 * MiB + 4096, 1 * MiB + 8192);
     await child.write(1 * MiB + 4096, model.subarray(1 * MiB + 4096, 1 * MiB + 8192));

@@ -12,30 +12,15 @@ import { openImage } from "../../../src/formats/open_image.ts";
 import { createVhd } from "../../../src/formats/vhd/create.ts";
 import { checkVhd } from "../../../src/formats/vhd/check.ts";
 import { testSeed } from "../../_helpers/random.ts";
-import { blktap } from "../../_helpers/tools.ts";
 import { inTempDir } from "../qcow/_util.ts";
+import { waitForReady } from "../qcow/_kill_loop.ts";
 import { killWriteData, parseKillLog } from "./_kill_plan.ts";
-import { assertQemuReads, hasQemu, readAll } from "./_vhd_util.ts";
+import { assertQemuReads, createChild, hasQemu, readAll } from "./_vhd_util.ts";
 
 const disk_bytes = 6 << 20;
 const kills = 25;
 const depth = 12;
 const writer = new URL("./_kill_writer.ts", import.meta.url).pathname;
-
-async function waitForReady(log: string, child: Deno.ChildProcess): Promise<void> {
-  const deadline = Date.now() + 30_000;
-  let exited = false;
-  child.status.then(() => (exited = true));
-  while (Date.now() < deadline && !exited) {
-    try {
-      if ((await Deno.readTextFile(log)).startsWith("ready")) return;
-    } catch {
-      // not created yet
-    }
-    await new Promise((r) => setTimeout(r, 5));
-  }
-  throw new Error(`kill writer did not start (exited: ${exited})`);
-}
 
 /** Checks the image against the log of one writer's life; returns what it now holds. */
 async function verifyAfterKill(
@@ -81,20 +66,7 @@ async function killLoop(dir: string, name: string, differencing: boolean): Promi
   if (differencing) {
     model = rng.bytes(disk_bytes);
     await Deno.writeFile(`${dir}/${name}-parent.raw`, model);
-    const made = await blktap([
-      "create",
-      "-q",
-      "-f",
-      "vhd",
-      "-o",
-      "block_size=512K",
-      "-b",
-      `${name}-parent.raw`,
-      "-F",
-      "raw",
-      image,
-    ]);
-    assert.equal(made.code, 0, made.stderr);
+    await createChild(image, `${name}-parent.raw`, "raw", 512 << 10);
   } else await createVhd(image, { sizeBytes: disk_bytes, subformat: "dynamic", forceSize: true });
   let answered = 0;
   for (let k = 0; k < kills; k += 1) {

@@ -16,9 +16,15 @@ import { readVhdImage } from "../../../src/formats/vhd/image.ts";
 import { DynamicVhdDriver } from "../../../src/formats/vhd/vhd.ts";
 import { testSeed } from "../../_helpers/random.ts";
 import { FaultFile } from "../../_helpers/fault_file.ts";
-import { blktap } from "../../_helpers/tools.ts";
 import { inTempDir } from "../qcow/_util.ts";
-import { assertCrashConsistent, readAll, type Unflushed, vhdData, vhdWrite } from "./_vhd_util.ts";
+import {
+  assertCrashConsistent,
+  createChild,
+  readAll,
+  type Unflushed,
+  vhdData,
+  vhdWrite,
+} from "./_vhd_util.ts";
 
 const size_bytes = 2 << 20;
 const block_bytes = 32 << 10;
@@ -42,20 +48,7 @@ async function makeImage(dir: string, differencing: boolean, parent: Uint8Array)
     return path;
   }
   await Deno.writeFile(`${dir}/parent.raw`, parent);
-  const made = await blktap([
-    "create",
-    "-q",
-    "-f",
-    "vhd",
-    "-o",
-    `block_size=${block_bytes}`,
-    "-b",
-    "parent.raw",
-    "-F",
-    "raw",
-    path,
-  ]);
-  assert.equal(made.code, 0, made.stderr);
+  await createChild(path, "parent.raw", "raw", block_bytes);
   return path;
 }
 

@@ -15,12 +15,12 @@ import { createVhd } from "../../../src/formats/vhd/create.ts";
 import { checkVhd } from "../../../src/formats/vhd/check.ts";
 import { DynamicVhdDriver } from "../../../src/formats/vhd/vhd.ts";
 import { type Random, testSeed } from "../../_helpers/random.ts";
-import { blktap } from "../../_helpers/tools.ts";
 import { inTempDir } from "../qcow/_util.ts";
 import {
   assertQemuReads,
   assertReads,
   assertVhdiReads,
+  createChild,
   hasQemu,
   hasVhdiInfo,
   vhdData,
@@ -112,20 +112,7 @@ async function makeImage(
   if (setup.parent) {
     model = await makeParent(dir, setup, rng);
     const parentPath = `${dir}/parent.${setup.parent}`;
-    const made = await blktap([
-      "create",
-      "-q",
-      "-f",
-      "vhd",
-      "-o",
-      `block_size=${setup.blockBytes}`,
-      "-b",
-      parentPath.slice(dir.length + 1),
-      "-F",
-      setup.parent,
-      path,
-    ]);
-    assert.equal(made.code, 0, made.stderr);
+    await createChild(path, parentPath.slice(dir.length + 1), setup.parent, setup.blockBytes);
   } else {
     await createVhd(path, {
       sizeBytes: setup.sizeBytes,
