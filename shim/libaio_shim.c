@@ -21,7 +21,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define SHIM_ABI_VERSION 2
+#define SHIM_ABI_VERSION 3
 
 int32_t shim_abi_version(void) { return SHIM_ABI_VERSION; }
 
@@ -88,6 +88,16 @@ int64_t shim_fallocated(int32_t fd) {
 int64_t shim_ioctl(int32_t fd, uint64_t request, uint64_t arg) {
   int r = ioctl(fd, (unsigned long)request, (void *)arg);
   return r < 0 ? neg_errno() : r;
+}
+
+// Open file description locks (QEMU's image locking, see ffi/ofd_lock.ts).
+// op 0 = F_OFD_SETLK (type F_RDLCK 0, F_WRLCK 1, F_UNLCK 2): returns 0;
+// op 1 = F_OFD_GETLK: returns the type of a conflicting lock, F_UNLCK (2)
+// when the range could be locked.
+int64_t shim_ofd_lock(int32_t fd, int32_t op, int32_t type, int64_t start, int64_t len) {
+  struct flock fl = {.l_type = (short)type, .l_whence = SEEK_SET, .l_start = start, .l_len = len};
+  if (fcntl(fd, op == 1 ? F_OFD_GETLK : F_OFD_SETLK, &fl) < 0) return neg_errno();
+  return op == 1 ? fl.l_type : 0;
 }
 
 // ---- memory --------------------------------------------------------------

@@ -8,7 +8,7 @@
  * requests).
  * @module
  */
-import type { Ctrl } from "./daemon.ts";
+import type { AttachedImage, Ctrl } from "./daemon.ts";
 import { fuzzRing } from "../frontends/exercise/malformed.ts";
 import type { Minor } from "./minor.ts";
 import { type LoadOptions, prng, TestFrontend } from "../frontends/exercise/test_frontend.ts";
@@ -26,6 +26,27 @@ function number(args: Args, key: string): number | undefined {
     throw new Error(`${key} must be a non-negative number`);
   }
   return v;
+}
+
+// What create and resume tell about the image: its recorded spec, its
+// format, whether that was probed, and QEMU's warning for a probed raw one.
+function imageReply(image: AttachedImage): Args {
+  return {
+    image: image.spec,
+    format: image.format,
+    probed: image.probed,
+    ...(image.warning ? { warning: image.warning } : {}),
+  };
+}
+
+function allowPaths(args: Args): string[] {
+  const value = args.allowPaths ?? [];
+  if (
+    !Array.isArray(value) || value.some((p) => typeof p !== "string" || !p.startsWith("/"))
+  ) {
+    throw new Error("allowPaths must be a list of absolute folder paths");
+  }
+  return value as string[];
 }
 
 /** Serves client connections for a {@linkcode Ctrl}. */
@@ -106,8 +127,7 @@ export class CtlApi {
         await this.#minor(args).pause();
         return {};
       case "resume":
-        await this.#minor(args).resume(args.image as string | undefined);
-        return {};
+        return await this.#resume(args);
       case "destroy":
         await ctrl.destroy(this.#minor(args));
         return {};
@@ -128,8 +148,9 @@ export class CtlApi {
     if (cache !== "none" && cache !== "writeback") {
       throw new Error(`cache must be none or writeback`);
     }
-    const minor = await this.#ctrl.create({
+    const { minor, image } = await this.#ctrl.create({
       image: args.image,
+      allowPaths: allowPaths(args),
       name: typeof args.name === "string" ? args.name : undefined,
       readOnly: args.readOnly === true,
       cache,
@@ -142,7 +163,17 @@ export class CtlApi {
       minor: minor.record.minor,
       name: minor.record.name,
       ...(socket ? { uri: nbdUnixUri(minor.record.name, socket) } : {}),
+      ...imageReply(image),
     };
+  }
+
+  async #resume(args: Args): Promise<Args> {
+    const image = args.image;
+    if (image !== undefined && (typeof image !== "string" || !image)) {
+      throw new Error("image must be a non-empty string");
+    }
+    const attached = await this.#ctrl.resume(this.#minor(args), image);
+    return attached ? imageReply(attached) : {};
   }
 
   async #qos(args: Args): Promise<Args> {

@@ -12,6 +12,7 @@ import {
   UsageError,
 } from "../cli/command.ts";
 import { type LogLevel, setLogLevel } from "../cli/log.ts";
+import { ALLOW_PATH_OPTION, allowPathHelp, parseAllowPaths } from "../cli/allow_path.ts";
 import { waitForStopSignal } from "../cli/signals.ts";
 import { Ctrl } from "./daemon.ts";
 import { NBD_SOCKET_NAME, startCtrlNbd } from "./nbd_frontend.ts";
@@ -33,7 +34,14 @@ Options:
   --restart-window SEC   ... within SEC seconds is marked failed (default 60)
   --nbd-socket PATH      NBD Unix socket (default DIR/nbd.sock)
   --nbd-tcp HOST:PORT    also serve NBD on TCP (host defaults to 127.0.0.1)
-  --no-nbd               do not serve NBD`;
+  --no-nbd               do not serve NBD
+${allowPathHelp(25)}
+                         (for every disk; 'create --allow-path' adds folders for one)
+
+Images attached by path alone are probed once, at create, and recorded with
+their format in DIR/registry.json; they are never probed again. Images are
+locked as QEMU locks them: one that QEMU writes is refused, and QEMU cannot
+write one blktap serves.`;
 
 /** `blktap ctrl`. */
 export const CTRL_COMMAND: Command = {
@@ -50,6 +58,7 @@ export const CTRL_COMMAND: Command = {
       "nbd-socket": { type: "string" },
       "nbd-tcp": { type: "string" },
       "no-nbd": { type: "boolean" },
+      ...ALLOW_PATH_OPTION,
     });
     const nbdTcp = values["nbd-tcp"] ? parseHostPort(values["nbd-tcp"], "--nbd-tcp") : undefined;
     if (values["log-level"]) {
@@ -63,6 +72,7 @@ export const CTRL_COMMAND: Command = {
     const ctrl = new Ctrl({
       runDir: values["run-dir"] ?? defaultRunDir(),
       shmDir: values["shm-dir"],
+      allowPaths: parseAllowPaths(values),
       policy: {
         ...(restartLimit !== undefined ? { restartLimit } : {}),
         ...(windowS !== undefined ? { restartWindowMs: windowS * 1000 } : {}),

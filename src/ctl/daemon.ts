@@ -16,6 +16,13 @@ import { Minor, type SupervisionPolicy } from "./minor.ts";
 import { loadRegistry, type MinorRecord, type RegistryData, saveRegistry } from "./registry.ts";
 import type { RingDisk } from "../ring/ring_disk.ts";
 import { CTRL_SOCKET_NAME, REGISTRY_NAME } from "../cli/run_dir.ts";
+import { isNullSpec } from "../disk/null_driver.ts";
+import {
+  parseImageSpec,
+  type ResolvedImageSpec,
+  resolveImageSpec,
+  specFilePath,
+} from "../formats/open_image.ts";
 
 /** Ring pages per minor: ring-page-order 2, 128 entries. */
 export const ring_pages_default = 4;
@@ -31,11 +38,16 @@ export interface CtrlOptions {
   runDir: string;
   shmDir?: string;
   policy?: Partial<SupervisionPolicy>;
+  /** `--allow-path` folders for every minor's backing files and extents (absolute). */
+  allowPaths?: string[];
 }
 
 /** Parameters of `create`. */
 export interface CreateParams {
+  /** `type:path`, or a path whose format is probed now, once. */
   image: string;
+  /** This minor's `--allow-path` folders (absolute). */
+  allowPaths?: string[];
   name?: string;
   readOnly?: boolean;
   cache?: "none" | "writeback";
@@ -56,6 +68,7 @@ export class Ctrl {
   #clients = 0;
   readonly #api: CtlApi;
   readonly #destroyHooks: ((name: string) => Promise<void>)[] = [];
+  readonly #allowPaths: string[];
   /** The NBD front end's Unix socket, once it listens (for URIs in replies). */
   nbdSocketPath?: string;
 
@@ -68,6 +81,7 @@ export class Ctrl {
       restartDelayMs: 100,
       ...options.policy,
     };
+    this.#allowPaths = options.allowPaths ?? [];
     this.#api = new CtlApi(this);
   }
 
@@ -145,24 +159,37 @@ export class Ctrl {
   #host() {
     return {
       diskSocketPath: `${this.runDir}/${DISK_SOCKET_NAME}`,
+      allowPaths: this.#allowPaths,
       policy: this.policy,
       log: this.log,
       changed: () => this.saveRegistry(),
     };
   }
 
-  /** Attaches a new disk; resolves once its process serves it. */
-  async create(params: CreateParams): Promise<Minor> {
+  /**
+   * Attaches a new disk; resolves once its process serves it. A bare path
+   * is probed here, once (its first 4 KiB read), and recorded as
+   * `type:path`; an image another minor writes, or that this one would
+   * write while another has it, is refused naming that minor.
+   */
+  async create(params: CreateParams): Promise<{ minor: Minor; image: AttachedImage }> {
+    const readOnly = params.readOnly ?? false;
+    const image = await attachedImage(params.image, readOnly);
+    // From here to the minor's registration nothing awaits: concurrent
+    // creates see each other's minor numbers, names and images.
     const number = this.#freeMinor();
     const name = params.name ?? `tap${number}`;
     if (this.minors.some((m) => m.record.name === name)) {
       throw new Error(`export name '${name}' is taken`);
     }
+    this.#refuseSharedWriter(image, readOnly);
     const record: MinorRecord = {
       minor: number,
       name,
-      image: params.image,
-      readOnly: params.readOnly ?? false,
+      image: image.spec,
+      probedRaw: image.probedRaw,
+      allowPaths: params.allowPaths ?? [],
+      readOnly,
       cache: params.cache ?? "none",
       qos: {
         maxIops: params.maxIops ?? 0,
@@ -186,7 +213,36 @@ export class Ctrl {
       this.saveRegistry();
       throw error;
     }
-    return minor;
+    return { minor, image };
+  }
+
+  /** Resumes `minor`, on `imageSpec` when given (probed now if it is a bare path). */
+  async resume(minor: Minor, imageSpec?: string): Promise<AttachedImage | undefined> {
+    if (imageSpec === undefined) {
+      await minor.resume();
+      return undefined;
+    }
+    const image = await attachedImage(imageSpec, minor.record.readOnly);
+    this.#refuseSharedWriter(image, minor.record.readOnly, minor);
+    await minor.resume(image.spec, image.probedRaw);
+    return image;
+  }
+
+  // Two writers corrupt an image: ctrl names its own minor that holds it;
+  // the image locks (src/formats/raw/image_lock.ts) catch everyone else.
+  #refuseSharedWriter(image: AttachedImage, readOnly: boolean, except?: Minor): void {
+    const real = image.path && realPathOf(image.path);
+    if (!real) return;
+    for (const m of this.minors) {
+      if (m === except || m.state === "destroyed" || (readOnly && m.record.readOnly)) continue;
+      const path = imageFilePath(m.record.image);
+      if (!path || realPathOf(path) !== real) continue;
+      throw new Error(
+        `${image.path} is in use: minor ${m.record.minor} (${m.record.name}) has it ${
+          m.record.readOnly ? "read-only" : "read-write"
+        }; an image can be attached twice only read-only`,
+      );
+    }
   }
 
   /** Detaches a disk and forgets it. */
@@ -220,11 +276,50 @@ export class Ctrl {
     }
     const minor = new Minor(record, this.#host(), device);
     this.#minors.set(record.minor, minor);
+    const refusal = await this.#upgradeLegacyImage(record);
+    if (refusal) {
+      minor.refuse(refusal);
+      return;
+    }
     try {
       await minor.start();
     } catch (error) {
       this.log.error(`minor ${record.minor}: re-attach failed: ${(error as Error).message}`);
     }
+  }
+
+  /**
+   * A registry written by a blktap that did not record formats names an
+   * image by bare path. Its format cannot be known any more: the bytes may
+   * have been written by the guest since. Probed as raw, it stays raw (with
+   * the probe guard, so it stays so); probed as anything else, it is not
+   * opened: the minor fails with a message saying how to re-create it.
+   * Returns that refusal, or undefined once the record is explicit.
+   */
+  async #upgradeLegacyImage(record: MinorRecord): Promise<string | undefined> {
+    if (isNullSpec(record.image) || parseImageSpec(record.image).format) return undefined;
+    const old = record.image;
+    let image: AttachedImage;
+    try {
+      image = await attachedImage(old, record.readOnly);
+    } catch (error) {
+      return `the registry names ${old} without a format and it cannot be probed: ${
+        (error as Error).message
+      }`;
+    }
+    if (image.format !== "aio") {
+      return `the registry (from an older blktap) names ${old} without a format, and it now ` +
+        `probes as ${image.format}: a guest may have written that header, so it is not opened. ` +
+        `Check the image, then destroy this minor and create it again with its format named ` +
+        `(${image.format}:${image.path})`;
+    }
+    record.image = image.spec;
+    record.probedRaw = image.probedRaw;
+    this.log.warn(
+      `minor ${record.minor}: the registry named ${old} without a format; recorded as ` +
+        `${image.spec} (probed raw: writes that would make it probe as another format are refused)`,
+    );
+    return undefined;
   }
 
   async #acceptDisks(listener: Deno.Listener): Promise<void> {
@@ -264,6 +359,26 @@ export class Ctrl {
     } catch (error) {
       if (!(error instanceof Deno.errors.BadResource)) this.log.error(`ctrl socket: ${error}`);
     }
+  }
+}
+
+/** The image of a minor made explicit at create or resume (`null:` specs pass as they are). */
+export type AttachedImage = ResolvedImageSpec;
+
+function attachedImage(spec: string, readOnly: boolean): Promise<AttachedImage> {
+  if (!isNullSpec(spec)) return resolveImageSpec(spec, readOnly);
+  return Promise.resolve({ spec, format: "null", probed: false, probedRaw: false });
+}
+
+function imageFilePath(spec: string): string | undefined {
+  return isNullSpec(spec) ? undefined : specFilePath(spec);
+}
+
+function realPathOf(path: string): string | undefined {
+  try {
+    return Deno.realPathSync(path);
+  } catch {
+    return undefined;
   }
 }
 

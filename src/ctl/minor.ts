@@ -38,6 +38,8 @@ export const disk_call_timeout_ms = 30_000;
 /** What the minor needs from ctrl. */
 export interface MinorHost {
   diskSocketPath: string;
+  /** ctrl's own `--allow-path` folders, for every minor. */
+  allowPaths: string[];
   policy: SupervisionPolicy;
   log: Logger;
   /** The record changed (state, pid, image): persist the registry. */
@@ -128,6 +130,8 @@ export class Minor {
       ringPages: r.ringPages,
       poolPages: r.poolPages,
       image: r.image,
+      probedRaw: r.probedRaw ?? false,
+      allowPaths: [...this.#host.allowPaths, ...(r.allowPaths ?? [])],
       readOnly: r.readOnly,
       cache: r.cache,
       qos: r.qos,
@@ -209,6 +213,11 @@ export class Minor {
     }, restartDelayMs);
   }
 
+  /** Marks the minor failed without starting a disk process (an image ctrl will not open). */
+  refuse(reason: string): void {
+    this.#markFailed(reason);
+  }
+
   #markFailed(reason: string): void {
     this.state = "failed";
     this.failure = this.failure ? `${reason}; ${this.failure}` : reason;
@@ -254,10 +263,16 @@ export class Minor {
     this.#host.changed();
   }
 
-  /** Resumes, optionally on another image (e.g. a new snapshot overlay). */
-  async resume(image?: string): Promise<void> {
-    const reply = await this.call("resume", image ? { image } : {});
-    if (image) this.record.image = image;
+  /**
+   * Resumes, optionally on another image (e.g. a new snapshot overlay),
+   * named with its type (`probedRaw` when ctrl probed it as raw).
+   */
+  async resume(image?: string, probedRaw = false): Promise<void> {
+    const reply = await this.call("resume", image ? { image, probedRaw } : {});
+    if (image) {
+      this.record.image = image;
+      this.record.probedRaw = probedRaw;
+    }
     this.record.sizeBytes = reply.sizeBytes as number;
     this.disk.attach(
       () => this.#channel?.kick(),

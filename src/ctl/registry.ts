@@ -12,8 +12,17 @@ export interface MinorRecord {
   minor: number;
   /** Export name (`--name`, default `tapN`). */
   name: string;
-  /** `type:path` currently served. */
+  /**
+   * `type:path` currently served, the path absolute. The format is decided
+   * once, at create (probed when the user named none) and never probed
+   * again. A bare path here comes from an older blktap: see `Ctrl`'s
+   * re-attach.
+   */
   image: string;
+  /** The format was probed as raw: writes that would change that are refused. */
+  probedRaw?: boolean;
+  /** `--allow-path` folders given at create (ctrl's own are added when opening). */
+  allowPaths?: string[];
   readOnly: boolean;
   cache: "none" | "writeback";
   qos: QosSettings;

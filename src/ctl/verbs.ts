@@ -11,6 +11,9 @@ import {
   UsageError,
 } from "../cli/command.ts";
 import { ctlRequest } from "./client.ts";
+import { ALLOW_PATH_OPTION, allowPathHelp, parseAllowPaths } from "../cli/allow_path.ts";
+import { isNullSpec } from "../disk/null_driver.ts";
+import { absolutePath, probedNote, specFilePath } from "../formats/open_image.ts";
 import { defaultRunDir } from "../cli/run_dir.ts";
 
 const RUN_DIR_HELP =
@@ -40,22 +43,43 @@ function minorArg(text: string): number | string {
   return /^\d+$/.test(text) ? Number(text) : text;
 }
 
+// A relative path in an image spec is relative to the caller, not to ctrl.
+function absoluteSpec(spec: string): string {
+  const path = isNullSpec(spec) ? undefined : specFilePath(spec);
+  return path === undefined ? spec : spec.slice(0, spec.length - path.length) + absolutePath(path);
+}
+
+// Says on stderr which format create or resume found, and QEMU's warning for probed raw.
+function reportImage(result: Record<string, unknown>): void {
+  if (result.probed === true) console.error(`blktap: ${probedNote(String(result.image))}`);
+  if (typeof result.warning === "string") console.error(`blktap: WARNING: ${result.warning}`);
+}
+
 /** `blktap create TYPE:PATH`: attach an image as a new minor (see src/cli/create_command.ts). */
 export const ATTACH_VERB: Command = {
   name: "create",
   summary: "attach an image as a new minor; prints the minor and its NBD URI",
-  usage: `usage: blktap create TYPE:PATH [--name NAME] [--readonly] [--cache none|writeback]
-                     [--max-iops N] [--max-bps N] [--burst-ms MS] [--json] [--run-dir DIR]
+  usage: `usage: blktap create TYPE:PATH|PATH [--name NAME] [--readonly] [--cache none|writeback]
+                     [--allow-path DIR]... [--max-iops N] [--max-bps N] [--burst-ms MS]
+                     [--json] [--run-dir DIR]
 
-  --name NAME     export name (default tapN)
-  --readonly      refuse writes
-  --cache MODE    none (O_DIRECT, default) or writeback (page cache), as QEMU's cache modes
-  --max-iops N    QoS: requests per second (0 = unlimited)
-  --max-bps N     QoS: bytes per second (suffixes K, M, G)
-  --burst-ms MS   QoS bucket depth in milliseconds of the rate (default 1000)
-  --json          print {"minor", "name", "uri"} as JSON
+An image named by PATH alone is probed once, now, and recorded with the
+format found (TYPE:PATH); it is never probed again. A writable image probed
+as raw refuses writes that would make it probe as another format: name the
+format (aio:PATH) to lift that.
 
-Prints the minor, then the NBD URI of the new disk (when ctrl serves NBD).
+  --name NAME          export name (default tapN)
+  --readonly           refuse writes
+  --cache MODE         none (O_DIRECT, default) or writeback (page cache), as QEMU's cache modes
+${allowPathHelp(23)}
+  --max-iops N         QoS: requests per second (0 = unlimited)
+  --max-bps N          QoS: bytes per second (suffixes K, M, G)
+  --burst-ms MS        QoS bucket depth in milliseconds of the rate (default 1000)
+  --json               print {"minor", "name", "uri", "image", "format", "probed"} as JSON
+
+Prints the minor, then the NBD URI of the new disk (when ctrl serves NBD);
+on stderr, the format when it was probed. An image another minor writes, or
+one QEMU has open for writing, is refused.
 ${RUN_DIR_HELP}`,
   async run(argv) {
     const { values, positionals } = parseCommandArgs(argv, {
@@ -63,6 +87,7 @@ ${RUN_DIR_HELP}`,
       name: { type: "string" },
       readonly: { type: "boolean" },
       cache: { type: "string" },
+      ...ALLOW_PATH_OPTION,
       ...qosOptions,
       json: { type: "boolean" },
     }, { min: 1, max: 1 });
@@ -72,12 +97,14 @@ ${RUN_DIR_HELP}`,
     }
     const result = await ctlRequest(runDir(values), {
       op: "create",
-      image: positionals[0],
+      image: absoluteSpec(positionals[0]),
+      allowPaths: parseAllowPaths(values),
       name: values.name,
       readOnly: values.readonly ?? false,
       cache,
       ...qosRequest(values),
     });
+    reportImage(result);
     if (values.json) console.log(JSON.stringify(result));
     else console.log([result.minor, result.uri].filter((x) => x !== undefined).join("\n"));
     return 0;
@@ -179,11 +206,12 @@ function simpleVerb(name: string, summary: string, extra = ""): Command {
         min: 1,
         max: extra ? 2 : 1,
       });
-      await ctlRequest(runDir(values), {
+      const result = await ctlRequest(runDir(values), {
         op: name,
         minor: minorArg(positionals[0]),
-        ...(positionals[1] ? { image: positionals[1] } : {}),
+        ...(positionals[1] ? { image: absoluteSpec(positionals[1]) } : {}),
       });
+      reportImage(result);
       return 0;
     },
   };

@@ -8,7 +8,7 @@ import { type Command, parseCommandArgs, parseCount, UsageError } from "../cli/c
 import { type Logger, logger } from "../cli/log.ts";
 import { memoryFence } from "../../ffi/memory.ts";
 import type { BlockDriver } from "../formats/driver.ts";
-import { openImage } from "../formats/open_image.ts";
+import { openImage, parseImageSpec } from "../formats/open_image.ts";
 import { KickChannel } from "../ring/kick_channel.ts";
 import { ShmRingDevice } from "../ring/shm_ring_device.ts";
 import { defaultRunDir } from "../cli/run_dir.ts";
@@ -25,13 +25,25 @@ Options:
   --run-dir DIR    ctrl's run directory (default $XDG_RUNTIME_DIR/blktap, else /run/blktap)
   --socket PATH    ctrl's disk socket (default DIR/${DISK_SOCKET_NAME})`;
 
-/** Opens an image spec as the disk process serves it. */
+/**
+ * Opens an image spec as the disk process serves it: by its recorded type
+ * (a bare path is refused: probing here would trust bytes the guest
+ * wrote), locked as QEMU locks images, its chain confined to the image's
+ * folder and the allowed ones.
+ */
 export function openDiskImage(
   spec: string,
-  config: Pick<AttachConfig, "readOnly" | "cache">,
+  config: Pick<AttachConfig, "readOnly" | "cache" | "probedRaw" | "allowPaths">,
 ): Promise<BlockDriver> {
   if (isNullSpec(spec)) return Promise.resolve(openNull(spec, config.readOnly));
-  return openImage(spec, { readOnly: config.readOnly, cache: config.cache });
+  if (!parseImageSpec(spec).format) {
+    return Promise.reject(new Error(`${spec}: no format given; a disk process never probes`));
+  }
+  return openImage(
+    spec,
+    { readOnly: config.readOnly, cache: config.cache, lock: true, probedRaw: config.probedRaw },
+    { allowPaths: config.allowPaths ?? [] },
+  );
 }
 
 /**
@@ -146,7 +158,11 @@ class DiskProcess {
         await server.pause();
         return {};
       case "resume":
-        return await this.#resume(server, message.image as string | undefined);
+        return await this.#resume(
+          server,
+          message.image as string | undefined,
+          message.probedRaw === true,
+        );
       case "qos":
         server.setQos(message.qos as AttachConfig["qos"]);
         return {};
@@ -155,20 +171,39 @@ class DiskProcess {
     }
   }
 
-  async #resume(server: DiskServer, image: string | undefined): Promise<Record<string, unknown>> {
-    if (!image) {
-      server.resume();
-      return {
-        sizeBytes: server.driver.sizeBytes,
-        volatileWrites: hasVolatileWrites(server.driver),
-      };
+  async #resume(
+    server: DiskServer,
+    image: string | undefined,
+    probedRaw: boolean,
+  ): Promise<Record<string, unknown>> {
+    if (image) await this.#switchImage(server, image, probedRaw);
+    else server.resume();
+    return {
+      sizeBytes: server.driver.sizeBytes,
+      volatileWrites: hasVolatileWrites(server.driver),
+    };
+  }
+
+  // The old image is closed first: its locks would refuse the new overlay
+  // that has it as backing file. If the new one cannot be opened, the old
+  // one is opened again, paused or running as before.
+  async #switchImage(server: DiskServer, image: string, probedRaw: boolean): Promise<void> {
+    const config = this.#config!;
+    const wasPaused = server.paused;
+    await server.pause();
+    await server.driver.close();
+    let driver: BlockDriver;
+    try {
+      driver = await openDiskImage(image, { ...config, probedRaw });
+    } catch (error) {
+      // A paused disk stays so: nothing may reach the old image between two attempts.
+      server.replaceDriver(await openDiskImage(config.image, config));
+      if (!wasPaused) server.resume();
+      throw error;
     }
-    const driver = await openDiskImage(image, this.#config!);
-    const old = server.driver;
+    this.#config = { ...config, image, probedRaw };
     server.resume(driver);
-    await old.close().catch(() => {});
     this.#log.info(`resumed on ${image}`);
-    return { sizeBytes: driver.sizeBytes, volatileWrites: hasVolatileWrites(driver) };
   }
 }
 

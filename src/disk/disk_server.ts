@@ -262,12 +262,20 @@ export class DiskServer {
 
   /** Resumes serving, optionally on a new driver (the old one is the caller's to close). */
   resume(driver?: BlockDriver): void {
-    if (driver) {
-      this.#driver = driver;
-      this.#ctx = this.#context(driver);
-    }
+    if (driver) this.replaceDriver(driver);
     this.#paused = false;
     this.kick();
+  }
+
+  /** Whether `pause` holds new requests back. */
+  get paused(): boolean {
+    return this.#paused;
+  }
+
+  /** Serves `driver` from now on, paused or not as before (the old one is the caller's to close). */
+  replaceDriver(driver: BlockDriver): void {
+    this.#driver = driver;
+    this.#ctx = this.#context(driver);
   }
 
   /** Changes QoS limits. */

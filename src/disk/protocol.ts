@@ -7,6 +7,7 @@
  *   ctrl -> disk  {t:"attach", ...AttachConfig}
  *   disk -> ctrl  {t:"ready", sizeBytes} | {t:"failed", error}
  *   ctrl -> disk  {t:"call", seq, op:"stats"|"pause"|"resume"|"qos", ...}
+ *                 (resume may carry {image, probedRaw}: a new image, explicit type)
  *   disk -> ctrl  {t:"reply", seq, ok, error?, ...result}
  * @module
  */
@@ -22,8 +23,12 @@ export interface AttachConfig {
   shmPath: string;
   ringPages: number;
   poolPages: number;
-  /** `type:path`, or `null:SIZE`. */
+  /** `type:path` (the type always given: a disk process never probes), or `null:SIZE`. */
   image: string;
+  /** The format was probed as raw at create: refuse writes that would change that. */
+  probedRaw: boolean;
+  /** Folders backing files and extents may be in besides the image's own (`--allow-path`). */
+  allowPaths: string[];
   readOnly: boolean;
   cache: "none" | "writeback";
   qos: QosSettings;

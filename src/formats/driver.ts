@@ -154,6 +154,25 @@ const zero_chunk_bytes = 1 << 20;
 let zeroChunk: Uint8Array | undefined;
 
 /**
+ * The default write-zeroes: zeros written through `write` in chunks of
+ * `zero_chunk_bytes`; EOPNOTSUPP (naming `path`) when `fast` is asked.
+ */
+export async function writeZeroChunks(
+  path: string,
+  offsetBytes: number,
+  lengthBytes: number,
+  options: ZeroOptions,
+  write: (offsetBytes: number, data: Uint8Array) => Promise<void>,
+): Promise<void> {
+  if (options.fast) throw new BlockError("EOPNOTSUPP", `${path}: no fast zeroing`);
+  zeroChunk ??= new Uint8Array(zero_chunk_bytes);
+  for (let done = 0; done < lengthBytes; done += zero_chunk_bytes) {
+    const length = Math.min(zero_chunk_bytes, lengthBytes - done);
+    await write(offsetBytes + done, zeroChunk.subarray(0, length));
+  }
+}
+
+/**
  * Base class for drivers: validates ranges and write permission once, then
  * calls the `_`-prefixed hooks; provides defaults for optional callbacks.
  */
@@ -174,13 +193,14 @@ export abstract class BlockDriverBase implements BlockDriver {
   }
 
   /** Default: write zeros in chunks; refuses when `fast` is asked. */
-  protected async _writeZeroes(offsetBytes: number, lengthBytes: number, options: ZeroOptions) {
-    if (options.fast) throw new BlockError("EOPNOTSUPP", `${this.path}: no fast zeroing`);
-    zeroChunk ??= new Uint8Array(zero_chunk_bytes);
-    for (let done = 0; done < lengthBytes; done += zero_chunk_bytes) {
-      const length = Math.min(zero_chunk_bytes, lengthBytes - done);
-      await this._write(offsetBytes + done, zeroChunk.subarray(0, length));
-    }
+  protected _writeZeroes(offsetBytes: number, lengthBytes: number, options: ZeroOptions) {
+    return writeZeroChunks(
+      this.path,
+      offsetBytes,
+      lengthBytes,
+      options,
+      (at, data) => this._write(at, data),
+    );
   }
 
   /**

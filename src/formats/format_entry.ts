@@ -21,6 +21,11 @@ export interface OpenContext {
   openBacking(name: string, overlayPath: string, format?: string): Promise<BlockDriver>;
   /** Opens another image named by the user read-only (ram's `load=FILE`). */
   openSource?(spec: string): Promise<BlockDriver>;
+  /**
+   * The format the registered probes find in `head` (a file's first bytes),
+   * or undefined for raw; what the raw driver's probe guard asks.
+   */
+  probeHead?(head: Uint8Array): string | undefined;
 }
 
 /** A format driver as registered in `formats.ts`. */
@@ -29,9 +34,13 @@ export interface FormatEntry {
   name: string;
   /** Other accepted type names. */
   aliases?: string[];
+  /** What follows `type:` is not a file path (ram: `NAME,size=...`). */
+  fileless?: boolean;
   /**
-   * True when the first bytes of a file (up to 4 KiB), or its last 512
-   * bytes (`tail`, where a fixed VHD keeps its footer), are this format.
+   * True when the first bytes of a file (up to 4 KiB) are this format, or,
+   * when `probeFormat` passes them, its last 512 bytes (`tail`, where a
+   * fixed VHD keeps its footer). The probe guard of raw images asks about
+   * the head alone.
    */
   probe?(head: Uint8Array, tail?: Uint8Array): boolean;
   /** Opens `path` (the part after `type:`). */

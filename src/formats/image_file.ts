@@ -58,4 +58,18 @@ export interface ImageOpenOptions {
    * completed flush): for tools filling a new image they delete on failure.
    */
   cache?: "none" | "writeback" | "unsafe";
+  /**
+   * Hold QEMU's image locks while open (src/formats/raw/image_lock.ts): as
+   * a writer when read-write, as a reader when read-only. Default: lock
+   * read-write opens only, so readers that do not serve (`info`, `map`)
+   * take none, as `qemu-img -U`. `openImage` passes its choice on to the
+   * whole chain (backing files and extents are then read-locked).
+   */
+  lock?: boolean;
+  /**
+   * The image's format was probed as raw (not named by the user): refuse
+   * writes that would make its first bytes probe as another format
+   * (src/formats/raw/probe_guard.ts), as QEMU's raw driver does.
+   */
+  probedRaw?: boolean;
 }

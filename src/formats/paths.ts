@@ -1,7 +1,7 @@
 /**
- * Path arithmetic for backing-file names: folders, names stored relative
- * to an image's folder, and the relative path between two files (a VHD's
- * `W2ru` locator).
+ * Path arithmetic for backing-file names beyond what chain_policy.ts
+ * resolves: whether a path exists, and the relative path between two
+ * files (a VHD's `W2ru` locator).
  * @module
  */
 
@@ -13,22 +13,6 @@ export function exists(path: string): boolean {
   } catch {
     return false;
   }
-}
-
-/** The folder of `path` (`.` for a bare name). */
-export function dirname(path: string): string {
-  const slash = path.lastIndexOf("/");
-  return slash < 0 ? "." : slash === 0 ? "/" : path.slice(0, slash);
-}
-
-/** The last component of `path`. */
-export function basename(path: string): string {
-  return path.slice(path.lastIndexOf("/") + 1);
-}
-
-/** `name` resolved against the folder of `imagePath` unless it is absolute. */
-export function resolveFrom(imagePath: string, name: string): string {
-  return name.startsWith("/") ? name : `${dirname(imagePath)}/${name}`;
 }
 
 function parts(absolute: string): string[] {

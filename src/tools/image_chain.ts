@@ -21,6 +21,7 @@ import {
   probeFormat,
 } from "../formats/open_image.ts";
 import { openImageFile } from "../formats/raw/open_file.ts";
+import { resolveStoredName } from "../formats/chain_policy.ts";
 
 /** Backing chains deeper than this are refused (as `openImage` does). */
 export const chain_depth_max = 64;
@@ -36,11 +37,6 @@ export interface ChainLayer {
 /** Formats whose every byte is allocated (no backing, holes are zeros). */
 export function isRawFormat(format: string): boolean {
   return format === "aio" || format === "sync" || format === "raw";
-}
-
-function dirname(path: string): string {
-  const slash = path.lastIndexOf("/");
-  return slash < 0 ? "." : slash === 0 ? "/" : path.slice(0, slash);
 }
 
 async function layerInfo(path: string, format: string): Promise<ImageInfo> {
@@ -61,9 +57,7 @@ export async function describeChain(spec: string): Promise<ChainLayer[]> {
     const info = await layerInfo(path, format);
     layers.push({ path, format: formatEntry(format)!.name, info });
     if (!info.backingFile) return layers;
-    const next = info.backingFile.startsWith("/")
-      ? info.backingFile
-      : `${dirname(path)}/${info.backingFile}`;
+    const next = resolveStoredName(info.backingFile, path);
     const shown = [...layers.map((l) => l.path), next].join(" -> ");
     if (layers.length >= chain_depth_max) {
       throw new BlockError("EINVAL", `backing chain deeper than ${chain_depth_max}: ${shown}`);
@@ -124,7 +118,7 @@ export async function openLayerAlone(layer: ChainLayer): Promise<BlockDriver> {
   const context: OpenContext = {
     openFile: (path, options) => openImageFile(path, options),
     openBacking: async (name, overlayPath, format) => {
-      const path = name.startsWith("/") ? name : `${dirname(overlayPath)}/${name}`;
+      const path = resolveStoredName(name, overlayPath);
       const real = await openImage(format ? `${format}:${path}` : path, { readOnly: true });
       const size = real.sizeBytes;
       await real.close();

@@ -8,7 +8,8 @@
 import { type Command, parseCommandArgs, parseSize, UsageError } from "../cli/command.ts";
 import { openImage } from "../formats/open_image.ts";
 import { createQcow } from "../formats/qcow/create.ts";
-import { dirname, exists } from "../formats/paths.ts";
+import { resolveStoredName } from "../formats/chain_policy.ts";
+import { exists } from "../formats/paths.ts";
 
 const USAGE = `usage: blktap qcow-create [-r] SIZE FILE [BACKING]
 
@@ -25,7 +26,7 @@ Creates FILE as a qcow (version 1) image in blktap's layout.
 /** The name to store for `backing`, and the path to open it by now. */
 export function resolveBackingForCreate(backing: string, imagePath: string) {
   if (backing.startsWith("/")) return { stored: backing, path: backing };
-  const fromImage = `${dirname(imagePath)}/${backing}`;
+  const fromImage = resolveStoredName(backing, imagePath);
   if (exists(fromImage)) return { stored: backing, path: fromImage };
   if (exists(backing)) {
     const absolute = Deno.realPathSync(backing);

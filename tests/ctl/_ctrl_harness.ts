@@ -171,8 +171,34 @@ export function ignoreWithout(peers: string[], what: string): boolean {
   return missing.length > 0;
 }
 
-/** Asserts `qemu-img compare` reads the same bytes through export `name` as in `image`. */
+/**
+ * Asserts `qemu-img compare` reads the same bytes through export `name` as in
+ * `image` (with -U: the disk process holds the image's QEMU write lock).
+ */
 export async function assertExportIs(h: CtrlHarness, name: string, image: string): Promise<void> {
-  const compare = await run("qemu-img", ["compare", "-f", "raw", h.nbdUri(name), image]);
+  const compare = await run("qemu-img", ["compare", "-U", "-f", "raw", h.nbdUri(name), image]);
   assert.equal(compare.code, 0, compare.stdout + compare.stderr);
+}
+
+/**
+ * Waits until the minors (all, or those listed) run on disk processes other
+ * than the `replacing` pids (after kills or a ctrl restart); returns `list`.
+ */
+export async function waitRunning(
+  runDir: string,
+  options: { replacing?: Iterable<number>; minors?: number[] } = {},
+): Promise<Record<string, unknown>[]> {
+  const old = new Set(options.replacing ?? []);
+  const list = async () =>
+    ((await ctlRequest(runDir, { op: "list" })).minors as Record<string, unknown>[]).filter((m) =>
+      options.minors?.includes(m.minor as number) ?? true
+    );
+  for (let waited = 0; waited < 30_000; waited += 50) {
+    const minors = await list().catch(() => []);
+    const ready = minors.length > 0 &&
+      minors.every((m) => m.state === "running" && !old.has(m.pid as number));
+    if (ready) return minors;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  throw new Error(`disks not running: ${JSON.stringify(await list())}`);
 }

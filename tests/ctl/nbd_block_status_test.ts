@@ -47,7 +47,7 @@ async function nbdMap(h: CtrlHarness, name: string): Promise<Run[]> {
 
 async function qemuMap(format: string, path: string): Promise<Run[]> {
   const map = JSON.parse(
-    await runOk("qemu-img", ["map", "-f", format, "--output=json", path]),
+    await runOk("qemu-img", ["map", "-U", "-f", format, "--output=json", path]),
   ) as { start: number; length: number; data: boolean; zero: boolean }[];
   return merged(map.map((m) => ({
     start: m.start,

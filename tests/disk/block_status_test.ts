@@ -152,7 +152,7 @@ Deno.test("ring block status: a qcow image before its flush, then as qemu-img ma
       assert.equal(server().stats().ops["block-status"], 1);
       await disk.flush();
       if (hasTool("qemu-img")) {
-        const map = JSON.parse(await runOk("qemu-img", ["map", "--output=json", path])) as {
+        const map = JSON.parse(await runOk("qemu-img", ["map", "-U", "--output=json", path])) as {
           start: number;
           length: number;
           data: boolean;

@@ -6,7 +6,7 @@
 import type { ImageInfo } from "../inspect.ts";
 import type { CreateOptions, FormatEntry } from "../format_entry.ts";
 import { CreateOptionError, readCreateOptions } from "../create_options.ts";
-import { resolveFrom } from "../paths.ts";
+import { resolveStoredName } from "../chain_policy.ts";
 import { createQcow } from "./create.ts";
 import { openImageFile } from "../raw/open_file.ts";
 import { isQcowHeader, XEN_FLAG_L1_BIG_ENDIAN, XEN_FLAG_SPARSE } from "./header.ts";
@@ -67,7 +67,7 @@ async function createHook(path: string, options: CreateOptions): Promise<void> {
   }
   let backingMtime: number | undefined;
   if (options.backingName !== undefined) {
-    const stat = Deno.statSync(resolveFrom(path, options.backingName));
+    const stat = Deno.statSync(resolveStoredName(options.backingName, path));
     backingMtime = Math.floor((stat.mtime?.getTime() ?? 0) / 1000);
   }
   const sizeBytes = Math.ceil(options.sizeBytes / 512) * 512;

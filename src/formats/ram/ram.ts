@@ -283,6 +283,7 @@ export function ramInfo(text: string): Promise<ImageInfo> {
 /** `ram:NAME[,size=SIZE][,load=PATH][,persist]`. */
 export const RAM_FORMAT: FormatEntry = {
   name: "ram",
+  fileless: true,
   open: (path, options, context) =>
     openRam(path, options, (spec) => {
       if (!context.openSource) throw new BlockError("EINVAL", `ram:${path}: cannot load here`);

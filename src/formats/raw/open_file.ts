@@ -11,6 +11,7 @@ import { File } from "../../../ffi/file.ts";
 import { BlockError } from "../driver.ts";
 import type { ImageFile, ImageOpenOptions } from "../image_file.ts";
 import { AioFile } from "./aio_file.ts";
+import { lockImageWaiting } from "./image_lock.ts";
 import { SyncFile } from "./sync_file.ts";
 
 /** Which file layer to use. */
@@ -43,15 +44,29 @@ function openDescriptor(path: string, options: FileOpenOptions): File {
   }
 }
 
-/** Opens `path` as the file layer; refuses directories with a clear error. */
-export function openImageFile(path: string, options: FileOpenOptions = {}): Promise<ImageFile> {
+/**
+ * Opens `path` as the file layer; refuses directories with a clear error.
+ * Takes QEMU's image locks as `options.lock` says (an image in use is
+ * refused with EPERM naming it).
+ */
+export async function openImageFile(
+  path: string,
+  options: FileOpenOptions = {},
+): Promise<ImageFile> {
   const file = openDescriptor(path, options);
-  const { kind } = file.stat();
-  if (kind === "directory" || kind === "other") {
+  try {
+    const { kind } = file.stat();
+    if (kind === "directory" || kind === "other") {
+      const what = kind === "directory" ? "a directory" : "not a file or block device";
+      throw new BlockError("EINVAL", `${path}: is ${what}`);
+    }
+    if (options.lock ?? !options.readOnly) {
+      await lockImageWaiting(file, options.readOnly ? "read" : "write");
+    }
+  } catch (error) {
     file.close();
-    const what = kind === "directory" ? "a directory" : "not a file or block device";
-    return Promise.reject(new BlockError("EINVAL", `${path}: is ${what}`));
+    throw error;
   }
   const Engine = options.engine === "sync" ? SyncFile : AioFile;
-  return Promise.resolve(new Engine(file, !options.readOnly));
+  return new Engine(file, !options.readOnly);
 }

@@ -7,28 +7,45 @@
  */
 import {
   BlockDriverBase,
+  BlockError,
   type DriverCapabilities,
   type Extent,
+  writeZeroChunks,
   type ZeroOptions,
 } from "../driver.ts";
 import type { ImageFile, ImageOpenOptions } from "../image_file.ts";
-import type { CreateOptions, FormatEntry } from "../format_entry.ts";
+import type { CreateOptions, FormatEntry, OpenContext } from "../format_entry.ts";
 import { CreateOptionError, readCreateOptions } from "../create_options.ts";
+import { ProbeGuard } from "./probe_guard.ts";
 import { type FileEngine, openImageFile } from "./open_file.ts";
 import type { FdImageFile } from "./fd_image_file.ts";
 
-/** A raw image served from an {@linkcode ImageFile}. */
+/**
+ * A raw image served from an {@linkcode ImageFile}. With a `guard` (the
+ * format was probed, not named), requests reaching the first bytes go
+ * through a {@linkcode ProbeGuard}.
+ */
 export class RawDriver extends BlockDriverBase {
   readonly format: string;
   readonly sizeBytes: number;
   readonly capabilities: DriverCapabilities;
   readonly #file: ImageFile;
+  readonly #guard: ProbeGuard | undefined;
 
-  /** `sizeBytes`: the disk is the file's first bytes (a fixed VHD keeps its footer behind them). */
-  constructor(format: string, file: ImageFile, sizeBytes = file.lengthBytes()) {
+  /**
+   * `guard`: the probe guard of a probed raw image. `sizeBytes`: the disk is
+   * the file's first bytes (a fixed VHD keeps its footer behind them).
+   */
+  constructor(
+    format: string,
+    file: ImageFile,
+    guard?: ProbeGuard,
+    sizeBytes = file.lengthBytes(),
+  ) {
     super();
     this.format = format;
     this.#file = file;
+    this.#guard = guard;
     this.sizeBytes = sizeBytes;
     this.capabilities = {
       canWrite: file.writable,
@@ -49,8 +66,25 @@ export class RawDriver extends BlockDriverBase {
     return this.#file.read(offsetBytes, buffer);
   }
 
+  // Requests that change bytes pass here: those reaching a guarded head wait their turn.
+  #guarded(
+    offsetBytes: number,
+    lengthBytes: number,
+    buffers: Uint8Array[] | undefined,
+    apply: () => Promise<void>,
+  ): Promise<void> {
+    const guard = this.#guard;
+    if (!guard?.touchesHead(offsetBytes, lengthBytes)) return apply();
+    return guard.run(offsetBytes, lengthBytes, buffers, apply);
+  }
+
   protected _write(offsetBytes: number, data: Uint8Array): Promise<void> {
-    return this.#file.write(offsetBytes, data);
+    return this.#guarded(
+      offsetBytes,
+      data.byteLength,
+      [data],
+      () => this.#file.write(offsetBytes, data),
+    );
   }
 
   protected _flush(): Promise<void> {
@@ -63,25 +97,50 @@ export class RawDriver extends BlockDriverBase {
   }
 
   protected override _writev(offsetBytes: number, buffers: Uint8Array[]): Promise<void> {
-    return this.#file.writev?.(offsetBytes, buffers) ?? super._writev(offsetBytes, buffers);
+    const lengthBytes = buffers.reduce((n, b) => n + b.byteLength, 0);
+    return this.#guarded(
+      offsetBytes,
+      lengthBytes,
+      buffers,
+      () => this.#writevFile(offsetBytes, buffers),
+    );
+  }
+
+  #writevFile(offsetBytes: number, buffers: Uint8Array[]): Promise<void> {
+    if (this.#file.writev) return this.#file.writev(offsetBytes, buffers);
+    let at = offsetBytes;
+    return Promise.all(buffers.map((b) => {
+      const done = this.#file.write(at, b);
+      at += b.byteLength;
+      return done;
+    })).then(() => {});
   }
 
   protected override _discard(offsetBytes: number, lengthBytes: number): Promise<void> {
-    return this.#file.punchHole(offsetBytes, lengthBytes);
+    return this.#guarded(
+      offsetBytes,
+      lengthBytes,
+      undefined,
+      () => this.#file.punchHole(offsetBytes, lengthBytes),
+    );
   }
 
-  protected override async _writeZeroes(
+  protected override _writeZeroes(
     offsetBytes: number,
     lengthBytes: number,
     options: ZeroOptions,
-  ) {
-    if (options.mayTrim) {
-      await this.#file.punchHole(offsetBytes, lengthBytes);
-      return;
-    }
-    const fdFile = this.#file as Partial<FdImageFile>;
-    if (fdFile.zeroRange?.(offsetBytes, lengthBytes)) return;
-    await super._writeZeroes(offsetBytes, lengthBytes, options);
+  ): Promise<void> {
+    return this.#guarded(offsetBytes, lengthBytes, undefined, async () => {
+      if (options.mayTrim) {
+        await this.#file.punchHole(offsetBytes, lengthBytes);
+        return;
+      }
+      const fdFile = this.#file as Partial<FdImageFile>;
+      if (fdFile.zeroRange?.(offsetBytes, lengthBytes)) return;
+      // Straight to the file: through _write it would wait for the guard it is inside.
+      const write = (at: number, data: Uint8Array) => this.#file.write(at, data);
+      await writeZeroChunks(this.path, offsetBytes, lengthBytes, options, write);
+    });
   }
 
   protected override async _blockStatus(
@@ -126,8 +185,14 @@ function rawFormat(name: string, engine: FileEngine, aliases: string[] = []): Fo
   return {
     name,
     aliases,
-    async open(path: string, options: ImageOpenOptions) {
-      return new RawDriver(name, await openImageFile(path, { ...options, engine }));
+    async open(path: string, options: ImageOpenOptions, context: OpenContext) {
+      const file = await openImageFile(path, { ...options, engine });
+      if (!options.probedRaw || !file.writable) return new RawDriver(name, file);
+      if (!context.probeHead) {
+        await file.close();
+        throw new BlockError("EINVAL", `${path}: probed raw image opened without the probes`);
+      }
+      return new RawDriver(name, file, new ProbeGuard(file, context.probeHead));
     },
     create: createRaw,
   };

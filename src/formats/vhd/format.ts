@@ -11,11 +11,14 @@ import type { ImageFile, ImageOpenOptions } from "../image_file.ts";
 import { openImageFile } from "../raw/open_file.ts";
 import { RawDriver } from "../raw/raw.ts";
 import { CreateOptionError, readCreateOptions } from "../create_options.ts";
-import { dirname, exists, relativePath, resolveFrom } from "../paths.ts";
+import { exists, relativePath } from "../paths.ts";
+import { dirname, resolveStoredName } from "../chain_policy.ts";
 import {
+  decodeFooter,
   DISK_DIFFERENCING,
   DISK_FIXED,
   diskTypeName,
+  FOOTER_BYTES,
   hasFooterCookie,
   VhdFormatError,
 } from "./footer.ts";
@@ -30,7 +33,7 @@ export class FixedVhdDriver extends RawDriver {
   readonly image: VhdImage;
 
   constructor(file: ImageFile, image: VhdImage) {
-    super("vhd", file, image.sizeBytes);
+    super("vhd", file, undefined, image.sizeBytes);
     this.image = image;
   }
 
@@ -58,9 +61,20 @@ export async function openVhd(
   }
 }
 
-/** Probe: a footer cookie at the start (dynamic) or in the last 512 bytes (fixed). */
+/**
+ * Probe: the footer copy at the start (dynamic, differencing), or a valid
+ * footer of a fixed disk in the last 512 bytes. As QEMU, the end footer
+ * alone identifies only fixed disks: those name no parent and no header,
+ * so a guest that writes one at the end of a raw disk gains nothing.
+ */
 export function probeVhd(head: Uint8Array, tail?: Uint8Array): boolean {
-  return hasFooterCookie(head) || (tail !== undefined && hasFooterCookie(tail));
+  if (hasFooterCookie(head)) return true;
+  if (tail === undefined || tail.byteLength < FOOTER_BYTES) return false;
+  try {
+    return decodeFooter("", tail, "tail").diskType === DISK_FIXED;
+  } catch {
+    return false;
+  }
 }
 
 function uuidText(bytes: Uint8Array): string {
@@ -97,7 +111,8 @@ export async function vhdInfo(path: string): Promise<ImageInfo> {
       details.parent_name = header.parentName;
       details.parent_uuid = uuidText(header.parentUuid);
       details.parent_locators = candidates.map((c) => `${c.platform}:${c.name}`).join(", ");
-      const found = candidates.find((c) => exists(resolveFrom(path, c.name))) ?? candidates[0];
+      const found = candidates.find((c) => exists(resolveStoredName(c.name, path))) ??
+        candidates[0];
       if (found) info.backingFile = found.name;
       info.backingFormat = hasRawParent(image) ? "raw" : "vhd";
     }
@@ -113,7 +128,7 @@ async function _parentSpec(path: string, options: CreateOptions): Promise<VhdPar
   if (!["vhd", "vpc", "raw", "aio", "sync"].includes(format)) {
     throw new CreateOptionError(`vhd can only record a vhd or raw parent, not ${format}`);
   }
-  const absolutePath = Deno.realPathSync(resolveFrom(path, options.backingName!));
+  const absolutePath = Deno.realPathSync(resolveStoredName(options.backingName!, path));
   const stat = Deno.statSync(absolutePath);
   const relative = relativePath(Deno.realPathSync(dirname(path)), absolutePath);
   const spec = {

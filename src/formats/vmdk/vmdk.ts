@@ -25,6 +25,7 @@ import {
 import type { ImageFile, ImageOpenOptions } from "../image_file.ts";
 import type { ImageInfo } from "../inspect.ts";
 import { openImageFile } from "../raw/open_file.ts";
+import { resolveStoredName } from "../chain_policy.ts";
 import {
   type Descriptor,
   DescriptorError,
@@ -70,11 +71,6 @@ const UNSUPPORTED_CREATE_TYPES = new Set([
 ]);
 
 type OpenFile = (path: string, options: ImageOpenOptions) => Promise<ImageFile>;
-
-function dirname(path: string): string {
-  const slash = path.lastIndexOf("/");
-  return slash < 0 ? "." : slash === 0 ? "/" : path.slice(0, slash);
-}
 
 /** Decodes descriptor bytes as latin1 text, stopping at the first NUL. */
 export function descriptorText(bytes: Uint8Array): string {
@@ -334,7 +330,7 @@ async function openDescribed(a: Assembly, descriptor: Descriptor): Promise<VmdkD
     if (line.type !== "ZERO") {
       if (line.access === "NOACCESS") throw new DescriptorError(`NOACCESS extent in ${a.path}`);
       const name = line.fileName!;
-      const extentPath = name.startsWith("/") ? name : `${dirname(a.path)}/${name}`;
+      const extentPath = resolveStoredName(name, a.path);
       const readOnly = a.options.readOnly || line.access === "RDONLY";
       const file = await a.openFile(extentPath, { ...a.options, readOnly });
       a.files.push(file);

@@ -6,16 +6,22 @@
  */
 import { type Command, parseCommandArgs, parseHostPort, UsageError } from "../../cli/command.ts";
 import { waitForStopSignal } from "../../cli/signals.ts";
-import { openImage } from "../../formats/open_image.ts";
+import { ALLOW_PATH_OPTION, allowPathHelp, parseAllowPaths } from "../../cli/allow_path.ts";
+import type { BlockDriver } from "../../formats/driver.ts";
+import { openImage, probedNote, resolveImageSpec } from "../../formats/open_image.ts";
 import type { NbdExport } from "./export.ts";
 import { startNbdServer } from "./server.ts";
 
 const usage = `usage: blktap serve IMAGE [--socket PATH] [--tcp HOST:PORT] [--name NAME]
                     [--description TEXT] [--readonly] [--cache none|writeback]
+                    [--allow-path DIR]...
 
-Serves IMAGE (type:path or a path, format probed) over NBD from this process
-until SIGINT or SIGTERM. Listens on a Unix socket (default
-$TMPDIR/blktap-serve.sock) and, with --tcp, on TCP (port 0 picks one).
+Serves IMAGE (type:path, or a path whose format is probed once, at start)
+over NBD from this process until SIGINT or SIGTERM. Listens on a Unix socket
+(default $TMPDIR/blktap-serve.sock) and, with --tcp, on TCP (port 0 picks
+one). A writable image probed as raw refuses writes that would make it probe
+as another format (name it aio:PATH to lift that). The image is locked as
+QEMU locks images.
 
 Options:
   --socket PATH        Unix socket to listen on
@@ -24,6 +30,7 @@ Options:
   --description TEXT   description shown by 'nbdinfo --list'
   --readonly           refuse writes (EPERM)
   --cache MODE         none (O_DIRECT, default) or writeback (page cache)
+${allowPathHelp(23)}
 
 Clients: qemu-img info 'nbd+unix:///NAME?socket=PATH', nbdinfo, nbdcopy, fio --ioengine=nbd.`;
 
@@ -35,6 +42,7 @@ async function run(argv: string[]): Promise<number> {
     description: { type: "string" },
     readonly: { type: "boolean" },
     cache: { type: "string" },
+    ...ALLOW_PATH_OPTION,
   }, { min: 1, max: 1 });
   const cache = values.cache ?? "none";
   if (cache !== "none" && cache !== "writeback") {
@@ -44,7 +52,8 @@ async function run(argv: string[]): Promise<number> {
   const tmp = Deno.env.get("TMPDIR") ?? "/tmp";
   const unixPath = values.socket ?? (tcp ? undefined : `${tmp}/blktap-serve.sock`);
   const readOnly = values.readonly ?? false;
-  const driver = await openImage(positionals[0], { readOnly, cache });
+  const allowPaths = parseAllowPaths(values);
+  const driver = await openServedImage(positionals[0], readOnly, cache, allowPaths);
   const nbdExport: NbdExport = {
     name: values.name ?? "",
     description: values.description,
@@ -73,6 +82,20 @@ async function run(argv: string[]): Promise<number> {
     await driver.close();
   }
   return 0;
+}
+
+// Probed once, here; served locked, its chain confined, its head guarded when probed raw.
+async function openServedImage(
+  spec: string,
+  readOnly: boolean,
+  cache: "none" | "writeback",
+  allowPaths: string[],
+): Promise<BlockDriver> {
+  const image = await resolveImageSpec(spec, readOnly);
+  if (image.probed) console.error(`blktap serve: ${probedNote(image.spec)}`);
+  if (image.warning) console.error(`blktap serve: WARNING: ${image.warning}`);
+  const { probedRaw } = image;
+  return await openImage(image.spec, { readOnly, cache, lock: true, probedRaw }, { allowPaths });
 }
 
 /** The `serve` subcommand. */

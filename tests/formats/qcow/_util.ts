@@ -114,7 +114,7 @@ export async function qemuCreateOver(backing: string, path: string): Promise<voi
 
 /** Data ranges per `qemu-img map`, merged. */
 export async function qemuDataRanges(image: string): Promise<[number, number][]> {
-  const out = JSON.parse(await runOk("qemu-img", ["map", "--output=json", image])) as {
+  const out = JSON.parse(await runOk("qemu-img", ["map", "-U", "--output=json", image])) as {
     start: number;
     length: number;
     data: boolean;
