@@ -164,7 +164,7 @@ Deno.test("vhd locators: Hyper-V, Xen and our own paths decode to POSIX paths", 
   );
 });
 
-Deno.test("vhd probe: dynamic by the copy at offset 0, fixed by the footer at the end", async () => {
+Deno.test("vhd probe: dynamic by the copy at offset 0, fixed (only) by the footer at the end", async () => {
   await inTempDir(async (dir) => {
     await createVhd(`${dir}/d.vhd`, { sizeBytes: 4 * MiB, subformat: "dynamic" });
     await createVhd(`${dir}/f.vhd`, { sizeBytes: 4 * MiB, subformat: "fixed" });
@@ -172,5 +172,13 @@ Deno.test("vhd probe: dynamic by the copy at offset 0, fixed by the footer at th
     assert.equal(await probeFormat(`${dir}/f.vhd`), "vhd");
     await Deno.writeFile(`${dir}/r.raw`, new Uint8Array(4096));
     assert.equal(await probeFormat(`${dir}/r.raw`), "aio");
+    // The end footer alone identifies only fixed disks (as QEMU): a dynamic or
+    // differencing footer a guest writes at the end of a raw disk, naming a header
+    // and parents, does not make it probe as vhd.
+    const dynamic = await Deno.readFile(`${dir}/d.vhd`);
+    const raw = new Uint8Array(1 << 20);
+    raw.set(dynamic.subarray(dynamic.byteLength - 512), raw.byteLength - 512);
+    await Deno.writeFile(`${dir}/tail.raw`, raw);
+    assert.equal(await probeFormat(`${dir}/tail.raw`), "aio");
   });
 });

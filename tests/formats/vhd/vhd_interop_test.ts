@@ -39,7 +39,9 @@ import {
 const MiB = 1 << 20;
 
 async function qemuMapData(image: string): Promise<[number, number][]> {
-  const out = JSON.parse(await runOk("qemu-img", ["map", "-f", "vpc", "--output=json", image])) as {
+  const out = JSON.parse(
+    await runOk("qemu-img", ["map", "-U", "-f", "vpc", "--output=json", image]),
+  ) as {
     start: number;
     length: number;
     data: boolean;
