@@ -2,8 +2,8 @@
  * `blktap create` has two forms, as the issues ask: making an image
  * (`qemu-img create`'s form: `-f FMT ... FILE SIZE`) and attaching one as a
  * minor (`TYPE:PATH`, the ctrl verb). The form is told by the arguments:
- * any of `-f -o -b -F -q`, or two positionals, make an image; one
- * positional attaches.
+ * any of `-f -o -b -F -q`, or two positionals the second of which is a
+ * SIZE, make an image; otherwise it attaches.
  * @module
  */
 import { type Command, parseCommandArgs } from "./command.ts";
@@ -41,34 +41,31 @@ const image_options = {
   quiet: { type: "boolean", short: "q" },
 } as const;
 
-/** Attach options that take a value (so their value is not a positional). */
-const attach_valued = new Set([
-  "--name",
-  "--cache",
-  "--max-iops",
-  "--max-bps",
-  "--burst-ms",
-  "--run-dir",
-]);
+/** Long options of either form that take no value (any other takes the next argument). */
+const flag_options = new Set(["--readonly", "--json", "--help", "--quiet"]);
 const image_long = new Set(["--format", "--options", "--backing", "--backing-format", "--quiet"]);
 
-/** True when `argv` asks for a new image rather than an attachment. */
+/**
+ * True when `argv` asks for a new image rather than an attachment: an
+ * image option (`-f -o -b -F -q`), or a second positional that is a SIZE.
+ */
 export function isImageCreation(argv: string[]): boolean {
-  let positionals = 0;
+  const positionals: string[] = [];
   for (let i = 0; i < argv.length; i += 1) {
     const token = argv[i];
     if (token === "--") {
-      positionals += argv.length - i - 1;
+      positionals.push(...argv.slice(i + 1));
       break;
     }
     if (/^-[fobFq]/.test(token) || image_long.has(token.split("=")[0])) return true;
-    if (token.startsWith("-")) {
-      if (attach_valued.has(token) && !token.includes("=")) i += 1;
+    if (token.startsWith("--")) {
+      if (!token.includes("=") && !flag_options.has(token)) i += 1;
       continue;
     }
-    positionals += 1;
+    if (token.startsWith("-") && token !== "-") continue;
+    positionals.push(token);
   }
-  return positionals >= 2;
+  return positionals.length >= 2 && /^\d+(\.\d+)?\s*[a-zA-Z]*$/.test(positionals[1]);
 }
 
 async function runImageForm(argv: string[]): Promise<number> {
@@ -92,11 +89,11 @@ export const CREATE_COMMAND: Command = {
   usage: [
     "blktap create has two forms:",
     "",
-    "1. Make an image (two positionals, or any of -f -o -b -F -q):",
+    "1. Make an image (FILE SIZE, or any of -f -o -b -F -q):",
     "",
     IMAGE_USAGE,
     "",
-    "2. Attach an image to the ctrl daemon as a new minor (one positional):",
+    "2. Attach an image to the ctrl daemon as a new minor (otherwise):",
     "",
     ATTACH_VERB.usage,
     "",

@@ -41,6 +41,10 @@ Deno.test("create: the form is told by the arguments", () => {
   assert.equal(isImageCreation(["qcow:/img/a.qcow"]), false);
   assert.equal(isImageCreation(["qcow:/img/a.qcow", "--name", "vm", "--run-dir", "/tmp/x"]), false);
   assert.equal(isImageCreation(["--readonly", "aio:/dev/sdb", "--cache", "writeback"]), false);
+  // Valued options of the attach form, known or added later, take their value along.
+  assert.equal(isImageCreation(["qcow:/img/a.qcow", "--allow-path", "/img/base"]), false);
+  assert.equal(isImageCreation(["qcow:/img/a.qcow", "--some-new-option", "7"]), false);
+  assert.equal(isImageCreation(["/img/a.qcow", "/img/b.qcow"]), false, "no SIZE: not an image");
 });
 
 Deno.test({
