@@ -19,11 +19,15 @@ all: blktap
 
 deps: apt toolchain
 
-toolchain: $(DENO) $(ZIG)
+# Installed once per pinned lock file: the stamp names the lock file's hash,
+# so a new pin reinstalls and nothing else does (file times lie in worktrees).
+TOOLCHAIN_STAMP := $(TOOLCHAIN)/.blktap-installed-$(shell sha256sum .toolchain/package-lock.json | cut -c1-16)
 
-$(DENO) $(ZIG): .toolchain/package.json .toolchain/package-lock.json
+toolchain: $(TOOLCHAIN_STAMP)
+
+$(TOOLCHAIN_STAMP):
 	cd .toolchain && npm ci --no-audit --no-fund --loglevel=error
-	@touch $(DENO) $(ZIG)
+	@touch $@
 
 apt:
 	@missing=""; for p in $(APT_PACKAGES); do \
