@@ -166,12 +166,10 @@ function leaks(
   const trailing = image.dataEndBytes - covered;
   if (trailing >= leak_bytes_min) leaked += Math.ceil(trailing / unit);
   const needsFooterMove = trailing >= leak_bytes_min || image.endFooterProblem !== undefined;
-  return {
-    leakedBlocks: leaked,
-    trailingFrom: needsFooterMove
-      ? Math.ceil(covered / VHD_SECTOR_BYTES) * VHD_SECTOR_BYTES
-      : undefined,
-  };
+  // Where the driver puts a footer after the last block: ending on a page boundary.
+  const footerAt = Math.ceil((covered + FOOTER_BYTES) / leak_bytes_min) * leak_bytes_min -
+    FOOTER_BYTES;
+  return { leakedBlocks: leaked, trailingFrom: needsFooterMove ? footerAt : undefined };
 }
 
 async function repair(

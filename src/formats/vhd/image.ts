@@ -236,6 +236,16 @@ export function blockRange(image: VhdImage, index: number): NamedRange | undefin
   return { start, end: start + image.bitmapBytes + image.blockBytes, what: `block ${index}` };
 }
 
+/** The end of the last byte metadata or a block uses (the footers aside). */
+export function usedEnd(image: VhdImage): number {
+  let end = 0;
+  for (const range of metadataRanges(image)) end = Math.max(end, range.end);
+  for (let i = 0; i < (image.bat?.length ?? 0); i += 1) {
+    end = Math.max(end, blockRange(image, i)?.end ?? 0);
+  }
+  return end;
+}
+
 /** Blocks of a dynamic image that cover guest bytes (the rest of the BAT is padding). */
 export function usedBlocks(image: VhdImage): number {
   return image.blockBytes === 0 ? 0 : Math.ceil(image.sizeBytes / image.blockBytes);

@@ -6,23 +6,27 @@
  *
  * Write ordering (DESIGN.md §4). When a write is answered, its data and
  * every metadata write it needs are in the file (page cache): a killed
- * process loses nothing it answered. For power loss, new space is only
- * ever taken past the end of the file, so it reads as zeros until written,
- * and a block is allocated in barrier-separated groups:
+ * process loses nothing it answered. For power loss, block data is only
+ * ever placed past the end of the file, so it reads as zeros until
+ * written, and a block is allocated in barrier-separated groups:
  *   1. the footer at the new end of the file (its moved copy), barrier —
  *      the file's last 512 bytes are a valid footer at every instant;
  *   2. dynamic: data, bitmap (all sectors present) and BAT entry together —
  *      whichever of them a crash keeps, the block reads as written or as
- *      zeros, which is what it held;
- *      differencing: data, barrier, then bitmap and BAT entry — a set bit
- *      never shows bytes that were not written, a clear one shows the parent.
+ *      zeros, which is what it held (whatever bits the bitmap's place held
+ *      before, they only choose between zeros and zeros);
+ *      differencing: data, barrier, bitmap, barrier, BAT entry — a set bit
+ *      never shows bytes that were not written, and the BAT never names a
+ *      bitmap place still holding the old footer's bytes.
  * Setting bits in an allocated block is data, barrier, bitmap. Barriers
  * are group commits (`SyncBarrier`): writes in flight share them. FLUSH is
  * one more barrier. Opened with cache `unsafe` (a tool filling a new image)
  * the barriers are skipped; FLUSH still makes everything durable.
  *
- * New blocks start where their data is page aligned (Xen's layout), so
- * O_DIRECT guest pages map to file pages.
+ * Layout of a new block (Xen's page alignment, QEMU's reuse of the old
+ * footer): bitmap over the old footer, data page aligned so O_DIRECT guest
+ * pages map to file pages, the new footer ending on a page boundary so its
+ * O_DIRECT write never leaves the file longer than the footer's end.
  * @module
  */
 import {
@@ -41,7 +45,7 @@ import { isZeroBytes } from "../qcow/zero.ts";
 import { pushExtent, readBeneath, statusBeneath, zeroBeneath } from "../beneath.ts";
 import { DISK_DIFFERENCING, FOOTER_BYTES, VHD_SECTOR_BYTES, VhdFormatError } from "./footer.ts";
 import { BAT_UNUSED, encodeBatEntries } from "./dynamic_header.ts";
-import { layoutProblems, type VhdImage } from "./image.ts";
+import { layoutProblems, usedEnd, type VhdImage } from "./image.ts";
 import { allSet, BitmapCache, runEnd, setBits, testBit } from "./bitmap_cache.ts";
 import { openParent } from "./parent.ts";
 
@@ -96,8 +100,10 @@ export class DynamicVhdDriver extends BlockDriverBase {
   readonly #barrier: SyncBarrier;
   readonly #ordered: boolean;
   readonly #footerBytes: Uint8Array;
-  /** End of the file as this driver has extended it: new blocks go past it. */
+  /** End of the file as this driver has extended it: new block data goes past it. */
   #endBytes: number;
+  /** End of the last block or metadata: a new bitmap may start there, not before. */
+  #usedEndBytes: number;
   #closed = false;
 
   private constructor(file: ImageFile, image: VhdImage, ordered: boolean, parent?: BlockDriver) {
@@ -122,6 +128,7 @@ export class DynamicVhdDriver extends BlockDriverBase {
     this.#ordered = ordered;
     this.#footerBytes = image.footer.bytes;
     this.#endBytes = file.lengthBytes();
+    this.#usedEndBytes = usedEnd(image);
     this.capabilities = imageFormatCapabilities(file.writable);
   }
 
@@ -270,9 +277,16 @@ export class DynamicVhdDriver extends BlockDriverBase {
   }
 
   /** Reserves a block past the end of the file: bitmap, page-aligned data, moved footer. */
+  /**
+   * Reserves a block: its data page aligned, at or past the end of the file
+   * (fresh space); its bitmap just before, over the old footer or unused
+   * space past the last block; the moved footer ending on a page boundary,
+   * so an O_DIRECT write of it never extends the file past it.
+   */
   #reserveBlock(): { start: number; footerAt: number } {
-    const dataAt = Math.ceil((this.#endBytes + this.#bitmapBytes) / block_data_alignment_bytes) *
-      block_data_alignment_bytes;
+    const page = block_data_alignment_bytes;
+    const from = Math.max(this.#endBytes, this.#usedEndBytes + this.#bitmapBytes);
+    const dataAt = Math.ceil(from / page) * page;
     const start = dataAt - this.#bitmapBytes;
     if (start / VHD_SECTOR_BYTES > bat_sector_max) {
       throw new BlockError(
@@ -280,9 +294,11 @@ export class DynamicVhdDriver extends BlockDriverBase {
         `${this.path}: no room for a new block (VHD files end at 2 TiB)`,
       );
     }
-    const footerAt = dataAt + this.#blockBytes;
-    // Fresh space only: what lies past the end reads as zeros until written.
-    console.assert(start >= this.#endBytes, "new block overlaps written space");
+    const footerAt = Math.ceil((dataAt + this.#blockBytes + FOOTER_BYTES) / page) * page -
+      FOOTER_BYTES;
+    // Data in fresh space only (reads zeros until written); nothing used is overwritten.
+    console.assert(dataAt >= this.#endBytes && start >= this.#usedEndBytes, "block overlaps");
+    this.#usedEndBytes = dataAt + this.#blockBytes;
     this.#endBytes = footerAt + FOOTER_BYTES;
     return { start, footerAt };
   }
@@ -318,8 +334,11 @@ export class DynamicVhdDriver extends BlockDriverBase {
       const [first, end] = await this.#writeUnits(dataAt, block, inBlock, data, () => false);
       await this.#order();
       setBits(bits, first, end);
+      // The bitmap may land on the old footer: durable before the BAT names it.
+      await this.#file.write(start, bits);
+      await this.#order();
       this.#batStaged[block] = entry;
-      await Promise.all([this.#file.write(start, bits), this.#writeBatEntry(block)]);
+      await this.#writeBatEntry(block);
       const full = allSet(bits, 0, this.#sectorsPerBlock);
       this.#state[block] = full ? STATE_FULL : STATE_PARTIAL;
       if (!full) this.#bitmaps.insert(block, bits);
