@@ -4,43 +4,36 @@
  * agree), the dynamic header, every BAT entry (inside the data area, clear
  * of metadata and of other blocks), parent locators, and Xen's batmap
  * where one exists (a block it calls full must be allocated with a full
- * bitmap). Unreferenced space of 4 KiB or more is a leak (what an
- * interrupted allocation leaves), counted in blocks; smaller gaps are the
- * page alignment of block data.
+ * bitmap). Unreferenced space of 4 KiB or more holding bytes is a leak
+ * (what an interrupted allocation leaves), counted in blocks; zeroed gaps
+ * are free space, smaller ones the page alignment of block data
+ * (free_space.ts).
  *
  * `--repair` only does what cannot lose data: it copies a valid footer over
- * an invalid one (end or copy), and cuts unreferenced space at the end of
- * the file (footer written at the new end, fdatasync, truncate). It never
- * changes a BAT entry or a bitmap, and repairs nothing while the layout is
- * corrupt.
+ * an invalid one (end or copy), cuts unreferenced space at the end of the
+ * file and zeroes leaked gaps (free_space.ts; a read-write open of the
+ * driver does the same). It never changes a BAT entry or a bitmap, and
+ * cuts nothing while the layout is corrupt.
  * @module
  */
 import type { CheckOptions, CheckReport } from "../inspect.ts";
 import type { ImageFile } from "../image_file.ts";
 import { openImageFile } from "../raw/open_file.ts";
-import {
-  DISK_DIFFERENCING,
-  DISK_FIXED,
-  FOOTER_BYTES,
-  readU64,
-  VHD_SECTOR_BYTES,
-} from "./footer.ts";
-import {
-  blockRange,
-  layoutProblems,
-  metadataRanges,
-  type NamedRange,
-  readVhdImage,
-  usedBlocks,
-  type VhdImage,
-} from "./image.ts";
+import { DISK_DIFFERENCING, DISK_FIXED, VHD_SECTOR_BYTES } from "./footer.ts";
+import { blockRange, layoutProblems, readVhdImage, usedBlocks, type VhdImage } from "./image.ts";
 import { allSet, testBit } from "./bitmap_cache.ts";
+import {
+  type Gap,
+  holdsData,
+  innerGaps,
+  layout_page_bytes,
+  reclaimSpace,
+  tailGap,
+} from "./free_space.ts";
 import { parentCandidates } from "./parent.ts";
 
-/** Gaps smaller than this are alignment padding, not leaks. */
-const leak_bytes_min = 4096;
-/** Largest Xen batmap read (one bit per block: 2 MiB covers 16 Mi blocks). */
-const batmap_bytes_max = 2 << 20;
+/** Problems of one kind reported at most (a wild table could name millions). */
+const check_messages_max = 100;
 
 /** Checks `path`; writes only with `repair`. */
 export async function checkVhd(path: string, options: CheckOptions): Promise<CheckReport> {
@@ -71,13 +64,12 @@ export async function checkVhdFile(file: ImageFile, options: CheckOptions): Prom
     if (image.footer.diskType === DISK_FIXED) return { corruptions, leakedClusters: 0 };
     const layout = layoutProblems(image);
     corruptions.push(...layout);
-    const ranges = [...metadataRanges(image), ...(await batmapRanges(file, image, corruptions))];
+    // With the layout sound, blocks are distinct and inside the file: bounded work.
+    if (layout.length === 0) corruptions.push(...(await batmapProblems(file, image)));
     corruptions.push(...(await locatorProblems(file, image)));
-    const { leakedBlocks, trailingFrom } = leaks(image, ranges);
-    const report: CheckReport = { corruptions, leakedClusters: leakedBlocks };
-    if (options.repair) {
-      report.repaired = await repair(file, image, layout.length === 0, trailingFrom);
-    }
+    const leaked = layout.length === 0 ? await leakedBlocks(file, image) : 0;
+    const report: CheckReport = { corruptions, leakedClusters: leaked };
+    if (options.repair) report.repaired = await repair(file, image, layout.length === 0);
     return report;
   } catch (error) {
     return { corruptions: [], leakedClusters: 0, unusable: `${path}: ${(error as Error).message}` };
@@ -97,33 +89,19 @@ function footerProblems(image: VhdImage): string[] {
   return problems;
 }
 
-/** Xen's batmap: its ranges (metadata), and blocks it calls full that are not. */
-async function batmapRanges(
-  file: ImageFile,
-  image: VhdImage,
-  problems: string[],
-): Promise<NamedRange[]> {
-  const header = image.header!;
-  const at = header.tableOffsetBytes +
-    Math.ceil((header.maxTableEntries * 4) / VHD_SECTOR_BYTES) * VHD_SECTOR_BYTES;
-  if (at + VHD_SECTOR_BYTES > image.dataEndBytes) return [];
-  const head = new Uint8Array(VHD_SECTOR_BYTES);
-  await file.read(at, head);
-  if (new TextDecoder().decode(head.subarray(0, 8)) !== "tdbatmap") return [];
-  const view = new DataView(head.buffer);
-  const mapAt = readU64(view, 8);
-  const mapBytes = Math.min(view.getUint32(16) * VHD_SECTOR_BYTES, batmap_bytes_max);
-  const ranges: NamedRange[] = [{ start: at, end: at + VHD_SECTOR_BYTES, what: "batmap header" }];
-  if (mapAt + mapBytes > image.dataEndBytes) {
-    problems.push(`Xen batmap at offset ${mapAt} lies past the data area`);
-    return ranges;
+/** Xen's batmap: a block it calls full must be allocated with a full bitmap. */
+async function batmapProblems(file: ImageFile, image: VhdImage): Promise<string[]> {
+  const batmap = image.batmap;
+  if (!batmap) return [];
+  if (batmap.mapAtBytes + batmap.mapBytes > image.dataEndBytes) {
+    return [`Xen batmap at offset ${batmap.mapAtBytes} lies past the data area`];
   }
-  ranges.push({ start: mapAt, end: mapAt + mapBytes, what: "batmap" });
-  const map = new Uint8Array(mapBytes);
-  await file.read(mapAt, map);
-  const blocks = Math.min(usedBlocks(image), mapBytes * 8);
+  const problems: string[] = [];
+  const map = new Uint8Array(batmap.mapBytes);
+  await file.read(batmap.mapAtBytes, map);
+  const blocks = Math.min(usedBlocks(image), batmap.mapBytes * 8);
   const sectors = image.blockBytes / VHD_SECTOR_BYTES;
-  for (let i = 0; i < blocks; i += 1) {
+  for (let i = 0; i < blocks && problems.length < check_messages_max; i += 1) {
     if (!testBit(map, i)) continue;
     const block = blockRange(image, i);
     if (!block || block.end > image.dataEndBytes) {
@@ -136,7 +114,7 @@ async function batmapRanges(
       problems.push(`Xen batmap marks block ${i} full, but its bitmap is not`);
     }
   }
-  return ranges;
+  return problems;
 }
 
 async function locatorProblems(file: ImageFile, image: VhdImage): Promise<string[]> {
@@ -145,39 +123,19 @@ async function locatorProblems(file: ImageFile, image: VhdImage): Promise<string
   return candidates.length > 0 ? [] : ["differencing disk without a parent locator naming a path"];
 }
 
-/** Unreferenced space: gaps of at least `leak_bytes_min`, counted in blocks. */
-function leaks(
-  image: VhdImage,
-  metadata: NamedRange[],
-): { leakedBlocks: number; trailingFrom?: number } {
-  const ranges = [...metadata];
-  for (let i = 0; i < image.bat!.length; i += 1) {
-    const block = blockRange(image, i);
-    if (block && block.end <= image.dataEndBytes) ranges.push(block);
-  }
-  ranges.sort((a, b) => a.start - b.start);
-  const unit = image.bitmapBytes + image.blockBytes;
+/** Unreferenced space holding bytes (a tail past the footer's place counts whole), in blocks. */
+async function leakedBlocks(file: ImageFile, image: VhdImage): Promise<number> {
+  // A lost block and its page padding count as one.
+  const blocks = (gap: Gap) =>
+    Math.max(1, Math.round((gap.end - gap.start) / (image.bitmapBytes + image.blockBytes)));
   let leaked = 0;
-  let covered = 0;
-  for (const r of ranges) {
-    if (r.start - covered >= leak_bytes_min) leaked += Math.ceil((r.start - covered) / unit);
-    covered = Math.max(covered, r.end);
-  }
-  const trailing = image.dataEndBytes - covered;
-  if (trailing >= leak_bytes_min) leaked += Math.ceil(trailing / unit);
-  const needsFooterMove = trailing >= leak_bytes_min || image.endFooterProblem !== undefined;
-  // Where the driver puts a footer after the last block: ending on a page boundary.
-  const footerAt = Math.ceil((covered + FOOTER_BYTES) / leak_bytes_min) * leak_bytes_min -
-    FOOTER_BYTES;
-  return { leakedBlocks: leaked, trailingFrom: needsFooterMove ? footerAt : undefined };
+  for (const gap of innerGaps(image)) if (await holdsData(file, gap)) leaked += blocks(gap);
+  const tail = tailGap(image);
+  if (tail && tail.end - tail.start >= layout_page_bytes) leaked += blocks(tail);
+  return leaked;
 }
 
-async function repair(
-  file: ImageFile,
-  image: VhdImage,
-  layoutSound: boolean,
-  trailingFrom?: number,
-): Promise<string[]> {
+async function repair(file: ImageFile, image: VhdImage, layoutSound: boolean): Promise<string[]> {
   const done: string[] = [];
   const good = image.footer.bytes;
   if (image.copyFooterProblem && !image.endFooterProblem) {
@@ -191,17 +149,6 @@ async function repair(
     await file.write(at, good);
     await file.flush();
     done.push(`footer appended at offset ${at} from the copy at offset 0`);
-  } else if (trailingFrom !== undefined) {
-    // Footer first, durable, then the cut: a valid footer ends the file at every instant.
-    await file.write(trailingFrom, good);
-    await file.flush();
-    await file.truncate(trailingFrom + FOOTER_BYTES);
-    await file.flush();
-    done.push(
-      image.endFooterProblem
-        ? `footer rewritten at offset ${trailingFrom} from the copy at offset 0`
-        : `unreferenced space after offset ${trailingFrom} cut, footer moved there`,
-    );
-  }
+  } else if (layoutSound) done.push(...(await reclaimSpace(file, image)).done);
   return done;
 }

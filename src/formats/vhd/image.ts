@@ -15,6 +15,7 @@ import {
   FOOTER_BYTES,
   hasFooterCookie,
   NO_DATA_OFFSET,
+  readU64,
   VHD_SECTOR_BYTES,
   vhd_sectors_max,
   type VhdFooter,
@@ -55,6 +56,8 @@ export interface VhdImage {
   bitmapBytes: number;
   /** End of the space blocks may use: the end footer's offset, or the file's end without one. */
   dataEndBytes: number;
+  /** Xen's batmap (one bit per block: "bitmap full"), where an image has one. */
+  batmap?: { headerAtBytes: number; mapAtBytes: number; mapBytes: number };
 }
 
 /** A byte range with a name, for layout checks. */
@@ -197,7 +200,24 @@ async function _readLayout(
   image.bat = decodeBat(await readAt(file, batAt, entries * 4), entries);
   image.blockBytes = header.blockBytes;
   image.bitmapBytes = bitmapBytesOf(header.blockBytes);
+  image.batmap = await _readBatmap(file, image);
   return image;
+}
+
+/** Bytes of Xen's batmap read at most (a bit per block: 16 Mi blocks). */
+export const batmap_bytes_max = 2 << 20;
+
+/** Xen's batmap header sits right after the BAT (cookie `tdbatmap`). */
+async function _readBatmap(file: ImageFile, image: VhdImage): Promise<VhdImage["batmap"]> {
+  const header = image.header!;
+  const at = header.tableOffsetBytes +
+    Math.ceil((header.maxTableEntries * 4) / VHD_SECTOR_BYTES) * VHD_SECTOR_BYTES;
+  if (at + VHD_SECTOR_BYTES > image.dataEndBytes) return undefined;
+  const head = await readAt(file, at, VHD_SECTOR_BYTES);
+  if (String.fromCharCode(...head.subarray(0, 8)) !== "tdbatmap") return undefined;
+  const view = new DataView(head.buffer);
+  const mapBytes = Math.min(view.getUint32(16) * VHD_SECTOR_BYTES, batmap_bytes_max);
+  return { headerAtBytes: at, mapAtBytes: readU64(view, 8), mapBytes };
 }
 
 /** Metadata ranges of a dynamic image: footer copy, header, BAT, parent locator data. */
@@ -213,6 +233,12 @@ export function metadataRanges(image: VhdImage): NamedRange[] {
     end: header.tableOffsetBytes + batBytes,
     what: "BAT",
   });
+  const batmap = image.batmap;
+  if (batmap) {
+    const { headerAtBytes: at, mapAtBytes: map, mapBytes } = batmap;
+    ranges.push({ start: at, end: at + VHD_SECTOR_BYTES, what: "batmap header" });
+    ranges.push({ start: map, end: map + mapBytes, what: "batmap" });
+  }
   if (image.footer.diskType === DISK_DIFFERENCING) {
     header.locators.forEach((locator, i) => {
       const space = locatorSpaceBytes(locator);
@@ -234,16 +260,6 @@ export function blockRange(image: VhdImage, index: number): NamedRange | undefin
   if (entry === BAT_UNUSED) return undefined;
   const start = entry * VHD_SECTOR_BYTES;
   return { start, end: start + image.bitmapBytes + image.blockBytes, what: `block ${index}` };
-}
-
-/** The end of the last byte metadata or a block uses (the footers aside). */
-export function usedEnd(image: VhdImage): number {
-  let end = 0;
-  for (const range of metadataRanges(image)) end = Math.max(end, range.end);
-  for (let i = 0; i < (image.bat?.length ?? 0); i += 1) {
-    end = Math.max(end, blockRange(image, i)?.end ?? 0);
-  }
-  return end;
 }
 
 /** Blocks of a dynamic image that cover guest bytes (the rest of the BAT is padding). */

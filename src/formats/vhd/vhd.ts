@@ -45,14 +45,13 @@ import { isZeroBytes } from "../qcow/zero.ts";
 import { pushExtent, readBeneath, statusBeneath, zeroBeneath } from "../beneath.ts";
 import { DISK_DIFFERENCING, FOOTER_BYTES, VHD_SECTOR_BYTES, VhdFormatError } from "./footer.ts";
 import { BAT_UNUSED, encodeBatEntries } from "./dynamic_header.ts";
-import { layoutProblems, usedEnd, type VhdImage } from "./image.ts";
+import { layoutProblems, readVhdImage, type VhdImage } from "./image.ts";
+import { footerPlace, type Gap, layout_page_bytes, reclaimSpace, usedEnd } from "./free_space.ts";
 import { allSet, BitmapCache, runEnd, setBits, testBit } from "./bitmap_cache.ts";
 import { openParent } from "./parent.ts";
 
 /** Memory for cached bitmaps of partly written blocks. */
 const bitmap_cache_bytes_max = 32 << 20;
-/** New block data starts on this boundary (O_DIRECT pages). */
-const block_data_alignment_bytes = 4096;
 /** New data is made present in units of this size (whole pages, as Hyper-V). */
 const present_unit_bytes = 4096;
 /** BAT entries per 512-byte sector: the unit BAT updates are written in. */
@@ -104,9 +103,17 @@ export class DynamicVhdDriver extends BlockDriverBase {
   #endBytes: number;
   /** End of the last block or metadata: a new bitmap may start there, not before. */
   #usedEndBytes: number;
+  /** Zeroed, durable gaps between blocks (reclaimed at open): new blocks go there first. */
+  readonly #freeGaps: Gap[];
   #closed = false;
 
-  private constructor(file: ImageFile, image: VhdImage, ordered: boolean, parent?: BlockDriver) {
+  private constructor(
+    file: ImageFile,
+    image: VhdImage,
+    ordered: boolean,
+    freeGaps: Gap[],
+    parent?: BlockDriver,
+  ) {
     super();
     this.#file = file;
     this.image = image;
@@ -129,22 +136,34 @@ export class DynamicVhdDriver extends BlockDriverBase {
     this.#footerBytes = image.footer.bytes;
     this.#endBytes = file.lengthBytes();
     this.#usedEndBytes = usedEnd(image);
+    this.#freeGaps = freeGaps;
     this.capabilities = imageFormatCapabilities(file.writable);
   }
 
-  /** Opens a dynamic or differencing image already read into `image`. */
+  /**
+   * Opens a dynamic or differencing image already read into `read`. Opened
+   * read-write, it first cuts space a dead writer left past its last block.
+   */
   static async openImage(
     file: ImageFile,
-    image: VhdImage,
+    read: VhdImage,
     options: ImageOpenOptions,
     context: OpenContext,
   ): Promise<DynamicVhdDriver> {
+    let image = read;
     const problem = layoutProblems(image, 1)[0];
     if (problem) throw new VhdFormatError(file.path, problem);
+    // A writer that died mid-allocation left space it never referenced: take it back.
+    let free: Gap[] = [];
+    if (file.writable) {
+      const reclaimed = await reclaimSpace(file, image);
+      free = reclaimed.free;
+      if (reclaimed.done.length > 0) image = await readVhdImage(file);
+    }
     const parent = image.footer.diskType === DISK_DIFFERENCING
       ? await openParent(file, image, context)
       : undefined;
-    return new DynamicVhdDriver(file, image, options.cache !== "unsafe", parent);
+    return new DynamicVhdDriver(file, image, options.cache !== "unsafe", free, parent);
   }
 
   get path(): string {
@@ -278,13 +297,16 @@ export class DynamicVhdDriver extends BlockDriverBase {
 
   /** Reserves a block past the end of the file: bitmap, page-aligned data, moved footer. */
   /**
-   * Reserves a block: its data page aligned, at or past the end of the file
-   * (fresh space); its bitmap just before, over the old footer or unused
-   * space past the last block; the moved footer ending on a page boundary,
-   * so an O_DIRECT write of it never extends the file past it.
+   * Reserves a block: in free space a reclaim zeroed if one fits (no
+   * footer move then), else at the end. Its data page aligned, in zeros;
+   * its bitmap just before, over the old footer or unused space; at the
+   * end, the moved footer ending on a page boundary, so an O_DIRECT write
+   * of it never leaves the file longer than the footer's end.
    */
-  #reserveBlock(): { start: number; footerAt: number } {
-    const page = block_data_alignment_bytes;
+  #reserveBlock(): { start: number; footerAt?: number } {
+    const page = layout_page_bytes;
+    const inGap = this.#takeFreeSpace();
+    if (inGap !== undefined) return { start: inGap };
     const from = Math.max(this.#endBytes, this.#usedEndBytes + this.#bitmapBytes);
     const dataAt = Math.ceil(from / page) * page;
     const start = dataAt - this.#bitmapBytes;
@@ -294,13 +316,27 @@ export class DynamicVhdDriver extends BlockDriverBase {
         `${this.path}: no room for a new block (VHD files end at 2 TiB)`,
       );
     }
-    const footerAt = Math.ceil((dataAt + this.#blockBytes + FOOTER_BYTES) / page) * page -
-      FOOTER_BYTES;
     // Data in fresh space only (reads zeros until written); nothing used is overwritten.
     console.assert(dataAt >= this.#endBytes && start >= this.#usedEndBytes, "block overlaps");
     this.#usedEndBytes = dataAt + this.#blockBytes;
+    const footerAt = footerPlace(this.#usedEndBytes);
     this.#endBytes = footerAt + FOOTER_BYTES;
     return { start, footerAt };
+  }
+
+  /** The bitmap offset of a block placed in free space, or undefined when none fits. */
+  #takeFreeSpace(): number | undefined {
+    const page = layout_page_bytes;
+    for (let i = 0; i < this.#freeGaps.length; i += 1) {
+      const gap = this.#freeGaps[i];
+      const dataAt = Math.ceil((gap.start + this.#bitmapBytes) / page) * page;
+      const end = dataAt + this.#blockBytes;
+      if (end > gap.end) continue;
+      const rest = { start: end, end: gap.end };
+      this.#freeGaps.splice(i, 1, ...(rest.end - rest.start >= page ? [rest] : []));
+      return dataAt - this.#bitmapBytes;
+    }
+    return undefined;
   }
 
   async #allocate(block: number, offsetBytes: number, data: Uint8Array): Promise<void> {
@@ -315,8 +351,10 @@ export class DynamicVhdDriver extends BlockDriverBase {
 
   async #allocateAt(block: number, offsetBytes: number, data: Uint8Array): Promise<void> {
     const { start, footerAt } = this.#reserveBlock();
-    await this.#file.write(footerAt, this.#footerBytes);
-    await this.#order();
+    if (footerAt !== undefined) {
+      await this.#file.write(footerAt, this.#footerBytes);
+      await this.#order();
+    }
     const entry = start / VHD_SECTOR_BYTES;
     const inBlock = offsetBytes - block * this.#blockBytes;
     const dataAt = start + this.#bitmapBytes;

@@ -192,6 +192,43 @@ Deno.test("vhd check: space an interrupted allocation left is a leak (exit 0), a
   });
 });
 
+Deno.test("vhd check: a block a crash left unnamed is a leak; once zeroed, new blocks reuse it", async () => {
+  await inTempDir(async (dir) => {
+    const path = `${dir}/gap.vhd`;
+    await createVhd(path, { sizeBytes: 8 * MiB, subformat: "dynamic", forceSize: true });
+    let driver = await openImage(path);
+    const model = new Uint8Array(driver.sizeBytes);
+    for (const block of [0, 1, 2]) {
+      model.fill(block + 1, block * 2 * MiB, block * 2 * MiB + 4096);
+      await driver.write(block * 2 * MiB, model.subarray(block * 2 * MiB, block * 2 * MiB + 4096));
+    }
+    await driver.close();
+    // Block 1's BAT entry never reached the disk: its bytes are referenced by nothing.
+    await edit(path, (_, view) => view.setUint32(BAT_AT + 4, 0xffffffff));
+    model.fill(0, 2 * MiB, 4 * MiB);
+    const report = await checkVhd(path, { repair: false });
+    assert.deepEqual(report.corruptions, []);
+    assert.equal(report.leakedClusters, 1);
+    const repaired = await checkVhd(path, { repair: true });
+    assert.match(repaired.repaired!.join(), /unreferenced bytes at \d+\.\.\d+ zeroed/);
+    assert.deepEqual(await checkVhd(path, { repair: false }), {
+      corruptions: [],
+      leakedClusters: 0,
+    });
+    const length = (await Deno.stat(path)).size;
+    driver = await openImage(path);
+    model.fill(9, 6 * MiB, 6 * MiB + 100);
+    await driver.write(6 * MiB, model.subarray(6 * MiB, 6 * MiB + 100));
+    await assertReads(driver, model, "after reusing the gap");
+    await driver.close();
+    assert.equal((await Deno.stat(path)).size, length, "the new block went into the gap");
+    assert.deepEqual(await checkVhd(path, { repair: false }), {
+      corruptions: [],
+      leakedClusters: 0,
+    });
+  });
+});
+
 Deno.test("vhd check: a Xen batmap that calls a block full must match the BAT and the bitmap", async () => {
   await inTempDir(async (dir) => {
     const { path } = await sample(dir);

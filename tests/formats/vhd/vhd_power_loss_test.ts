@@ -30,6 +30,8 @@ const size_bytes = 2 << 20;
 const block_bytes = 32 << 10;
 const batches = 400;
 const crash_points_per_run = 1000;
+/** Every n-th crash image is also opened read-write, as the next writer would. */
+const reopen_every = 10;
 
 interface CrashPoint {
   image: Uint8Array;
@@ -80,7 +82,10 @@ for (const differencing of [false, true]) {
       const drain = async () => {
         const due = points;
         points = [];
-        for (const point of due) await verify(context, point, `${kind} crash ${verified++}`);
+        for (const point of due) {
+          const n = verified++;
+          await verify(context, point, `${kind} crash ${n}`, n % reopen_every === 0);
+        }
       };
       let verified = 0;
       for (let b = 0; b < batches; b += 1) {
@@ -107,17 +112,43 @@ for (const differencing of [false, true]) {
   });
 }
 
-async function verify(context: OpenContext, point: CrashPoint, what: string): Promise<void> {
+async function verify(
+  context: OpenContext,
+  point: CrashPoint,
+  what: string,
+  reopen: boolean,
+): Promise<void> {
   // In memory: the crash image is checked and read without touching the disk.
   const file = new FaultFile("crash.vhd", point.image);
   const report = await checkVhdFile(file, { repair: false });
   assert.equal(report.unusable, undefined, `${what}: ${report.unusable}`);
   assert.deepEqual(report.corruptions, [], what);
-  const options = { readOnly: true };
-  const driver = await DynamicVhdDriver.openImage(file, await readVhdImage(file), options, context);
+  const image = await readVhdImage(file);
+  const driver = await DynamicVhdDriver.openImage(file, image, { readOnly: true }, context);
+  let got: Uint8Array;
   try {
-    assertCrashConsistent(await readAll(driver), point.state, what);
+    got = await readAll(driver);
+    assertCrashConsistent(got, point.state, what);
   } finally {
     await driver.close();
+  }
+  if (!reopen) return;
+  // The next writer's open takes back what the crash left: no leak, same content.
+  const writer = await DynamicVhdDriver.openImage(file, await readVhdImage(file), {}, context);
+  await writer.close();
+  assert.deepEqual(await checkVhdFile(file, { repair: false }), {
+    corruptions: [],
+    leakedClusters: 0,
+  }, `${what} reopened`);
+  const again = await DynamicVhdDriver.openImage(
+    file,
+    await readVhdImage(file),
+    { readOnly: true },
+    context,
+  );
+  try {
+    assert.deepEqual(await readAll(again), got, `${what}: the reopen changed what reads back`);
+  } finally {
+    await again.close();
   }
 }
