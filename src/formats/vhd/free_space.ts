@@ -48,12 +48,19 @@ export function usedEnd(image: VhdImage): number {
   return usedRanges(image).reduce((end, r) => Math.max(end, r.end), 0);
 }
 
-/** Gaps of a page or more between used ranges (the tail excluded). */
+/**
+ * Gaps of a page or more between blocks (the tail excluded). Space before
+ * the first block is left alone: other writers keep structures of their
+ * own between the metadata and the blocks.
+ */
 export function innerGaps(image: VhdImage): Gap[] {
   const gaps: Gap[] = [];
-  let covered = 0;
+  let covered = -1;
   for (const r of usedRanges(image)) {
-    if (r.start - covered >= layout_page_bytes) gaps.push({ start: covered, end: r.start });
+    if (covered < 0 && r.block === undefined) continue;
+    if (covered >= 0 && r.start - covered >= layout_page_bytes) {
+      gaps.push({ start: covered, end: r.start });
+    }
     covered = Math.max(covered, r.end);
   }
   return gaps;

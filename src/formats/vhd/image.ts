@@ -65,6 +65,8 @@ export interface NamedRange {
   start: number;
   end: number;
   what: string;
+  /** The BAT index, for a block's range. */
+  block?: number;
 }
 
 async function readAt(file: ImageFile, offset: number, length: number): Promise<Uint8Array> {
@@ -259,7 +261,12 @@ export function blockRange(image: VhdImage, index: number): NamedRange | undefin
   const entry = image.bat![index];
   if (entry === BAT_UNUSED) return undefined;
   const start = entry * VHD_SECTOR_BYTES;
-  return { start, end: start + image.bitmapBytes + image.blockBytes, what: `block ${index}` };
+  return {
+    start,
+    end: start + image.bitmapBytes + image.blockBytes,
+    what: `block ${index}`,
+    block: index,
+  };
 }
 
 /** Blocks of a dynamic image that cover guest bytes (the rest of the BAT is padding). */
