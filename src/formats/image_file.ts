@@ -51,13 +51,15 @@ export interface ImageFile {
 export interface ImageOpenOptions {
   /** Open without write permission. */
   readOnly?: boolean;
+  /** `none` = O_DIRECT (default), `writeback` = page cache, as QEMU's cache modes. */
+  cache?: "none" | "writeback";
   /**
-   * `none` = O_DIRECT (default), `writeback` = page cache, as QEMU's cache
-   * modes. `unsafe` = page cache, and formats may skip the barriers that
-   * order their metadata between flushes (crash consistency only at a
-   * completed flush): for tools filling a new image they delete on failure.
+   * A tool is filling a new image it deletes on failure (`convert`): the
+   * format may skip the barriers that order its metadata and keep metadata
+   * until `flush`, which still makes everything durable. A crash or a kill
+   * before that flush may leave the image unreadable. Never for served disks.
    */
-  cache?: "none" | "writeback" | "unsafe";
+  unordered?: boolean;
   /**
    * Hold QEMU's image locks while open (src/formats/raw/image_lock.ts): as
    * a writer when read-write, as a reader when read-only. Default: lock

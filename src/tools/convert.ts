@@ -8,7 +8,8 @@
  * cache `-t` names (O_DIRECT by default: measured faster than the page
  * cache plus a final fdatasync, bench/convert.sh) and filled by
  * `copyImage`: only what SRC holds is read, 4 KiB blocks of zeros are not
- * written, several chunks are in flight. qcow output goes through
+ * written, several chunks are in flight. DST is opened `unordered`: the
+ * format need not order its metadata until the final flush. qcow output goes through
  * img2qcow's packed writer instead (its tables hold only what has data).
  * DST is fdatasynced before convert exits. On failure, or on SIGINT or
  * SIGTERM, DST is removed: no half-written image is left behind looking
@@ -39,9 +40,8 @@ DST is durable (fdatasync) when convert exits 0, and removed when it fails.
   -p           show progress (shown anyway on a terminal)
   -o OPTIONS   DST creation options, as for blktap create -o
   -t CACHE     how DST is written: none (O_DIRECT, default: no copy through
-               the page cache, writes overlap the copy), writeback (page
-               cache), unsafe (page cache, no ordering barriers while DST
-               fills). Whichever, DST is fdatasynced before convert exits.
+               the page cache, writes overlap the copy) or writeback (page
+               cache). Either way DST is fdatasynced before convert exits.
   --force      replace DST if it exists`;
 
 /** What `blktap convert` was asked. */
@@ -54,7 +54,7 @@ export interface ConvertRequest {
   progress: boolean;
   options: Record<string, string>;
   /** How DST is written (the `cache` it is opened with). */
-  cache: "none" | "writeback" | "unsafe";
+  cache: "none" | "writeback";
   force: boolean;
 }
 
@@ -81,7 +81,11 @@ function _removeOnSignal(path: string): () => void {
 async function _convertGeneric(source: BlockDriver, request: ConvertRequest, progress: Progress) {
   const entry = creatableFormat(request.targetFormat);
   await entry.create!(request.target, { sizeBytes: source.sizeBytes, options: request.options });
-  const target = await openImage(`${entry.name}:${request.target}`, { cache: request.cache });
+  // Deleted on failure: no ordering barriers while it fills (one flush at the end).
+  const target = await openImage(`${entry.name}:${request.target}`, {
+    cache: request.cache,
+    unordered: true,
+  });
   try {
     if (target.sizeBytes < source.sizeBytes) {
       throw new Error(
@@ -122,8 +126,7 @@ export async function convertImage(request: ConvertRequest): Promise<void> {
       if (entry.name === "qcow" && !request.compress) {
         const values = readCreateOptions("qcow", request.options, QCOW_CREATE_OPTIONS);
         const reserve = values.preallocation === "full";
-        const cache = request.cache === "none" ? "none" : "writeback";
-        await imageToQcow(source, request.target, { reserve, progress, cache });
+        await imageToQcow(source, request.target, { reserve, progress, cache: request.cache });
       } else await _convertGeneric(source, request, progress);
       progress.finish();
     } catch (error) {
@@ -150,8 +153,8 @@ async function run(argv: string[]): Promise<number> {
   }, { min: 2, max: 2 });
   if (values["output-format"] === undefined) throw new UsageError("-O FMT is required");
   const cache = values.cache ?? "none";
-  if (cache !== "none" && cache !== "writeback" && cache !== "unsafe") {
-    throw new UsageError(`-t must be none, writeback or unsafe, not '${cache}'`);
+  if (cache !== "none" && cache !== "writeback") {
+    throw new UsageError(`-t must be none or writeback, not '${cache}'`);
   }
   await convertImage({
     source: positionals[0],

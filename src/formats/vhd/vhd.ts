@@ -20,8 +20,9 @@
  *      bitmap place still holding the old footer's bytes.
  * Setting bits in an allocated block is data, barrier, bitmap. Barriers
  * are group commits (`SyncBarrier`): writes in flight share them. FLUSH is
- * one more barrier. Opened with cache `unsafe` (a tool filling a new image)
- * the barriers are skipped; FLUSH still makes everything durable.
+ * one more barrier. Opened `unordered` (a tool filling a new image it
+ * deletes on failure), barriers are skipped and the BAT and the moved
+ * footer are written at FLUSH only, which still makes everything durable.
  *
  * Layout of a new block (Xen's page alignment, QEMU's reuse of the old
  * footer): bitmap over the old footer, data page aligned so O_DIRECT guest
@@ -95,6 +96,10 @@ export class DynamicVhdDriver extends BlockDriverBase {
   /** Writes that set bits hold their sectors (global sector numbers). */
   readonly #sectorLocks = new RangeLock();
   readonly #batChains = new Map<number, Promise<void>>();
+  /** `unordered`: BAT sectors staged and not yet written. */
+  readonly #batDirty = new Set<number>();
+  /** `unordered`: the file grew; its footer is written at the next flush. */
+  #footerMoved = false;
   readonly #bitmapChains = new Map<number, Promise<void>>();
   readonly #barrier: SyncBarrier;
   readonly #ordered: boolean;
@@ -163,7 +168,7 @@ export class DynamicVhdDriver extends BlockDriverBase {
     const parent = image.footer.diskType === DISK_DIFFERENCING
       ? await openParent(file, image, context)
       : undefined;
-    return new DynamicVhdDriver(file, image, options.cache !== "unsafe", free, parent);
+    return new DynamicVhdDriver(file, image, !options.unordered, free, parent);
   }
 
   get path(): string {
@@ -351,10 +356,10 @@ export class DynamicVhdDriver extends BlockDriverBase {
 
   async #allocateAt(block: number, offsetBytes: number, data: Uint8Array): Promise<void> {
     const { start, footerAt } = this.#reserveBlock();
-    if (footerAt !== undefined) {
+    if (footerAt !== undefined && this.#ordered) {
       await this.#file.write(footerAt, this.#footerBytes);
       await this.#order();
-    }
+    } else if (footerAt !== undefined) this.#footerMoved = true;
     const entry = start / VHD_SECTOR_BYTES;
     const inBlock = offsetBytes - block * this.#blockBytes;
     const dataAt = start + this.#bitmapBytes;
@@ -494,6 +499,14 @@ export class DynamicVhdDriver extends BlockDriverBase {
    */
   #writeBatEntry(block: number): Promise<void> {
     const sector = Math.floor(block / bat_entries_per_sector);
+    if (!this.#ordered) {
+      this.#batDirty.add(sector); // written by the next flush
+      return Promise.resolve();
+    }
+    return this.#writeBatSector(sector);
+  }
+
+  #writeBatSector(sector: number): Promise<void> {
     const first = sector * bat_entries_per_sector;
     const count = Math.min(bat_entries_per_sector, this.#batStaged.length - first);
     const previous = this.#batChains.get(sector) ?? Promise.resolve();
@@ -520,9 +533,21 @@ export class DynamicVhdDriver extends BlockDriverBase {
     return next;
   }
 
-  protected _flush(): Promise<void> {
-    if (!this.#file.writable) return Promise.resolve();
-    return this.#barrier.wait();
+  protected async _flush(): Promise<void> {
+    if (!this.#file.writable) return;
+    if (!this.#ordered) await this.#writeDeferred();
+    await this.#barrier.wait();
+  }
+
+  /** What an `unordered` image keeps until flush: dirty BAT sectors, the moved footer. */
+  async #writeDeferred(): Promise<void> {
+    const sectors = [...this.#batDirty];
+    this.#batDirty.clear();
+    await Promise.all(sectors.map((sector) => this.#writeBatSector(sector)));
+    if (this.#footerMoved) {
+      this.#footerMoved = false;
+      await this.#file.write(this.#endBytes - FOOTER_BYTES, this.#footerBytes);
+    }
   }
 
   // ---- block status -----------------------------------------------------------

@@ -3,7 +3,8 @@
  * VHD: dynamic (2 MiB and 4 KiB blocks, sizes not a multiple of the
  * block), differencing over a raw and over a VHD parent, and a dynamic
  * image whose blocks carry partial bitmaps over garbage (as other writers
- * leave them). Writes straddle sectors, 4 KiB units and blocks; some are
+ * leave them), and images opened `unordered` as convert opens its output
+ * (metadata written at flush). Writes straddle sectors, 4 KiB units and blocks; some are
  * zeros; batches run concurrently with byte ranges that share sectors; the
  * image is reopened now and then. At the end our check is clean and QEMU
  * and libvhdi read what the model holds.
@@ -39,6 +40,8 @@ interface Setup {
   blockBytes: number;
   parent?: "raw" | "vhd";
   partialBitmaps?: boolean;
+  /** Opened as `convert` opens its output: no barriers, metadata written at flush. */
+  unordered?: boolean;
 }
 
 const SETUPS: Setup[] = [
@@ -47,6 +50,14 @@ const SETUPS: Setup[] = [
   { name: "diff-raw", sizeBytes: 5 * MiB + 512, blockBytes: 512 * KiB, parent: "raw" },
   { name: "diff-vhd", sizeBytes: 6 * MiB, blockBytes: 1 * MiB, parent: "vhd" },
   { name: "partial-bitmaps", sizeBytes: 8 * MiB, blockBytes: 2 * MiB, partialBitmaps: true },
+  { name: "unordered", sizeBytes: 7 * MiB, blockBytes: 256 * KiB, unordered: true },
+  {
+    name: "diff-unordered",
+    sizeBytes: 3 * MiB,
+    blockBytes: 64 * KiB,
+    parent: "vhd",
+    unordered: true,
+  },
 ];
 
 /** A parent with random data (VHD parents get it through our driver). */
@@ -177,14 +188,15 @@ for (const setup of SETUPS) {
     await inTempDir(async (dir) => {
       const rng = testSeed(`vhd-random-${setup.name}`);
       const { path, model } = await makeImage(dir, setup, rng);
-      let driver = await openImage(path);
+      const options = { unordered: setup.unordered };
+      let driver = await openImage(path, options);
       assert.equal(driver.sizeBytes, setup.sizeBytes);
       try {
         for (let i = 0; i < operations; i += 1) {
           await step(driver, model, rng, setup);
           if (rng.next() < 0.02) {
             await driver.close();
-            driver = await openImage(path);
+            driver = await openImage(path, options);
             await assertReads(driver, model, `${setup.name} after reopen ${i}`);
           }
         }
