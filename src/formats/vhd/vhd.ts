@@ -57,6 +57,9 @@ const bitmap_cache_bytes_max = 32 << 20;
 const present_unit_bytes = 4096;
 /** BAT entries per 512-byte sector: the unit BAT updates are written in. */
 const bat_entries_per_sector = VHD_SECTOR_BYTES / 4;
+/** `unordered` images grow ahead of their blocks by steps from the first to the last size. */
+const growth_step_bytes_min = 8 << 20;
+const growth_step_bytes_max = 256 << 20;
 /** Largest sector a BAT entry (u32) can name. */
 const bat_sector_max = 0xfffffffe;
 
@@ -100,6 +103,8 @@ export class DynamicVhdDriver extends BlockDriverBase {
   readonly #batDirty = new Set<number>();
   /** `unordered`: the file grew; its footer is written at the next flush. */
   #footerMoved = false;
+  /** `unordered`: the next step the file is extended by ahead of its blocks. */
+  #growthBytes = growth_step_bytes_min;
   readonly #bitmapChains = new Map<number, Promise<void>>();
   readonly #barrier: SyncBarrier;
   readonly #ordered: boolean;
@@ -359,7 +364,7 @@ export class DynamicVhdDriver extends BlockDriverBase {
     if (footerAt !== undefined && this.#ordered) {
       await this.#file.write(footerAt, this.#footerBytes);
       await this.#order();
-    } else if (footerAt !== undefined) this.#footerMoved = true;
+    } else if (footerAt !== undefined) await this.#growAhead();
     const entry = start / VHD_SECTOR_BYTES;
     const inBlock = offsetBytes - block * this.#blockBytes;
     const dataAt = start + this.#bitmapBytes;
@@ -547,7 +552,21 @@ export class DynamicVhdDriver extends BlockDriverBase {
     if (this.#footerMoved) {
       this.#footerMoved = false;
       await this.#file.write(this.#endBytes - FOOTER_BYTES, this.#footerBytes);
+      if (this.#file.lengthBytes() > this.#endBytes) await this.#file.truncate(this.#endBytes);
     }
+  }
+
+  /**
+   * `unordered`: the file is extended ahead of the blocks, in growing
+   * steps, so data writes land inside it (file systems serialize O_DIRECT
+   * writes that extend a file); flush cuts it back behind the footer.
+   */
+  async #growAhead(): Promise<void> {
+    this.#footerMoved = true;
+    if (this.#endBytes <= this.#file.lengthBytes()) return;
+    const step = Math.min(this.#growthBytes, growth_step_bytes_max);
+    this.#growthBytes = step * 2;
+    await this.#file.truncate(Math.max(this.#endBytes, this.#file.lengthBytes() + step));
   }
 
   // ---- block status -----------------------------------------------------------
