@@ -92,7 +92,8 @@ section_pairs() {
     b=$(echo "${PT[$pair.blktap]}" | median)
     q=$(echo "${PT[$pair.qemu]}" | median)
     timeout 300 qemu-img compare -q -f raw -F "$(qfmt "$to")" "$SRC" "$WORK/conv.pair.blktap.$from-$to" && same=identical
-    echo "pair $from->$to blktap_median_s=$b qemu_sync_median_s=$q ratio=$(echo "$b / $q" | bc -l | cut -c1-6) blktap_runs=\"${PT[$pair.blktap]% }\" qemu_runs=\"${PT[$pair.qemu]% }\" du_blktap=$(du -B1 "$WORK/conv.pair.blktap.$from-$to" | cut -f1) du_qemu=$(du -B1 "$WORK/conv.pair.qemu.$from-$to" | cut -f1) compare=$same (goal ratio <= 1.0)"
+    local r=$(paste -d/ <(echo "${PT[$pair.blktap]}" | tr ' ' '\n' | grep -v '^$') <(echo "${PT[$pair.qemu]}" | tr ' ' '\n' | grep -v '^$') | bc -l | tr '\n' ' ' | median)
+    echo "pair $from->$to blktap_median_s=$b qemu_sync_median_s=$q ratio=$(echo "$b / $q" | bc -l | cut -c1-6) ratio_median_of_reps=$(echo "$r" | cut -c1-6) blktap_runs=\"${PT[$pair.blktap]% }\" qemu_runs=\"${PT[$pair.qemu]% }\" du_blktap=$(du -B1 "$WORK/conv.pair.blktap.$from-$to" | cut -f1) du_qemu=$(du -B1 "$WORK/conv.pair.qemu.$from-$to" | cut -f1) compare=$same (goal ratio <= 1.0)"
   done
 }
 

@@ -20,6 +20,7 @@ import {
 import { readVhdImage } from "../../../src/formats/vhd/image.ts";
 import { openImageFile } from "../../../src/formats/raw/open_file.ts";
 import { mapImage } from "../../../src/tools/map.ts";
+import { imageInfo } from "../../../src/tools/info.ts";
 import { testSeed } from "../../_helpers/random.ts";
 import { runOk } from "../../_helpers/tools.ts";
 import { inTempDir, mergeRanges, ourDataRanges } from "../qcow/_util.ts";
@@ -208,7 +209,7 @@ Deno.test("vhd differencing: Hyper-V locators, moved images, wrong parents", asy
   });
 });
 
-Deno.test("vhd differencing: map shows which layer holds each range; libvhdi agrees on content", async () => {
+Deno.test("vhd differencing: info names the parent, map shows which layer holds each range, libvhdi agrees", async () => {
   await inTempDir(async (dir) => {
     await createVhd(`${dir}/base.vhd`, {
       sizeBytes: 6 * MiB,
@@ -228,6 +229,18 @@ Deno.test("vhd differencing: map shows which layer holds each range; libvhdi agr
     await child.write(5 * MiB, model.subarray(5 * MiB, 5 * MiB + 512));
     assert.deepEqual(await readAll(child), model);
     await child.close();
+    const info = await imageInfo(`${dir}/child.vhd`);
+    assert.equal(info.format, "vhd");
+    assert.equal(info.clusterSizeBytes, 1 << 20);
+    assert.equal(info.backingFile, "base.vhd");
+    assert.equal(info.backingFormat, "vhd");
+    assert.equal(info.backingChain[0].details?.subformat, "dynamic");
+    assert.deepEqual(
+      [info.details?.subformat, info.details?.creator, info.details?.parent_name],
+      ["differencing", "tap 1.3 (Wi2k)", "base.vhd"],
+    );
+    assert.match(String(info.details?.geometry), /^\d+\/\d+\/\d+$/);
+    assert.match(String(info.details?.parent_locators), /^W2ru:base\.vhd, W2ku:\/.*base\.vhd$/);
     const map = await mapImage(`${dir}/child.vhd`);
     const depthAt = (offset: number) =>
       map.find((e) => e.start <= offset && offset < e.start + e.length)!;
