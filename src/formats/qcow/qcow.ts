@@ -44,6 +44,7 @@ import { L2Cache, L2Table } from "./l2_cache.ts";
 import { inflateCluster } from "./compress.ts";
 import { isZeroBytes } from "./zero.ts";
 import { pushExtent, readBeneath, statusBeneath, zeroBeneath } from "../beneath.ts";
+import { perUnit } from "../per_unit.ts";
 
 /** Bytes read at open for the header, its extension and the backing name. */
 const head_bytes = 4096;
@@ -289,25 +290,12 @@ export class QcowDriver extends BlockDriverBase {
   // ---- read ---------------------------------------------------------------
 
   protected _read(offsetBytes: number, buffer: Uint8Array): Promise<void> {
-    return this.#perTable(offsetBytes, buffer, (l1, pos, out) => this.#readInTable(l1, pos, out));
-  }
-
-  // Splits a request at L2-table boundaries and runs the pieces concurrently.
-  async #perTable(
-    offsetBytes: number,
-    bytes: Uint8Array,
-    piece: (l1Index: number, offsetBytes: number, bytes: Uint8Array) => Promise<void>,
-  ): Promise<void> {
-    const tasks: Promise<void>[] = [];
-    const span = this.#geo.l2SpanBytes;
-    const end = offsetBytes + bytes.byteLength;
-    for (let pos = offsetBytes; pos < end;) {
-      const l1Index = Math.floor(pos / span);
-      const pieceEnd = Math.min(end, (l1Index + 1) * span);
-      tasks.push(piece(l1Index, pos, bytes.subarray(pos - offsetBytes, pieceEnd - offsetBytes)));
-      pos = pieceEnd;
-    }
-    await Promise.all(tasks);
+    return perUnit(
+      offsetBytes,
+      buffer,
+      this.#geo.l2SpanBytes,
+      (l1, pos, out) => this.#readInTable(l1, pos, out),
+    );
   }
 
   async #readInTable(l1Index: number, offsetBytes: number, out: Uint8Array): Promise<void> {
@@ -392,9 +380,10 @@ export class QcowDriver extends BlockDriverBase {
   // ---- write --------------------------------------------------------------
 
   protected _write(offsetBytes: number, data: Uint8Array): Promise<void> {
-    return this.#perTable(
+    return perUnit(
       offsetBytes,
       data,
+      this.#geo.l2SpanBytes,
       (l1, pos, piece) => this.#writeInTable(l1, pos, piece),
     );
   }

@@ -44,6 +44,7 @@ import { RangeLock } from "../raw/range_lock.ts";
 import { SyncBarrier } from "../sync_barrier.ts";
 import { isZeroBytes } from "../qcow/zero.ts";
 import { pushExtent, readBeneath, statusBeneath, zeroBeneath } from "../beneath.ts";
+import { perUnit } from "../per_unit.ts";
 import { DISK_DIFFERENCING, FOOTER_BYTES, VHD_SECTOR_BYTES, VhdFormatError } from "./footer.ts";
 import { BAT_UNUSED, encodeBatEntries } from "./dynamic_header.ts";
 import { layoutProblems, readVhdImage, type VhdImage } from "./image.ts";
@@ -198,23 +199,12 @@ export class DynamicVhdDriver extends BlockDriverBase {
   // ---- reads ----------------------------------------------------------------
 
   protected _read(offsetBytes: number, buffer: Uint8Array): Promise<void> {
-    return this.#perBlock(offsetBytes, buffer, (b, at, out) => this.#readInBlock(b, at, out));
-  }
-
-  async #perBlock(
-    offsetBytes: number,
-    bytes: Uint8Array,
-    piece: (block: number, offsetBytes: number, bytes: Uint8Array) => Promise<void>,
-  ): Promise<void> {
-    const tasks: Promise<void>[] = [];
-    const end = offsetBytes + bytes.byteLength;
-    for (let pos = offsetBytes; pos < end;) {
-      const block = Math.floor(pos / this.#blockBytes);
-      const pieceEnd = Math.min(end, (block + 1) * this.#blockBytes);
-      tasks.push(piece(block, pos, bytes.subarray(pos - offsetBytes, pieceEnd - offsetBytes)));
-      pos = pieceEnd;
-    }
-    await Promise.all(tasks);
+    return perUnit(
+      offsetBytes,
+      buffer,
+      this.#blockBytes,
+      (b, at, out) => this.#readInBlock(b, at, out),
+    );
   }
 
   #dataOffset(block: number): number {
@@ -273,7 +263,12 @@ export class DynamicVhdDriver extends BlockDriverBase {
   // ---- writes -----------------------------------------------------------------
 
   protected _write(offsetBytes: number, data: Uint8Array): Promise<void> {
-    return this.#perBlock(offsetBytes, data, (b, at, bytes) => this.#writeInBlock(b, at, bytes));
+    return perUnit(
+      offsetBytes,
+      data,
+      this.#blockBytes,
+      (b, at, bytes) => this.#writeInBlock(b, at, bytes),
+    );
   }
 
   async #writeInBlock(block: number, offsetBytes: number, data: Uint8Array): Promise<void> {
