@@ -91,8 +91,15 @@ demo: deps
 	$(MAKE) all
 	sh docs/demo.sh
 
+# Issue 10's benchmarks in one go (about 27 minutes; installs nothing beyond
+# `make deps`): bench/nbd.sh, bench/ring.sh, bench/convert.sh, then one summary
+# table of ratios with the goal beside each cell (bench/results/bench-<date>.txt).
 bench: all
-	bash bench/raw.sh
+	@stamp=$$(date -u +%Y%m%dT%H%M%SZ); r=bench/results; mkdir -p $$r; \
+	OUT=$$r/nbd-$$stamp.txt REPS=3 RUNTIME=5 RAMP=2 bash bench/nbd.sh && \
+	OUT=$$r/ring-$$stamp.txt bash bench/ring.sh 5 1G 3 && \
+	OUT=$$r/convert-$$stamp.txt REPS=3 SKIP_QCOW=1 bash bench/convert.sh && \
+	python3 bench/summary.py all $$r/nbd-$$stamp.txt $$r/ring-$$stamp.txt $$r/convert-$$stamp.txt | tee $$r/bench-$$stamp.txt
 
 clean:
 	rm -f blktap $(SHIM) .compile.log .test.log

@@ -51,7 +51,8 @@ export async function main(argv: string[]): Promise<number> {
       return 0;
     }
     if (error instanceof UsageError) {
-      console.error(`blktap ${name}: ${error.message}\n\n${command.usage}`);
+      // One line: what is wrong, and where the usage is.
+      console.error(`blktap ${name}: ${error.message} (see 'blktap ${name} --help')`);
       return 2;
     }
     console.error(`blktap ${name}: ${errorMessage(error)}`);

@@ -1,40 +1,57 @@
 #!/usr/bin/env bash
-# bench/nbd.sh — blktap's NBD server vs qemu-nbd (--cache=none --aio=native,
-# and writeback) vs nbdkit's file plugin (cache=none, and default), same image
-# file, same client (fio's nbd engine, through the shared nbd-load.sh), servers
-# alternated within each repetition, server and client pinned to different
-# cores. Reuses the shared harness (../shared/bench: lib.sh, nbd-load.sh,
-# summarize.py) and adds blktap configs to its method.
+# bench/nbd.sh — blktap's NBD paths vs qemu-nbd and nbdkit (and fio on the
+# bare file), same image file, same client (fio's nbd engine), servers
+# alternated within each repetition. Issue 10's table: ratios, not times.
 #
-# Measured paths: `blktap serve` (blktap-none, blktap-writeback*: the NBD front
-# end serving the image's driver in-process, no ring) and `blktap ctrl`
-# (blktap-ctrl-*: NBD -> ring -> disk process -> driver, the product path).
+# Configs (label: what serves):
+#   O_DIRECT, raw image
+#     blktap-ctrl-none      blktap ctrl: NBD -> ring -> disk process (the product path)
+#     blktap-none           blktap serve: NBD + in-process driver, no ring
+#     qemu-nbd-none-native  qemu-nbd --cache=none --aio=native
+#     nbdkit-file-none      nbdkit file cache=none (no O_DIRECT: fadvise, reads hit the page cache)
+#     fio-direct            fio libaio O_DIRECT on the bare file (the limit)
+#   O_DIRECT, qcow (v1) image converted from the raw one
+#     blktap-ctrl-qcow-none qemu-nbd-qcow-none-native
+#   page cache (writeback), raw image
+#     blktap-ctrl-writeback blktap-writeback (serve)  qemu-nbd-writeback  nbdkit-file-default
 #
-#   usage: bench/nbd.sh [CONFIG...]   (default: every config below)
-#   env:   REPS=3 RUNTIME=10 RAMP=2 IMG=$WORK/base.raw SIZE=2G
-#          SERVER_CPUS=0 CLIENT_CPUS=1 WORK=/tmp/bench-work OUT=bench/results/nbd-<date>.txt
+# Every line carries, besides fio's numbers: cpu_us_per_req (user+system of
+# all server processes — ctrl and its disk processes together — over the
+# measured seconds, divided by the requests fio counted), rss_peak_kib of
+# each server process (VmHWM: the peak since it started, read after the
+# workload), and the load average.
+#
+#   usage: bench/nbd.sh [CONFIG...]   (default: every config above)
+#   env:   REPS=3 RUNTIME=8 RAMP=2 IMG=$WORK/base.raw QCOW=$WORK/base.qcow SIZE=2G
+#          SERVER_CPUS= CLIENT_CPUS= (taskset lists; default: no pinning, so ctrl and
+#          its disk process may use both cores, as qemu-nbd's threads may)
+#          WORK=/var/tmp/blktap-bench.<checkout> OUT=bench/results/nbd-<date>.txt BLKTAP_EXE=
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
 # shellcheck source=bench/_shared_harness.sh
 source "$here/_shared_harness.sh"
-export SERVER_CPUS=${SERVER_CPUS-0} CLIENT_CPUS=${CLIENT_CPUS-1}
+export SERVER_CPUS=${SERVER_CPUS-} CLIENT_CPUS=${CLIENT_CPUS-}
 # shellcheck source=/dev/null
 source "$SHARED/lib.sh"
+# shellcheck source=bench/_procs.sh
+source "$here/_procs.sh"
 trap 'stop_all_servers' EXIT INT TERM
 
 REPS=${REPS:-3}
-export RUNTIME=${RUNTIME:-10} RAMP=${RAMP:-2}
+RUNTIME=${RUNTIME:-8} RAMP=${RAMP:-2}
 IMG=${IMG:-$WORK/base.raw}
+QCOW=${QCOW:-$WORK/base.qcow}
 SIZE=${SIZE:-2G}
 SOCK=$WORK/nbd.sock
 DENO=${DENO:-$repo/.toolchain/node_modules/@deno/linux-x64-glibc/deno}
 mkdir -p "$repo/bench/results"
 OUT=${OUT:-$repo/bench/results/nbd-$(date -u +%Y%m%dT%H%M%SZ).txt}
 CONFIGS=("$@")
-((${#CONFIGS[@]})) || CONFIGS=(blktap-none blktap-ctrl-none qemu-nbd-none-native nbdkit-file-none
-  blktap-writeback blktap-writeback-aio blktap-ctrl-writeback qemu-nbd-writeback nbdkit-file-default)
-for tool in fio nbdinfo qemu-nbd nbdkit taskset; do
+((${#CONFIGS[@]})) || CONFIGS=(blktap-ctrl-none blktap-none qemu-nbd-none-native nbdkit-file-none fio-direct
+  blktap-ctrl-qcow-none qemu-nbd-qcow-none-native
+  blktap-ctrl-writeback blktap-writeback qemu-nbd-writeback nbdkit-file-default)
+for tool in fio nbdinfo qemu-nbd qemu-img nbdkit; do
   command -v "$tool" >/dev/null || { echo "missing $tool (make deps)" >&2; exit 2; }
 done
 
@@ -43,33 +60,35 @@ if [[ ! -s $IMG ]]; then
   timeout 600 dd if=/dev/urandom of="$IMG" bs=1M count=$(($(numfmt --from=iec "$SIZE") / 1048576)) status=none
   sync
 fi
+if [[ " ${CONFIGS[*]} " == *qcow* && ! -s $QCOW ]]; then
+  echo "# creating $QCOW (qcow v1, every cluster allocated, from $IMG)" >&2
+  timeout 900 qemu-img convert -f raw -O qcow "$IMG" "$QCOW"
+  sync
+fi
 
 # The sources through deno (always current); BLKTAP_EXE=/path/to/blktap to measure a build.
 if [[ -n ${BLKTAP_EXE:-} ]]; then BLKTAP=("$BLKTAP_EXE"); else BLKTAP=("$DENO" run --quiet --allow-all "$repo/main.ts"); fi
 
 CTRL_RUN=$WORK/blktap-ctrl-run
-start_ctrl() { # CONFIG CACHE: ctrl (ring + disk process) serving the image as export "bench"
+start_ctrl() { # CONFIG SPEC CACHE: ctrl (ring + disk process) serving SPEC as export "bench"
   rm -rf "$CTRL_RUN"; mkdir -p "$CTRL_RUN"
   start_server "$1" "$CTRL_RUN/nbd.sock" "${BLKTAP[@]}" ctrl --run-dir "$CTRL_RUN" --shm-dir "$CTRL_RUN" --log-level warn
-  timeout 60 "${BLKTAP[@]}" create "aio:$IMG" --name bench --cache "$2" --run-dir "$CTRL_RUN" >/dev/null
+  timeout 60 "${BLKTAP[@]}" create "$2" --name bench --cache "$3" --run-dir "$CTRL_RUN" >/dev/null
   CFG_SOCK=$CTRL_RUN/nbd.sock CFG_EXPORT=bench
 }
 
-start_cfg() { # CONFIG -> sets SERVER_PID, CFG_SOCK, CFG_EXPORT
+start_cfg() { # CONFIG -> sets SERVER_PID (0 for fio-direct), CFG_SOCK, CFG_EXPORT
   CFG_SOCK=$SOCK CFG_EXPORT=""
   case $1 in
-    # The product path: NBD -> ring -> disk process -> aio driver (server_cpu_pct counts ctrl only).
-    blktap-ctrl-none)     start_ctrl "$1" none ;;
-    blktap-ctrl-writeback) start_ctrl "$1" writeback ;;
+    fio-direct) SERVER_PID=0 ;;
+    blktap-ctrl-none)      start_ctrl "$1" "aio:$IMG" none ;;
+    blktap-ctrl-qcow-none) start_ctrl "$1" "qcow:$QCOW" none ;;
+    blktap-ctrl-writeback) start_ctrl "$1" "aio:$IMG" writeback ;;
     blktap-none)          start_server "$1" "$SOCK" "${BLKTAP[@]}" serve "aio:$IMG" --socket "$SOCK" --cache none ;;
-    # ffi/aio.ts may block the JavaScript thread up to BLKTAP_AIO_SPIN_US (default 50) in
-    # io_getevents; in-process, that stalls the socket side. This config turns it off.
-    blktap-none-nospin)   start_server "$1" "$SOCK" env BLKTAP_AIO_SPIN_US=0 "${BLKTAP[@]}" serve "aio:$IMG" --socket "$SOCK" --cache none ;;
-    # Page cache: the sync engine (pread/pwrite hit the cache in microseconds; libaio on a
-    # buffered file submits synchronously and reaps through a thread, the slower choice).
+    # Page cache: the sync engine (pread/pwrite on the JavaScript thread).
     blktap-writeback)     start_server "$1" "$SOCK" "${BLKTAP[@]}" serve "sync:$IMG" --socket "$SOCK" --cache writeback ;;
-    blktap-writeback-aio) start_server "$1" "$SOCK" "${BLKTAP[@]}" serve "aio:$IMG" --socket "$SOCK" --cache writeback ;;
     qemu-nbd-none-native) start_server "$1" "$SOCK" qemu-nbd -f raw --cache=none --aio=native -t -e 8 -k "$SOCK" "$IMG" ;;
+    qemu-nbd-qcow-none-native) start_server "$1" "$SOCK" qemu-nbd -f qcow --cache=none --aio=native -t -e 8 -k "$SOCK" "$QCOW" ;;
     qemu-nbd-writeback)   start_server "$1" "$SOCK" qemu-nbd -f raw -t -e 8 -k "$SOCK" "$IMG" ;;
     nbdkit-file-none)     start_server "$1" "$SOCK" nbdkit -f -U "$SOCK" file "$IMG" cache=none ;;
     nbdkit-file-default)  start_server "$1" "$SOCK" nbdkit -f -U "$SOCK" file "$IMG" ;;
@@ -77,56 +96,59 @@ start_cfg() { # CONFIG -> sets SERVER_PID, CFG_SOCK, CFG_EXPORT
   esac
 }
 
+# name rw bs qd dir
+WORKLOADS=(
+  "randread  randread  4k 32 read"
+  "randwrite randwrite 4k 32 write"
+  "seqread   read      1M 8  read"
+  "seqwrite  write     1M 8  write"
+)
+
+# run_workload LABEL ROOT_PID name rw bs qd dir: one fio run, CPU of the server tree after the ramp.
+run_workload() {
+  local label=$1 root=$2 name=$3 rw=$4 bs=$5 qd=$6 dir=$7 out fpid t0 t1 c0 c1 target
+  out=$(mktemp "$WORK/fio.XXXXXX.json")
+  if [[ $label == fio-direct ]]; then
+    target=(--ioengine=libaio --direct=1 --filename="$IMG")
+  else
+    target=(--ioengine=nbd --uri="nbd+unix:///${CFG_EXPORT}?socket=${CFG_SOCK}" --filename=nbd)
+  fi
+  pin_client timeout $((RUNTIME + RAMP + 60)) fio --name="$name" "${target[@]}" \
+    --rw="$rw" --bs="$bs" --iodepth="$qd" --size="$SIZE" --time_based --runtime="$RUNTIME" \
+    --ramp_time="$RAMP" --norandommap --randrepeat=0 --output-format=json >"$out" 2>&1 &
+  fpid=$!
+  sleep "$RAMP"
+  c0=$(tree_cpu_ticks "$root"); t0=$EPOCHREALTIME
+  wait "$fpid" || echo "# fio failed: $(tail -3 "$out")" >&2
+  c1=$(tree_cpu_ticks "$root"); t1=$EPOCHREALTIME
+  local kv iops
+  kv=$(fio_kv "$out" "$dir")
+  iops=$(sed -E 's/.*iops=([0-9.]+).*/\1/' <<<"$kv")
+  echo "nbd-load label=$label tool=fio rep=$rep workload=$name bs=$bs qd=$qd $kv" \
+    "$(cpu_per_request_kv "$c0" "$c1" "$t0" "$t1" "$iops" "$RUNTIME")$(tree_rss_kv "$root") load1=$(load1)"
+  rm -f "$out"
+}
+
 {
-  echo "# bench/nbd.sh $(date -u +%FT%TZ) $(uname -r) $(nproc) cpus; image $IMG ($(stat -c %s "$IMG") bytes)"
-  echo "# blktap path measured: blktap serve (NBD front end + in-process driver, no ring): ${BLKTAP[*]}"
-  echo "#   blktap-none = aio engine, O_DIRECT; blktap-writeback = sync engine, page cache; blktap-writeback-aio = aio engine, page cache"
-  echo "#   blktap-ctrl-* = blktap ctrl: NBD -> ring -> disk process -> aio driver (the product path)"
-  echo "# method: shared nbd-load.sh (fio nbd engine), RUNTIME=$RUNTIME RAMP=$RAMP REPS=$REPS, server cpus $SERVER_CPUS, client cpus $CLIENT_CPUS"
+  echo "# bench/nbd.sh $(date -u +%FT%TZ) $(uname -r) $(nproc) cpus; load average $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "# image $IMG ($(stat -c %s "$IMG") bytes); qcow $QCOW; blktap: ${BLKTAP[*]}"
+  echo "# io engine: ${BLKTAP_IO_ENGINE:-default (io_uring, else libaio)}"
+  echo "# method: fio nbd engine, RUNTIME=$RUNTIME RAMP=$RAMP REPS=$REPS, server cpus '${SERVER_CPUS}', client cpus '${CLIENT_CPUS}'"
 } | tee "$OUT"
 
 for rep in $(seq 1 "$REPS"); do
   for cfg in "${CONFIGS[@]}"; do
-    sync; timeout 120 cat "$IMG" >/dev/null   # same (warm) page-cache state before every server
+    f=$IMG; [[ $cfg == *qcow* ]] && f=$QCOW
+    sync; timeout 120 cat "$f" >/dev/null # same (warm) page-cache state before every server
     start_cfg "$cfg"; pid=$SERVER_PID
-    SERVER_PID=$(server_child "$pid") LABEL=$cfg TOOLS=fio REPS=1 "$SHARED/nbd-load.sh" "$CFG_SOCK" "$CFG_EXPORT" |
-      sed "s/ rep=1 / rep=$rep /" | tee -a "$OUT"
-    stop_server "$pid"
+    for w in "${WORKLOADS[@]}"; do
+      sync
+      # shellcheck disable=SC2086
+      run_workload "$cfg" "$pid" $w | tee -a "$OUT"
+    done
+    [[ $pid == 0 ]] || stop_server "$pid"
   done
 done
-
-echo | tee -a "$OUT"
-python3 "$SHARED/summarize.py" "$OUT" | tee -a "$OUT.summary"
-# blktap against each peer and the best peer of the same cache mode: medians of per-repetition ratios.
-python3 - "$OUT" <<'PY' | tee -a "$OUT.summary"
-import statistics as st, sys
-from collections import defaultdict
-v = defaultdict(dict)   # (label, workload) -> rep -> MBps
-for line in open(sys.argv[1]):
-    p = line.split()
-    if not p or p[0] != "nbd-load":
-        continue
-    kv = dict(x.split("=", 1) for x in p[1:] if "=" in x)
-    if "MBps" in kv:
-        v[(kv["label"], kv["workload"])][kv["rep"]] = float(kv["MBps"])
-modes = {"none": (["blktap-none", "blktap-none-nospin", "blktap-ctrl-none"], ["qemu-nbd-none-native", "nbdkit-file-none"]),
-         "writeback": (["blktap-writeback", "blktap-writeback-aio", "blktap-ctrl-writeback"], ["qemu-nbd-writeback", "nbdkit-file-default"])}
-print("\nblktap / peer, median of per-repetition ratios (MB/s; IOPS ratio is the same)")
-print("%-22s %-10s %12s %12s %12s" % ("blktap config", "workload", "vs qemu-nbd", "vs nbdkit", "vs best"))
-for mode, (ours_labels, peers) in modes.items():
-    for label in ours_labels:
-        for w in ["randread", "randwrite", "seqread", "seqwrite"]:
-            ours = v.get((label, w), {})
-            if not ours:
-                continue
-            cols = []
-            for peer in peers:
-                theirs = v.get((peer, w), {})
-                r = [ours[k] / theirs[k] for k in ours if k in theirs and theirs[k] > 0]
-                cols.append("%.2fx" % st.median(r) if r else "-")
-            best = [ours[k] / max(v.get((p, w), {}).get(k, 0) for p in peers)
-                    for k in ours if all(k in v.get((p, w), {}) for p in peers)]
-            cols.append("%.2fx" % st.median(best) if best else "-")
-            print("%-22s %-10s %12s %12s %12s" % (label, w, *cols))
-PY
+echo "# end $(date -u +%FT%TZ) load average $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT"
+python3 "$here/summary.py" nbd "$OUT" | tee "$OUT.summary"
 echo "raw lines: $OUT; summary: $OUT.summary"

@@ -1,7 +1,17 @@
 /**
- * Asynchronous I/O through libaio. Requests issued in the same JavaScript
- * turn are submitted together by one `io_submit`; completions are reaped by
- * a non-blocking FFI call running off the event loop.
+ * Asynchronous I/O through the kernel's libaio or io_uring interface (one
+ * queue per process is the usual use). Requests issued in the same
+ * JavaScript turn are submitted together by one system call; completions
+ * are reaped from memory shared with the kernel, right after each
+ * submission (io_uring completes page-cache hits there) and whenever a
+ * waiter running off the JavaScript thread says there may be some.
+ *
+ * Engines: `io_uring` stays asynchronous on the page cache; `libaio` only
+ * with O_DIRECT (on the page cache its io_submit copies synchronously), but
+ * there its completions are posted from the interrupt, where io_uring's go
+ * through task work of the submitting (JavaScript) thread, waking it once
+ * more. {@linkcode openQueue} takes a preference and falls back to the other
+ * engine; `BLKTAP_IO_ENGINE=libaio|io_uring` forces one.
  * @module
  */
 import { check, SysError } from "./errno.ts";
@@ -13,23 +23,42 @@ export interface IoVec {
   lengthBytes: number;
 }
 
+/** Kernel interface a queue submits through. */
+export type IoEngine = "libaio" | "io_uring";
+
+const ENGINE_KIND: Record<IoEngine, number> = { libaio: 0, io_uring: 1 };
 const OP_PREADV = 0;
 const OP_PWRITEV = 1;
 const OP_FDSYNC = 2;
 const REQUEST_RECORD_BYTES = 40;
 const IOVEC_BYTES = 16;
+const EVENT_BYTES = 16;
 // Mirrors SHIM_SUBMIT_MAX in shim/libaio_shim.c.
 const submit_batch_max = 256;
 const iovecs_per_batch_max = 8192;
-const reap_timeout_us = 1_000_000n;
-// How long the JavaScript thread may block in io_getevents before handing
-// the wait to another thread (env BLKTAP_AIO_SPIN_US). Off by default: it
-// saves a thread hop per completion but stalls a process that also serves
-// sockets (the NBD server measured 12k instead of 33k random-write IOPS).
-const spin_wait_us = BigInt(Deno.env.get("BLKTAP_AIO_SPIN_US") ?? "0");
+/** A waiter returns at least this often, so a closed queue is noticed. */
+const wait_timeout_us = 1_000_000n;
 const SYSCALL_NAMES = ["preadv", "pwritev", "fdsync"];
+/** Promise turns allowed to the completions' continuations before the thread may block. */
+const continuation_turns_max = 64;
+/** See {@linkcode waitOnThisThread}: 0 = off (the default). */
+let thread_wait_us = 0n;
 
-interface Pending {
+/**
+ * Lets queues wait for completions on the JavaScript thread, up to `us`
+ * microseconds at a time, before handing the wait to another thread: the
+ * interrupt then wakes this thread directly (one wake-up per round instead
+ * of two). Only for a process whose event loop has nothing urgent while its
+ * I/O is in flight — the disk process, whose requests arrive in shared
+ * memory it looks at on every completion — never for one serving sockets.
+ */
+export function waitOnThisThread(us: number): void {
+  thread_wait_us = BigInt(Math.max(0, Math.floor(us)));
+}
+const TWO_32 = 2 ** 32;
+
+/** A request that found no free slot yet. */
+interface Queued {
   opcode: number;
   fd: number;
   offsetBytes: number;
@@ -39,44 +68,59 @@ interface Pending {
   reject: (error: Error) => void;
 }
 
-/** A libaio context with a bounded number of requests in flight. */
+/** A queue of asynchronous requests with a bounded number in flight. */
 export class AioQueue {
   readonly maxInflight: number;
+  readonly engine: IoEngine;
   #handle: bigint;
   #events: DataView;
-  #slots: (Pending | undefined)[];
+  /** Per slot (a small integer id, the tag the kernel echoes): the request. */
+  #slots: (Queued | undefined)[];
   #freeSlots: number[];
-  #queued: Pending[] = [];
+  /** Requests with a slot, written into the batch records, not yet submitted. */
+  #batchCount = 0;
+  #batchSlots: number[] = [];
+  #batchRequests: Queued[] = [];
+  #batchIovecs = 0;
+  /** Submitted and not yet completed. */
+  #submitted = 0;
+  /** Requests waiting for a free slot (beyond maxInflight). */
+  #overflow: Queued[] = [];
   #flushScheduled = false;
   #reaping = false;
+  #waiting = false;
   #records: Uint8Array<ArrayBuffer>;
   #recordView: DataView;
-  #iovecs: Uint8Array<ArrayBuffer>;
   #iovecView: DataView;
   #iovecsAddress: number;
   #closed = false;
+  #broken: Error | undefined;
 
-  constructor(maxInflight = 128) {
+  /** Throws a {@linkcode SysError} when the kernel refuses the engine. */
+  constructor(maxInflight = 128, engine: IoEngine = "libaio") {
     this.maxInflight = maxInflight;
-    this.#handle = BigInt(check(shim.shim_aio_create(maxInflight), "io_setup"));
-    const eventsAddress = Number(shim.shim_aio_events(this.#handle));
+    this.engine = engine;
+    this.#handle = BigInt(
+      check(shim.shim_io_create(ENGINE_KIND[engine], maxInflight), `${engine} setup`),
+    );
+    const eventsAddress = Number(shim.shim_io_events(this.#handle));
     const pointer = Deno.UnsafePointer.create(BigInt(eventsAddress))!;
     this.#events = new DataView(
-      new Deno.UnsafePointerView(pointer).getArrayBuffer(maxInflight * 16),
+      new Deno.UnsafePointerView(pointer).getArrayBuffer(maxInflight * EVENT_BYTES),
     );
     this.#slots = new Array(maxInflight).fill(undefined);
     this.#freeSlots = Array.from({ length: maxInflight }, (_, i) => maxInflight - 1 - i);
     this.#records = new Uint8Array(submit_batch_max * REQUEST_RECORD_BYTES);
     this.#recordView = new DataView(this.#records.buffer);
-    this.#iovecs = new Uint8Array(iovecs_per_batch_max * IOVEC_BYTES);
-    this.#iovecView = new DataView(this.#iovecs.buffer);
+    const iovecs = new Uint8Array(iovecs_per_batch_max * IOVEC_BYTES);
+    this.#iovecView = new DataView(iovecs.buffer);
     // Off-heap (large) typed arrays never move, so the address is stable.
-    this.#iovecsAddress = Number(Deno.UnsafePointer.value(Deno.UnsafePointer.of(this.#iovecs)));
+    this.#iovecsAddress = Number(Deno.UnsafePointer.value(Deno.UnsafePointer.of(iovecs)));
   }
 
   /** Number of requests submitted or queued and not yet completed. */
   get inflight(): number {
-    return this.maxInflight - this.#freeSlots.length + this.#queued.length;
+    return this.maxInflight - this.#freeSlots.length + this.#overflow.length;
   }
 
   /** Vectored read; resolves to the bytes read (short only at end of file). */
@@ -89,118 +133,205 @@ export class AioQueue {
     return this.#enqueue(OP_PWRITEV, fd, offsetBytes, iovecs, path);
   }
 
-  /** fdatasync through the queue (IOCB_CMD_FDSYNC). */
+  /** fdatasync through the queue. */
   fdsync(fd: number, path = ""): Promise<number> {
     return this.#enqueue(OP_FDSYNC, fd, 0, [], path);
   }
 
   #enqueue(opcode: number, fd: number, offsetBytes: number, iovecs: IoVec[], path: string) {
     if (this.#closed) return Promise.reject(new Error("AioQueue used after close"));
+    if (this.#broken) return Promise.reject(this.#broken);
     if (iovecs.length > iovecs_per_batch_max) {
       return Promise.reject(new SysError(SYSCALL_NAMES[opcode], 22, path));
     }
     return new Promise<number>((resolve, reject) => {
-      this.#queued.push({ opcode, fd, offsetBytes, iovecs, path, resolve, reject });
-      if (!this.#flushScheduled) {
-        this.#flushScheduled = true;
-        queueMicrotask(() => this.#submitQueued());
-      }
+      const request = { opcode, fd, offsetBytes, iovecs, path, resolve, reject };
+      if (this.#overflow.length > 0 || !this.#addToBatch(request)) this.#overflow.push(request);
+      this.#scheduleFlush();
     });
   }
 
-  #submitQueued(): void {
-    this.#flushScheduled = false;
-    while (this.#queued.length > 0 && this.#freeSlots.length > 0) {
-      const batch = this.#packBatch();
-      const taken = Number(shim.shim_aio_submit(this.#handle, this.#records, batch.length));
-      const accepted = taken < 0 ? 0 : taken;
-      for (let i = accepted; i < batch.length; i += 1) {
-        this.#freeSlots.push(batch[i]);
-        const pending = this.#slots[batch[i]]!;
-        this.#slots[batch[i]] = undefined;
-        if (taken < 0) pending.reject(new SysError("io_submit", -taken, pending.path));
-        else this.#queued.unshift(pending);
-      }
-      if (accepted < batch.length) break;
-    }
-    if (this.maxInflight - this.#freeSlots.length > 0) this.#startReaping();
+  #scheduleFlush(): void {
+    if (this.#flushScheduled) return;
+    this.#flushScheduled = true;
+    queueMicrotask(() => this.#flush());
   }
 
-  // Moves queued requests into slots and request records; returns the slots.
-  #packBatch(): number[] {
-    const slots: number[] = [];
-    let iovecCount = 0;
-    while (
-      this.#queued.length > 0 && this.#freeSlots.length > 0 && slots.length < submit_batch_max
+  // Takes a slot and writes the request's record and iovecs; false if no room.
+  #addToBatch(r: Queued): boolean {
+    if (
+      this.#freeSlots.length === 0 || this.#batchCount === submit_batch_max ||
+      this.#batchIovecs + r.iovecs.length > iovecs_per_batch_max
     ) {
-      const next = this.#queued[0];
-      if (iovecCount + next.iovecs.length > iovecs_per_batch_max) break;
-      this.#queued.shift();
-      const slot = this.#freeSlots.pop()!;
-      this.#slots[slot] = next;
-      const record = slots.length * REQUEST_RECORD_BYTES;
-      const v = this.#recordView;
-      v.setUint32(record, next.opcode, true);
-      v.setInt32(record + 4, next.fd, true);
-      v.setBigUint64(record + 8, BigInt(next.offsetBytes), true);
-      v.setBigUint64(record + 16, BigInt(this.#iovecAddress(iovecCount)), true);
-      v.setUint32(record + 24, next.iovecs.length, true);
-      v.setBigUint64(record + 32, BigInt(slot), true);
-      for (const iov of next.iovecs) {
-        this.#iovecView.setBigUint64(iovecCount * IOVEC_BYTES, BigInt(iov.address), true);
-        this.#iovecView.setBigUint64(iovecCount * IOVEC_BYTES + 8, BigInt(iov.lengthBytes), true);
-        iovecCount += 1;
-      }
-      slots.push(slot);
+      return false;
     }
-    return slots;
+    const slot = this.#freeSlots.pop()!;
+    this.#slots[slot] = r;
+    const v = this.#recordView;
+    const at = this.#batchCount * REQUEST_RECORD_BYTES;
+    v.setUint32(at, r.opcode, true);
+    v.setInt32(at + 4, r.fd, true);
+    setU64(v, at + 8, r.offsetBytes);
+    setU64(v, at + 16, this.#iovecsAddress + this.#batchIovecs * IOVEC_BYTES);
+    v.setUint32(at + 24, r.iovecs.length, true);
+    setU64(v, at + 32, slot);
+    const iv = this.#iovecView;
+    for (const iov of r.iovecs) {
+      setU64(iv, this.#batchIovecs * IOVEC_BYTES, iov.address);
+      setU64(iv, this.#batchIovecs * IOVEC_BYTES + 8, iov.lengthBytes);
+      this.#batchIovecs += 1;
+    }
+    this.#batchSlots.push(slot);
+    this.#batchRequests.push(r);
+    this.#batchCount += 1;
+    return true;
   }
 
-  #iovecAddress(index: number): number {
-    return this.#iovecsAddress + index * IOVEC_BYTES;
+  #flush(): void {
+    this.#flushScheduled = false;
+    while (this.#batchCount > 0 && this.#submitBatch()) this.#refill();
+    this.#reap();
+    if (this.#submitted > 0) this.#startReaping();
+    else if (this.#overflow.length > 0 && !this.#closed) {
+      // The kernel refused for now (EAGAIN) with nothing in flight to wait for.
+      setTimeout(() => (this.#refill(), this.#scheduleFlush()), 1);
+    }
   }
 
+  #refill(): void {
+    while (this.#overflow.length > 0 && this.#addToBatch(this.#overflow[0])) this.#overflow.shift();
+  }
+
+  // One system call for the batch; false when the kernel did not take it all
+  // (the rest waits in the overflow queue) or the batch failed.
+  #submitBatch(): boolean {
+    const count = this.#batchCount;
+    const slots = this.#batchSlots;
+    const requests = this.#batchRequests;
+    this.#batchCount = 0;
+    this.#batchIovecs = 0;
+    this.#batchSlots = [];
+    this.#batchRequests = [];
+    const taken = Number(shim.shim_io_submit(this.#handle, this.#records, count));
+    if (taken < 0) {
+      const error = new SysError("io_submit", -taken);
+      // io_uring: published requests may still run; nothing more goes to this queue.
+      if (this.engine === "io_uring") this.#broken = error;
+      for (let i = 0; i < count; i += 1) {
+        this.#releaseSlot(slots[i]);
+        requests[i].reject(new SysError(error.syscall, error.errno, requests[i].path));
+      }
+      return false;
+    }
+    this.#submitted += taken;
+    if (taken === count) return true;
+    for (let i = taken; i < count; i += 1) this.#releaseSlot(slots[i]);
+    this.#overflow.unshift(...requests.slice(taken));
+    return false;
+  }
+
+  #releaseSlot(slot: number): void {
+    this.#slots[slot] = undefined;
+    this.#freeSlots.push(slot);
+  }
+
+  // Settles the completions already there; returns how many.
+  #reap(): number {
+    if (this.#submitted === 0) return 0;
+    const count = Number(shim.shim_io_reap(this.#handle));
+    const events = this.#events;
+    for (let i = 0; i < count; i += 1) {
+      const slot = events.getUint32(i * EVENT_BYTES, true);
+      const result = events.getInt32(i * EVENT_BYTES + 8, true);
+      const request = this.#slots[slot]!;
+      this.#releaseSlot(slot);
+      this.#submitted -= 1;
+      if (result < 0) {
+        request.reject(new SysError(SYSCALL_NAMES[request.opcode], -result, request.path));
+      } else request.resolve(result);
+    }
+    if (count > 0 && this.#overflow.length > 0) {
+      this.#refill();
+      this.#scheduleFlush();
+    }
+    return count;
+  }
+
+  // While requests are in the kernel: reap what is there, else let a waiter
+  // sleep off the JavaScript thread until completions may have arrived.
   async #startReaping(): Promise<void> {
     if (this.#reaping) return;
     this.#reaping = true;
     try {
-      while (this.maxInflight - this.#freeSlots.length > 0) {
-        let count = Number(shim.shim_aio_poll(this.#handle, 0, 0n));
-        if (count === 0 && spin_wait_us > 0n) {
-          count = Number(shim.shim_aio_poll(this.#handle, 1, spin_wait_us));
+      while (this.#submitted > 0 && !this.#closed) {
+        if (this.#reap() > 0) {
+          // Let what the completions started (responses, new requests) run first.
+          if (thread_wait_us > 0n) await continuations();
+          continue;
         }
-        if (count === 0) count = Number(await shim.shim_aio_wait(this.#handle, 1, reap_timeout_us));
-        if (count < 0) throw new SysError("io_getevents", -count);
-        this.#complete(count);
-        if (this.#queued.length > 0) this.#submitQueued();
+        if (thread_wait_us > 0n) {
+          shim.shim_io_wait_here(this.#handle, thread_wait_us);
+          if (this.#reap() > 0) {
+            await continuations();
+            continue;
+          }
+        }
+        this.#waiting = true;
+        const result = Number(await shim.shim_io_wait(this.#handle, wait_timeout_us));
+        this.#waiting = false;
+        if (this.#closed) {
+          this.#destroy();
+          return;
+        }
+        if (result < 0) throw new SysError(`${this.engine} wait`, -result);
       }
     } finally {
       this.#reaping = false;
+      this.#waiting = false;
     }
   }
 
-  #complete(count: number): void {
-    for (let i = 0; i < count; i += 1) {
-      const slot = Number(this.#events.getBigUint64(i * 16, true));
-      const result = Number(this.#events.getBigInt64(i * 16 + 8, true));
-      const pending = this.#slots[slot]!;
-      this.#slots[slot] = undefined;
-      this.#freeSlots.push(slot);
-      if (result < 0) {
-        pending.reject(new SysError(SYSCALL_NAMES[pending.opcode], -result, pending.path));
-      } else {
-        pending.resolve(result);
-      }
-    }
+  #destroy(): void {
+    check(shim.shim_io_destroy(this.#handle), `${this.engine} destroy`);
   }
 
-  /** Destroys the context; requests still in flight must have completed. */
+  /** Releases the kernel context; requests still in flight must have completed. */
   close(): void {
     if (this.#closed) return;
     if (this.inflight > 0) {
       throw new Error(`AioQueue.close with ${this.inflight} requests in flight`);
     }
     this.#closed = true;
-    check(shim.shim_aio_destroy(this.#handle), "io_destroy");
+    // A waiter still sleeping holds the context: it destroys it when it returns.
+    if (!this.#waiting) this.#destroy();
+  }
+}
+
+// Promise turns for the continuations of settled requests (they chain a few
+// dozen deep at most: driver, disk server, ring response, next request).
+async function continuations(): Promise<void> {
+  for (let i = 0; i < continuation_turns_max; i += 1) await null;
+}
+
+// Little-endian u64 of a safe integer, without a BigInt.
+function setU64(view: DataView, at: number, value: number): void {
+  view.setUint32(at, value % TWO_32, true);
+  view.setUint32(at + 4, Math.floor(value / TWO_32), true);
+}
+
+/**
+ * A queue on `preferred`, else on the other engine where the kernel refuses
+ * it; `BLKTAP_IO_ENGINE=libaio|io_uring` overrides the preference.
+ */
+export function openQueue(maxInflight: number, preferred: IoEngine): AioQueue {
+  const forced = Deno.env.get("BLKTAP_IO_ENGINE");
+  if (forced === "libaio" || forced === "io_uring") return new AioQueue(maxInflight, forced);
+  if (forced) throw new Error(`BLKTAP_IO_ENGINE=${forced}: expected libaio or io_uring`);
+  try {
+    return new AioQueue(maxInflight, preferred);
+  } catch (error) {
+    if (!(error instanceof SysError)) throw error;
+    // io_uring disabled (sysctl, seccomp) or too old here; libaio is always there.
+    return new AioQueue(maxInflight, preferred === "io_uring" ? "libaio" : "io_uring");
   }
 }

@@ -29,6 +29,7 @@ const ERRNO_NAMES: Record<number, [string, string]> = {
   29: ["ESPIPE", "Illegal seek"],
   30: ["EROFS", "Read-only file system"],
   38: ["ENOSYS", "Function not implemented"],
+  40: ["ELOOP", "Too many levels of symbolic links"],
   61: ["ENODATA", "No data available"],
   95: ["EOPNOTSUPP", "Operation not supported"],
   110: ["ETIMEDOUT", "Connection timed out"],

@@ -12,6 +12,7 @@ const O_RDWR = 0o2;
 const O_CREAT = 0o100;
 const O_EXCL = 0o200;
 const O_DIRECT = 0o40000;
+const O_NOFOLLOW = 0o400000;
 const SEEK_DATA = 3;
 const SEEK_HOLE = 4;
 const FALLOC_FL_KEEP_SIZE = 0x01;
@@ -31,6 +32,8 @@ export interface OpenOptions {
   createNew?: boolean;
   /** Mode for a created file (default 0644). */
   mode?: number;
+  /** Fail with ELOOP when the last component of the path is a symbolic link (O_NOFOLLOW). */
+  noFollow?: boolean;
 }
 
 const encoder = new TextEncoder();
@@ -58,6 +61,7 @@ export class File {
     let flags = options.write ? O_RDWR : O_RDONLY;
     if (options.createNew) flags |= O_CREAT | O_EXCL;
     if (options.direct) flags |= O_DIRECT;
+    if (options.noFollow) flags |= O_NOFOLLOW;
     const fd = check(shim.shim_open(cString(path), flags, options.mode ?? 0o644), "open", path);
     return new File(fd, path, options.direct ?? false);
   }

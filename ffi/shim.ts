@@ -3,12 +3,15 @@
  * in `ffi/` goes through {@linkcode shim}; nothing else calls `dlopen`.
  *
  * The library is looked up in `$BLKTAP_SHIM`, then beside the sources. In a
- * `deno compile`d executable the embedded copy cannot be dlopen()ed in place,
- * so it is written once to a content-addressed file in the temp folder.
+ * `deno compile`d executable the embedded copy can be read but not
+ * dlopen()ed in place: it is copied into an anonymous memory file
+ * (`memfd_create`) and loaded through `/proc/self/fd/N`. Nothing is written
+ * to or loaded from a shared folder, so no other user can substitute the
+ * code this process runs (a file planted in `/tmp` is never looked at).
  * @module
  */
 
-const SHIM_ABI_VERSION = 3;
+const SHIM_ABI_VERSION = 4;
 
 const SYMBOLS = {
   shim_abi_version: { parameters: [], result: "i32" },
@@ -30,22 +33,15 @@ const SYMBOLS = {
   shim_munmap: { parameters: ["u64", "u64"], result: "i64" },
   shim_memcpy: { parameters: ["u64", "u64", "u64"], result: "i64" },
   shim_fence: { parameters: [], result: "void" },
-  shim_aio_create: { parameters: ["u32"], result: "i64" },
-  shim_aio_destroy: { parameters: ["u64"], result: "i64" },
-  shim_aio_events: { parameters: ["u64"], result: "i64" },
-  shim_aio_submit: { parameters: ["u64", "buffer", "u32"], result: "i64" },
-  shim_aio_wait: {
-    parameters: ["u64", "u32", "i64"],
-    result: "i64",
-    nonblocking: true,
-  },
-  // The same wait without leaving the JavaScript thread, for polling with a
-  // zero timeout: it avoids a thread hop when completions are already there.
-  shim_aio_poll: {
-    name: "shim_aio_wait",
-    parameters: ["u64", "u32", "i64"],
-    result: "i64",
-  },
+  shim_io_create: { parameters: ["i32", "u32"], result: "i64" },
+  shim_io_destroy: { parameters: ["u64"], result: "i64" },
+  shim_io_events: { parameters: ["u64"], result: "i64" },
+  shim_io_submit: { parameters: ["u64", "buffer", "u32"], result: "i64" },
+  shim_io_reap: { parameters: ["u64"], result: "i64" },
+  // Runs off the JavaScript thread: it only sleeps until completions may be there.
+  shim_io_wait: { parameters: ["u64", "i64"], result: "i64", nonblocking: true },
+  // The same wait on the JavaScript thread (a process with nothing else to do while it waits).
+  shim_io_wait_here: { name: "shim_io_wait", parameters: ["u64", "i64"], result: "i64" },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 /** The shim's symbols, typed. */
@@ -59,40 +55,94 @@ function candidatePaths(): string[] {
   return paths;
 }
 
-// Copies an embedded library to a real file once, named by its content.
-function extractEmbedded(path: string): string {
-  const bytes = Deno.readFileSync(path);
-  const tmp = Deno.env.get("TMPDIR") ?? "/tmp";
-  // Synchronous hashing keeps module loading synchronous: a cheap FNV-1a.
-  let hash = 0xcbf29ce484222325n;
-  for (let i = 0; i < bytes.length; i += 1) {
-    hash = ((hash ^ BigInt(bytes[i])) * 0x100000001b3n) & 0xffffffffffffffffn;
-  }
-  const target = `${tmp}/blktap-shim-${hash.toString(16)}.so`;
+// libc, reached before the shim exists: for the in-memory copy.
+const LIBC_SYMBOLS = {
+  memfd_create: { parameters: ["buffer", "u32"], result: "i32" },
+  write: { parameters: ["i32", "buffer", "usize"], result: "isize" },
+  close: { parameters: ["i32"], result: "i32" },
+  __errno_location: { parameters: [], result: "pointer" },
+} as const satisfies Deno.ForeignLibraryInterface;
+
+const MFD_CLOEXEC = 0x1;
+/** Linux 6.3+: an executable memfd even where vm.memfd_noexec defaults to no-exec. */
+const MFD_EXEC = 0x10;
+const EINVAL = 22;
+
+type Libc = Deno.DynamicLibrary<typeof LIBC_SYMBOLS>["symbols"];
+
+function errnoOf(libc: Libc): number {
+  const pointer = libc.__errno_location();
+  return pointer ? new Deno.UnsafePointerView(pointer).getInt32() : 0;
+}
+
+function createMemfd(libc: Libc, name: string): number {
+  const cName = new TextEncoder().encode(`${name}\0`);
+  let fd = libc.memfd_create(cName, MFD_CLOEXEC | MFD_EXEC);
+  // Kernels before 6.3 refuse the flag they do not know; their memfds are executable.
+  if (fd < 0 && errnoOf(libc) === EINVAL) fd = libc.memfd_create(cName, MFD_CLOEXEC);
+  if (fd < 0) throw new Error(`memfd_create: errno ${errnoOf(libc)}`);
+  return fd;
+}
+
+/**
+ * Loads a shared library from `bytes` without a file anyone else can
+ * reach: the bytes go into an anonymous memory file of this process
+ * (`memfd_create`), which is dlopen()ed through `/proc/self/fd/N` and then
+ * closed (the mapping keeps the code).
+ */
+export function dlopenFromMemory<S extends Deno.ForeignLibraryInterface>(
+  bytes: Uint8Array,
+  symbols: S,
+  name = "blktap-shim",
+): Deno.DynamicLibrary<S> {
+  const libc = Deno.dlopen("libc.so.6", LIBC_SYMBOLS);
   try {
-    Deno.statSync(target);
-  } catch {
-    const partial = `${target}.${Deno.pid}`;
-    Deno.writeFileSync(partial, bytes, { mode: 0o755 });
-    Deno.renameSync(partial, target);
+    const fd = createMemfd(libc.symbols, name);
+    try {
+      for (let done = 0; done < bytes.byteLength;) {
+        const wrote = Number(
+          libc.symbols.write(fd, bytes.subarray(done), BigInt(bytes.byteLength - done)),
+        );
+        if (wrote <= 0) throw new Error(`write(memfd): errno ${errnoOf(libc.symbols)}`);
+        done += wrote;
+      }
+      return Deno.dlopen(`/proc/self/fd/${fd}`, symbols);
+    } finally {
+      libc.symbols.close(fd);
+    }
+  } finally {
+    libc.close();
   }
-  return target;
+}
+
+function checkAbi(lib: Deno.DynamicLibrary<typeof SYMBOLS>): Deno.DynamicLibrary<typeof SYMBOLS> {
+  const abi = lib.symbols.shim_abi_version();
+  if (abi !== SHIM_ABI_VERSION) {
+    lib.close();
+    throw new Error(`ABI version ${abi}, expected ${SHIM_ABI_VERSION}: rebuild with make`);
+  }
+  return lib;
 }
 
 function load(): Deno.DynamicLibrary<typeof SYMBOLS> {
   const failures: string[] = [];
   for (const path of candidatePaths()) {
-    for (const attempt of [() => path, () => extractEmbedded(path)]) {
-      try {
-        const lib = Deno.dlopen(attempt(), SYMBOLS);
-        const abi = lib.symbols.shim_abi_version();
-        if (abi !== SHIM_ABI_VERSION) {
-          throw new Error(`ABI version ${abi}, expected ${SHIM_ABI_VERSION}: rebuild with make`);
-        }
-        return lib;
-      } catch (error) {
-        failures.push(`${path}: ${(error as Error).message}`);
-      }
+    try {
+      return checkAbi(Deno.dlopen(path, SYMBOLS));
+    } catch (error) {
+      failures.push(`${path}: ${(error as Error).message}`);
+    }
+    // Embedded in a compiled executable: readable, not mappable in place.
+    let bytes: Uint8Array;
+    try {
+      bytes = Deno.readFileSync(path);
+    } catch {
+      continue;
+    }
+    try {
+      return checkAbi(dlopenFromMemory(bytes, SYMBOLS));
+    } catch (error) {
+      failures.push(`${path} (copied to memory): ${(error as Error).message}`);
     }
   }
   throw new Error(

@@ -11,17 +11,22 @@
 #include <libaio.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
+#include <linux/io_uring.h>
+#include <poll.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
-#define SHIM_ABI_VERSION 3
+#define SHIM_ABI_VERSION 4
 
 int32_t shim_abi_version(void) { return SHIM_ABI_VERSION; }
 
@@ -126,7 +131,24 @@ int64_t shim_memcpy(uint64_t dst, uint64_t src, uint64_t len) {
 // memory may not be a SharedArrayBuffer and Atomics cannot be used.
 void shim_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
-// ---- libaio --------------------------------------------------------------
+// ---- asynchronous I/O queues ---------------------------------------------
+//
+// One queue = one kernel submission context, driven by one JavaScript
+// thread: it submits and reaps; a second thread (a Deno non-blocking FFI
+// call) may only *wait* in shim_io_wait, which never consumes completions.
+// Completions are reaped from memory the kernel shares with us (no system
+// call), as fio does, so the JavaScript thread can look for them whenever
+// it runs and sleeps only when there is nothing to do.
+//
+// Two engines behind one interface:
+//  - libaio (kind 0): io_submit; completions signal an eventfd
+//    (IOCB_FLAG_RESFD) that shim_io_wait polls; events are read from the
+//    mapped aio ring. Asynchronous only with O_DIRECT: on the page cache
+//    io_submit does the copy itself, synchronously.
+//  - io_uring (kind 1): also asynchronous on the page cache (a cached read
+//    completes inside io_uring_enter and is reaped at once; other requests
+//    go to the kernel's workers). Needs IORING_FEAT_SUBMIT_STABLE (iovecs
+//    are read during submission) and IORING_FEAT_EXT_ARG (timed waits).
 
 // One completion as seen by TypeScript: 16 bytes {u64 tag, i64 result}.
 struct shim_event {
@@ -134,50 +156,11 @@ struct shim_event {
   int64_t result;
 };
 
-struct shim_aio {
-  io_context_t ctx;
-  uint32_t max_events;
-  struct io_event *raw;
-  struct shim_event *events;
-};
-
-// Returns an opaque handle (address) to a context that can hold
-// max_inflight requests at once.
-int64_t shim_aio_create(uint32_t max_inflight) {
-  struct shim_aio *a = calloc(1, sizeof *a);
-  if (!a) return -ENOMEM;
-  a->raw = calloc(max_inflight, sizeof *a->raw);
-  a->events = calloc(max_inflight, sizeof *a->events);
-  if (!a->raw || !a->events) {
-    free(a->raw), free(a->events), free(a);
-    return -ENOMEM;
-  }
-  int r = io_setup(max_inflight, &a->ctx);
-  if (r < 0) {
-    free(a->raw), free(a->events), free(a);
-    return r;
-  }
-  a->max_events = max_inflight;
-  return (int64_t)(uintptr_t)a;
-}
-
-int64_t shim_aio_destroy(uint64_t handle) {
-  struct shim_aio *a = (struct shim_aio *)handle;
-  int r = io_destroy(a->ctx);
-  free(a->raw), free(a->events), free(a);
-  return r;
-}
-
-// Address of the array of completions that shim_aio_wait fills.
-int64_t shim_aio_events(uint64_t handle) {
-  return (int64_t)(uintptr_t)((struct shim_aio *)handle)->events;
-}
-
 // A request record is 40 bytes, little-endian:
 //   u32 opcode (0 preadv, 1 pwritev, 2 fdatasync), i32 fd,
 //   u64 offset_bytes, u64 iovec_addr, u32 iovec_count, u32 pad, u64 tag.
-// iovec_addr points at iovec_count {u64 base, u64 len} pairs; the kernel
-// copies iocbs and iovecs during io_submit, so they may be reused after.
+// iovec_addr points at iovec_count {u64 base, u64 len} pairs; both engines
+// copy iocbs/SQEs and iovecs during submission, so they may be reused after.
 struct shim_request {
   uint32_t opcode;
   int32_t fd;
@@ -189,13 +172,143 @@ struct shim_request {
 };
 
 #define SHIM_SUBMIT_MAX 256
+#define SHIM_IO_LIBAIO 0
+#define SHIM_IO_URING 1
 
-// Submits n requests in one io_submit; returns how many the kernel took.
-int64_t shim_aio_submit(uint64_t handle, const struct shim_request *reqs, uint32_t n) {
-  struct shim_aio *a = (struct shim_aio *)handle;
+// The aio ring the kernel maps at the context's address (fs/aio.c).
+struct aio_ring {
+  unsigned id, nr, head, tail, magic, compat_features, incompat_features, header_length;
+  struct io_event io_events[];
+};
+#define AIO_RING_MAGIC 0xa10a10a1
+
+struct shim_uring {
+  int fd;
+  uint32_t sq_entries, *sq_head, *sq_tail, *sq_mask, *sq_array;
+  struct io_uring_sqe *sqes;
+  uint32_t *cq_head, *cq_tail, *cq_mask;
+  struct io_uring_cqe *cqes;
+  void *ring;
+  size_t ring_bytes, sqes_bytes;
+};
+
+struct shim_io {
+  int kind;
+  uint32_t max_events;
+  struct shim_event *events;
+  // libaio
+  io_context_t ctx;
+  int efd;
+  struct io_event *raw;
+  // io_uring
+  struct shim_uring u;
+};
+
+static int uring_enter(int fd, unsigned submit, unsigned min, unsigned flags, void *arg, size_t sz) {
+  long r = syscall(__NR_io_uring_enter, fd, submit, min, flags, arg, sz);
+  return r < 0 ? -errno : (int)r;
+}
+
+static int uring_open(struct shim_uring *u, uint32_t entries) {
+  struct io_uring_params p;
+  memset(&p, 0, sizeof p);
+  int fd = (int)syscall(__NR_io_uring_setup, entries, &p);
+  if (fd < 0) return -errno;
+  uint32_t need = IORING_FEAT_SINGLE_MMAP | IORING_FEAT_SUBMIT_STABLE | IORING_FEAT_EXT_ARG;
+  if ((p.features & need) != need) {
+    close(fd);
+    return -ENOSYS;
+  }
+  size_t sq_bytes = p.sq_off.array + p.sq_entries * sizeof(uint32_t);
+  size_t cq_bytes = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
+  u->ring_bytes = sq_bytes > cq_bytes ? sq_bytes : cq_bytes;
+  u->ring = mmap(NULL, u->ring_bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd,
+                 IORING_OFF_SQ_RING);
+  if (u->ring == MAP_FAILED) {
+    int e = -errno;
+    close(fd);
+    return e;
+  }
+  u->sqes_bytes = p.sq_entries * sizeof(struct io_uring_sqe);
+  u->sqes = mmap(NULL, u->sqes_bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd,
+                 IORING_OFF_SQES);
+  if (u->sqes == MAP_FAILED) {
+    int e = -errno;
+    munmap(u->ring, u->ring_bytes);
+    close(fd);
+    return e;
+  }
+  char *r = u->ring;
+  u->fd = fd;
+  u->sq_entries = p.sq_entries;
+  u->sq_head = (uint32_t *)(r + p.sq_off.head);
+  u->sq_tail = (uint32_t *)(r + p.sq_off.tail);
+  u->sq_mask = (uint32_t *)(r + p.sq_off.ring_mask);
+  u->sq_array = (uint32_t *)(r + p.sq_off.array);
+  u->cq_head = (uint32_t *)(r + p.cq_off.head);
+  u->cq_tail = (uint32_t *)(r + p.cq_off.tail);
+  u->cq_mask = (uint32_t *)(r + p.cq_off.ring_mask);
+  u->cqes = (struct io_uring_cqe *)(r + p.cq_off.cqes);
+  return 0;
+}
+
+static void uring_close(struct shim_uring *u) {
+  munmap(u->sqes, u->sqes_bytes);
+  munmap(u->ring, u->ring_bytes);
+  close(u->fd);
+}
+
+static void shim_io_free(struct shim_io *q) {
+  free(q->raw), free(q->events), free(q);
+}
+
+// Returns an opaque handle (address) to a queue of the given kind that can
+// hold max_inflight requests at once, or -errno (io_uring: -ENOSYS when the
+// kernel lacks a needed feature; the caller falls back to libaio).
+int64_t shim_io_create(int32_t kind, uint32_t max_inflight) {
+  struct shim_io *q = calloc(1, sizeof *q);
+  if (!q) return -ENOMEM;
+  q->kind = kind;
+  q->max_events = max_inflight;
+  q->events = calloc(max_inflight, sizeof *q->events);
+  if (!q->events) return shim_io_free(q), -ENOMEM;
+  int r;
+  if (kind == SHIM_IO_URING) {
+    r = uring_open(&q->u, max_inflight);
+    if (r < 0) return shim_io_free(q), r;
+    return (int64_t)(uintptr_t)q;
+  }
+  if (kind != SHIM_IO_LIBAIO) return shim_io_free(q), -EINVAL;
+  q->raw = calloc(max_inflight, sizeof *q->raw);
+  if (!q->raw) return shim_io_free(q), -ENOMEM;
+  q->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (q->efd < 0) return r = -errno, shim_io_free(q), r;
+  r = io_setup(max_inflight, &q->ctx);
+  if (r < 0) return close(q->efd), shim_io_free(q), r;
+  return (int64_t)(uintptr_t)q;
+}
+
+int64_t shim_io_destroy(uint64_t handle) {
+  struct shim_io *q = (struct shim_io *)handle;
+  int r = 0;
+  if (q->kind == SHIM_IO_URING) {
+    uring_close(&q->u);
+  } else {
+    r = io_destroy(q->ctx);
+    close(q->efd);
+  }
+  shim_io_free(q);
+  return r;
+}
+
+// Address of the array of completions that shim_io_reap fills.
+int64_t shim_io_events(uint64_t handle) {
+  return (int64_t)(uintptr_t)((struct shim_io *)handle)->events;
+}
+
+static int64_t aio_submit_records(struct shim_io *q, const struct shim_request *reqs, uint32_t n) {
   struct iocb cbs[SHIM_SUBMIT_MAX];
   struct iocb *ptrs[SHIM_SUBMIT_MAX];
-  if (n > SHIM_SUBMIT_MAX) n = SHIM_SUBMIT_MAX;
   for (uint32_t i = 0; i < n; i++) {
     const struct shim_request *r = &reqs[i];
     struct iocb *cb = &cbs[i];
@@ -205,12 +318,13 @@ int64_t shim_aio_submit(uint64_t handle, const struct shim_request *reqs, uint32
     case 2: io_prep_fdsync(cb, r->fd); break;
     default: return -EINVAL;
     }
+    io_set_eventfd(cb, q->efd);
     cb->data = (void *)(uintptr_t)r->tag;
     ptrs[i] = cb;
   }
   uint32_t done = 0;
   while (done < n) {
-    int k = io_submit(a->ctx, (long)(n - done), ptrs + done);
+    int k = io_submit(q->ctx, (long)(n - done), ptrs + done);
     if (k == -EAGAIN && done > 0) break;
     if (k < 0) return done > 0 ? (int64_t)done : k;
     done += (uint32_t)k;
@@ -218,20 +332,128 @@ int64_t shim_aio_submit(uint64_t handle, const struct shim_request *reqs, uint32
   return done;
 }
 
-// Waits for at least min_events completions (or timeout_us, -1 = forever)
-// and copies them into the events array; returns how many. Called as a
-// non-blocking FFI symbol, so it runs off the JavaScript thread.
-int64_t shim_aio_wait(uint64_t handle, uint32_t min_events, int64_t timeout_us) {
-  struct shim_aio *a = (struct shim_aio *)handle;
-  struct timespec ts = {timeout_us / 1000000, (long)(timeout_us % 1000000) * 1000L};
-  int r;
-  do {
-    r = io_getevents(a->ctx, min_events, a->max_events, a->raw, timeout_us < 0 ? NULL : &ts);
-  } while (r == -EINTR);
-  if (r < 0) return r;
-  for (int i = 0; i < r; i++) {
-    a->events[i].tag = (uint64_t)(uintptr_t)a->raw[i].data;
-    a->events[i].result = (int64_t)(long)a->raw[i].res;
+static int64_t uring_submit_records(struct shim_uring *u, const struct shim_request *reqs, uint32_t n) {
+  uint32_t tail = *u->sq_tail;
+  uint32_t head = __atomic_load_n(u->sq_head, __ATOMIC_ACQUIRE);
+  uint32_t room = u->sq_entries - (tail - head);
+  if (n > room) n = room;
+  for (uint32_t i = 0; i < n; i++) {
+    const struct shim_request *r = &reqs[i];
+    uint32_t index = tail & *u->sq_mask;
+    struct io_uring_sqe *sqe = &u->sqes[index];
+    memset(sqe, 0, sizeof *sqe);
+    sqe->fd = r->fd;
+    sqe->user_data = r->tag;
+    switch (r->opcode) {
+    case 0: sqe->opcode = IORING_OP_READV; break;
+    case 1: sqe->opcode = IORING_OP_WRITEV; break;
+    case 2: sqe->opcode = IORING_OP_FSYNC; sqe->fsync_flags = IORING_FSYNC_DATASYNC; break;
+    default: return -EINVAL; // nothing published yet: the tail is stored below
+    }
+    if (r->opcode != 2) {
+      sqe->addr = r->iov;
+      sqe->len = r->iovcnt;
+      sqe->off = r->offset;
+    }
+    u->sq_array[index] = index;
+    tail++;
   }
-  return r;
+  __atomic_store_n(u->sq_tail, tail, __ATOMIC_RELEASE);
+  // Published SQEs are the kernel's: retry transient failures until it took them all.
+  uint32_t done = 0;
+  for (int tries = 0; done < n;) {
+    int k = uring_enter(u->fd, n - done, 0, 0, NULL, 0);
+    if (k > 0) {
+      done += (uint32_t)k;
+      continue;
+    }
+    if ((k == -EINTR || k == -EAGAIN || k == -EBUSY || k == 0) && ++tries < 100000) {
+      sched_yield();
+      continue;
+    }
+    return k < 0 ? k : -EIO;
+  }
+  return done;
+}
+
+// Submits up to n requests; returns how many the kernel took (fewer when
+// the queue is full), or -errno. io_uring: a negative result means the
+// queue is unusable (published requests may or may not run).
+int64_t shim_io_submit(uint64_t handle, const struct shim_request *reqs, uint32_t n) {
+  struct shim_io *q = (struct shim_io *)handle;
+  if (n > SHIM_SUBMIT_MAX) n = SHIM_SUBMIT_MAX;
+  if (q->kind == SHIM_IO_URING) return uring_submit_records(&q->u, reqs, n);
+  return aio_submit_records(q, reqs, n);
+}
+
+static uint32_t aio_reap(struct shim_io *q) {
+  struct aio_ring *ring = (struct aio_ring *)q->ctx;
+  uint32_t n = 0;
+  if (ring->magic != AIO_RING_MAGIC) {
+    struct timespec zero = {0, 0};
+    int r = io_getevents(q->ctx, 0, q->max_events, q->raw, &zero);
+    for (int i = 0; i < r; i++) {
+      q->events[i].tag = (uint64_t)(uintptr_t)q->raw[i].data;
+      q->events[i].result = (int64_t)(long)q->raw[i].res;
+    }
+    return r > 0 ? (uint32_t)r : 0;
+  }
+  unsigned head = ring->head;
+  unsigned tail = __atomic_load_n(&ring->tail, __ATOMIC_ACQUIRE);
+  while (head != tail && n < q->max_events) {
+    struct io_event *e = &ring->io_events[head];
+    q->events[n].tag = (uint64_t)(uintptr_t)e->data;
+    q->events[n].result = (int64_t)(long)e->res;
+    n++;
+    head = (head + 1) % ring->nr;
+  }
+  __atomic_store_n(&ring->head, head, __ATOMIC_RELEASE);
+  return n;
+}
+
+static uint32_t uring_reap(struct shim_io *q) {
+  struct shim_uring *u = &q->u;
+  uint32_t head = *u->cq_head;
+  uint32_t tail = __atomic_load_n(u->cq_tail, __ATOMIC_ACQUIRE);
+  uint32_t n = 0;
+  while (head != tail && n < q->max_events) {
+    struct io_uring_cqe *c = &u->cqes[head & *u->cq_mask];
+    q->events[n].tag = c->user_data;
+    q->events[n].result = c->res;
+    n++;
+    head++;
+  }
+  __atomic_store_n(u->cq_head, head, __ATOMIC_RELEASE);
+  return n;
+}
+
+// Copies the completions already there into the events array and returns
+// how many (no system call on either engine's normal path). JavaScript
+// thread only.
+int64_t shim_io_reap(uint64_t handle) {
+  struct shim_io *q = (struct shim_io *)handle;
+  return q->kind == SHIM_IO_URING ? uring_reap(q) : aio_reap(q);
+}
+
+// Sleeps until a completion may be there to reap, or timeout_us passed;
+// returns 0 (spurious returns are allowed: the caller reaps and may find
+// nothing). Consumes no completion, so it may run on another thread
+// (a non-blocking FFI symbol) while the JavaScript thread reaps.
+int64_t shim_io_wait(uint64_t handle, int64_t timeout_us) {
+  struct shim_io *q = (struct shim_io *)handle;
+  struct timespec ts = {timeout_us / 1000000, (long)(timeout_us % 1000000) * 1000L};
+  if (q->kind == SHIM_IO_URING) {
+    struct io_uring_getevents_arg arg;
+    memset(&arg, 0, sizeof arg);
+    arg.ts = (uint64_t)(uintptr_t)&ts;
+    int r = uring_enter(q->u.fd, 0, 1, IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG, &arg,
+                        sizeof arg);
+    return r == -ETIME || r == -EINTR ? 0 : (r < 0 ? r : 0);
+  }
+  struct pollfd p = {q->efd, POLLIN, 0};
+  int r = ppoll(&p, 1, &ts, NULL);
+  if (r < 0) return errno == EINTR ? 0 : -errno;
+  uint64_t count;
+  if (r > 0 && read(q->efd, &count, sizeof count) < 0 && errno != EAGAIN) return -errno;
+  return 0;
 }

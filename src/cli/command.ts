@@ -50,13 +50,13 @@ export function parseCommandArgs<O extends Options>(
   let parsed;
   try {
     parsed = parseArgs({
-      args: argv,
+      args: attachNegativeValues(argv, options),
       options: { ...options, help: { type: "boolean", short: "h" } },
       allowPositionals: positionals.max > 0,
       strict: true,
     });
   } catch (error) {
-    throw new UsageError((error as Error).message);
+    throw new UsageError(oneLine((error as Error).message));
   }
   if ((parsed.values as Record<string, unknown>).help) throw new HelpRequested();
   const count = parsed.positionals.length;
@@ -68,6 +68,34 @@ export function parseCommandArgs<O extends Options>(
     values: { [K in keyof O]?: O[K]["type"] extends "boolean" ? boolean : string };
     positionals: string[];
   };
+}
+
+/**
+ * `--size -1` as `--size=-1`: parseArgs takes a value starting with '-' for
+ * an option and calls it ambiguous, so a negative number would never reach
+ * the option's own check (which says what the option expects).
+ */
+function attachNegativeValues(argv: string[], options: Options): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < argv.length; i += 1) {
+    const name = argv[i].startsWith("--") ? argv[i].slice(2) : undefined;
+    const next = argv[i + 1];
+    if (name && options[name]?.type === "string" && next !== undefined && /^-[\d.]/.test(next)) {
+      out.push(`${argv[i]}=${next}`);
+      i += 1;
+    } else out.push(argv[i]);
+  }
+  return out;
+}
+
+// parseArgs explains some errors over several lines: one line is enough.
+function oneLine(message: string): string {
+  const ambiguous = /^Option '([^']+)' argument is ambiguous/.exec(message);
+  if (ambiguous) {
+    const option = ambiguous[1];
+    return `option '${option}' needs a value (write ${option}=VALUE for one starting with '-')`;
+  }
+  return message.split("\n")[0].replace(/\.$/, "");
 }
 
 /** Parses a non-negative integer option; throws UsageError naming the option. */

@@ -5,13 +5,14 @@
  *
  * Ops: create, list, stats, pause, resume, destroy, qos, and for tests and
  * benchmarks exercise (the verified test front end) and fuzz (malformed
- * requests).
+ * requests). Those two write over the disk: they refuse a minor that has
+ * clients unless `force` is set, and their modules (test tools) are loaded
+ * only when one of them runs, never on the daemon's own path.
  * @module
  */
 import type { AttachedImage, Ctrl } from "./daemon.ts";
-import { fuzzRing } from "../frontends/exercise/malformed.ts";
 import type { Minor } from "./minor.ts";
-import { type LoadOptions, prng, TestFrontend } from "../frontends/exercise/test_frontend.ts";
+import type { LoadOptions } from "../frontends/exercise/test_frontend.ts";
 import { nbdUnixUri } from "./nbd_frontend.ts";
 
 /** Longest request line accepted. */
@@ -120,9 +121,9 @@ export class CtlApi {
       case "create":
         return await this.#create(args);
       case "list":
-        return { minors: await Promise.all(ctrl.minors.map((m) => m.stats())) };
+        return { minors: ctrl.minors.map((m) => m.stats()) };
       case "stats":
-        return await this.#minor(args).stats();
+        return this.#minor(args).stats();
       case "pause":
         await this.#minor(args).pause();
         return {};
@@ -187,8 +188,20 @@ export class CtlApi {
     return {};
   }
 
+  // The test tools overwrite the disk: never under a client's feet unless forced.
+  #refuseIfInUse(minor: Minor, op: string, args: Args): void {
+    const clients = this.#ctrl.clientsOf(minor);
+    if (clients.length === 0 || args.force === true) return;
+    throw new Error(
+      `minor ${minor.record.minor} (${minor.record.name}) has clients: ${clients.join(", ")}; ` +
+        `${op} writes test patterns over the disk and destroys its data: ` +
+        `disconnect them first, or force it (--force)`,
+    );
+  }
+
   async #exercise(args: Args) {
     const minor = this.#minor(args);
+    this.#refuseIfInUse(minor, "exercise", args);
     const options: LoadOptions = {
       requests: number(args, "requests"),
       durationMs: number(args, "durationMs"),
@@ -204,6 +217,8 @@ export class CtlApi {
       maxErrors: number(args, "maxErrors"),
       verify: args.verify !== false,
       aligned: args.aligned === true,
+      initialZero: args.initialZero === true,
+      returnModel: args.returnModel === true,
       seed: number(args, "seed") ?? Math.floor(Math.random() * 2 ** 31),
     };
     if (options.depth < 1 || options.depth > minor.disk.ringEntries) {
@@ -212,11 +227,15 @@ export class CtlApi {
     for (const key of Object.keys(options) as (keyof LoadOptions)[]) {
       if (options[key] === undefined) delete options[key];
     }
+    const { TestFrontend } = await import("../frontends/exercise/test_frontend.ts");
     return await new TestFrontend(minor.disk, options).run();
   }
 
   async #fuzz(args: Args): Promise<Args> {
     const minor = this.#minor(args);
+    this.#refuseIfInUse(minor, "fuzz", args);
+    const { prng } = await import("../frontends/exercise/test_frontend.ts");
+    const { fuzzRing } = await import("../frontends/exercise/malformed.ts");
     const seed = number(args, "seed") ?? Math.floor(Math.random() * 2 ** 31);
     const random = prng(seed);
     const result = await fuzzRing(

@@ -1,14 +1,23 @@
 /**
  * `blktap ctrl` (the seed's blktapctrl): owns the minors of one run dir.
- * It listens on `ctrl.sock` (mode 0600; newline-delimited JSON requests
- * and responses) for the client verbs and on `disks.sock` for its disk
+ * It listens on `ctrl.sock` (newline-delimited JSON requests and
+ * responses) for the client verbs and on `disks.sock` for its disk
  * processes, keeps the registry, and re-attaches every registered disk
- * when it starts. Other front ends (the NBD server) find a minor's
+ * when it starts.
+ *
+ * Nothing here can be reached or substituted by another user: the run dir
+ * must be a private directory (created 0700; an existing one with another
+ * owner or group/other access is refused), sockets are 0600 from the
+ * moment they are bound, and ring devices live in a private folder of
+ * this ctrl instance inside the shared-memory folder. Other front ends (the NBD server) find a minor's
  * {@linkcode RingDisk} with {@linkcode Ctrl.exportByName}.
  * @module
  */
+import { SysError } from "../../ffi/errno.ts";
+import { ensurePrivateDir, listenPrivateUnix } from "../../ffi/private_path.ts";
 import { type Logger, logger } from "../cli/log.ts";
 import { DISK_SOCKET_NAME } from "../disk/protocol.ts";
+import { StatsFile, statsPathFor } from "../disk/stats_file.ts";
 import { KickChannel } from "../ring/kick_channel.ts";
 import { defaultShmDir, ShmRingDevice } from "../ring/shm_ring_device.ts";
 import { CtlApi } from "./api.ts";
@@ -32,6 +41,9 @@ export const pool_pages_default = 16384;
 export const minors_max = 1024;
 /** Most client connections at once. */
 export const client_connections_max = 256;
+
+/** Describes the users of a minor's disk that one front end knows of (none: empty). */
+export type ClientProbe = (minor: Minor) => string[];
 
 /** How ctrl runs. */
 export interface CtrlOptions {
@@ -68,6 +80,7 @@ export class Ctrl {
   #clients = 0;
   readonly #api: CtlApi;
   readonly #destroyHooks: ((name: string) => Promise<void>)[] = [];
+  readonly #clientProbes: ClientProbe[] = [];
   readonly #allowPaths: string[];
   /** The NBD front end's Unix socket, once it listens (for URIs in replies). */
   nbdSocketPath?: string;
@@ -89,9 +102,19 @@ export class Ctrl {
     return `${this.runDir}/${REGISTRY_NAME}`;
   }
 
+  /** This instance's private folder of ring devices, inside the shared-memory folder. */
+  get #ringDir(): string {
+    return `${this.#shmDir}/blktap-${this.#registry.instance}`;
+  }
+
+  // A fresh name each time: a path refused at re-attach is never reused.
+  #newRingPath(minor: number): string {
+    return `${this.#ringDir}/ring${minor}.${crypto.randomUUID().slice(0, 8)}`;
+  }
+
   /** Prepares the run dir, listens, and re-attaches registered disks. */
   async start(): Promise<void> {
-    Deno.mkdirSync(this.runDir, { recursive: true, mode: 0o700 });
+    ensurePrivateDir(this.runDir, "run dir");
     const ctrlSocket = `${this.runDir}/${CTRL_SOCKET_NAME}`;
     await refuseIfRunning(ctrlSocket);
     this.#registry = loadRegistry(this.#registryPath) ?? {
@@ -99,11 +122,12 @@ export class Ctrl {
       instance: crypto.randomUUID().slice(0, 8),
       minors: [],
     };
-    const disks = listenUnix(`${this.runDir}/${DISK_SOCKET_NAME}`);
+    ensurePrivateDir(this.#ringDir, "ring device folder");
+    const disks = listenPrivateUnix(`${this.runDir}/${DISK_SOCKET_NAME}`);
     this.#listeners.push(disks);
     this.#acceptDisks(disks);
     await this.#reattachAll();
-    const clients = listenUnix(ctrlSocket);
+    const clients = listenPrivateUnix(ctrlSocket);
     this.#listeners.push(clients);
     this.#acceptClients(clients);
     this.log.info(`listening on ${ctrlSocket} (${this.#minors.size} disks re-attached)`);
@@ -143,6 +167,21 @@ export class Ctrl {
    */
   addDestroyHook(hook: (name: string) => Promise<void>): void {
     this.#destroyHooks.push(hook);
+  }
+
+  /**
+   * Adds a way to see who uses a minor's disk. The NBD front end reports
+   * its connections to the minor's export; the kernel front end adds one
+   * reporting an open /dev/tapdevN. Destructive test tools (`exercise`)
+   * refuse a minor any probe reports.
+   */
+  addClientProbe(probe: ClientProbe): void {
+    this.#clientProbes.push(probe);
+  }
+
+  /** Who uses `minor` now, one description each ("2 NBD connections"); empty when nobody. */
+  clientsOf(minor: Minor): string[] {
+    return this.#clientProbes.flatMap((probe) => probe(minor));
   }
 
   /** Export names, for NBD's LIST. */
@@ -196,14 +235,15 @@ export class Ctrl {
         maxBps: params.maxBps ?? 0,
         burstMs: params.burstMs ?? 1000,
       },
-      shmPath: `${this.#shmDir}/blktap.${this.#registry.instance}.${number}`,
+      shmPath: this.#newRingPath(number),
       ringPages: ring_pages_default,
       poolPages: pool_pages_default,
       sizeBytes: 0,
       paused: false,
     };
     const device = ShmRingDevice.create(record.shmPath, record);
-    const minor = new Minor(record, this.#host(), device);
+    const stats = StatsFile.create(statsPathFor(record.shmPath), 1);
+    const minor = new Minor(record, this.#host(), device, stats);
     this.#minors.set(number, minor);
     try {
       await minor.start();
@@ -267,14 +307,22 @@ export class Ctrl {
   }
 
   async #reattach(record: MinorRecord): Promise<void> {
-    if (record.pid) await killStaleDisk(record.pid, record.minor);
+    if (record.pid) await killStaleDisk(record.pid, record.minor, this.#host().diskSocketPath);
     let device: ShmRingDevice;
     try {
-      device = ShmRingDevice.open(record.shmPath, record);
-    } catch {
-      device = ShmRingDevice.create(record.shmPath, record);
+      device = this.#reopenRing(record);
+    } catch (error) {
+      this.log.error(`minor ${record.minor}: re-attach failed: ${(error as Error).message}`);
+      throw error;
     }
-    const minor = new Minor(record, this.#host(), device);
+    // The stats file outlives ctrl like the ring device: what the previous
+    // processes counted is still there (folded in before the next one starts).
+    const generation = (record.lifetime?.foldedGeneration ?? 0) + 1;
+    const stats = StatsFile.openOrCreate(
+      record.statsPath ?? statsPathFor(record.shmPath),
+      generation,
+    );
+    const minor = new Minor(record, this.#host(), device, stats);
     this.#minors.set(record.minor, minor);
     const refusal = await this.#upgradeLegacyImage(record);
     if (refusal) {
@@ -286,6 +334,22 @@ export class Ctrl {
     } catch (error) {
       this.log.error(`minor ${record.minor}: re-attach failed: ${(error as Error).message}`);
     }
+  }
+
+  // The ring device a previous ctrl left, or a new one where it is gone or
+  // refused (a symbolic link, another owner, another mode: never followed,
+  // never touched). The ring's contents are not needed: that ctrl's clients
+  // are gone, and its disk process has drained.
+  #reopenRing(record: MinorRecord): ShmRingDevice {
+    try {
+      return ShmRingDevice.open(record.shmPath, record);
+    } catch (error) {
+      if (!(error instanceof SysError && error.code === "ENOENT")) {
+        this.log.warn(`minor ${record.minor}: ${(error as Error).message}; using a new one`);
+      }
+    }
+    record.shmPath = this.#newRingPath(record.minor);
+    return ShmRingDevice.create(record.shmPath, record);
   }
 
   /**
@@ -338,7 +402,12 @@ export class Ctrl {
       onMessage: (m) => {
         if (target) return target.onMessage(m);
         const minor = m.t === "hello" ? this.#minors.get(m.minor as number) : undefined;
-        if (!minor) return channel.close();
+        if (!minor) {
+          // Say why before hanging up: a disk started by hand exits with this.
+          channel.send({ t: "refused", error: `ctrl in ${this.runDir} has no minor ${m.minor}` });
+          channel.closeAfterSending();
+          return;
+        }
         target = minor;
         minor.connected(channel, m.pid as number);
       },
@@ -382,17 +451,6 @@ function realPathOf(path: string): string | undefined {
   }
 }
 
-function listenUnix(path: string): Deno.Listener {
-  try {
-    Deno.removeSync(path);
-  } catch {
-    // absent
-  }
-  const listener = Deno.listen({ transport: "unix", path });
-  Deno.chmodSync(path, 0o600);
-  return listener;
-}
-
 async function refuseIfRunning(socketPath: string): Promise<void> {
   try {
     const conn = await Deno.connect({ transport: "unix", path: socketPath });
@@ -407,32 +465,46 @@ async function refuseIfRunning(socketPath: string): Promise<void> {
 export const stale_disk_grace_ms = 10_000;
 
 /**
- * Waits for a disk process left by a previous ctrl (if that pid still is
- * one) to finish: it drains and flushes once its channel closed. Killed
- * after {@linkcode stale_disk_grace_ms}.
+ * Waits for a disk process left by a previous ctrl of this run dir (if that
+ * pid still is one) to finish: it drains and flushes once its channel
+ * closed. Killed after {@linkcode stale_disk_grace_ms}. The pid is trusted
+ * only while it names the same process (its start time): a recorded pid may
+ * have been reused by anything, another ctrl's disk included.
  */
-async function killStaleDisk(pid: number, minor: number): Promise<void> {
+async function killStaleDisk(pid: number, minor: number, diskSocketPath: string): Promise<void> {
   let cmdline: string;
   try {
     cmdline = Deno.readTextFileSync(`/proc/${pid}/cmdline`).split("\0").join(" ");
   } catch {
     return; // gone
   }
-  if (!cmdline.includes(" disk --minor " + minor + " ")) return;
-  if (await exited(pid, stale_disk_grace_ms)) return;
+  const ours = cmdline.includes(` disk --minor ${minor} `) && cmdline.includes(diskSocketPath);
+  const started = startTime(pid);
+  if (!ours || started === undefined) return;
+  if (await exited(pid, started, stale_disk_grace_ms)) return;
   try {
     Deno.kill(pid, "SIGKILL");
   } catch {
     return;
   }
-  await exited(pid, 5000);
+  await exited(pid, started, 5000);
 }
 
-async function exited(pid: number, timeoutMs: number): Promise<boolean> {
+/** A process's start time (field 22 of /proc/PID/stat): with the pid, its identity. */
+function startTime(pid: number): string | undefined {
+  try {
+    return Deno.readTextFileSync(`/proc/${pid}/stat`).split(") ")[1]?.split(" ")[19];
+  } catch {
+    return undefined;
+  }
+}
+
+async function exited(pid: number, started: string, timeoutMs: number): Promise<boolean> {
   for (let waited = 0; waited < timeoutMs; waited += 20) {
     try {
-      const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
-      if (stat.split(") ")[1]?.startsWith("Z")) return true; // exited, awaiting its reaper
+      const stat = Deno.readTextFileSync(`/proc/${pid}/stat`).split(") ")[1] ?? "";
+      if (stat.startsWith("Z")) return true; // exited, awaiting its reaper
+      if (stat.split(" ")[19] !== started) return true; // the pid names another process now
     } catch {
       return true;
     }

@@ -5,18 +5,25 @@
  * and starts a new process on it; a disk that crashes more than
  * `restartLimit` times within `restartWindowMs` is marked failed and its
  * requests are answered with ERROR.
+ *
+ * Counters: each disk process counts in the minor's stats file (shared
+ * memory, so a killed process's counts stay readable); before the next
+ * process starts, the minor folds them into the totals since create kept
+ * in the registry, so totals survive disk-process and ctrl restarts.
  * @module
  */
 import { memoryFence } from "../../ffi/memory.ts";
 import { type Logger, logLevel } from "../cli/log.ts";
 import { selfCommandFor } from "../cli/self_command.ts";
 import type { QosSettings } from "../disk/disk_server.ts";
-import type { DiskStats } from "../disk/counters.ts";
+import { addTotals, type DiskStats, emptyTotals, withDerived } from "../disk/counters.ts";
+import type { StatsFile } from "../disk/stats_file.ts";
 import type { AttachConfig } from "../disk/protocol.ts";
+import type { DriverCapabilities } from "../formats/driver.ts";
 import type { KickChannel } from "../ring/kick_channel.ts";
 import { ShmRingDevice } from "../ring/shm_ring_device.ts";
-import type { MinorRecord } from "./registry.ts";
-import { RingDisk } from "../ring/ring_disk.ts";
+import type { MinorLifetime, MinorRecord } from "./registry.ts";
+import { RingDisk, type ServedDisk } from "../ring/ring_disk.ts";
 
 /** Lifecycle of a minor as `blktap list` shows it. */
 export type MinorState = "starting" | "running" | "paused" | "restarting" | "failed" | "destroyed";
@@ -51,8 +58,9 @@ export class Minor {
   readonly record: MinorRecord;
   readonly device: ShmRingDevice;
   readonly disk: RingDisk;
+  /** Where the disk process counts (see the module comment). */
+  readonly statsFile: StatsFile;
   state: MinorState = "starting";
-  restarts = 0;
   readonly #host: MinorHost;
   #child: Deno.ChildProcess | undefined;
   #channel: KickChannel | undefined;
@@ -66,10 +74,13 @@ export class Minor {
   #destroying = false;
   failure: string | undefined;
 
-  constructor(record: MinorRecord, host: MinorHost, device: ShmRingDevice) {
+  constructor(record: MinorRecord, host: MinorHost, device: ShmRingDevice, statsFile: StatsFile) {
     this.record = record;
+    record.statsPath = statsFile.path;
+    record.lifetime ??= { restarts: 0, folded: emptyTotals(), foldedGeneration: 0 };
     this.#host = host;
     this.device = device;
+    this.statsFile = statsFile;
     this.disk = new RingDisk(record.name, device, {
       fence: memoryFence,
       readOnly: record.readOnly,
@@ -81,6 +92,15 @@ export class Minor {
     return this.#child?.pid;
   }
 
+  get #lifetime(): MinorLifetime {
+    return this.record.lifetime!;
+  }
+
+  /** Disk processes restarted after dying, since create (kept across ctrl restarts). */
+  get restarts(): number {
+    return this.#lifetime.restarts;
+  }
+
   /** Starts a disk process; resolves once it reported ready (or the minor failed). */
   start(): Promise<void> {
     const waiter = Promise.withResolvers<void>();
@@ -89,7 +109,21 @@ export class Minor {
     return waiter.promise;
   }
 
+  // The previous disk process's counts join the totals since create (saved
+  // first, so a ctrl dying here counts them once), then the stats file is
+  // zeroed for the next process.
+  #beginProcessCounters(): void {
+    const life = this.#lifetime;
+    if (this.statsFile.generation > life.foldedGeneration) {
+      life.folded = addTotals(life.folded, this.statsFile.counters.totals());
+      life.foldedGeneration = this.statsFile.generation;
+      this.#host.changed();
+    }
+    this.statsFile.reset(life.foldedGeneration + 1);
+  }
+
   #spawn(): void {
+    this.#beginProcessCounters();
     const child = selfCommandFor(
       ["disk", "--minor", String(this.record.minor), "--socket", this.#host.diskSocketPath],
       { stdin: "null", stdout: "null", stderr: "inherit", env: { BLKTAP_LOG_LEVEL: logLevel() } },
@@ -119,7 +153,13 @@ export class Minor {
   connected(channel: KickChannel, pid: number): void {
     if (pid !== this.#child?.pid) {
       this.#host.log.warn(`minor ${this.record.minor}: hello from unexpected pid ${pid}`);
-      channel.close();
+      const servedBy = this.#child ? `pid ${this.#child.pid}, started by ctrl` : "nobody now";
+      channel.send({
+        t: "refused",
+        error:
+          `minor ${this.record.minor} is served by ${servedBy}; ctrl starts its disk processes itself`,
+      });
+      channel.closeAfterSending();
       return;
     }
     this.#channel = channel;
@@ -135,6 +175,7 @@ export class Minor {
       readOnly: r.readOnly,
       cache: r.cache,
       qos: r.qos,
+      statsPath: this.statsFile.path,
     };
     channel.send({ t: "attach", ...config });
   }
@@ -145,7 +186,7 @@ export class Minor {
 
   onMessage(message: Record<string, unknown>): void {
     if (message.t === "ready") {
-      this.#ready(message.sizeBytes as number, message.volatileWrites === true);
+      this.#ready(servedDisk(message));
     } else if (message.t === "reply") this.#reply(message);
     else if (message.t === "failed") this.failure = String(message.error);
   }
@@ -159,10 +200,10 @@ export class Minor {
     this.#calls.clear();
   }
 
-  async #ready(sizeBytes: number, volatileWrites: boolean): Promise<void> {
+  async #ready(served: ServedDisk): Promise<void> {
     const channel = this.#channel!;
-    this.record.sizeBytes = sizeBytes;
-    this.disk.attach(() => channel.kick(), sizeBytes, volatileWrites);
+    this.record.sizeBytes = served.sizeBytes;
+    this.disk.attach(() => channel.kick(), served);
     if (this.record.paused) await this.call("pause").catch(() => {});
     this.state = this.record.paused ? "paused" : "running";
     this.failure = undefined;
@@ -203,7 +244,7 @@ export class Minor {
       return;
     }
     const reissued = this.disk.rearm();
-    this.restarts += 1;
+    this.#lifetime.restarts += 1;
     this.state = "restarting";
     this.#host.log.warn(
       `minor ${this.record.minor}: disk process ${child.pid} died (${how}); restarting, ${reissued} requests to re-issue`,
@@ -273,12 +314,9 @@ export class Minor {
       this.record.image = image;
       this.record.probedRaw = probedRaw;
     }
-    this.record.sizeBytes = reply.sizeBytes as number;
-    this.disk.attach(
-      () => this.#channel?.kick(),
-      this.record.sizeBytes,
-      reply.volatileWrites === true,
-    );
+    const served = servedDisk(reply);
+    this.record.sizeBytes = served.sizeBytes;
+    this.disk.attach(() => this.#channel?.kick(), served);
     this.record.paused = false;
     this.state = "running";
     this.#host.changed();
@@ -291,18 +329,25 @@ export class Minor {
     this.#host.changed();
   }
 
-  /** Counters from the disk process (when it is up) and from supervision. */
-  async stats(): Promise<Record<string, unknown>> {
-    let disk: DiskStats | undefined;
-    if (this.#channel) {
-      disk = (await this.call("stats").catch(() => ({ stats: undefined }))).stats as DiskStats;
-    }
+  /**
+   * Counters, read from the stats file (no call to the disk process, so a
+   * hung or dead one is shown too): `disk` since the current (or last) disk
+   * process started, `total` since create, dead processes included, with
+   * `restarts` beside them.
+   */
+  stats(): Record<string, unknown> {
+    const inflight = this.#channel ? this.statsFile.counters.inflight : 0;
+    const current = this.statsFile.counters.totals();
+    const life = this.#lifetime;
+    // Folded already (ctrl restarted before a process started): not twice.
+    const unfolded = this.statsFile.generation > life.foldedGeneration ? current : emptyTotals();
     return {
       ...this.summary(),
       outstanding: this.disk.outstanding,
-      restarts: this.restarts,
       ...(this.failure ? { failure: this.failure } : {}),
-      ...(disk ? { disk } : {}),
+      diskStartedAt: new Date(this.statsFile.sinceMs).toISOString(),
+      disk: withDerived(current, inflight) satisfies DiskStats,
+      total: withDerived(addTotals(life.folded, unfolded), inflight) satisfies DiskStats,
     };
   }
 
@@ -350,5 +395,20 @@ export class Minor {
     this.#settleWaiters(new Error(`minor ${this.record.minor} destroyed`));
     this.device.close();
     this.device.unlink();
+    this.statsFile.close();
+    this.statsFile.unlink();
   }
+}
+
+/** What a disk process's `ready` message (or resume reply) says it serves. */
+function servedDisk(message: Record<string, unknown>): ServedDisk {
+  const capabilities = message.capabilities as DriverCapabilities | undefined;
+  if (typeof message.sizeBytes !== "number" || typeof capabilities !== "object" || !capabilities) {
+    throw new Error(`disk process sent an incomplete ready message: ${JSON.stringify(message)}`);
+  }
+  return {
+    sizeBytes: message.sizeBytes,
+    volatileWrites: message.volatileWrites === true,
+    capabilities,
+  };
 }

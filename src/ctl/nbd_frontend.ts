@@ -7,7 +7,12 @@
  */
 import type { Ctrl } from "./daemon.ts";
 import type { Minor } from "./minor.ts";
-import { type NbdExport, type NbdServer, startNbdServer } from "../frontends/nbd/server.ts";
+import {
+  type NbdExport,
+  type NbdLimits,
+  type NbdServer,
+  startNbdServer,
+} from "../frontends/nbd/server.ts";
 
 /** Where ctrl listens for NBD. */
 export interface CtrlNbdOptions {
@@ -15,13 +20,17 @@ export interface CtrlNbdOptions {
   unixPath: string;
   /** Also TCP, only when asked. */
   tcp?: { hostname: string; port: number };
+  /** Overrides of the server's limits (the payload budget). */
+  limits?: Partial<NbdLimits>;
 }
 
 /** Name of the NBD socket inside the run dir. */
 export const NBD_SOCKET_NAME = "nbd.sock";
 
+// A minor whose disk process never said what it serves has no export yet:
+// its size and capabilities are unknown until then.
 function exportOf(minor: Minor): NbdExport | undefined {
-  if (minor.state === "destroyed") return undefined;
+  if (minor.state === "destroyed" || !minor.disk.ready) return undefined;
   return {
     name: minor.record.name,
     description: `minor ${minor.record.minor}: ${minor.record.image}`,
@@ -40,6 +49,7 @@ export async function startCtrlNbd(ctrl: Ctrl, options: CtrlNbdOptions): Promise
   const server = await startNbdServer({
     unixPath: options.unixPath,
     tcp: options.tcp,
+    limits: options.limits,
     lookup: (name) => {
       const minor = ctrl.minors.find((m) => m.record.name === name);
       return minor && exportOf(minor);
@@ -48,6 +58,10 @@ export async function startCtrlNbd(ctrl: Ctrl, options: CtrlNbdOptions): Promise
     log: (level, message) => ctrl.log[level](`nbd: ${message}`),
   });
   ctrl.addDestroyHook((name) => server.disconnectExport(name));
+  ctrl.addClientProbe((minor) => {
+    const count = server.connectionsTo(minor.record.name);
+    return count === 0 ? [] : [`${count} NBD connection${count === 1 ? "" : "s"}`];
+  });
   ctrl.nbdSocketPath = server.unixPath;
   const tcp = server.tcp ? `, tcp ${server.tcp.hostname}:${server.tcp.port}` : "";
   ctrl.log.info(`nbd: listening on ${server.unixPath}${tcp}`);

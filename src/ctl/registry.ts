@@ -6,6 +6,21 @@
  * @module
  */
 import type { QosSettings } from "../disk/disk_server.ts";
+import type { CounterTotals } from "../disk/counters.ts";
+
+/**
+ * A minor's history across disk-process restarts and ctrl restarts: the
+ * counts of every disk process that is gone (the stats file holds the
+ * current one's), and how many times one was restarted.
+ */
+export interface MinorLifetime {
+  /** Disk processes restarted after dying (crashed or killed), since create. */
+  restarts: number;
+  /** Counts of the disk processes already folded in. */
+  folded: CounterTotals;
+  /** Generation of the last process folded in: a stats file still at it is counted already. */
+  foldedGeneration: number;
+}
 
 /** One disk as ctrl remembers it. */
 export interface MinorRecord {
@@ -35,6 +50,10 @@ export interface MinorRecord {
   paused: boolean;
   /** Pid of the disk process last started, for a new ctrl to clean up. */
   pid?: number;
+  /** The stats file the disk process counts into (absent in older registries: derived). */
+  statsPath?: string;
+  /** Totals since create (absent in older registries: from zero). */
+  lifetime?: MinorLifetime;
 }
 
 /** The registry file's content. */

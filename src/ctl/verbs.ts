@@ -11,6 +11,7 @@ import {
   UsageError,
 } from "../cli/command.ts";
 import { ctlRequest } from "./client.ts";
+import type { CounterTotals, DiskStats } from "../disk/counters.ts";
 import { ALLOW_PATH_OPTION, allowPathHelp, parseAllowPaths } from "../cli/allow_path.ts";
 import { isNullSpec } from "../disk/null_driver.ts";
 import { absolutePath, probedNote, specFilePath } from "../formats/open_image.ts";
@@ -114,8 +115,14 @@ ${RUN_DIR_HELP}`,
 const LIST: Command = {
   name: "list",
   summary: "list minors: name, pid, state, image, counters",
-  usage:
-    `usage: blktap list [--json] [--run-dir DIR]\n\n  --json          machine-readable output\n${RUN_DIR_HELP}`,
+  usage: `usage: blktap list [--json] [--run-dir DIR]
+
+OPS and ERRORS count since the disk was created, across restarts of its
+disk process (RESTARTS) and of ctrl; PROC-OPS and PROC-ERRORS since the
+current disk process (PID) started.
+
+  --json          machine-readable output
+${RUN_DIR_HELP}`,
   async run(argv) {
     const { values } = parseCommandArgs(argv, { ...runDirOption, json: { type: "boolean" } });
     const { minors } = await ctlRequest(runDir(values), { op: "list" }) as {
@@ -125,15 +132,33 @@ const LIST: Command = {
       console.log(JSON.stringify(minors, null, 2));
       return 0;
     }
-    const rows = [["MINOR", "NAME", "PID", "STATE", "OPS", "ERRORS", "RESTARTS", "IMAGE"]];
+    const rows = [[
+      "MINOR",
+      "NAME",
+      "PID",
+      "STATE",
+      "RESTARTS",
+      "OPS",
+      "ERRORS",
+      "PROC-OPS",
+      "PROC-ERRORS",
+      "IMAGE",
+    ]];
     for (const m of minors) {
-      const disk = m.disk as { ops: Record<string, number>; errors: number } | undefined;
-      const ops = disk ? Object.values(disk.ops).reduce((a, b) => a + b, 0) : "-";
-      rows.push(
-        [m.minor, m.name, m.pid ?? "-", m.state, ops, disk?.errors ?? "-", m.restarts, m.image].map(
-          String,
-        ),
-      );
+      const total = m.total as CounterTotals | undefined;
+      const disk = m.disk as CounterTotals | undefined;
+      rows.push([
+        m.minor,
+        m.name,
+        m.pid ?? "-",
+        m.state,
+        m.restarts,
+        total ? opsOf(total) : "-",
+        total?.errors ?? "-",
+        disk ? opsOf(disk) : "-",
+        disk?.errors ?? "-",
+        m.image,
+      ].map(String));
     }
     const widths = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));
     for (const r of rows) {
@@ -143,11 +168,21 @@ const LIST: Command = {
   },
 };
 
+function opsOf(counters: CounterTotals): number {
+  return Object.values(counters.ops).reduce((a, b) => a + b, 0);
+}
+
 const STATS: Command = {
   name: "stats",
-  summary: "counters of one minor (ops, bytes, errors, latency)",
-  usage:
-    `usage: blktap stats MINOR [--json] [--run-dir DIR]\n\n  --json          machine-readable output\n${RUN_DIR_HELP}`,
+  summary: "counters of one minor (ops, bytes, errors, latency), since create and per process",
+  usage: `usage: blktap stats MINOR [--json] [--run-dir DIR]
+
+Counters since the disk was created (every disk process, killed ones
+included, across ctrl restarts) and since the current disk process started.
+
+  --json          machine-readable output: "total" since create, "disk" for
+                  the current process (started at "diskStartedAt"), "restarts"
+${RUN_DIR_HELP}`,
   async run(argv) {
     const { values, positionals } = parseCommandArgs(argv, {
       ...runDirOption,
@@ -170,27 +205,36 @@ const STATS: Command = {
 };
 
 function printStats(stats: Record<string, unknown>): void {
-  const disk = stats.disk as Record<string, unknown> | undefined;
   for (const [key, value] of Object.entries(stats)) {
-    if (key !== "disk") {
-      console.log(`${key}: ${typeof value === "object" ? JSON.stringify(value) : value}`);
-    }
+    if (key === "disk" || key === "total" || key === "diskStartedAt") continue;
+    console.log(`${key}: ${typeof value === "object" ? JSON.stringify(value) : value}`);
   }
-  if (!disk) return;
-  const ops = disk.ops as Record<string, number>;
-  console.log(`ops: ${Object.entries(ops).map(([k, v]) => `${k}=${v}`).join(" ")}`);
+  const total = stats.total as DiskStats | undefined;
+  if (total) {
+    console.log(`since create (all disk processes, ${stats.restarts} restarts):`);
+    printCounters(total);
+  }
+  const disk = stats.disk as DiskStats | undefined;
+  if (disk) {
+    console.log(`this disk process (pid ${stats.pid ?? "-"}, since ${stats.diskStartedAt}):`);
+    printCounters(disk);
+    console.log(`  inflight: ${disk.inflight}`);
+  }
+}
+
+function printCounters(counters: DiskStats): void {
+  console.log(`  ops: ${Object.entries(counters.ops).map(([k, v]) => `${k}=${v}`).join(" ")}`);
   for (
     const key of [
       "bytesRead",
       "bytesWritten",
       "errors",
       "invalid",
-      "inflight",
       "latencyUsP50",
       "latencyUsP99",
-    ]
+    ] as const
   ) {
-    console.log(`${key}: ${disk[key]}`);
+    console.log(`  ${key}: ${counters[key]}`);
   }
 }
 
@@ -243,12 +287,18 @@ ${RUN_DIR_HELP}`,
 
 const EXERCISE: Command = {
   name: "exercise",
-  summary: "drive a minor with the verified test front end (tests, bench)",
-  usage: `usage: blktap exercise MINOR [OPTIONS] [--run-dir DIR]
+  summary: "test a minor with random verified I/O (DESTROYS the disk's data; tests, bench)",
+  usage: `usage: blktap exercise MINOR [OPTIONS] [--force] [--run-dir DIR]
+
+DESTROYS DATA: writes test patterns over MINOR's disk (the image loses its
+contents). Use it on scratch disks only.
 
 Runs the test front end inside ctrl on MINOR's ring: random reads and writes
 verified against a model of what it wrote (reads of sectors it has not
-written are not checked).
+written are checked only with --initial-zero). A minor with clients (NBD
+connections to its export) is refused unless --force.
+
+  --force             run even though the disk has clients (their data is destroyed)
 
   --requests N        stop after N requests (default: --seconds)
   --seconds S         stop after S seconds (default 10)
@@ -262,6 +312,7 @@ written are not checked).
   --region SIZE       only use the first SIZE bytes of the disk
   --no-verify         do not fill or check data (benchmarks)
   --aligned           page-aligned offsets and buffers (O_DIRECT without bounce)
+  --initial-zero      the disk is all zeros before the run: check unwritten sectors too
   --seed N            replay a run
   --json              machine-readable output
 ${RUN_DIR_HELP}`,
@@ -281,8 +332,10 @@ ${RUN_DIR_HELP}`,
       region: { type: "string" },
       "no-verify": { type: "boolean" },
       aligned: { type: "boolean" },
+      "initial-zero": { type: "boolean" },
       seed: { type: "string" },
       json: { type: "boolean" },
+      force: { type: "boolean" },
     }, { min: 1, max: 1 });
     const pct = (v: string | undefined) => (v === undefined ? undefined : Number(v) / 100);
     const size = (v: string | undefined) => (v === undefined ? undefined : parseSize(v));
@@ -303,7 +356,9 @@ ${RUN_DIR_HELP}`,
       regionBytes: size(values.region),
       verify: !values["no-verify"],
       aligned: values.aligned ?? false,
+      initialZero: values["initial-zero"] ?? false,
       seed: parseCount(values.seed, "--seed"),
+      force: values.force ?? false,
     });
     if (values.json) console.log(JSON.stringify(result));
     else for (const [k, v] of Object.entries(result)) console.log(`${k}: ${v}`);

@@ -7,12 +7,15 @@
 import { type Command, parseCommandArgs, parseCount, UsageError } from "../cli/command.ts";
 import { type Logger, logger } from "../cli/log.ts";
 import { memoryFence } from "../../ffi/memory.ts";
+import { waitOnThisThread } from "../../ffi/aio.ts";
 import type { BlockDriver } from "../formats/driver.ts";
 import { openImage, parseImageSpec } from "../formats/open_image.ts";
 import { KickChannel } from "../ring/kick_channel.ts";
+import type { ServedDisk } from "../ring/ring_disk.ts";
 import { ShmRingDevice } from "../ring/shm_ring_device.ts";
 import { defaultRunDir } from "../cli/run_dir.ts";
 import { DiskServer } from "./disk_server.ts";
+import { StatsFile } from "./stats_file.ts";
 import { isNullSpec, openNull } from "./null_driver.ts";
 import { type AttachConfig, DISK_SOCKET_NAME } from "./protocol.ts";
 
@@ -24,6 +27,14 @@ Options:
   --minor N        the ring device (minor) to serve
   --run-dir DIR    ctrl's run directory (default $XDG_RUNTIME_DIR/blktap, else /run/blktap)
   --socket PATH    ctrl's disk socket (default DIR/${DISK_SOCKET_NAME})`;
+
+/**
+ * How long the disk process waits for its I/O on its own thread before
+ * handing the wait to another thread (ffi/aio.ts `waitOnThisThread`): its
+ * requests arrive in the shared ring, looked at on every completion, so
+ * nothing else needs the thread meanwhile. BLKTAP_DISK_WAIT_US=0 turns it off.
+ */
+const io_wait_on_thread_us = Number(Deno.env.get("BLKTAP_DISK_WAIT_US") ?? "200");
 
 /**
  * Opens an image spec as the disk process serves it: by its recorded type
@@ -58,6 +69,15 @@ function hasVolatileWrites(driver: BlockDriver): boolean {
   return !PROCESS_CRASH_SAFE_FORMATS.has(driver.format);
 }
 
+/** What ctrl learns of the disk when it is served: ctrl's front ends advertise its capabilities. */
+function served(driver: BlockDriver): ServedDisk {
+  return {
+    sizeBytes: driver.sizeBytes,
+    volatileWrites: hasVolatileWrites(driver),
+    capabilities: { ...driver.capabilities },
+  };
+}
+
 /** One disk process's state. */
 class DiskProcess {
   readonly #log: Logger;
@@ -78,7 +98,11 @@ class DiskProcess {
     this.#channel = new KickChannel(conn, {
       onKick: () => this.#server?.kick(),
       onMessage: (m) => this.#onMessage(m),
-      onClose: () => this.#shutdown("ctrl went away"),
+      onClose: () => {
+        // Hung up on before any configuration: ctrl does not know this minor.
+        if (!this.#config) return this.#refused(`ctrl at ${socketPath} closed the connection`);
+        this.#shutdown("ctrl went away");
+      },
     });
     this.#channel.send({ t: "hello", minor: this.#minor, pid: Deno.pid });
     const onSignal = () => this.#shutdown("SIGTERM");
@@ -90,7 +114,15 @@ class DiskProcess {
     }
   }
 
+  // Not served: one line for whoever started this process, exit 2.
+  #refused(why: string): void {
+    console.error(`blktap disk: minor ${this.#minor}: ${why}`);
+    this.#channel.close();
+    this.#done.resolve(2);
+  }
+
   #onMessage(message: Record<string, unknown>): void {
+    if (message.t === "refused") return this.#refused(String(message.error));
     if (message.t === "attach") {
       this.#attach(message as unknown as AttachConfig).catch((error) => {
         this.#log.error(`attach failed: ${error.message}`);
@@ -129,7 +161,11 @@ class DiskProcess {
     this.#config = config;
     const driver = await openDiskImage(config.image, config);
     this.#device = ShmRingDevice.open(config.shmPath, config);
+    // Counting in the minor's stats file: ctrl reads it even after this process is killed.
+    const stats = config.statsPath ? StatsFile.open(config.statsPath) : undefined;
+    if (stats) stats.pid = Deno.pid;
     this.#server = new DiskServer({
+      counters: stats?.counters,
       ring: this.#device.ring,
       pool: this.#device.pool,
       fence: memoryFence,
@@ -140,11 +176,7 @@ class DiskProcess {
       log: (m) => this.#log.warn(m),
     });
     this.#log.info(`serving ${config.image} (${driver.sizeBytes} bytes) pid ${Deno.pid}`);
-    this.#channel.send({
-      t: "ready",
-      sizeBytes: driver.sizeBytes,
-      volatileWrites: hasVolatileWrites(driver),
-    });
+    this.#channel.send({ t: "ready", ...served(driver) });
     this.#server.kick();
   }
 
@@ -178,10 +210,7 @@ class DiskProcess {
   ): Promise<Record<string, unknown>> {
     if (image) await this.#switchImage(server, image, probedRaw);
     else server.resume();
-    return {
-      sizeBytes: server.driver.sizeBytes,
-      volatileWrites: hasVolatileWrites(server.driver),
-    };
+    return { ...served(server.driver) };
   }
 
   // The old image is closed first: its locks would refuse the new overlay
@@ -221,6 +250,7 @@ export const DISK_COMMAND: Command = {
     const minor = parseCount(values.minor, "--minor");
     if (minor === undefined) throw new UsageError("--minor is required");
     const socket = values.socket ?? `${values["run-dir"] ?? defaultRunDir()}/${DISK_SOCKET_NAME}`;
+    waitOnThisThread(io_wait_on_thread_us);
     return await new DiskProcess(minor).run(socket);
   },
 };

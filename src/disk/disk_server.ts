@@ -9,6 +9,12 @@
  * responses completed in one turn are published with one push (one kick).
  * Ordering: FLUSH_DISKCACHE and WRITE_BARRIER wait until every earlier
  * request has completed, and later requests wait for them.
+ *
+ * Kicks: with at least `busy_requests_min` requests running, the server does
+ * not ask to be kicked for new ones (req_event stays where it was): each
+ * completion looks at the ring anyway, soon enough to keep the disk busy,
+ * and the front end saves a wake-up of this process per batch. Below that
+ * it arms req_event as blkback does when it goes idle.
  * @module
  */
 import * as B from "../ring/blkif.ts";
@@ -45,14 +51,19 @@ export interface DiskServerOptions {
   maxInflightRequests?: number;
   qos?: QosSettings;
   log?: (message: string) => void;
+  /** Where to count (a minor's stats file); private counters by default. */
+  counters?: DiskCounters;
 }
 
 /** Default in-flight bound: a whole 128-entry ring. */
 export const max_inflight_requests_default = 128;
 
+/** Requests running from which completions, not kicks, bring new requests in. */
+export const busy_requests_min = 8;
+
 /** Serves one ring. */
 export class DiskServer {
-  readonly counters = new DiskCounters();
+  readonly counters: DiskCounters;
   readonly #back: BackRing;
   readonly #ringView: DataView;
   readonly #options: DiskServerOptions;
@@ -75,6 +86,8 @@ export class DiskServer {
 
   constructor(options: DiskServerOptions) {
     this.#options = options;
+    this.counters = options.counters ?? new DiskCounters();
+    this.counters.inflight = 0;
     this.#back = new BackRing(options.ring, options.fence);
     this.#ringView = this.#back.sring.view;
     this.#maxInflight = Math.min(
@@ -132,6 +145,8 @@ export class DiskServer {
         if (!this.#startHeld()) break;
       }
       if (!this.#canStart() || this.#held) break;
+      // Busy: the next completion pumps again (see the module comment).
+      if (this.#inflight >= busy_requests_min) break;
       if (!this.#back.finalCheckForRequests()) break;
     }
     this.#checkIdle();
@@ -166,14 +181,14 @@ export class DiskServer {
   }
 
   #start(request: ParsedRequest): void {
-    this.#inflight += 1;
+    this.counters.inflight = ++this.#inflight;
     const started = performance.now();
     this.#execute(request).then(
       () => this.#finish(request, started, B.BLKIF_RSP_OKAY),
       (error) => {
         const code = (error as { code?: string }).code;
-        // A driver without extents is an expected answer, not a fault.
-        if (code !== "EOPNOTSUPP" || request.kind !== "block-status") {
+        // A driver without extents or discard gives an expected answer, not a fault.
+        if (code !== "EOPNOTSUPP" || !["block-status", "discard"].includes(request.kind)) {
           this.#options.log?.(
             `request ${request.kind} ${request.offsetBytes}+${request.lengthBytes}: ${error}`,
           );
@@ -189,7 +204,7 @@ export class DiskServer {
 
   #finish(request: ParsedRequest, started: number, status: number): void {
     if (this.#stopped) return; // the ring may belong to a successor now
-    this.#inflight -= 1;
+    this.counters.inflight = --this.#inflight;
     if (request.kind === "flush" || request.kind === "barrier") this.#ordering = false;
     const latencyUs = (performance.now() - started) * 1000;
     this.counters.complete(
@@ -248,7 +263,7 @@ export class DiskServer {
   }
 
   stats(): DiskStats {
-    return this.counters.snapshot(this.#inflight);
+    return this.counters.snapshot();
   }
 
   /** Quiesces: no new request starts; resolves once in-flight ones drained and data is flushed. */

@@ -21,8 +21,7 @@ export class NullDriver extends BlockDriverBase {
     this.capabilities = {
       canWrite: !readOnly,
       canFlush: true,
-      canFua: true,
-      canDiscard: true,
+      canDiscard: !readOnly,
       canZero: true,
       canExtents: false,
       canMultiConn: true,
@@ -38,6 +37,10 @@ export class NullDriver extends BlockDriverBase {
   }
 
   protected _flush(): Promise<void> {
+    return Promise.resolve();
+  }
+
+  protected override _discard(): Promise<void> {
     return Promise.resolve();
   }
 

@@ -5,7 +5,7 @@
  *
  *   disk -> ctrl  {t:"hello", minor, pid}
  *   ctrl -> disk  {t:"attach", ...AttachConfig}
- *   disk -> ctrl  {t:"ready", sizeBytes} | {t:"failed", error}
+ *   disk -> ctrl  {t:"ready", sizeBytes, volatileWrites, capabilities} | {t:"failed", error}
  *   ctrl -> disk  {t:"call", seq, op:"stats"|"pause"|"resume"|"qos", ...}
  *                 (resume may carry {image, probedRaw}: a new image, explicit type)
  *   disk -> ctrl  {t:"reply", seq, ok, error?, ...result}
@@ -32,4 +32,6 @@ export interface AttachConfig {
   readOnly: boolean;
   cache: "none" | "writeback";
   qos: QosSettings;
+  /** The minor's stats file (shared memory) to count into; private counters without one. */
+  statsPath?: string;
 }

@@ -11,34 +11,44 @@
  * @module
  */
 
-/** What a driver can do; front ends advertise exactly these. */
+/**
+ * What a driver does; front ends advertise exactly these and nothing else
+ * (NBD: src/frontends/nbd/export.ts; the ring carries them from the disk
+ * process in its `ready` message to {@linkcode RingDisk}). A capability no
+ * front end reads does not belong here.
+ */
 export interface DriverCapabilities {
-  /** Writes are allowed (false for read-only opens and read-only formats). */
+  /** Writes are allowed (false for read-only opens and read-only formats). NBD: not READ_ONLY. */
   readonly canWrite: boolean;
-  /** `flush` makes completed writes durable. */
+  /** `flush` makes completed writes durable. NBD: SEND_FLUSH, and SEND_FUA (FUA is a flush after the write). */
   readonly canFlush: boolean;
-  /** `write` with `fua` is cheaper than write + flush. */
-  readonly canFua: boolean;
-  /** `discard` actually frees space (otherwise it is a no-op, as TRIM allows). */
+  /**
+   * `discard` deallocates the range (it may then read as zeros or as
+   * before). NBD: SEND_TRIM. Without it `discard` fails with EOPNOTSUPP.
+   */
   readonly canDiscard: boolean;
-  /** `writeZeroes` is cheaper than writing a buffer of zeros. */
+  /**
+   * `writeZeroes` zeroes without writing the zeros (fallocate, a hole):
+   * NBD: SEND_FAST_ZERO. Without it, a `fast` write-zeroes fails with
+   * EOPNOTSUPP and a plain one writes zeros.
+   */
   readonly canZero: boolean;
-  /** `blockStatus` reports real holes and zeros. */
+  /** `blockStatus` reports real holes and zeros. NBD: sparse reads; the ring: block status. */
   readonly canExtents: boolean;
-  /** Several connections may share the disk: flush covers all their writes. */
+  /** Several connections may share the disk: flush covers all their writes. NBD: CAN_MULTI_CONN. */
   readonly canMultiConn: boolean;
 }
 
 /**
  * The capabilities of an allocating image format (qcow, vmdk, a chain
  * stand-in): flush is real, extents report real holes, several connections
- * may share the disk; no FUA, discard or fast zeroing of its own.
+ * may share the disk; no discard or fast zeroing of its own (a format that
+ * implements them sets its own flags).
  */
 export function imageFormatCapabilities(canWrite: boolean): DriverCapabilities {
   return {
     canWrite,
     canFlush: true,
-    canFua: false,
     canDiscard: false,
     canZero: false,
     canExtents: true,
@@ -139,7 +149,10 @@ export interface BlockDriver {
    * Only into an unallocated cluster of an image being written sequentially.
    */
   writeCompressed?(offsetBytes: number, data: Uint8Array): Promise<void>;
-  /** Hint that the range is unused; afterwards it may read as zeros or as before. */
+  /**
+   * The range is unused: it is deallocated and may afterwards read as
+   * zeros or as before. Fails with EOPNOTSUPP unless `canDiscard`.
+   */
   discard(offsetBytes: number, lengthBytes: number): Promise<void>;
   /** Makes the range read as zeros. */
   writeZeroes(offsetBytes: number, lengthBytes: number, options?: ZeroOptions): Promise<void>;
@@ -187,9 +200,13 @@ export abstract class BlockDriverBase implements BlockDriver {
   protected abstract _flush(): Promise<void>;
   abstract close(): Promise<void>;
 
-  /** Default: advisory, nothing is freed. */
+  /** Drivers that set `canDiscard` override this; `discard` never calls it otherwise. */
   protected _discard(_offsetBytes: number, _lengthBytes: number): Promise<void> {
-    return Promise.resolve();
+    return Promise.reject(this.#unsupported("discard"));
+  }
+
+  #unsupported(what: string): BlockError {
+    return new BlockError("EOPNOTSUPP", `${this.path}: the ${this.format} driver has no ${what}`);
   }
 
   /** Default: write zeros in chunks; refuses when `fast` is asked. */
@@ -270,6 +287,7 @@ export abstract class BlockDriverBase implements BlockDriver {
   async discard(offsetBytes: number, lengthBytes: number): Promise<void> {
     this.checkWritable();
     this.checkRange(offsetBytes, lengthBytes);
+    if (!this.capabilities.canDiscard) throw this.#unsupported("discard");
     if (lengthBytes > 0) await this._discard(offsetBytes, lengthBytes);
   }
 

@@ -38,6 +38,8 @@ export interface ImageFile {
   truncate(lengthBytes: number): Promise<void>;
   /** Deallocates a range inside the file; it reads as zeros afterwards. */
   punchHole(offsetBytes: number, lengthBytes: number): Promise<void>;
+  /** False when `punchHole` deallocates nothing (a block device); absent means true. */
+  readonly canPunchHoles?: boolean;
   /** Preallocates a range, extending the file if needed; contents read as zeros where new. */
   allocate(offsetBytes: number, lengthBytes: number): Promise<void>;
   /** Data and hole runs covering `[offset, offset+length)` clipped to the file. */

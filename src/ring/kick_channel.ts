@@ -29,6 +29,8 @@ export class KickChannel {
   #outbox: Uint8Array[] = [];
   #kickQueued = false;
   #writing = false;
+  /** Waiting for the outbox to be sent ({@linkcode KickChannel.closeAfterSending}). */
+  #sent: (() => void)[] = [];
   #closed = false;
   #line: Uint8Array[] = [];
   #lineBytes = 0;
@@ -58,6 +60,14 @@ export class KickChannel {
     this.#flush();
   }
 
+  /** Sends what is queued (a last message), then closes. */
+  async closeAfterSending(): Promise<void> {
+    if (this.#writing || this.#outbox.length > 0) {
+      await new Promise<void>((resolve) => this.#sent.push(resolve));
+    }
+    this.close();
+  }
+
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
@@ -82,6 +92,11 @@ export class KickChannel {
       this.#fail(error as Error);
     } finally {
       this.#writing = false;
+      if (this.#outbox.length === 0 || this.#closed) {
+        const waiters = this.#sent;
+        this.#sent = [];
+        for (const resolve of waiters) resolve();
+      }
     }
   }
 

@@ -8,6 +8,11 @@
  * Block status goes to the disk process too (src/ring/ring_block_status.ts):
  * only it knows the image's allocation, and ctrl must not open the image
  * behind its back.
+ *
+ * Its capabilities are those of the driver the disk process serves (sent
+ * in its `ready` message), minus what the ring cannot carry: there is no
+ * write-zeroes operation on a blkif ring, so zeros travel as data and fast
+ * zeroing is never offered.
  * @module
  */
 import {
@@ -29,6 +34,15 @@ export { block_status_requests_per_call_max } from "./ring_block_status.ts";
 /** Largest payload of one ring request: an indirect request's segments. */
 export const request_bytes_max = B.indirect_segments_max * B.PAGE_BYTES;
 
+/** What a disk process serves, as its `ready` message (or a resume) says. */
+export interface ServedDisk {
+  sizeBytes: number;
+  /** Its driver caches metadata until flush: acknowledged writes are kept for replay. */
+  volatileWrites: boolean;
+  /** Its driver's capabilities. */
+  capabilities: DriverCapabilities;
+}
+
 /** A minor seen as a block device. */
 export class RingDisk extends BlockDriverBase implements BufferLender {
   readonly format = "ring";
@@ -37,9 +51,9 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
   readonly producer: RingProducer;
   readonly #readOnly: boolean;
   #sizeBytes: number;
+  /** The served driver's capabilities; undefined until a disk process first said ready. */
+  #served: DriverCapabilities | undefined;
   #rmwLock: Promise<void> = Promise.resolve();
-  /** The disk process answered EOPNOTSUPP to block status: everything is data. */
-  #extentsUnsupported = false;
 
   constructor(
     name: string,
@@ -65,16 +79,21 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
     return this.producer.pages;
   }
 
+  /** True once a disk process has said what it serves (front ends wait for it). */
+  get ready(): boolean {
+    return this.#served !== undefined;
+  }
+
   get capabilities(): DriverCapabilities {
-    const canWrite = !this.#readOnly;
+    const served = this.#served;
+    const canWrite = !this.#readOnly && (served?.canWrite ?? false);
     return {
       canWrite,
-      canFlush: true,
-      canFua: false,
-      canDiscard: canWrite,
-      canZero: false,
-      canExtents: !this.#extentsUnsupported,
-      canMultiConn: true,
+      canFlush: served?.canFlush ?? false,
+      canDiscard: canWrite && (served?.canDiscard ?? false),
+      canZero: false, // no write-zeroes on the ring: zeros are written as data
+      canExtents: served?.canExtents ?? false,
+      canMultiConn: served?.canMultiConn ?? false,
     };
   }
 
@@ -94,12 +113,11 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
 
   // ---- supervision (see RingProducer) -----------------------------------
 
-  /** A disk process serves `sizeBytes`; see {@linkcode RingProducer.attach}. */
-  attach(kick: () => void, sizeBytes: number, volatileWrites = false): void {
-    this.#sizeBytes = sizeBytes;
-    // A resume may serve another image, whose driver may have extents.
-    this.#extentsUnsupported = false;
-    this.producer.attach(kick, volatileWrites);
+  /** A disk process serves `served`; see {@linkcode RingProducer.attach}. */
+  attach(kick: () => void, served: ServedDisk): void {
+    this.#sizeBytes = served.sizeBytes;
+    this.#served = served.capabilities;
+    this.producer.attach(kick, served.volatileWrites);
   }
 
   detach(): void {
@@ -184,7 +202,8 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
     offsetBytes: number,
     lengthBytes: number,
   ): Promise<Extent[]> {
-    if (this.#extentsUnsupported) return await super._blockStatus(offsetBytes, lengthBytes);
+    // A driver without extents: everything is data, no need to ask.
+    if (!this.capabilities.canExtents) return await super._blockStatus(offsetBytes, lengthBytes);
     const gref = await this.pages.allocateWait(1);
     const asker = {
       page: this.pool.subarray(gref * B.PAGE_BYTES, (gref + 1) * B.PAGE_BYTES),
@@ -194,8 +213,8 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
     try {
       return await blockStatusRounds(asker, offsetBytes, offsetBytes + lengthBytes);
     } catch (error) {
+      // Its driver could not answer after all: the range is data, as without extents.
       if (!(error instanceof BlockStatusUnsupported)) throw error;
-      this.#extentsUnsupported = true;
       return await super._blockStatus(offsetBytes, lengthBytes);
     } finally {
       this.pages.release(gref, 1);

@@ -3,10 +3,13 @@
  * ring pages, then the data page pool. ctrl creates it; the disk process
  * maps the same file. A request's grefs are page numbers in the pool.
  * Kicks travel separately (src/ring/kick_channel.ts).
+ *
+ * The file lives in a shared-memory folder, so it is a private file
+ * (ffi/mapped_file.ts): a symbolic link or someone else's file where a ring
+ * device goes is refused, never followed.
  * @module
  */
-import { File } from "../../ffi/file.ts";
-import { NativeMemory } from "../../ffi/memory.ts";
+import { MappedFile } from "../../ffi/mapped_file.ts";
 import { PAGE_BYTES } from "./blkif.ts";
 
 /** Page counts of a ring device. */
@@ -38,69 +41,50 @@ export class ShmRingDevice {
   readonly ring: Uint8Array;
   /** The data pool: page `g` is `pool.subarray(g * 4096, (g + 1) * 4096)`. */
   readonly pool: Uint8Array;
-  readonly #memory: NativeMemory;
-  readonly #file: File;
+  readonly #mapped: MappedFile;
 
-  private constructor(path: string, layout: RingDeviceLayout, file: File) {
-    this.path = path;
+  private constructor(layout: RingDeviceLayout, mapped: MappedFile) {
+    this.path = mapped.path;
     this.layout = layout;
-    this.#file = file;
+    this.#mapped = mapped;
     const ringBytes = layout.ringPages * PAGE_BYTES;
-    const total = ringBytes + layout.poolPages * PAGE_BYTES;
-    this.#memory = NativeMemory.mapShared(file.fd, total, 0, path);
-    this.ring = this.#memory.bytes.subarray(0, ringBytes);
-    this.pool = this.#memory.bytes.subarray(ringBytes, total);
+    this.ring = mapped.bytes.subarray(0, ringBytes);
+    this.pool = mapped.bytes.subarray(ringBytes, deviceBytes(layout));
   }
 
-  /** Creates (or replaces) the file at `path` and maps it; contents are zero. */
+  /**
+   * Creates the file at `path` and maps it; contents are zero. A stale ring
+   * device of ours there is replaced; anything else (a symbolic link, a
+   * file of another user or with another mode) is refused.
+   */
   static create(path: string, layout: RingDeviceLayout): ShmRingDevice {
     checkLayout(layout);
-    try {
-      Deno.removeSync(path);
-    } catch {
-      // absent
-    }
-    const file = File.open(path, { write: true, createNew: true, mode: 0o600 });
-    try {
-      file.truncate((layout.ringPages + layout.poolPages) * PAGE_BYTES);
-      return new ShmRingDevice(path, layout, file);
-    } catch (error) {
-      file.close();
-      throw error;
-    }
+    return new ShmRingDevice(layout, MappedFile.create(path, deviceBytes(layout), "ring device"));
   }
 
-  /** Maps an existing ring device; its size must match `layout`. */
+  /**
+   * Maps an existing ring device; its size must match `layout`. Throws a
+   * `SysError` ENOENT when there is none, an error naming the problem when
+   * the file there is not a private file of ours.
+   */
   static open(path: string, layout: RingDeviceLayout): ShmRingDevice {
     checkLayout(layout);
-    const file = File.open(path, { write: true });
-    try {
-      const { sizeBytes } = file.stat();
-      const expected = (layout.ringPages + layout.poolPages) * PAGE_BYTES;
-      if (sizeBytes !== expected) {
-        throw new Error(`${path}: ring device is ${sizeBytes} bytes, expected ${expected}`);
-      }
-      return new ShmRingDevice(path, layout, file);
-    } catch (error) {
-      file.close();
-      throw error;
-    }
+    return new ShmRingDevice(layout, MappedFile.open(path, deviceBytes(layout), "ring device"));
   }
 
   /** Unmaps and closes; the file stays. */
   close(): void {
-    this.#memory.release();
-    this.#file.close();
+    this.#mapped.close();
   }
 
   /** Removes the file (mappings stay valid until closed). */
   unlink(): void {
-    try {
-      Deno.removeSync(this.path);
-    } catch {
-      // already gone
-    }
+    this.#mapped.unlink();
   }
+}
+
+function deviceBytes(layout: RingDeviceLayout): number {
+  return (layout.ringPages + layout.poolPages) * PAGE_BYTES;
 }
 
 function checkLayout(layout: RingDeviceLayout): void {

@@ -15,6 +15,7 @@
 import { type Command, parseCommandArgs } from "../cli/command.ts";
 import type { CheckReport } from "../formats/inspect.ts";
 import { formatEntry, parseImageSpec, probeFormat } from "../formats/open_image.ts";
+import { describeChain } from "./image_chain.ts";
 
 /** Exit statuses of `blktap check`. */
 export const CHECK_CLEAN = 0;
@@ -58,12 +59,27 @@ export async function checkImage(spec: string, repair = false): Promise<CheckRes
   let repaired: string[] | undefined;
   let report: CheckReport;
   try {
+    // An image whose chain cannot be opened (a loop, a missing backing file)
+    // is unusable however sound its own tables are: QEMU refuses to open it.
+    await describeChain(`${format}:${path}`);
     if (repair) repaired = (await entry.check(path, { repair: true })).repaired ?? [];
     report = await entry.check(path, { repair: false });
   } catch (error) {
     report = { corruptions: [], leakedClusters: 0, unusable: (error as Error).message };
   }
   return { filename: path, format: entry.name, report, repaired, status: statusOf(report) };
+}
+
+/** The one-line verdict `check` says on stderr when the image is not clean. */
+export function checkVerdict(result: CheckResult): string | undefined {
+  const { report } = result;
+  if (report.unusable !== undefined) {
+    const why = report.unusable;
+    return why.includes(result.filename) ? why : `${result.filename}: ${why}`;
+  }
+  const count = report.corruptions.length;
+  if (count > 0) return `${result.filename}: corrupt (${count} error${count === 1 ? "" : "s"})`;
+  return undefined;
 }
 
 /** Text in the spirit of `qemu-img check`. */
@@ -113,6 +129,8 @@ export const CHECK_COMMAND: Command = {
     const result = await checkImage(positionals[0], values.repair ?? false);
     const text = values.json ? JSON.stringify(result, null, 2) : formatCheckHuman(result);
     console.log(text);
+    const verdict = checkVerdict(result);
+    if (verdict) console.error(`blktap check: ${verdict}`);
     return result.status;
   },
 };

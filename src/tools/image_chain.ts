@@ -47,12 +47,29 @@ async function layerInfo(path: string, format: string): Promise<ImageInfo> {
   return { format: entry.name, virtualSizeBytes: stat.size };
 }
 
-/** Walks the backing chain of `spec` (`type:path` or a path), top first. */
+// The file behind a path (a link or another spelling of the same path is the same file).
+async function fileIdentity(path: string): Promise<string | undefined> {
+  try {
+    const stat = await Deno.stat(path);
+    return `${stat.dev}:${stat.ino}`;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Walks the backing chain of `spec` (`type:path` or a path), top first.
+ * Throws, naming the chain, when a backing file is missing, when the chain
+ * comes back to a file already in it (an image that is its own backing
+ * file, two images backing each other), or when it is deeper than
+ * {@linkcode chain_depth_max}.
+ */
 export async function describeChain(spec: string): Promise<ChainLayer[]> {
   const parsed = parseImageSpec(spec);
   let path = parsed.path;
   let format = parsed.format ?? await probeFormat(path);
   const layers: ChainLayer[] = [];
+  const seen = new Set<string | undefined>([await fileIdentity(path)]);
   for (;;) {
     const info = await layerInfo(path, format);
     layers.push({ path, format: formatEntry(format)!.name, info });
@@ -62,14 +79,12 @@ export async function describeChain(spec: string): Promise<ChainLayer[]> {
     if (layers.length >= chain_depth_max) {
       throw new BlockError("EINVAL", `backing chain deeper than ${chain_depth_max}: ${shown}`);
     }
-    if (layers.some((l) => l.path === next)) {
-      throw new BlockError("EINVAL", `backing file loop: ${shown}`);
-    }
-    try {
-      await Deno.stat(next);
-    } catch {
+    const identity = await fileIdentity(next);
+    if (identity === undefined) {
       throw new BlockError("EINVAL", `backing file ${next} not found (chain: ${shown})`);
     }
+    if (seen.has(identity)) throw new BlockError("EINVAL", `backing file loop: ${shown}`);
+    seen.add(identity);
     path = next;
     format = info.backingFormat && formatEntry(info.backingFormat)
       ? info.backingFormat

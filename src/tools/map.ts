@@ -109,7 +109,32 @@ function pushEntry(entries: MapEntry[], entry: MapEntry): void {
   entries.push(entry);
 }
 
-// Maps one window: at each position the first layer holding the bytes wins.
+/**
+ * Which layer answers for `position`: the first one (from the top) that
+ * allocates it, or whose backing file ends at or before it (QEMU: bytes past
+ * the end of a shorter backing file read as zeros *from the overlay*, so
+ * `qemu-img map` stops there with that overlay's depth), else the last.
+ */
+function answeringLayer(
+  runs: LayerRun[][],
+  cursors: number[],
+  sizes: number[],
+  position: number,
+): { depth: number; run?: LayerRun; next: number } {
+  let next = Infinity;
+  for (let i = 0; i < runs.length; i += 1) {
+    while (runs[i][cursors[i]].offsetBytes + runs[i][cursors[i]].lengthBytes <= position) {
+      cursors[i] += 1;
+    }
+    const run = runs[i][cursors[i]];
+    next = Math.min(next, run.offsetBytes + run.lengthBytes);
+    if (!run.hole) return { depth: i, run, next };
+    if (i + 1 < runs.length && position >= sizes[i + 1]) return { depth: i, next };
+  }
+  return { depth: runs.length - 1, next };
+}
+
+// Maps one window: at each position the answering layer wins.
 async function mapWindow(
   layers: ChainLayer[],
   drivers: BlockDriver[],
@@ -118,41 +143,22 @@ async function mapWindow(
   entries: MapEntry[],
 ): Promise<void> {
   const runs = await Promise.all(layers.map((l, i) => layerRuns(l, drivers[i], start, length)));
+  const sizes = drivers.map((d) => d.sizeBytes);
   const cursors = runs.map(() => 0);
   let position = start;
   while (position < start + length) {
-    let next = start + length;
-    let chosen: { run: LayerRun; depth: number } | undefined;
-    for (let i = 0; i < runs.length; i += 1) {
-      while (runs[i][cursors[i]].offsetBytes + runs[i][cursors[i]].lengthBytes <= position) {
-        cursors[i] += 1;
-      }
-      const run = runs[i][cursors[i]];
-      next = Math.min(next, run.offsetBytes + run.lengthBytes);
-      if (!run.hole) {
-        chosen = { run, depth: i };
-        break;
-      }
-    }
-    const entry: MapEntry = chosen
-      ? {
-        start: position,
-        length: next - position,
-        depth: chosen.depth,
-        present: true,
-        zero: chosen.run.zero,
-        data: chosen.run.data,
-      }
-      : {
-        start: position,
-        length: next - position,
-        depth: layers.length - 1,
-        present: false,
-        zero: true,
-        data: false,
-      };
-    if (chosen?.run.hostOffsetBytes !== undefined) {
-      entry.offset = chosen.run.hostOffsetBytes + (position - chosen.run.offsetBytes);
+    const { depth, run, next: runEnd } = answeringLayer(runs, cursors, sizes, position);
+    const next = Math.min(runEnd, start + length);
+    const entry: MapEntry = {
+      start: position,
+      length: next - position,
+      depth,
+      present: run !== undefined,
+      zero: run?.zero ?? true,
+      data: run?.data ?? false,
+    };
+    if (run?.hostOffsetBytes !== undefined) {
+      entry.offset = run.hostOffsetBytes + (position - run.offsetBytes);
     }
     pushEntry(entries, entry);
     position = next;

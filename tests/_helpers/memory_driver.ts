@@ -1,8 +1,9 @@
 /**
- * An in-memory sparse disk for front-end tests: 64 KiB chunks allocated on
- * first write (absent chunks are holes that read as zeros), counters for
- * flushes, and an optional buffer lender standing in for a ring's data
- * pages.
+ * An in-memory sparse disk for front-end, ring and disk-server tests: 64 KiB
+ * chunks allocated on first write (absent chunks are holes that read as
+ * zeros), counters for flushes and concurrency, optional delays (fixed or
+ * random, to let completions overtake each other), injected failures, and
+ * a buffer lender standing in for a ring's data pages.
  * @module
  */
 import {
@@ -21,6 +22,10 @@ export interface MemoryDriverOptions {
   readOnly?: boolean;
   /** Milliseconds each read/write waits before completing (to test concurrency). */
   delayMs?: number;
+  /** Wait a random time in [0, delayMs) instead, so completions come out of order. */
+  randomDelay?: boolean;
+  /** Answer block status (default true); false: EOPNOTSUPP, as drivers without extents. */
+  extents?: boolean;
   /** Fail every operation touching this offset with EIO. */
   failAtBytes?: number;
 }
@@ -36,6 +41,9 @@ export class MemoryDriver extends BlockDriverBase {
   /** Reads and writes running now, and the most ever at once. */
   inflight = 0;
   inflightMax = 0;
+  /** Delay of each read and write; may be changed between runs. */
+  delayMs: number;
+  randomDelay: boolean;
   readonly #options: MemoryDriverOptions;
 
   constructor(sizeBytes: number, options: MemoryDriverOptions = {}, path = "memory") {
@@ -43,23 +51,46 @@ export class MemoryDriver extends BlockDriverBase {
     this.sizeBytes = sizeBytes;
     this.path = path;
     this.#options = options;
+    this.delayMs = options.delayMs ?? 0;
+    this.randomDelay = options.randomDelay ?? false;
     const canWrite = !options.readOnly;
     this.capabilities = {
       canWrite,
       canFlush: true,
-      canFua: false,
       canDiscard: canWrite,
       canZero: canWrite,
-      canExtents: true,
+      canExtents: options.extents ?? true,
       canMultiConn: true,
     };
   }
 
+  /** A copy of the whole disk, holes as zeros. */
+  contents(): Uint8Array {
+    const out = new Uint8Array(this.sizeBytes);
+    for (const [i, chunk] of this.chunks) {
+      out.set(
+        chunk.subarray(0, Math.min(chunk_bytes, this.sizeBytes - i * chunk_bytes)),
+        i * chunk_bytes,
+      );
+    }
+    return out;
+  }
+
+  /** Stores `data` at `offsetBytes` at once (no delay, no failure): what a completed write leaves. */
+  store(offsetBytes: number, data: Uint8Array): void {
+    this.#walk(offsetBytes, data.byteLength, (i, o, n, p) => {
+      let chunk = this.chunks.get(i);
+      if (!chunk) this.chunks.set(i, chunk = new Uint8Array(chunk_bytes));
+      chunk.set(data.subarray(p, p + n), o);
+    });
+  }
+
   async #maybeDelay(offsetBytes: number, lengthBytes: number): Promise<void> {
-    const { delayMs, failAtBytes } = this.#options;
+    const { failAtBytes } = this.#options;
     this.inflightMax = Math.max(this.inflightMax, ++this.inflight);
     try {
-      if (delayMs) await new Promise((resolve) => setTimeout(resolve, delayMs));
+      const delayMs = this.randomDelay ? Math.random() * this.delayMs : this.delayMs;
+      if (delayMs > 0) await new Promise((resolve) => setTimeout(resolve, delayMs));
     } finally {
       this.inflight--;
     }
@@ -99,11 +130,7 @@ export class MemoryDriver extends BlockDriverBase {
 
   protected async _write(offsetBytes: number, data: Uint8Array): Promise<void> {
     await this.#maybeDelay(offsetBytes, data.byteLength);
-    this.#walk(offsetBytes, data.byteLength, (i, o, n, p) => {
-      let chunk = this.chunks.get(i);
-      if (!chunk) this.chunks.set(i, chunk = new Uint8Array(chunk_bytes));
-      chunk.set(data.subarray(p, p + n), o);
-    });
+    this.store(offsetBytes, data);
   }
 
   protected _flush(): Promise<void> {

@@ -1,38 +1,12 @@
 /**
  * In-process harness for NBD front-end tests: a server on a temporary Unix
- * socket serving a map of exports, peer tools run as child processes with a
- * timeout (killed in `finally`), and `requires` checks that let a test skip
- * cleanly when a peer is missing.
+ * socket serving a map of exports. Peer tools are run and detected with
+ * `tools.ts`.
  * @module
  */
 import type { BlockDriver } from "../../src/formats/driver.ts";
 import { type NbdExport, type NbdServer, startNbdServer } from "../../src/frontends/nbd/server.ts";
 import type { NbdLimits } from "../../src/frontends/nbd/limits.ts";
-
-const toolCache = new Map<string, boolean>();
-
-/** True when `tool` is on PATH. */
-export function haveTool(tool: string): boolean {
-  let found = toolCache.get(tool);
-  if (found === undefined) {
-    const out = new Deno.Command("sh", {
-      args: ["-c", `command -v ${tool}`],
-      stdout: "null",
-      stderr: "null",
-    })
-      .outputSync();
-    found = out.success;
-    toolCache.set(tool, found);
-  }
-  return found;
-}
-
-/** The tools missing among `tools` (for `ignore:` and its message). */
-export function missingTools(...tools: string[]): string[] {
-  const missing = tools.filter((t) => !haveTool(t));
-  if (missing.length > 0) console.error(`skipping: missing ${missing.join(", ")}`);
-  return missing;
-}
 
 /** A running test server. */
 export interface NbdHarness {
@@ -86,62 +60,5 @@ export async function withNbdServer(
   } finally {
     await server.close();
     await Deno.remove(dir, { recursive: true }).catch(() => {});
-  }
-}
-
-/** Result of {@linkcode run}. */
-export interface RunResult {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-/**
- * Runs a peer tool with a timeout; the child is killed if the test ends
- * first or the timeout passes. Throws unless it exits 0 (when `check`).
- */
-export async function run(
-  command: string,
-  args: string[],
-  options: { check?: boolean; timeoutMs?: number; stdin?: string } = {},
-): Promise<RunResult> {
-  const child = new Deno.Command(command, {
-    args,
-    stdin: options.stdin === undefined ? "null" : "piped",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  const timer = setTimeout(() => {
-    try {
-      child.kill("SIGKILL");
-    } catch {
-      // already gone
-    }
-  }, options.timeoutMs ?? 60_000);
-  try {
-    if (options.stdin !== undefined) {
-      const writer = child.stdin.getWriter();
-      await writer.write(new TextEncoder().encode(options.stdin));
-      await writer.close();
-    }
-    const out = await child.output();
-    const result = {
-      code: out.code,
-      stdout: new TextDecoder().decode(out.stdout),
-      stderr: new TextDecoder().decode(out.stderr),
-    };
-    if ((options.check ?? true) && out.code !== 0) {
-      throw new Error(
-        `${command} ${args.join(" ")} exited ${out.code}:\n${result.stdout}\n${result.stderr}`,
-      );
-    }
-    return result;
-  } finally {
-    clearTimeout(timer);
-    try {
-      child.kill("SIGKILL");
-    } catch {
-      // exited
-    }
   }
 }

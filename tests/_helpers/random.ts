@@ -3,20 +3,14 @@
  * `SEED=n` replays it.
  * @module
  */
+import { prng } from "../../src/frontends/exercise/test_frontend.ts";
 
-/** A small fast PRNG (mulberry32) with helpers. */
+/** A seeded PRNG (the exercise front end's mulberry32) with helpers. */
 export class Random {
-  #state: number;
-  constructor(readonly seed: number) {
-    this.#state = seed >>> 0;
-  }
-
   /** Uniform in [0, 1). */
-  next(): number {
-    let t = (this.#state = (this.#state + 0x6d2b79f5) >>> 0);
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  readonly next: () => number;
+  constructor(readonly seed: number) {
+    this.next = prng(seed);
   }
 
   /** Integer in [min, max]. */

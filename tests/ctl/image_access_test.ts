@@ -5,14 +5,13 @@
  * image's folder only with --allow-path (on create, or for all of ctrl).
  */
 import assert from "node:assert/strict";
-import { CtrlHarness, qcowImage, rawImage, waitRunning } from "./_ctrl_harness.ts";
-import { blktap, hasTool, run } from "../_helpers/tools.ts";
+import { CtrlHarness, qcowImage, rawImage, waitRunning } from "../_helpers/ctrl_harness.ts";
+import { blktap, missingTools, run } from "../_helpers/tools.ts";
 import { qemuHolding } from "../_helpers/qemu_hold.ts";
 import { REGISTRY_NAME } from "../../src/cli/run_dir.ts";
 
 const MiB = 1 << 20;
-const noQemu = !hasTool("qemu-img") || !hasTool("qemu-io");
-if (noQemu) console.log("skipping ctrl lock tests with QEMU: qemu-img or qemu-io missing");
+const noQemu = missingTools("qemu-img", "qemu-io").length > 0;
 
 async function refused(h: CtrlHarness, request: Record<string, unknown>): Promise<string> {
   try {

@@ -5,12 +5,12 @@
  * process was killed and restarted.
  */
 import assert from "node:assert/strict";
-import { assertExportIs, CtrlHarness, ignoreWithout } from "./_ctrl_harness.ts";
-import { blktap, runOk } from "../_helpers/tools.ts";
+import { assertExportIs, CtrlHarness } from "../_helpers/ctrl_harness.ts";
+import { blktap, missingTools, runOk } from "../_helpers/tools.ts";
 
 const MiB = 1 << 20;
 const peers = ["qemu-img", "qemu-io", "nbdinfo"];
-const ignore = ignoreWithout(peers, "ctrl block-status");
+const ignore = missingTools(...peers).length > 0;
 
 interface Run {
   start: number;

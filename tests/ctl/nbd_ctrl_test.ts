@@ -4,12 +4,12 @@
  * a disk process is being killed.
  */
 import assert from "node:assert/strict";
-import { assertExportIs, CtrlHarness, ignoreWithout, rawImage } from "./_ctrl_harness.ts";
-import { blktap, run, runOk } from "../_helpers/tools.ts";
+import { assertExportIs, CtrlHarness, rawImage } from "../_helpers/ctrl_harness.ts";
+import { blktap, missingTools, run, runOk, sha256File } from "../_helpers/tools.ts";
 
 const MiB = 1 << 20;
 const peers = ["qemu-img", "qemu-io", "nbdinfo", "nbdcopy"];
-const ignore = ignoreWithout(peers, "NBD-through-ctrl");
+const ignore = missingTools(...peers).length > 0;
 
 async function randomFile(path: string, sizeBytes: number): Promise<void> {
   const data = new Uint8Array(sizeBytes);
@@ -109,18 +109,29 @@ Deno.test({
     try {
       const source = `${h.dir}/source.raw`;
       await randomFile(source, 8 * MiB);
+      // An independent copy of what the image held before it was served.
+      const before = `${h.dir}/before.raw`;
+      await Deno.copyFile(source, before);
+      const digest = await sha256File(source);
       await h.request({ op: "create", image: `aio:${source}`, name: "golden", readOnly: true });
       const copy = `${h.dir}/copy.raw`;
       await runOk("nbdcopy", [h.nbdUri("golden"), copy]);
-      await runOk("qemu-img", ["compare", "-f", "raw", "-F", "raw", source, copy]);
-      const write = await run("qemu-io", ["-f", "raw", "-c", "write 0 4k", h.nbdUri("golden")]);
-      assert.notEqual(
-        write.code === 0 && !/error|denied|read-only/i.test(write.stdout + write.stderr),
-        true,
-      );
+      await runOk("qemu-img", ["compare", "-f", "raw", "-F", "raw", before, copy]);
+      for (const command of ["write -P 0x5a 0 4k", "write -z 1M 64k", "discard 2M 64k"]) {
+        const write = await run("qemu-io", ["-f", "raw", "-c", command, h.nbdUri("golden")]);
+        assert.match(
+          write.stdout + write.stderr,
+          /read-only|Operation not permitted|denied/i,
+          `qemu-io '${command}' on a read-only export: ${write.stdout}${write.stderr}`,
+        );
+      }
+      // Nothing reached the image: through the export and in the file itself.
+      await runOk("qemu-img", ["compare", "-f", "raw", "-F", "raw", before, h.nbdUri("golden")]);
       const list = await runOk("nbdinfo", ["--list", `nbd+unix:///?socket=${h.runDir}/nbd.sock`]);
       assert.match(list, /export="golden"/);
       assert.match(list, /is_read_only: true/);
+      await h.request({ op: "destroy", minor: "golden" });
+      assert.equal(await sha256File(source), digest, "the read-only image is unchanged");
     } finally {
       await h.close();
     }

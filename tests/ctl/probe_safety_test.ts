@@ -11,7 +11,7 @@
  * probed format (only for disks attached by path alone).
  */
 import assert from "node:assert/strict";
-import { CtrlHarness, qcowImage, rawImage, waitRunning } from "./_ctrl_harness.ts";
+import { CtrlHarness, qcowImage, rawImage, waitRunning } from "../_helpers/ctrl_harness.ts";
 import { RingCtrl } from "./_ring_ctrl.ts";
 import { RawNbdClient } from "../_helpers/nbd_client.ts";
 import { hostileHeads } from "../_helpers/hostile_heads.ts";

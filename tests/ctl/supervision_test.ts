@@ -1,6 +1,12 @@
 import assert from "node:assert/strict";
 import { testSeed } from "../_helpers/random.ts";
-import { assertClean, CtrlHarness, type Load, qcowImage, rawImage } from "./_ctrl_harness.ts";
+import {
+  assertClean,
+  CtrlHarness,
+  type Load,
+  qcowImage,
+  rawImage,
+} from "../_helpers/ctrl_harness.ts";
 
 const MiB = 1 << 20;
 const load_ms = 60_000;

@@ -2,39 +2,47 @@ import assert from "node:assert/strict";
 import * as B from "../../src/ring/blkif.ts";
 import { TestFrontend } from "../../src/frontends/exercise/test_frontend.ts";
 import { testSeed } from "../_helpers/random.ts";
-import { MemoryDriver } from "./_memory_driver.ts";
-import { ringPair } from "./_ring_pair.ts";
+import { DiskModel } from "../_helpers/load_model.ts";
+import { MemoryDriver } from "../_helpers/memory_driver.ts";
+import { ringPair, servedRing } from "../_helpers/ring_pair.ts";
+import { busy_requests_min } from "../../src/disk/disk_server.ts";
 
 /** Front end and back end over one ArrayBuffer, kicks as function calls. */
 function pair(sizeBytes: number, ringPages = 4, poolPages = 4096) {
-  const driver = new MemoryDriver(sizeBytes);
-  const { disk, ring, pool, serve } = ringPair("test", driver, sizeBytes, { ringPages, poolPages });
-  const server = serve();
-  disk.attach(() => server.kick(), sizeBytes);
-  return { disk, server, driver, ring, pool };
+  const driver = new MemoryDriver(sizeBytes, { randomDelay: true });
+  const { disk, server, ring, pool } = servedRing(driver, { ringPages, poolPages });
+  return { disk, server: server(), driver, ring, pool };
 }
 
-Deno.test("disk server: verified random load, direct and indirect, depths 1..64", async () => {
+Deno.test("disk server: verified random load, direct and indirect, depths 1..64, then the whole disk", async () => {
   const rng = testSeed("disk server load");
-  const { disk, driver } = pair(16 << 20);
-  driver.delayMs = 1;
+  const size = 16 << 20;
+  const { disk, driver } = pair(size);
+  const model = new DiskModel(size);
   let total = 0;
-  for (const depth of [1, 7, 64]) {
+  for (const [i, depth] of [1, 7, 64].entries()) {
     driver.delayMs = depth === 1 ? 0 : 1;
     const result = await new TestFrontend(disk, {
       requests: 3000,
       depth,
       indirectFraction: 0.1,
+      discardFraction: 0.02,
+      initialZero: i === 0,
+      returnModel: true,
       seed: rng.int(0, 2 ** 31),
     }).run();
     assert.equal(result.errors, 0, result.firstError);
     assert.equal(result.mismatches, 0, result.firstError);
     assert.ok(result.verifiedSectors > 0);
     assert.ok(result.indirect > 0);
+    assert.ok(result.discards > 0);
+    model.apply(result.model!);
     total += result.requests;
   }
   assert.equal(total, 9000);
   assert.equal(disk.outstanding, 0);
+  // Every sector, written or not, as the driver holds it (not as the front end reads it).
+  model.assertMatches(driver.contents(), "memory driver after three runs");
 });
 
 Deno.test("disk server: RingDisk as a BlockDriver (unaligned, large, pool and heap buffers)", async () => {
@@ -59,8 +67,8 @@ Deno.test("disk server: RingDisk as a BlockDriver (unaligned, large, pool and he
     }
   }
   await disk.flush();
-  assert.ok(driver.flushes >= 1);
-  assert.deepEqual(driver.bytes, model);
+  assert.ok(driver.flushCount >= 1);
+  assert.deepEqual(driver.contents(), model);
   assert.equal(disk.pages.freePages, disk.pages.pages);
 });
 
@@ -98,12 +106,17 @@ Deno.test("disk server: a flush starts after earlier writes complete and before 
 
 Deno.test("disk server: QoS holds IOPS to the limit after the burst", async () => {
   const sizeBytes = 1 << 20;
-  const { disk, serve } = ringPair("qos", new MemoryDriver(sizeBytes), sizeBytes, {
+  const driver = new MemoryDriver(sizeBytes);
+  const { disk, serve } = ringPair("qos", driver, sizeBytes, {
     poolPages: 64,
     qos: { maxIops: 200, maxBps: 0, burstMs: 100 },
   });
   const server = serve();
-  disk.attach(() => server.kick(), sizeBytes);
+  disk.attach(() => server.kick(), {
+    sizeBytes,
+    volatileWrites: false,
+    capabilities: driver.capabilities,
+  });
   const started = performance.now();
   const result = await new TestFrontend(disk, {
     requests: 120,
@@ -117,4 +130,28 @@ Deno.test("disk server: QoS holds IOPS to the limit after the burst", async () =
   assert.equal(result.errors, 0);
   // 20 from the burst, then 100 at 200/s: about 500 ms.
   assert.ok(elapsed > 400 && elapsed < 2000, `elapsed ${elapsed} ms`);
+});
+
+Deno.test("disk server: busy, it takes new requests without kicks; idle, it asks for kicks again", async () => {
+  const size = 1 << 20;
+  const driver = new MemoryDriver(size);
+  driver.delayMs = 20;
+  const { disk, serve } = ringPair("kicks", driver, size);
+  const server = serve();
+  let kicks = 0;
+  disk.attach(() => (kicks += 1, server.kick()), {
+    sizeBytes: size,
+    volatileWrites: false,
+    capabilities: driver.capabilities,
+  });
+  const read = (i: number) => disk.read(i * 4096, new Uint8Array(4096));
+  const first = Array.from({ length: busy_requests_min * 2 }, (_, i) => read(i));
+  await new Promise((resolve) => setTimeout(resolve, 5)); // the server is busy with them
+  assert.ok(server.inflight >= busy_requests_min);
+  const second = Array.from({ length: 4 }, (_, i) => read(100 + i));
+  await Promise.all([...first, ...second]);
+  assert.equal(kicks, 1, "requests pushed while busy were found by completions, not by kicks");
+  await read(200);
+  assert.equal(kicks, 2, "after going idle the server asks to be kicked again");
+  assert.equal(disk.outstanding, 0);
 });

@@ -1,43 +1,27 @@
 import assert from "node:assert/strict";
 import * as B from "../../src/ring/blkif.ts";
-import { DiskServer } from "../../src/disk/disk_server.ts";
-import { RingDisk } from "../../src/ring/ring_disk.ts";
 import { fuzzRing, MALFORMATIONS } from "../../src/frontends/exercise/malformed.ts";
 import { TestFrontend } from "../../src/frontends/exercise/test_frontend.ts";
 import { testSeed } from "../_helpers/random.ts";
-import { MemoryDriver } from "./_memory_driver.ts";
-
-const noFence = () => {};
+import { MemoryDriver } from "../_helpers/memory_driver.ts";
+import { servedRing } from "../_helpers/ring_pair.ts";
 
 function pair(sizeBytes: number, readOnly = false) {
-  const ringPages = 4;
-  const memory = new Uint8Array((ringPages + 2048) * B.PAGE_BYTES);
-  const ring = memory.subarray(0, ringPages * B.PAGE_BYTES);
-  const pool = memory.subarray(ringPages * B.PAGE_BYTES);
   const driver = new MemoryDriver(sizeBytes);
-  const disk = new RingDisk("fuzz", { ring, pool }, { fence: noFence, readOnly, sizeBytes });
-  const server = new DiskServer({
-    ring,
-    pool,
-    fence: noFence,
-    driver,
-    readOnly,
-    notify: () => disk.onKick(),
-  });
-  disk.attach(() => server.kick(), sizeBytes);
-  return { disk, server, driver };
+  const { disk, server } = servedRing(driver, { readOnly, poolPages: 2048 });
+  return { disk, server: server(), driver };
 }
 
 Deno.test("disk validation: 100,000 malformed entries are refused while valid load keeps verifying", async () => {
   const rng = testSeed("malformed fuzz");
   const { disk, server, driver } = pair(8 << 20);
-  const before = driver.bytes.slice();
+  const before = driver.contents();
   const fuzz = await fuzzRing(disk, 100_000, 32, () => rng.next());
   assert.equal(fuzz.entries, 100_000);
   assert.equal(fuzz.acceptedMalformed, 0, fuzz.firstWrong);
   assert.equal(fuzz.wrongStatus, 0, fuzz.firstWrong);
   for (const kind of MALFORMATIONS) assert.ok(fuzz.byKind[kind] > 1000, `${kind} exercised`);
-  assert.deepEqual(driver.bytes, before, "no malformed request touched the disk");
+  assert.deepEqual(driver.contents(), before, "no malformed request touched the disk");
   assert.equal(server.stats().invalid, 100_000);
   // Interleaved: fuzz and a verified load at the same time.
   const [load, again] = await Promise.all([
@@ -62,4 +46,14 @@ Deno.test("disk validation: writes and discards on a read-only disk are refused,
   assert.equal(await disk.producer.submitDiscard(0, 8), B.BLKIF_RSP_ERROR);
   assert.equal(await disk.producer.submitRw(B.BLKIF_OP_READ, 0, segment), B.BLKIF_RSP_OKAY);
   assert.equal(await disk.producer.submitFlush(), B.BLKIF_RSP_OKAY);
+});
+
+Deno.test("disk validation: a fuzz run fails, naming the entry, when a disk stops answering", async () => {
+  const rng = testSeed("fuzz watchdog");
+  const { disk, server } = pair(1 << 20);
+  await server.pause(); // a disk process that takes requests and never answers
+  await assert.rejects(
+    () => fuzzRing(disk, 100, 4, () => rng.next(), 200),
+    /malformed entry \d+ \([a-z0-9-]+\) unanswered after 200 ms/,
+  );
 });

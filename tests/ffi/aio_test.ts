@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { AioQueue } from "../../ffi/aio.ts";
+import { AioQueue, type IoEngine, openQueue, waitOnThisThread } from "../../ffi/aio.ts";
 import { SysError } from "../../ffi/errno.ts";
 import { File } from "../../ffi/file.ts";
 import { NativeMemory } from "../../ffi/memory.ts";
@@ -17,62 +17,145 @@ async function withFile(sizeBytes: number, fn: (path: string) => Promise<void>):
   }
 }
 
-Deno.test("aio: many reads issued in one turn all complete with the right data", async () => {
-  await withFile(1 << 20, async (path) => {
-    const file = File.open(path, { direct: true });
-    const queue = new AioQueue(32);
-    const memory = NativeMemory.allocate(256 * 4096);
-    try {
-      // 256 requests through a 32-slot context: the queue must hold the rest back.
-      const reads = Array.from(
-        { length: 256 },
-        (_, i) =>
-          queue.readv(file.fd, i * 4096, [{
-            address: memory.address + i * 4096,
-            lengthBytes: 4096,
-          }]),
-      );
-      assert.deepEqual(await Promise.all(reads), new Array(256).fill(4096));
-      for (let i = 0; i < 256; i += 1) assert.equal(memory.bytes[i * 4096], i & 0xff);
-      assert.equal(queue.inflight, 0);
-    } finally {
-      queue.close();
-      memory.release();
-      file.close();
-    }
-  });
+const ENGINES: IoEngine[] = ["libaio", "io_uring"];
+
+// io_uring may be disabled (sysctl kernel.io_uring_disabled, seccomp): then its tests are ignored.
+function engineAvailable(engine: IoEngine): boolean {
+  try {
+    new AioQueue(1, engine).close();
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+Deno.test("openQueue: BLKTAP_IO_ENGINE picks the engine, anything else is refused", () => {
+  const before = Deno.env.get("BLKTAP_IO_ENGINE");
+  try {
+    Deno.env.set("BLKTAP_IO_ENGINE", "libaio");
+    const queue = openQueue(4, "io_uring");
+    assert.equal(queue.engine, "libaio");
+    queue.close();
+    Deno.env.set("BLKTAP_IO_ENGINE", "posix");
+    assert.throws(() => openQueue(4, "libaio"), /BLKTAP_IO_ENGINE=posix/);
+  } finally {
+    if (before === undefined) Deno.env.delete("BLKTAP_IO_ENGINE");
+    else Deno.env.set("BLKTAP_IO_ENGINE", before);
+  }
 });
 
-Deno.test("aio: a failed request rejects with the errno name and the path", async () => {
-  await withFile(65536, async (path) => {
-    const file = File.open(path, { direct: true });
-    const queue = new AioQueue(4);
-    const memory = NativeMemory.allocate(8192);
+interface Fixture {
+  path: string;
+  file: File;
+  queue: AioQueue;
+  memory: NativeMemory;
+}
+
+// One test per engine (ignored where the kernel refuses it) over a fresh
+// file whose page i starts with byte i, a queue of `slots` and `pages` of memory.
+function engineTest(
+  name: string,
+  options: { slots: number; pages: number; direct: boolean },
+  fn: (f: Fixture) => Promise<void>,
+): void {
+  for (const engine of ENGINES) {
+    Deno.test({
+      name: `${engine}: ${name}`,
+      ignore: !engineAvailable(engine),
+      fn: () =>
+        withFile(1 << 20, async (path) => {
+          const file = File.open(path, { direct: options.direct, write: !options.direct });
+          const queue = new AioQueue(options.slots, engine);
+          const memory = NativeMemory.allocate(options.pages * 4096);
+          try {
+            await fn({ path, file, queue, memory });
+            assert.equal(queue.inflight, 0);
+          } finally {
+            queue.close();
+            memory.release();
+            file.close();
+          }
+        }),
+    });
+  }
+}
+
+engineTest(
+  "many reads issued in one turn all complete with the right data",
+  { slots: 32, pages: 256, direct: true },
+  async ({ file, queue, memory }) => {
+    // 256 requests through a 32-slot context: the queue must hold the rest back.
+    const reads = Array.from(
+      { length: 256 },
+      (_, i) =>
+        queue.readv(file.fd, i * 4096, [{ address: memory.address + i * 4096, lengthBytes: 4096 }]),
+    );
+    assert.deepEqual(await Promise.all(reads), new Array(256).fill(4096));
+    for (let i = 0; i < 256; i += 1) assert.equal(memory.bytes[i * 4096], i & 0xff);
+  },
+);
+
+engineTest(
+  "a failed request rejects with the errno name and the path",
+  { slots: 4, pages: 2, direct: true },
+  async ({ path, file, queue, memory }) => {
+    // O_DIRECT refuses a misaligned offset with EINVAL.
+    const iov = [{ address: memory.address, lengthBytes: 4096 }];
+    await assert.rejects(queue.readv(file.fd, 1, iov, path), (error: SysError) => {
+      assert.equal(error.code, "EINVAL");
+      assert.match(error.message, new RegExp(`preadv\\(${path}\\): EINVAL`));
+      return true;
+    });
+    assert.equal(await queue.readv(file.fd, 4096, iov), 4096, "the queue works after an error");
+  },
+);
+
+engineTest(
+  "waiting on the JavaScript thread, continuations still run between rounds",
+  { slots: 8, pages: 8, direct: true },
+  async ({ file, queue, memory }) => {
+    waitOnThisThread(200);
     try {
-      // O_DIRECT refuses a misaligned offset with EINVAL.
-      const misaligned = queue.readv(
-        file.fd,
-        1,
-        [{ address: memory.address, lengthBytes: 4096 }],
-        path,
-      );
-      await assert.rejects(misaligned, (error: SysError) => {
-        assert.equal(error.code, "EINVAL");
-        assert.match(error.message, new RegExp(`preadv\\(${path}\\): EINVAL`));
-        return true;
-      });
-      const good = await queue.readv(file.fd, 4096, [{
-        address: memory.address,
-        lengthBytes: 4096,
-      }]);
-      assert.equal(good, 4096, "the queue keeps working after an error");
+      // Each completion issues the next read from its continuation, as the disk server does.
+      let done = 0;
+      const chain = async (lane: number) => {
+        for (let i = lane; i < 256; i += 8) {
+          const iov = [{ address: memory.address + lane * 4096, lengthBytes: 4096 }];
+          assert.equal(await queue.readv(file.fd, i * 4096, iov), 4096);
+          assert.equal(memory.bytes[lane * 4096], i & 0xff);
+          done += 1;
+        }
+      };
+      await Promise.all(Array.from({ length: 8 }, (_, lane) => chain(lane)));
+      assert.equal(done, 256);
     } finally {
-      queue.close();
-      memory.release();
-      file.close();
+      waitOnThisThread(0);
     }
-  });
-});
+  },
+);
+
+engineTest(
+  "page-cache writes, fdsync and reads round-trip (more requests than slots)",
+  { slots: 8, pages: 64, direct: false },
+  async ({ file, queue, memory }) => {
+    for (let i = 0; i < 64; i += 1) memory.bytes.fill(i + 1, i * 4096, (i + 1) * 4096);
+    // Unaligned offsets and lengths are fine without O_DIRECT.
+    const iov = (i: number) => [{ address: memory.address + i * 4096, lengthBytes: 4000 }];
+    const wrote = await Promise.all(
+      Array.from({ length: 64 }, (_, i) => queue.writev(file.fd, i * 4000 + 7, iov(i))),
+    );
+    assert.deepEqual(wrote, new Array(64).fill(4000));
+    assert.equal(await queue.fdsync(file.fd), 0);
+    memory.bytes.fill(0);
+    await Promise.all(
+      Array.from({ length: 64 }, (_, i) => queue.readv(file.fd, i * 4000 + 7, iov(i))),
+    );
+    for (let i = 0; i < 64; i += 1) {
+      const piece = memory.bytes.subarray(i * 4096, i * 4096 + 4000);
+      assert.ok(piece.every((b) => b === i + 1), `piece ${i}`);
+    }
+  },
+);
 
 Deno.test("file: holes, punch and zero range are visible through SEEK_DATA/SEEK_HOLE", async () => {
   const dir = await Deno.makeTempDir({ prefix: "blktap-file-" });

@@ -1,14 +1,15 @@
 import assert from "node:assert/strict";
 import * as B from "../../src/ring/blkif.ts";
-import type { DiskServer } from "../../src/disk/disk_server.ts";
 import { TestFrontend } from "../../src/frontends/exercise/test_frontend.ts";
 import { testSeed } from "../_helpers/random.ts";
-import { MemoryDriver } from "../disk/_memory_driver.ts";
-import { ringPair } from "../disk/_ring_pair.ts";
+import { MemoryDriver } from "../_helpers/memory_driver.ts";
+import { servedRing } from "../_helpers/ring_pair.ts";
 
 /** A disk with a volatile write cache: unflushed writes die with the "process". */
 class VolatileDriver extends MemoryDriver {
   journal: { offset: number; data: Uint8Array }[] = [];
+  /** Which "process" is running: a write of a crashed one never lands (its process is gone). */
+  #epoch = 0;
 
   protected override async _read(offset: number, buffer: Uint8Array) {
     await super._read(offset, buffer);
@@ -20,38 +21,32 @@ class VolatileDriver extends MemoryDriver {
   }
 
   protected override async _write(offset: number, data: Uint8Array) {
+    const epoch = this.#epoch;
     await new Promise((r) => setTimeout(r, Math.random() * this.delayMs));
+    if (epoch !== this.#epoch) throw new Error("the process died before this write landed");
     this.journal.push({ offset, data: data.slice() });
   }
 
   protected override _flush() {
-    for (const j of this.journal) this.bytes.set(j.data, j.offset);
+    for (const j of this.journal) this.store(j.offset, j.data);
     this.journal = [];
     return super._flush();
   }
 
   crash(): void {
+    this.#epoch += 1;
     this.journal = [];
   }
 }
 
 /** A front end and a restartable in-process back end over one buffer. */
 function harness(sizeBytes: number, volatileWrites: boolean, ringPages = 4) {
-  const driver = new VolatileDriver(sizeBytes);
-  const { disk, serve } = ringPair("t", driver, sizeBytes, { ringPages });
-  let server: DiskServer;
-  const start = () => {
-    server = serve();
-    disk.attach(() => server.kick(), sizeBytes, volatileWrites);
-  };
-  start();
+  const driver = new VolatileDriver(sizeBytes, { randomDelay: true });
+  const { disk, restart } = servedRing(driver, { ringPages, volatileWrites });
   // What ctrl does when a disk process dies: the old one is gone for good.
   const crash = () => {
-    server.stop();
     driver.crash();
-    disk.detach();
-    disk.rearm();
-    start();
+    restart();
   };
   return { disk, driver, crash };
 }

@@ -8,7 +8,7 @@ import { createVmdk } from "../../src/formats/vmdk/create.ts";
 import { openVmdk } from "../../src/formats/vmdk/vmdk.ts";
 import { checkImage } from "../../src/tools/check.ts";
 import { blktap } from "../_helpers/tools.ts";
-import { HAVE_QEMU, qemuImg } from "../formats/vmdk/_vmdk_helpers.ts";
+import { haveQemu, qemuImg } from "../_helpers/qemu.ts";
 
 async function patchU32(path: string, offsetBytes: number, value: number) {
   const file = await Deno.open(path, { write: true });
@@ -30,6 +30,37 @@ async function makeImage(path: string) {
   await d.close();
   return { gt, rgt };
 }
+
+/** Two grains at one place, and a grain past the end of the file. */
+async function makeCorrupt(dir: string): Promise<string> {
+  const corrupt = `${dir}/corrupt.vmdk`;
+  const tables = await makeImage(corrupt);
+  const view = new DataView((await Deno.readFile(corrupt)).buffer);
+  await patchU32(corrupt, tables.gt + 1 * 4, view.getUint32(tables.gt, true));
+  await patchU32(corrupt, tables.gt + 9 * 4, 0x7fffff00);
+  return corrupt;
+}
+
+Deno.test({
+  name: "check: qemu-img check agrees that the corrupt vmdk is corrupt and the clean one clean",
+  ignore: !haveQemu,
+  async fn() {
+    const dir = await Deno.makeTempDir({ prefix: "blktap-check-" });
+    try {
+      const corrupt = await makeCorrupt(dir);
+      assert.equal((await checkImage(corrupt)).status, 1);
+      const qemu = await qemuImg("check", corrupt);
+      assert.notEqual(qemu.code, 0, `qemu-img check: ${qemu.stdout}`);
+      const clean = `${dir}/clean.vmdk`;
+      await makeImage(clean);
+      assert.equal((await checkImage(clean)).status, 0);
+      const qemuClean = await qemuImg("check", clean);
+      assert.equal(qemuClean.code, 0, `qemu-img check: ${qemuClean.stdout}${qemuClean.stderr}`);
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
 
 Deno.test("check: clean, leaked, corrupt, repaired and unusable vmdk images", async () => {
   const dir = await Deno.makeTempDir({ prefix: "blktap-check-" });
@@ -68,12 +99,7 @@ Deno.test("check: clean, leaked, corrupt, repaired and unusable vmdk images", as
     assert.equal(tableRepaired.report.leakedClusters, 0, JSON.stringify(tableRepaired));
     assert.equal((await Deno.stat(tableLeak)).size, tableEnd);
 
-    // Two grains at one place, and a grain past the end of the file.
-    const corrupt = `${dir}/corrupt.vmdk`;
-    const tables = await makeImage(corrupt);
-    const view = new DataView((await Deno.readFile(corrupt)).buffer);
-    await patchU32(corrupt, tables.gt + 1 * 4, view.getUint32(tables.gt, true));
-    await patchU32(corrupt, tables.gt + 9 * 4, 0x7fffff00);
+    const corrupt = await makeCorrupt(dir);
     const corruptResult = await checkImage(corrupt);
     assert.equal(corruptResult.status, 1);
     assert.ok(corruptResult.report.corruptions.some((c) => /both use offset/.test(c)));
@@ -81,7 +107,6 @@ Deno.test("check: clean, leaked, corrupt, repaired and unusable vmdk images", as
     const cli = await blktap(["check", "--json", corrupt]);
     assert.equal(cli.code, 1);
     assert.equal(JSON.parse(cli.stdout).status, 1);
-    if (HAVE_QEMU) assert.notEqual((await qemuImg("check", corrupt)).code, 0);
 
     // Primary and redundant tables disagree: repair copies the primary.
     const diverged = `${dir}/diverged.vmdk`;
@@ -105,6 +130,73 @@ Deno.test("check: clean, leaked, corrupt, repaired and unusable vmdk images", as
     const ok = await blktap(["check", clean]);
     assert.equal(ok.code, 0);
     assert.match(ok.stdout, /No errors were found/);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("check: a qcow that is its own backing file, two backing each other, a missing backing file: exit 2 naming the chain", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "blktap-check-" });
+  try {
+    const create = async (path: string, backing: string) => {
+      const made = await blktap(["qcow-create", "4", path, backing]);
+      assert.equal(made.code, 0, made.stderr);
+    };
+    // Its own backing file: made over a placeholder, then moved onto the placeholder's name.
+    await Deno.writeFile(`${dir}/self.qcow`, new Uint8Array(4 << 20));
+    await create(`${dir}/tmp.qcow`, "self.qcow");
+    await Deno.rename(`${dir}/tmp.qcow`, `${dir}/self.qcow`);
+    // a.qcow -> b.qcow -> a.qcow.
+    await Deno.writeFile(`${dir}/b.qcow`, new Uint8Array(4 << 20));
+    await create(`${dir}/a.qcow`, "b.qcow");
+    await create(`${dir}/tmp.qcow`, "a.qcow");
+    await Deno.rename(`${dir}/tmp.qcow`, `${dir}/b.qcow`);
+    // A backing file that is gone.
+    await Deno.writeFile(`${dir}/gone.raw`, new Uint8Array(4 << 20));
+    await create(`${dir}/orphan.qcow`, "gone.raw");
+    await Deno.remove(`${dir}/gone.raw`);
+
+    const cases: [string, RegExp][] = [
+      ["self.qcow", /backing file loop: .*self\.qcow -> .*self\.qcow/],
+      ["a.qcow", /backing file loop: .*a\.qcow -> .*b\.qcow -> .*a\.qcow/],
+      [
+        "orphan.qcow",
+        /backing file .*gone\.raw not found \(chain: .*orphan\.qcow -> .*gone\.raw\)/,
+      ],
+    ];
+    for (const [name, message] of cases) {
+      const path = `${dir}/${name}`;
+      const result = await checkImage(path);
+      assert.equal(result.status, 2, `${name}: ${JSON.stringify(result)}`);
+      assert.match(result.report.unusable ?? "", message);
+      const cli = await blktap(["check", path]);
+      assert.equal(cli.code, 2, `${name}: ${cli.stdout}`);
+      assert.doesNotMatch(cli.stdout, /No errors/);
+      assert.match(cli.stderr, message, `${name}: stderr names the chain`);
+      assert.equal(cli.stderr.trim().split("\n").length, 1, `${name}: one line on stderr`);
+      const json = await blktap(["check", "--json", path]);
+      assert.equal(json.code, 2);
+      assert.equal(JSON.parse(json.stdout).status, 2);
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("check: a corrupt image's verdict is on stderr as well as its ERROR lines on stdout", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "blktap-check-" });
+  try {
+    const corrupt = await makeCorrupt(dir);
+    const cli = await blktap(["check", corrupt]);
+    assert.equal(cli.code, 1);
+    const errors = cli.stdout.split("\n").filter((l) => l.startsWith("ERROR: ")).length;
+    assert.ok(errors > 0, cli.stdout);
+    assert.equal(cli.stderr, `blktap check: ${corrupt}: corrupt (${errors} errors)\n`);
+    const clean = `${dir}/clean.vmdk`;
+    await makeImage(clean);
+    const ok = await blktap(["check", clean]);
+    assert.equal(ok.code, 0);
+    assert.equal(ok.stderr, "", "nothing on stderr for a clean image");
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

@@ -7,7 +7,7 @@ import { createVmdk } from "../../src/formats/vmdk/create.ts";
 import { openImage } from "../../src/formats/open_image.ts";
 import { imageInfo } from "../../src/tools/info.ts";
 import { blktap, run } from "../_helpers/tools.ts";
-import { HAVE_QEMU, qemuMap } from "../formats/vmdk/_vmdk_helpers.ts";
+import { haveQemu, qemuMap } from "../_helpers/qemu.ts";
 
 interface QemuInfo {
   "virtual-size": number;
@@ -24,7 +24,7 @@ async function qemuInfo(path: string): Promise<QemuInfo[]> {
 
 Deno.test({
   name: "info: format, sizes, allocation and backing chain agree with qemu-img",
-  ignore: !HAVE_QEMU,
+  ignore: !haveQemu,
   async fn() {
     const dir = await Deno.makeTempDir({ prefix: "blktap-info-" });
     try {

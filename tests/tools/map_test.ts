@@ -8,11 +8,8 @@ import { createVmdk } from "../../src/formats/vmdk/create.ts";
 import { openImage } from "../../src/formats/open_image.ts";
 import { type MapEntry, mapImage } from "../../src/tools/map.ts";
 import { testSeed } from "../_helpers/random.ts";
-import { blktap, run } from "../_helpers/tools.ts";
-import { HAVE_QEMU, qemuMap } from "../formats/vmdk/_vmdk_helpers.ts";
-
-const HAVE_QEMU_IO = HAVE_QEMU &&
-  (await run("qemu-io", ["--version"]).catch(() => null))?.code === 0;
+import { blktap } from "../_helpers/tools.ts";
+import { haveQemu, qemuCreate, qemuIo, qemuMap } from "../_helpers/qemu.ts";
 
 /** Entries merged where only the (unknown to one side) host offset differs. */
 function flagRuns(entries: MapEntry[]) {
@@ -48,22 +45,16 @@ function assertSameMap(ours: MapEntry[], qemu: MapEntry[], what: string) {
   }
 }
 
-async function qemuIo(path: string, format: string, commands: string[]) {
-  const args = ["-f", format, ...commands.flatMap((c) => ["-c", c]), path];
-  const result = await run("qemu-io", args);
-  assert.equal(result.code, 0, result.stderr);
-}
-
 Deno.test({
   name: "map: raw, vmdk and qcow chains agree with qemu-img map",
-  ignore: !HAVE_QEMU_IO,
+  ignore: !haveQemu,
   async fn() {
     const rng = testSeed("map vs qemu");
     const dir = await Deno.makeTempDir({ prefix: "blktap-map-" });
     try {
       // raw: data at 4 KiB-aligned places (file system block granularity).
       const raw = `${dir}/base.raw`;
-      await run("qemu-img", ["create", "-f", "raw", raw, "16M"]);
+      await qemuCreate(raw, "raw", "16M");
       const rawWrites = Array.from({ length: 6 }, () => {
         const offset = rng.int(0, 4000) * 4096;
         return `write -P ${rng.int(1, 255)} ${offset} ${rng.int(1, 40) * 4096}`;
@@ -90,18 +81,53 @@ Deno.test({
         });
       const mid = `${dir}/mid.qcow`;
       const top = `${dir}/top.qcow`;
-      await run("qemu-img", ["create", "-f", "qcow", "-b", "base.raw", "-F", "raw", mid]);
+      await qemuCreate(mid, "qcow", undefined, { name: "base.raw", format: "raw" });
       await qemuIo(mid, "qcow", qcowWrites(8));
-      await run("qemu-img", ["create", "-f", "qcow", "-b", "mid.qcow", "-F", "qcow", top]);
+      await qemuCreate(top, "qcow", undefined, { name: "mid.qcow", format: "qcow" });
       await qemuIo(top, "qcow", qcowWrites(8));
       assertSameMap(await mapImage(mid), await qemuMap(mid), "qcow over raw");
       assertSameMap(await mapImage(top), await qemuMap(top), "qcow over qcow over raw");
       const alone = `${dir}/alone.qcow`;
-      await run("qemu-img", ["create", "-f", "qcow", alone, "16M"]);
+      await qemuCreate(alone, "qcow", "16M");
       await qemuIo(alone, "qcow", qcowWrites(5));
       assertSameMap(await mapImage(alone), await qemuMap(alone), "qcow");
 
       // The CLI prints the same JSON.
+      const cli = await blktap(["map", "--json", top]);
+      assert.equal(cli.code, 0, cli.stderr);
+      assertSameMap(JSON.parse(cli.stdout), await qemuMap(top), "blktap map --json");
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name:
+    "map: an overlay longer than its backing file is depth 0 past the backing's end, as QEMU says",
+  ignore: !haveQemu,
+  async fn() {
+    const dir = await Deno.makeTempDir({ prefix: "blktap-map-" });
+    try {
+      const base = `${dir}/base.raw`;
+      await qemuCreate(base, "raw", "4M");
+      await qemuIo(base, "raw", ["write -P 1 0 1M"]);
+      // One level: an 8 MiB qcow over a 4 MiB raw file.
+      const over = `${dir}/over.qcow`;
+      await qemuCreate(over, "qcow", "8M", { name: "base.raw", format: "raw" });
+      await qemuIo(over, "qcow", ["write -P 2 6M 64k"]);
+      const overMap = await mapImage(over);
+      assertSameMap(overMap, await qemuMap(over), "8 MiB qcow over 4 MiB raw");
+      const past = overMap.find((e) => e.start <= 5 << 20 && 5 << 20 < e.start + e.length)!;
+      assert.deepEqual([past.depth, past.present, past.zero, past.data], [0, false, true, false]);
+      // Two levels, each longer than the one below: 12 MiB -> 6 MiB -> 4 MiB.
+      const mid = `${dir}/mid.qcow`;
+      await qemuCreate(mid, "qcow", "6M", { name: "base.raw", format: "raw" });
+      await qemuIo(mid, "qcow", ["write -P 3 4M 64k"]);
+      const top = `${dir}/top.qcow`;
+      await qemuCreate(top, "qcow", "12M", { name: "mid.qcow", format: "qcow" });
+      await qemuIo(top, "qcow", ["write -P 4 8M 64k"]);
+      assertSameMap(await mapImage(top), await qemuMap(top), "12 MiB -> 6 MiB -> 4 MiB");
       const cli = await blktap(["map", "--json", top]);
       assert.equal(cli.code, 0, cli.stderr);
       assertSameMap(JSON.parse(cli.stdout), await qemuMap(top), "blktap map --json");

@@ -18,8 +18,25 @@
  * deleted by the last detacher while another process waits on it, so the
  * locker checks after locking that the path still names the inode it
  * locked, and retries otherwise.
+ *
+ * The folder is shared (`/dev/shm`): every one of these files is a private
+ * file (ffi/private_path.ts), created with O_EXCL|O_NOFOLLOW and mode 0600
+ * and opened with O_NOFOLLOW, checked to be a regular file of ours with
+ * mode 0600. A symbolic link or another user's file where one of them goes
+ * is refused, never followed: the disk is shared between processes of one
+ * user by name, on purpose, and with nobody else.
  * @module
  */
+import { SysError } from "../../../ffi/errno.ts";
+import {
+  asFsFile,
+  createPrivateFile,
+  openOrCreatePrivateFile,
+  openPrivateFile,
+} from "../../../ffi/private_path.ts";
+
+/** What a RAM disk's files are called in refusals. */
+export const ram_file_what = "RAM disk file";
 
 /** Folder of the RAM disk files. */
 export function ramDirectory(): string {
@@ -48,11 +65,11 @@ export function ramPaths(name: string): RamPaths {
 /** Takes the attach/detach mutex of a RAM disk; returns its release function. */
 export function lockRamDisk(paths: RamPaths): () => void {
   for (;;) {
-    const file = Deno.openSync(paths.lock, { read: true, write: true, create: true });
+    const file = asFsFile(openOrCreatePrivateFile(paths.lock, ram_file_what));
     file.lockSync(true);
     let current: Deno.FileInfo | undefined;
     try {
-      current = Deno.statSync(paths.lock);
+      current = Deno.lstatSync(paths.lock);
     } catch {
       current = undefined;
     }
@@ -70,9 +87,10 @@ export function lockRamDisk(paths: RamPaths): () => void {
 export function noAttachments(paths: RamPaths): boolean {
   let probe: Deno.FsFile;
   try {
-    probe = Deno.openSync(paths.users, { read: true });
-  } catch {
-    return true;
+    probe = asFsFile(openPrivateFile(paths.users, ram_file_what));
+  } catch (error) {
+    if (error instanceof SysError && error.code === "ENOENT") return true;
+    throw error;
   }
   try {
     const free = probe.tryLockSync(true);
@@ -85,9 +103,30 @@ export function noAttachments(paths: RamPaths): boolean {
 
 /** Registers one attachment (call with the mutex held); close the file to detach. */
 export function holdAttachment(paths: RamPaths): Deno.FsFile {
-  const file = Deno.openSync(paths.users, { read: true, write: true, create: true });
+  const file = asFsFile(openOrCreatePrivateFile(paths.users, ram_file_what));
   file.lockSync(false);
   return file;
+}
+
+/** True when something (a file, or a symbolic link: never followed) is at `path`. */
+export function ramFileExists(path: string): boolean {
+  try {
+    Deno.lstatSync(path);
+    return true;
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) return false;
+    throw error;
+  }
+}
+
+/** Marks a RAM disk as persistent (call with the mutex held). */
+export function markPersistent(paths: RamPaths): void {
+  try {
+    createPrivateFile(paths.persist, ram_file_what).close();
+  } catch (error) {
+    if (!(error instanceof SysError && error.code === "EEXIST")) throw error;
+    openPrivateFile(paths.persist, ram_file_what).close(); // one of ours, or refused
+  }
 }
 
 /** Removes a RAM disk's files (call with the mutex held, the lock file last). */

@@ -23,13 +23,22 @@
  *
  * The memory is the data: reads and writes are copies, flush has nothing
  * to do (the disk is as volatile as the machine's RAM), and all attachments
- * see each other's completed writes at once (MAP_SHARED).
+ * see each other's completed writes at once (MAP_SHARED). Discard (and
+ * write-zeroes that may deallocate) punches a hole in the segment: the
+ * range reads as zeros and its pages go back to the system.
  * @module
  */
 import { parseSizeBytes } from "../size.ts";
-import { File } from "../../../ffi/file.ts";
+import { SysError } from "../../../ffi/errno.ts";
+import type { File } from "../../../ffi/file.ts";
 import { NativeMemory } from "../../../ffi/memory.ts";
-import { BlockDriverBase, BlockError, type DriverCapabilities } from "../driver.ts";
+import { createPrivateFile, openPrivateFile } from "../../../ffi/private_path.ts";
+import {
+  BlockDriverBase,
+  BlockError,
+  type DriverCapabilities,
+  type ZeroOptions,
+} from "../driver.ts";
 import type { ImageOpenOptions } from "../image_file.ts";
 import type { ImageInfo } from "../inspect.ts";
 import type { FormatEntry } from "../format_entry.ts";
@@ -37,7 +46,10 @@ import type { BlockDriver } from "../driver.ts";
 import {
   holdAttachment,
   lockRamDisk,
+  markPersistent,
   noAttachments,
+  ram_file_what,
+  ramFileExists,
   type RamPaths,
   ramPaths,
   removeRamDisk,
@@ -85,15 +97,6 @@ function parseRamSize(text: string, value: string): number {
   return bytes;
 }
 
-function exists(path: string): boolean {
-  try {
-    Deno.statSync(path);
-    return true;
-  } catch {
-    return false;
-  }
-}
-
 /** A RAM disk attachment. */
 export class RamDriver extends BlockDriverBase {
   readonly format = "ram";
@@ -102,12 +105,15 @@ export class RamDriver extends BlockDriverBase {
   readonly capabilities: DriverCapabilities;
   readonly #paths: RamPaths;
   readonly #memory: NativeMemory;
+  /** The segment, kept open to punch holes in it. */
+  readonly #segment: File;
   readonly #attachment: Deno.FsFile;
   #closed = false;
 
   constructor(
     name: string,
     paths: RamPaths,
+    segment: File,
     memory: NativeMemory,
     attachment: Deno.FsFile,
     writable: boolean,
@@ -115,14 +121,14 @@ export class RamDriver extends BlockDriverBase {
     super();
     this.path = `ram:${name}`;
     this.#paths = paths;
+    this.#segment = segment;
     this.#memory = memory;
     this.#attachment = attachment;
     this.sizeBytes = memory.bytes.byteLength;
     this.capabilities = {
       canWrite: writable,
       canFlush: true,
-      canFua: true,
-      canDiscard: false,
+      canDiscard: writable,
       canZero: writable,
       canExtents: false,
       canMultiConn: true,
@@ -143,7 +149,19 @@ export class RamDriver extends BlockDriverBase {
     return Promise.resolve();
   }
 
-  protected override _writeZeroes(offsetBytes: number, lengthBytes: number): Promise<void> {
+  // tmpfs frees the whole pages of the range and zeroes the partial ones;
+  // every attachment's mapping reads zeros there at once.
+  protected override _discard(offsetBytes: number, lengthBytes: number): Promise<void> {
+    this.#segment.punchHole(offsetBytes, lengthBytes);
+    return Promise.resolve();
+  }
+
+  protected override _writeZeroes(
+    offsetBytes: number,
+    lengthBytes: number,
+    options: ZeroOptions,
+  ): Promise<void> {
+    if (options.mayTrim) return this._discard(offsetBytes, lengthBytes);
     this.#memory.bytes.fill(0, offsetBytes, offsetBytes + lengthBytes);
     return Promise.resolve();
   }
@@ -153,10 +171,11 @@ export class RamDriver extends BlockDriverBase {
     if (this.#closed) return Promise.resolve();
     this.#closed = true;
     this.#memory.release();
+    this.#segment.close();
     const release = lockRamDisk(this.#paths);
     try {
       this.#attachment.close(); // drops our shared lock
-      if (noAttachments(this.#paths) && !exists(this.#paths.persist)) {
+      if (noAttachments(this.#paths) && !ramFileExists(this.#paths.persist)) {
         removeRamDisk(this.#paths);
       }
     } finally {
@@ -196,7 +215,7 @@ async function createSegment(spec: RamSpec, paths: RamPaths, openSource: OpenSou
   if (sizeBytes === undefined) {
     throw new BlockError("EINVAL", `ram:${spec.name}: does not exist yet: give size=SIZE`);
   }
-  const file = File.open(paths.segment, { write: true, createNew: true, mode: 0o600 });
+  const file = createPrivateFile(paths.segment, ram_file_what);
   try {
     file.truncate(sizeBytes);
     if (spec.load) {
@@ -226,8 +245,8 @@ export async function openRam(
   const release = lockRamDisk(paths);
   let attachment: Deno.FsFile | undefined;
   try {
-    if (!exists(paths.segment)) await createSegment(spec, paths, openSource);
-    const file = File.open(paths.segment, { write: true });
+    if (!ramFileExists(paths.segment)) await createSegment(spec, paths, openSource);
+    const file = openPrivateFile(paths.segment, ram_file_what);
     try {
       const { sizeBytes } = file.stat();
       if (spec.sizeBytes !== undefined && spec.sizeBytes !== sizeBytes) {
@@ -236,21 +255,49 @@ export async function openRam(
           `ram:${spec.name}: exists with size ${sizeBytes}, not ${spec.sizeBytes}`,
         );
       }
-      if (spec.persist && !exists(paths.persist)) Deno.writeTextFileSync(paths.persist, "");
+      if (spec.persist) markPersistent(paths);
       attachment = holdAttachment(paths);
       const memory = NativeMemory.mapShared(file.fd, sizeBytes, 0, paths.segment);
-      return new RamDriver(spec.name, paths, memory, attachment, !options.readOnly);
-    } finally {
-      file.close(); // the mapping keeps the memory
+      return new RamDriver(spec.name, paths, file, memory, attachment, !options.readOnly);
+    } catch (error) {
+      file.close();
+      throw error;
     }
   } catch (error) {
     attachment?.close();
-    if (noAttachments(paths) && !exists(paths.persist) && !exists(paths.segment)) {
-      removeRamDisk(paths);
-    }
+    cleanUpFailedAttach(paths);
     throw error;
   } finally {
     release();
+  }
+}
+
+// After a failed first attach, the helper files go unless the disk lives on.
+// Never masks the attach's own error (a refused file may be why it failed).
+function cleanUpFailedAttach(paths: RamPaths): void {
+  try {
+    if (noAttachments(paths) && !ramFileExists(paths.persist) && !ramFileExists(paths.segment)) {
+      removeRamDisk(paths);
+    }
+  } catch {
+    // the attach's error says what is wrong
+  }
+}
+
+function segmentSize(spec: RamSpec, paths: RamPaths): number {
+  let file: File;
+  try {
+    file = openPrivateFile(paths.segment, ram_file_what);
+  } catch (error) {
+    if (error instanceof SysError && error.code === "ENOENT") {
+      throw new BlockError("EINVAL", `ram:${spec.name}: no such RAM disk`);
+    }
+    throw error;
+  }
+  try {
+    return file.stat().sizeBytes;
+  } finally {
+    file.close();
   }
 }
 
@@ -260,9 +307,9 @@ export function ramInfo(text: string): Promise<ImageInfo> {
   const paths = ramPaths(spec.name);
   let sizeBytes: number;
   try {
-    sizeBytes = Deno.statSync(paths.segment).size;
-  } catch {
-    return Promise.reject(new BlockError("EINVAL", `ram:${spec.name}: no such RAM disk`));
+    sizeBytes = segmentSize(spec, paths);
+  } catch (error) {
+    return Promise.reject(error);
   }
   const release = lockRamDisk(paths);
   try {
@@ -272,7 +319,7 @@ export function ramInfo(text: string): Promise<ImageInfo> {
       details: {
         segment: paths.segment,
         attached: !noAttachments(paths),
-        persist: exists(paths.persist),
+        persist: ramFileExists(paths.persist),
       },
     });
   } finally {

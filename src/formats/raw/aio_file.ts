@@ -1,11 +1,11 @@
 /**
- * The `aio` file layer: libaio with O_DIRECT (cache=none) or through the
- * page cache (cache=writeback). Requests that are not block-aligned in
+ * The `aio` file layer: asynchronous I/O (ffi/aio.ts) with O_DIRECT
+ * (cache=none) or through the page cache (cache=writeback). Requests that are not block-aligned in
  * memory, offset or length go through aligned bounce buffers; partial
  * blocks are read-modify-written under a range lock.
  * @module
  */
-import { AioQueue, type IoVec } from "../../../ffi/aio.ts";
+import { type AioQueue, type IoVec, openQueue } from "../../../ffi/aio.ts";
 import { SysError } from "../../../ffi/errno.ts";
 import { File } from "../../../ffi/file.ts";
 import { addressOf } from "../../../ffi/memory.ts";
@@ -17,12 +17,24 @@ import { RangeLock } from "./range_lock.ts";
 export const direct_alignment_bytes = 4096;
 const max_inflight_requests = 256;
 
-let sharedQueue: AioQueue | undefined;
+let directQueue: AioQueue | undefined;
+let pageCacheReads: AioQueue | undefined;
+let pageCacheWrites: AioQueue | undefined;
 
-/** One libaio context per process, so requests to all files batch together. */
-function queue(): AioQueue {
-  sharedQueue ??= new AioQueue(max_inflight_requests);
-  return sharedQueue;
+/**
+ * One kernel I/O queue per process and kind of request, so requests to all
+ * files batch together. O_DIRECT: libaio (completions come from the
+ * interrupt). Page cache: reads through io_uring, which copies cached pages
+ * during submission and sends misses to its workers (libaio would read a miss
+ * synchronously, one request at a time); writes through libaio, whose
+ * submission copies into the page cache and completes at once (io_uring, on
+ * file systems without non-blocking buffered writes, hands every write to a
+ * worker thread).
+ */
+function queueFor(direct: boolean, write: boolean): AioQueue {
+  if (direct) return directQueue ??= openQueue(max_inflight_requests, "libaio");
+  if (write) return pageCacheWrites ??= openQueue(max_inflight_requests, "libaio");
+  return pageCacheReads ??= openQueue(max_inflight_requests, "io_uring");
 }
 
 function isAligned(value: number, alignment: number): boolean {
@@ -38,12 +50,16 @@ export class AioFile extends FdImageFile {
   readonly direct: boolean;
   readonly #alignment: number;
   readonly #writeLocks = new RangeLock();
+  readonly #reads: AioQueue;
+  readonly #writes: AioQueue;
   #fdsyncWorks = true;
 
   constructor(file: File, writable: boolean) {
     super(file, writable);
     this.direct = file.direct;
     this.#alignment = file.direct ? direct_alignment_bytes : 1;
+    this.#reads = queueFor(file.direct, false);
+    this.#writes = queueFor(file.direct, true);
   }
 
   #aligned(offsetBytes: number, bytes: Uint8Array): boolean {
@@ -73,7 +89,7 @@ export class AioFile extends FdImageFile {
   // Reads all of `buffer`; a short read means end of file: the rest is zeros.
   async #readFull(offsetBytes: number, buffer: Uint8Array): Promise<void> {
     const iov: IoVec[] = [{ address: addressOf(buffer), lengthBytes: buffer.byteLength }];
-    const got = await queue().readv(this.file.fd, offsetBytes, iov, this.path);
+    const got = await this.#reads.readv(this.file.fd, offsetBytes, iov, this.path);
     if (got < buffer.byteLength) {
       if (got > 0 && offsetBytes + got < this.length) {
         // A short read inside the file: finish it (possible for buffered I/O).
@@ -127,7 +143,7 @@ export class AioFile extends FdImageFile {
         address: addressOf(data) + done,
         lengthBytes: data.byteLength - done,
       }];
-      const wrote = await queue().writev(this.file.fd, offsetBytes + done, iov, this.path);
+      const wrote = await this.#writes.writev(this.file.fd, offsetBytes + done, iov, this.path);
       if (wrote === 0) throw new SysError("pwritev", 28, this.path);
       done += wrote;
     }
@@ -140,7 +156,7 @@ export class AioFile extends FdImageFile {
       return;
     }
     const total = buffers.reduce((sum, b) => sum + b.byteLength, 0);
-    const got = await queue().readv(this.file.fd, offsetBytes, toIovecs(buffers), this.path);
+    const got = await this.#reads.readv(this.file.fd, offsetBytes, toIovecs(buffers), this.path);
     if (got >= total) return;
     // Short only at end of file (or a buffered short read): finish piece by piece.
     let position = 0;
@@ -164,7 +180,12 @@ export class AioFile extends FdImageFile {
     this.length = Math.max(this.length, offsetBytes + total);
     const release = await this.#writeLocks.acquire(offsetBytes, offsetBytes + total);
     try {
-      const wrote = await queue().writev(this.file.fd, offsetBytes, toIovecs(buffers), this.path);
+      const wrote = await this.#writes.writev(
+        this.file.fd,
+        offsetBytes,
+        toIovecs(buffers),
+        this.path,
+      );
       let position = 0;
       for (const buffer of buffers) {
         const end = position + buffer.byteLength;
@@ -201,7 +222,7 @@ export class AioFile extends FdImageFile {
     if (!this.writable) return;
     if (this.#fdsyncWorks) {
       try {
-        await queue().fdsync(this.file.fd, this.path);
+        await this.#writes.fdsync(this.file.fd, this.path);
         return;
       } catch (error) {
         if (!(error instanceof SysError && error.code === "EINVAL")) throw error;

@@ -4,6 +4,7 @@
  * `sync` file layers, which differ only in how they read, write and flush.
  * @module
  */
+import { unlockImage } from "./image_lock.ts";
 import { File } from "../../../ffi/file.ts";
 import { SysError } from "../../../ffi/errno.ts";
 import type { FileExtent, ImageFile } from "../image_file.ts";
@@ -27,6 +28,10 @@ export abstract class FdImageFile implements ImageFile {
 
   get path(): string {
     return this.file.path;
+  }
+
+  get canPunchHoles(): boolean {
+    return !this.isBlockDevice;
   }
 
   lengthBytes(): number {
@@ -95,6 +100,7 @@ export abstract class FdImageFile implements ImageFile {
   }
 
   close(): Promise<void> {
+    unlockImage(this.file);
     this.file.close();
     return Promise.resolve();
   }

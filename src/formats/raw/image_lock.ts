@@ -83,6 +83,17 @@ export function lockImage(file: File, mode: ImageLockMode): void {
 }
 
 /**
+ * Drops every lock {@linkcode lockImage} may have taken on `file`. Called
+ * before the descriptor is closed: the kernel may release the file itself
+ * later (a deferred fput after the last aio completion), and a lock that
+ * outlives the close would refuse the next opener.
+ */
+export function unlockImage(file: File): void {
+  const end = lock_shared_base_bytes + QEMU_PERMISSIONS.length;
+  ofdSetLock(file, "unlock", lock_perm_base_bytes, end - lock_perm_base_bytes);
+}
+
+/**
  * How long {@linkcode lockImageWaiting} waits for a conflicting lock to go
  * away before refusing. Locks outlive their holder briefly: a SIGKILLed
  * disk process's file is released by the kernel's deferred fput after its

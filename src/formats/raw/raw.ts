@@ -1,8 +1,9 @@
 /**
  * The raw drivers: a disk whose bytes are the file's bytes. `aio` (libaio,
  * the default for raw images) and `sync` (blocking) differ only in their
- * file layer. Discard punches holes, write-zeroes uses fallocate, block
- * status comes from SEEK_DATA/SEEK_HOLE.
+ * file layer. Discard punches holes (files only: a block device offers no
+ * discard), write-zeroes uses fallocate, block status comes from
+ * SEEK_DATA/SEEK_HOLE.
  * @module
  */
 import {
@@ -50,8 +51,7 @@ export class RawDriver extends BlockDriverBase {
     this.capabilities = {
       canWrite: file.writable,
       canFlush: true,
-      canFua: false,
-      canDiscard: file.writable,
+      canDiscard: file.writable && file.canPunchHoles !== false,
       canZero: file.writable,
       canExtents: true,
       canMultiConn: true,
@@ -131,7 +131,7 @@ export class RawDriver extends BlockDriverBase {
     options: ZeroOptions,
   ): Promise<void> {
     return this.#guarded(offsetBytes, lengthBytes, undefined, async () => {
-      if (options.mayTrim) {
+      if (options.mayTrim && this.capabilities.canDiscard) {
         await this.#file.punchHole(offsetBytes, lengthBytes);
         return;
       }

@@ -234,12 +234,23 @@ export interface FuzzResult {
   firstWrong?: string;
 }
 
-/** Submits `entries` malformed requests, `depth` at a time. */
+/**
+ * A malformed entry not answered within this long fails the run: the
+ * validator answers at once, so waiting longer means a hang, and a fuzz
+ * run must fail on a hang rather than stall.
+ */
+export const fuzz_case_timeout_ms_default = 15_000;
+
+/**
+ * Submits `entries` malformed requests, `depth` at a time. Rejects, naming
+ * the entry, when one is not answered within `caseTimeoutMs`.
+ */
 export async function fuzzRing(
   disk: RingDisk,
   entries: number,
   depth: number,
   random: () => number,
+  caseTimeoutMs = fuzz_case_timeout_ms_default,
 ): Promise<FuzzResult> {
   const generator = new MalformedGenerator(random, {
     poolPages: disk.pages.pages,
@@ -247,19 +258,41 @@ export async function fuzzRing(
     pool: disk.pool,
   });
   const result: FuzzResult = { entries: 0, wrongStatus: 0, acceptedMalformed: 0, byKind: {} };
+  // What each worker waits for, and since when: the watchdog's view.
+  const pending: ({ number: number; kind: Malformation; sinceMs: number } | undefined)[] = [];
   let left = entries;
-  const worker = async () => {
+  const worker = async (slot: number) => {
     const scratchPage = await disk.pages.allocateWait(1);
     try {
       while (left > 0) {
+        const m = generator.next(scratchPage);
+        pending[slot] = { number: entries - left, kind: m.kind, sinceMs: performance.now() };
         left -= 1;
-        await submitOne(disk, generator.next(scratchPage), result);
+        await submitOne(disk, m, result);
+        pending[slot] = undefined;
       }
     } finally {
       disk.pages.release(scratchPage, 1);
     }
   };
-  await Promise.all(Array.from({ length: depth }, worker));
+  const hang = Promise.withResolvers<never>();
+  const watchdog = setInterval(() => {
+    const now = performance.now();
+    const stuck = pending.find((p) => p && now - p.sinceMs > caseTimeoutMs);
+    if (stuck) {
+      hang.reject(
+        new Error(
+          `malformed entry ${stuck.number} (${stuck.kind}) unanswered after ${caseTimeoutMs} ms`,
+        ),
+      );
+    }
+  }, Math.min(1000, caseTimeoutMs));
+  try {
+    const workers = Array.from({ length: depth }, (_, slot) => worker(slot));
+    await Promise.race([Promise.all(workers), hang.promise]);
+  } finally {
+    clearInterval(watchdog);
+  }
   return result;
 }
 

@@ -6,8 +6,16 @@
  * of what it wrote. Used by tests, `blktap exercise` and bench/ring.sh.
  *
  * Model: each sector written holds a pattern derived from (sector, tag);
- * the model keeps the tag per sector (0 = unknown, not verified). Requests
- * in flight never overlap, so the model is exact.
+ * the model keeps the tag per sector. Sectors this run has not written hold
+ * what the disk held before it ({@linkcode TAG_INITIAL}: verified as zeros
+ * when the caller says the disk started zeroed, else not checked). A
+ * discarded sector reads as zeros or as what it held before the discard,
+ * and may go from one to the other until it is written again (a driver may
+ * ignore the hint; a restarted disk process may replay an older write over
+ * it): both are accepted, nothing else. Requests in flight never overlap,
+ * so the model is exact, and a run can hand it back
+ * ({@linkcode LoadOptions.returnModel}) for the caller to check the whole
+ * disk by another way (the image file, read by QEMU).
  * @module
  */
 import * as B from "../../ring/blkif.ts";
@@ -45,7 +53,39 @@ export interface LoadOptions {
   maxErrors?: number;
   /** Only touch the first `regionBytes` of the disk (default: all of it). */
   regionBytes?: number;
+  /** The disk is all zeros before the run: reads of sectors not written yet are verified too. */
+  initialZero?: boolean;
+  /** Return the final model in {@linkcode LoadResult.model}. */
+  returnModel?: boolean;
   seed: number;
+}
+
+/** Model tag of a sector this run has not changed: what the disk held before the run. */
+export const TAG_INITIAL = 0;
+/** Model tag of a discarded sector: zeros, or what it held before (its `before` tag). */
+export const TAG_DISCARDED = 0xfffffffd;
+/** Model tag of a sector known to read as zeros. */
+export const TAG_ZERO = 0xfffffffe;
+/** Model tag of a sector whose content is not known (a failed write or discard). */
+export const TAG_UNKNOWN = 0xffffffff;
+
+/**
+ * The model as runs `[firstSector, sectors, tag, before]`: a write tag
+ * (below {@linkcode TAG_DISCARDED}) counts up by one per sector, a special
+ * tag stays; `before` (discarded runs only) is the tags the sectors had
+ * before the discard, by the same rule. Sectors outside every run are
+ * {@linkcode TAG_INITIAL}.
+ */
+export type ModelRun = [number, number, number, number?];
+
+/** Whether `tag` is a write's (its sectors' tags count up). */
+export function isWriteTag(tag: number): boolean {
+  return tag !== TAG_INITIAL && tag < TAG_DISCARDED;
+}
+
+/** The tag of sector `first + i` in a run starting with `tag`. */
+export function tagAt(tag: number, i: number): number {
+  return isWriteTag(tag) ? tag + i : tag;
 }
 
 /** What a load run saw. */
@@ -67,6 +107,8 @@ export interface LoadResult {
   elapsedMs: number;
   requestsPerSecond: number;
   firstError?: string;
+  /** The final model, when asked for (sector runs of the region). */
+  model?: ModelRun[];
 }
 
 /** mulberry32: small, seedable, fast; uniform in [0, 1). */
@@ -86,6 +128,33 @@ function patternWord(sector: number, tag: number, k: number): number {
   return (Math.imul(tag, 0x9e3779b1) ^ Math.imul(sector + k, 0x85ebca6b) ^ k) >>> 0;
 }
 
+/** What sector `sector` holds after a write this front end tagged `tag` (512 bytes). */
+export function sectorPattern(sector: number, tag: number): Uint8Array {
+  const words = new Uint32Array(WORDS_PER_SECTOR);
+  for (let k = 0; k < WORDS_PER_SECTOR; k += 1) words[k] = patternWord(sector, tag, k);
+  return new Uint8Array(words.buffer);
+}
+
+/** The tag of every sector, as runs (see {@linkcode ModelRun}). */
+export function modelRuns(tags: Uint32Array, before: Uint32Array): ModelRun[] {
+  const runs: ModelRun[] = [];
+  let run: ModelRun | undefined;
+  for (let sector = 0; sector < tags.length; sector += 1) {
+    const tag = tags[sector];
+    const n = run ? sector - run[0] : 0;
+    const continues = run !== undefined && run[0] + run[1] === sector &&
+      tag === tagAt(run[2], n) &&
+      (tag !== TAG_DISCARDED || before[sector] === tagAt(run[3]!, n));
+    if (continues) run![1] += 1;
+    else if (tag === TAG_INITIAL) run = undefined;
+    else {
+      run = tag === TAG_DISCARDED ? [sector, 1, tag, before[sector]] : [sector, 1, tag];
+      runs.push(run);
+    }
+  }
+  return runs;
+}
+
 interface Job {
   kind: "read" | "write";
   sector: number;
@@ -103,6 +172,8 @@ export class TestFrontend {
     & Pick<LoadOptions, "requests" | "durationMs">;
   readonly #random: () => number;
   readonly #tags: Uint32Array;
+  /** For discarded sectors: the tag they had before. */
+  readonly #before: Uint32Array;
   readonly #busy: Uint8Array;
   readonly #poolWords: Uint32Array;
   #nextTag = 1;
@@ -124,12 +195,15 @@ export class TestFrontend {
       verify: true,
       maxErrors: Infinity,
       aligned: false,
+      initialZero: false,
+      returnModel: false,
       ...options,
       regionBytes: region,
     };
     this.#random = prng(options.seed);
     const sectors = Math.floor(region / B.SECTOR_BYTES);
     this.#tags = new Uint32Array(sectors);
+    this.#before = new Uint32Array(sectors);
     this.#busy = new Uint8Array(sectors);
     this.#poolWords = new Uint32Array(
       disk.pool.buffer,
@@ -162,7 +236,13 @@ export class TestFrontend {
     const r = this.#result;
     r.elapsedMs = performance.now() - started;
     r.requestsPerSecond = Math.round((r.requests * 1000) / Math.max(r.elapsedMs, 1));
+    if (this.#o.returnModel) r.model = modelRuns(this.#tags, this.#before);
     return r;
+  }
+
+  // A disk whose driver cannot discard answers EOPNOTSUPP: it gets no discards.
+  get #discardFraction(): number {
+    return this.#disk.capabilities.canDiscard ? this.#o.discardFraction : 0;
   }
 
   #more(): boolean {
@@ -176,7 +256,7 @@ export class TestFrontend {
       this.#issued += 1;
       const roll = this.#random();
       if (roll < this.#o.flushFraction) await this.#flush();
-      else if (roll < this.#o.flushFraction + this.#o.discardFraction) await this.#discard();
+      else if (roll < this.#o.flushFraction + this.#discardFraction) await this.#discard();
       else await this.#readOrWrite();
     }
   }
@@ -197,12 +277,19 @@ export class TestFrontend {
   async #discard(): Promise<void> {
     const range = await this.#pickRange(1 + Math.floor(this.#random() * 256));
     this.#result.discards += 1;
+    const { sector, sectors } = range;
     try {
-      this.#record(await this.#disk.producer.submitDiscard(range.sector, range.sectors), "discard");
-      // Discarded sectors may read as zeros or as before: unknown to the model.
-      this.#tags.fill(0, range.sector, range.sector + range.sectors);
+      const status = await this.#disk.producer.submitDiscard(sector, sectors);
+      this.#record(status, "discard");
+      for (let s = sector; s < sector + sectors; s += 1) {
+        if (status !== B.BLKIF_RSP_OKAY) this.#tags[s] = TAG_UNKNOWN;
+        else if (this.#tags[s] !== TAG_DISCARDED) {
+          this.#before[s] = this.#tags[s];
+          this.#tags[s] = TAG_DISCARDED;
+        }
+      }
     } finally {
-      this.#busy.fill(0, range.sector, range.sector + range.sectors);
+      this.#busy.fill(0, sector, sector + sectors);
     }
   }
 
@@ -301,7 +388,9 @@ export class TestFrontend {
     } else {
       this.#result.writes += 1;
       // A failed write leaves the range unknown.
-      if (status !== B.BLKIF_RSP_OKAY) this.#tags.fill(0, job.sector, job.sector + job.sectors);
+      if (status !== B.BLKIF_RSP_OKAY) {
+        this.#tags.fill(TAG_UNKNOWN, job.sector, job.sector + job.sectors);
+      }
     }
   }
 
@@ -321,6 +410,7 @@ export class TestFrontend {
     const verify = this.#o.verify;
     this.#forEachSector(job, (sector, word) => {
       const tag = this.#nextTag++;
+      if (tag >= TAG_DISCARDED) throw new RangeError("model tags exhausted: run fewer requests");
       if (verify) {
         for (let k = 0; k < WORDS_PER_SECTOR; k += 1) words[word + k] = patternWord(sector, tag, k);
       }
@@ -329,18 +419,42 @@ export class TestFrontend {
   }
 
   #check(job: Job): void {
-    const words = this.#poolWords;
-    this.#forEachSector(job, (sector, word) => {
-      const tag = this.#tags[sector];
-      if (tag === 0) return;
-      this.#result.verifiedSectors += 1;
-      for (let k = 0; k < WORDS_PER_SECTOR; k += 1) {
-        if (words[word + k] !== patternWord(sector, tag, k)) {
-          this.#result.mismatches += 1;
-          this.#result.firstError ??= `mismatch at sector ${sector}`;
-          return;
-        }
-      }
-    });
+    this.#forEachSector(job, (sector, word) => this.#compare(sector, word));
+  }
+
+  // The content a model tag stands for: a write tag, 0 for zeros, undefined when not known.
+  #content(tag: number): number | undefined {
+    if (tag === TAG_UNKNOWN) return undefined;
+    if (tag === TAG_INITIAL) return this.#o.initialZero ? 0 : undefined;
+    return tag === TAG_ZERO ? 0 : tag;
+  }
+
+  #isZero(word: number): boolean {
+    for (let k = 0; k < WORDS_PER_SECTOR; k += 1) if (this.#poolWords[word + k] !== 0) return false;
+    return true;
+  }
+
+  #holds(sector: number, word: number, content: number): boolean {
+    if (content === 0) return this.#isZero(word);
+    for (let k = 0; k < WORDS_PER_SECTOR; k += 1) {
+      if (this.#poolWords[word + k] !== patternWord(sector, content, k)) return false;
+    }
+    return true;
+  }
+
+  // Compares the sector read into the pool at `word` with the model.
+  #compare(sector: number, word: number): void {
+    const tag = this.#tags[sector];
+    const discarded = tag === TAG_DISCARDED;
+    // Discarded: zeros or what it held before; if that is not known, anything.
+    const content = this.#content(discarded ? this.#before[sector] : tag);
+    if (content === undefined) return;
+    this.#result.verifiedSectors += 1;
+    if (this.#holds(sector, word, content) || (discarded && this.#isZero(word))) return;
+    this.#result.mismatches += 1;
+    this.#result.firstError ??= `mismatch at sector ${sector} (expected ${
+      discarded ? "zeros or " : ""
+    }${content === 0 ? "zeros" : `tag ${content}`})`;
+    this.#tags[sector] = TAG_UNKNOWN; // reported once, not at every later read
   }
 }

@@ -5,6 +5,8 @@
  * replies that complete meanwhile gather, and small ones are copied into a
  * staging buffer so a burst of 4 KiB reads leaves in one `write` (Deno has
  * no writev). Large payloads are written from their own buffer, uncopied.
+ * A payload's owner gets it back once its bytes (or their copy) are on the
+ * wire, so the payload budget also bounds the copies waiting here.
  * @module
  */
 
@@ -14,13 +16,15 @@ export interface ByteSink {
 }
 
 /** Payloads up to this size are copied into the staging buffer. */
-const copy_payload_bytes_max = 64 << 10;
+export const copy_payload_bytes_max = 64 << 10;
 const staging_bytes = 256 << 10;
 const spare_staging_buffers_max = 4;
 
 interface Segment {
   bytes: Uint8Array;
   release?: () => void;
+  /** Not copied: the caller's memory until `release`. */
+  owned?: boolean;
 }
 
 /** The write side of a connection. */
@@ -28,11 +32,17 @@ export class ReplyWriter {
   readonly #sink: ByteSink;
   #staging: Uint8Array = new Uint8Array(staging_bytes);
   #stagingLength = 0;
+  /** Owners of payloads copied into the staging buffer: released once it is written. */
+  #stagingReleases: (() => void)[] = [];
   readonly #spare: Uint8Array[] = [];
   readonly #queue: Segment[] = [];
-  /** Bytes accepted and not yet written: the back-pressure measure. */
+  /** Bytes accepted and not yet written. */
   #pendingBytes = 0;
+  /** Of those, bytes in owned (uncopied) segments: memory of the payload budget. */
+  #pendingOwnedBytes = 0;
   #writing = false;
+  /** When the socket last accepted bytes (or the writer went from idle to busy). */
+  #progressMs = 0;
   #scheduled = false;
   #failure: unknown;
   #idleWaiters: (() => void)[] = [];
@@ -44,6 +54,16 @@ export class ReplyWriter {
   /** Bytes queued and not yet handed to the socket. */
   get pendingBytes(): number {
     return this.#pendingBytes;
+  }
+
+  /** Queued bytes this writer copied (its own memory): the back-pressure measure. */
+  get pendingCopiedBytes(): number {
+    return this.#pendingBytes - this.#pendingOwnedBytes;
+  }
+
+  /** How long queued replies have waited without the socket taking any (0 when idle). */
+  stalledMs(nowMs: number): number {
+    return this.#writing ? nowMs - this.#progressMs : 0;
   }
 
   /** The socket write error that stopped this writer, if any. */
@@ -67,8 +87,8 @@ export class ReplyWriter {
   }
 
   /**
-   * Queues `bytes` without copying when large; `release` runs once the
-   * writer no longer needs them (written, copied, or dropped on failure).
+   * Queues `bytes` without copying when large; `release` runs once they
+   * (or their copy) have been written, or dropped on failure.
    */
   pushOwned(bytes: Uint8Array, release?: () => void): void {
     if (this.#failure !== undefined) {
@@ -77,12 +97,14 @@ export class ReplyWriter {
     }
     if (bytes.byteLength <= copy_payload_bytes_max) {
       this.pushCopy(bytes);
-      release?.();
+      if (release && bytes.byteLength === 0) release();
+      else if (release) this.#stagingReleases.push(release);
       return;
     }
     this.#seal();
-    this.#queue.push({ bytes, release });
+    this.#queue.push({ bytes, release, owned: true });
     this.#pendingBytes += bytes.byteLength;
+    this.#pendingOwnedBytes += bytes.byteLength;
     this.#kick();
   }
 
@@ -111,10 +133,13 @@ export class ReplyWriter {
   #seal(): void {
     if (this.#stagingLength === 0) return;
     const staging = this.#staging;
+    const releases = this.#stagingReleases;
+    this.#stagingReleases = [];
     this.#queue.push({
       bytes: staging.subarray(0, this.#stagingLength),
       release: () => {
         if (this.#spare.length < spare_staging_buffers_max) this.#spare.push(staging);
+        for (const release of releases) release();
       },
     });
     this.#staging = this.#spare.pop() ?? new Uint8Array(staging_bytes);
@@ -131,6 +156,7 @@ export class ReplyWriter {
   async #run(): Promise<void> {
     this.#scheduled = false;
     this.#writing = true;
+    this.#progressMs = performance.now();
     try {
       for (;;) {
         if (this.#queue.length === 0) this.#seal();
@@ -140,6 +166,7 @@ export class ReplyWriter {
           await this.#writeAll(segment.bytes);
         } finally {
           this.#pendingBytes = Math.max(0, this.#pendingBytes - segment.bytes.byteLength);
+          if (segment.owned) this.#pendingOwnedBytes -= segment.bytes.byteLength;
           segment.release?.();
         }
       }
@@ -157,13 +184,16 @@ export class ReplyWriter {
     let done = 0;
     while (done < bytes.byteLength) {
       done += await this.#sink.write(done === 0 ? bytes : bytes.subarray(done));
+      this.#progressMs = performance.now();
     }
   }
 
   #fail(error: unknown): void {
     this.#failure = error ?? new Error("write failed");
     for (const segment of this.#queue.splice(0)) segment.release?.();
+    for (const release of this.#stagingReleases.splice(0)) release();
     this.#stagingLength = 0;
     this.#pendingBytes = 0;
+    this.#pendingOwnedBytes = 0;
   }
 }

@@ -6,13 +6,17 @@
  * `blktap serve` and the tests serve drivers opened in-process.
  *
  * A misbehaving client only ever ends its own connection: every error on a
- * connection is caught here, logged, and the socket closed.
+ * connection is caught here, logged, and the socket closed. Payload memory
+ * is one budget for the whole server (see limits.ts): a client over its
+ * share waits, and one that stops reading its replies is cut after
+ * `reply_stall_timeout_ms`.
  * @module
  */
+import { listenPrivateUnix } from "../../../ffi/private_path.ts";
 import { type NbdExport } from "./export.ts";
 import { HandshakeAbort, negotiate } from "./handshake.ts";
 import { DEFAULT_LIMITS, type NbdLimits } from "./limits.ts";
-import { PayloadPool } from "./payload_pool.ts";
+import { type PayloadMemory, PayloadPool } from "./payload_pool.ts";
 import { type NbdServerStats, newStats } from "./stats.ts";
 import { ReplyWriter } from "./reply_writer.ts";
 import { ShortReadError, SocketReader } from "./socket_reader.ts";
@@ -20,6 +24,7 @@ import { ProtocolError, Transmission } from "./transmission.ts";
 
 export type { NbdExport } from "./export.ts";
 export type { NbdLimits } from "./limits.ts";
+export type { PayloadMemory } from "./payload_pool.ts";
 export type { NbdServerStats } from "./stats.ts";
 
 /** Severity of a server log line. */
@@ -27,9 +32,16 @@ export type NbdLogLevel = "debug" | "info" | "warn";
 
 /** How to start a server. At least one of `unixPath` and `tcp` is needed. */
 export interface NbdServerOptions {
-  /** Listen on this Unix socket (a stale socket file there is replaced). */
+  /**
+   * Listen on this Unix socket (a stale socket file there is replaced). It
+   * is mode 0600 from the moment it is bound: only our user may connect.
+   */
   unixPath?: string;
-  /** Listen on TCP; `hostname` defaults to 127.0.0.1, `port` 0 picks a free port. */
+  /**
+   * Listen on TCP; `hostname` defaults to 127.0.0.1, `port` 0 picks a free
+   * port. TCP has no authentication (and TLS is refused): anyone who can
+   * reach the address can read and write every export.
+   */
   tcp?: { hostname?: string; port: number };
   /** The export a client names, or undefined. Called at every GO/INFO/EXPORT_NAME. */
   lookup(name: string): NbdExport | undefined;
@@ -53,6 +65,8 @@ export interface NbdServer {
   readonly limits: NbdLimits;
   /** Counters since start (for `blktap ctrl stats`). */
   readonly stats: NbdServerStats;
+  /** Payload memory held, peak and pooled, by the server's own accounting. */
+  readonly payloadMemory: PayloadMemory;
   /**
    * Stops listening, lets requests in flight finish (up to
    * `close_grace_ms`), closes every connection. Exports are not closed:
@@ -61,6 +75,8 @@ export interface NbdServer {
   close(): Promise<void>;
   /** Closes the connections using export `name` (after its requests finish), e.g. on destroy. */
   disconnectExport(name: string): Promise<void>;
+  /** Connections in the transmission phase on export `name`. */
+  connectionsTo(name: string): number;
 }
 
 /** Receive buffer per connection: holds a queue depth's worth of 4 KiB writes. */
@@ -68,6 +84,7 @@ const receive_buffer_bytes = 256 << 10;
 
 interface Connection {
   conn: Deno.Conn;
+  writer?: ReplyWriter;
   exportName?: string;
   transmission?: Transmission;
   done: Promise<void>;
@@ -113,7 +130,11 @@ export function startNbdServer(options: NbdServerOptions): Promise<NbdServer> {
   if (!options.unixPath && !options.tcp) {
     return Promise.reject(new Error("startNbdServer: give unixPath or tcp"));
   }
-  return Promise.resolve(new Server(options));
+  try {
+    return Promise.resolve(new Server(options));
+  } catch (error) {
+    return Promise.reject(error);
+  }
 }
 
 class Server implements NbdServer {
@@ -126,16 +147,22 @@ class Server implements NbdServer {
   readonly #listeners: Deno.Listener[] = [];
   readonly #accepting: Promise<void>[] = [];
   readonly #connections = new Set<Connection>();
-  readonly #pool = new PayloadPool();
+  readonly #pool: PayloadPool;
+  readonly #stallTimer: ReturnType<typeof setInterval>;
   #closing = false;
 
   constructor(options: NbdServerOptions) {
     this.#options = options;
     this.limits = { ...DEFAULT_LIMITS, ...options.limits };
     this.#log = options.log ?? defaultLog;
+    const limits = this.limits;
+    this.#pool = new PayloadPool(
+      limits.payload_bytes_max,
+      Math.min(limits.connection_payload_bytes_max, limits.payload_bytes_max),
+    );
+    this.#pool.checkFits(limits.request_bytes_max, "payload_bytes_max");
     if (options.unixPath) {
-      removeStaleSocket(options.unixPath);
-      this.#listeners.push(Deno.listen({ transport: "unix", path: options.unixPath }));
+      this.#listeners.push(listenPrivateUnix(options.unixPath));
       this.unixPath = options.unixPath;
     }
     if (options.tcp) {
@@ -151,10 +178,30 @@ class Server implements NbdServer {
       this.tcp = { hostname, port: (listener.addr as Deno.NetAddr).port };
     }
     for (const listener of this.#listeners) this.#accepting.push(this.#acceptLoop(listener));
+    const period = Math.max(10, Math.min(5_000, limits.reply_stall_timeout_ms / 4));
+    this.#stallTimer = setInterval(() => this.#cutStalled(), period);
   }
 
   get connectionCount(): number {
     return this.#connections.size;
+  }
+
+  get payloadMemory(): PayloadMemory {
+    return this.#pool.memory;
+  }
+
+  // A client that stopped reading its replies holds their memory: cut it.
+  #cutStalled(): void {
+    const now = performance.now();
+    for (const c of this.#connections) {
+      if ((c.writer?.stalledMs(now) ?? 0) <= this.limits.reply_stall_timeout_ms) continue;
+      this.stats.stalled_disconnects_total++;
+      this.#log(
+        "info",
+        `closing a connection whose replies did not move for ${this.limits.reply_stall_timeout_ms} ms`,
+      );
+      closeQuietly(c.conn);
+    }
   }
 
   async #acceptLoop(listener: Deno.Listener): Promise<void> {
@@ -186,6 +233,7 @@ class Server implements NbdServer {
     const { conn } = connection;
     const reader = new SocketReader(conn, receive_buffer_bytes);
     const writer = new ReplyWriter(conn);
+    connection.writer = writer;
     const log = this.#log;
     const timer = setTimeout(() => {
       log("info", "handshake timed out");
@@ -204,7 +252,7 @@ class Server implements NbdServer {
       this.stats.sessions_total++;
       connection.exportName = session.nbdExport.name;
       connection.transmission = new Transmission(reader, writer, session, {
-        pool: this.#pool,
+        payloads: this.#pool.account(),
         stats: this.stats,
         limits: this.limits,
         shuttingDown: () => this.#closing,
@@ -237,6 +285,12 @@ class Server implements NbdServer {
     }));
   }
 
+  connectionsTo(name: string): number {
+    let count = 0;
+    for (const c of this.#connections) if (c.exportName === name) count++;
+    return count;
+  }
+
   disconnectExport(name: string): Promise<void> {
     return this.#shutdown([...this.#connections].filter((c) => c.exportName === name));
   }
@@ -244,6 +298,7 @@ class Server implements NbdServer {
   async close(): Promise<void> {
     if (this.#closing) return;
     this.#closing = true;
+    clearInterval(this.#stallTimer);
     for (const listener of this.#listeners) closeQuietly(listener);
     await Promise.all(this.#accepting);
     // Connections still haggling have nothing in flight: cut them now.

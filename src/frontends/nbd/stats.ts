@@ -19,6 +19,8 @@ export interface NbdServerStats {
   requests_total: number;
   /** Requests answered with an error. */
   request_errors_total: number;
+  /** Connections closed because their replies stopped moving (`reply_stall_timeout_ms`). */
+  stalled_disconnects_total: number;
 }
 
 /** All counters at zero. */
@@ -30,5 +32,6 @@ export function newStats(): NbdServerStats {
     protocol_disconnects_total: 0,
     requests_total: 0,
     request_errors_total: 0,
+    stalled_disconnects_total: 0,
   };
 }

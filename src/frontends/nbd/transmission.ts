@@ -8,22 +8,26 @@
  * Payloads: when the driver lends buffers (a ring front end lends its data
  * pages), WRITE payloads are read from the socket straight into a borrowed
  * buffer and READ data is sent from one; otherwise page-aligned buffers
- * come from a {@linkcode PayloadPool}, with headroom for the reply header
- * so a READ reply leaves in one write.
+ * come from the connection's {@linkcode PayloadAccount}, with headroom for
+ * the reply header so a READ reply leaves in one write. A WRITE whose
+ * payload does not fit the connection's share or the server's budget is
+ * not read from the socket until it does: the client waits, the host's
+ * memory stays bounded.
  * @module
  */
 import type { BlockDriver, BufferLender, Extent } from "../../formats/driver.ts";
 import type { Session } from "./handshake.ts";
 import type { NbdLimits } from "./limits.ts";
 import type { NbdServerStats } from "./stats.ts";
-import { type Payload, payload_headroom_bytes, type PayloadPool } from "./payload_pool.ts";
+import { type Payload, payload_headroom_bytes, type PayloadAccount } from "./payload_pool.ts";
 import * as P from "./protocol.ts";
 import type { ReplyWriter } from "./reply_writer.ts";
 import type { SocketReader } from "./socket_reader.ts";
 
 /** What a connection's transmission phase shares with its server. */
 export interface TransmissionContext {
-  pool: PayloadPool;
+  /** This connection's payload buffers (its share of the server's budget). */
+  payloads: PayloadAccount;
   stats: NbdServerStats;
   limits: NbdLimits;
   shuttingDown(): boolean;
@@ -46,11 +50,18 @@ const ALLOWED_FLAGS: Record<number, number> = {
   [P.NBD_CMD_WRITE]: P.NBD_CMD_FLAG_FUA,
   [P.NBD_CMD_FLUSH]: P.NBD_CMD_FLAG_FUA,
   [P.NBD_CMD_TRIM]: P.NBD_CMD_FLAG_FUA,
-  [P.NBD_CMD_CACHE]: P.NBD_CMD_FLAG_FUA,
   [P.NBD_CMD_WRITE_ZEROES]: P.NBD_CMD_FLAG_FUA | P.NBD_CMD_FLAG_NO_HOLE |
     P.NBD_CMD_FLAG_FAST_ZERO,
   [P.NBD_CMD_BLOCK_STATUS]: P.NBD_CMD_FLAG_FUA | P.NBD_CMD_FLAG_REQ_ONE,
 };
+
+/** Commands (and flags) a client may use only when the export advertised them (proto.md). */
+const NEEDS_ADVERTISED: [type: number, flag: number, advertised: number, what: string][] = [
+  [P.NBD_CMD_FLUSH, 0, P.NBD_FLAG_SEND_FLUSH, "FLUSH"],
+  [P.NBD_CMD_TRIM, 0, P.NBD_FLAG_SEND_TRIM, "TRIM"],
+  [P.NBD_CMD_WRITE_ZEROES, 0, P.NBD_FLAG_SEND_WRITE_ZEROES, "WRITE_ZEROES"],
+  [P.NBD_CMD_WRITE_ZEROES, P.NBD_CMD_FLAG_FAST_ZERO, P.NBD_FLAG_SEND_FAST_ZERO, "FAST_ZERO"],
+];
 
 const encoder = new TextEncoder();
 
@@ -75,6 +86,8 @@ export class Transmission {
   readonly #structured: boolean;
   readonly #baseAllocation: boolean;
   readonly #readOnly: boolean;
+  /** The transmission flags advertised to this client. */
+  readonly #advertised: number;
   readonly #header = new Uint8Array(64);
   readonly #headerView = new DataView(this.#header.buffer);
   #inflight = 0;
@@ -94,6 +107,7 @@ export class Transmission {
     this.#structured = session.structuredReplies;
     this.#baseAllocation = session.baseAllocation;
     this.#readOnly = (session.transmissionFlags & P.NBD_FLAG_READ_ONLY) !== 0;
+    this.#advertised = session.transmissionFlags;
   }
 
   /** Requests being processed. */
@@ -129,7 +143,9 @@ export class Transmission {
       if (type === P.NBD_CMD_DISC) break;
       while (this.#inflight >= limits.inflight_requests_max) await this.#requestFinished();
       // A client that does not read its replies stops being read.
-      if (this.#writer.pendingBytes > limits.pending_reply_bytes_max) await this.#writer.idle();
+      if (this.#writer.pendingCopiedBytes > limits.pending_reply_bytes_max) {
+        await this.#writer.idle();
+      }
       this.#inflight++;
       if (type === P.NBD_CMD_WRITE) {
         await this.#receiveWrite(flags, handleHigh, handleLow, offset, length);
@@ -177,6 +193,11 @@ export class Transmission {
     const writes = type === P.NBD_CMD_WRITE || type === P.NBD_CMD_TRIM ||
       type === P.NBD_CMD_WRITE_ZEROES;
     if (writes && this.#readOnly) throw new RequestError(P.NBD_EPERM, "export is read-only");
+    for (const [command, flag, advertised, what] of NEEDS_ADVERTISED) {
+      if (type === command && (flags & flag) === flag && (this.#advertised & advertised) === 0) {
+        throw new RequestError(P.NBD_EINVAL, `${what} was not advertised for this export`);
+      }
+    }
     if (type === P.NBD_CMD_FLUSH) return;
     if (type === P.NBD_CMD_BLOCK_STATUS && !this.#baseAllocation) {
       throw new RequestError(P.NBD_EINVAL, "no metadata context negotiated");
@@ -217,7 +238,8 @@ export class Transmission {
       return;
     }
     const borrowed = length > 0 ? this.#lender?.borrowBuffer(length) : undefined;
-    const payload = borrowed ? undefined : this.#context.pool.take(length);
+    // Waiting here for memory stops this connection's reading: its client waits.
+    const payload = borrowed ? undefined : await this.#context.payloads.take(length);
     const data = borrowed ?? payload!.data;
     try {
       await this.#reader.readInto(data);
@@ -251,7 +273,7 @@ export class Transmission {
 
   #release(borrowed: Uint8Array | undefined, payload: Payload | undefined): void {
     if (borrowed) this.#lender!.returnBuffer(borrowed);
-    if (payload) this.#context.pool.give(payload);
+    if (payload) this.#context.payloads.give(payload);
   }
 
   async #execute(
@@ -283,8 +305,6 @@ export class Transmission {
             fua,
           });
           break;
-        case P.NBD_CMD_CACHE:
-          break; // advisory; the drivers keep no cache of their own to warm
         case P.NBD_CMD_BLOCK_STATUS:
           await this.#blockStatus(flags, hi, lo, offset, length);
           return;
@@ -308,7 +328,7 @@ export class Transmission {
       length >= sparse_read_bytes_min && this.#driver.capabilities.canExtents;
     if (sparse) return this.#readSparse(hi, lo, offset, length);
     const borrowed = this.#lender?.borrowBuffer(length);
-    const payload = borrowed ? undefined : this.#context.pool.take(length);
+    const payload = borrowed ? undefined : await this.#context.payloads.take(length);
     const data = borrowed ?? payload!.data;
     try {
       await this.#driver.read(offset, data);
@@ -346,7 +366,10 @@ export class Transmission {
     if (payload) {
       const start = payload_headroom_bytes - headerBytes;
       payload.frame.set(this.#header.subarray(0, headerBytes), start);
-      this.#writer.pushOwned(payload.frame.subarray(start), () => this.#context.pool.give(payload));
+      this.#writer.pushOwned(
+        payload.frame.subarray(start),
+        () => this.#context.payloads.give(payload),
+      );
     } else {
       this.#writer.pushCopy(this.#header.subarray(0, headerBytes));
       this.#writer.pushOwned(data, () => this.#lender!.returnBuffer(data));
@@ -354,21 +377,24 @@ export class Transmission {
   }
 
   // The data and the allocation map are fetched at once, so a sparse read
-  // costs the slower of the two round trips, not their sum.
+  // costs the slower of the two round trips, not their sum. The data lands
+  // in a lent buffer when the driver has one (ring pages: no bounce copy).
   async #readSparse(hi: number, lo: number, offset: number, length: number) {
-    const payload = this.#context.pool.take(length);
+    const borrowed = this.#lender?.borrowBuffer(length);
+    const payload = borrowed ? undefined : await this.#context.payloads.take(length);
+    const data = borrowed ?? payload!.data;
     const [chunks, read] = await Promise.allSettled([
       this.#readChunks(offset, length),
-      this.#driver.read(offset, payload.data),
+      this.#driver.read(offset, data),
     ]);
     if (read.status === "rejected") {
-      this.#context.pool.give(payload);
+      this.#release(borrowed, payload);
       throw read.reason;
     }
     if (chunks.status === "fulfilled" && chunks.value) {
-      this.#sendChunks(hi, lo, offset, chunks.value, payload);
+      this.#sendChunks(hi, lo, offset, chunks.value, data, () => this.#release(borrowed, payload));
     } else {
-      this.#sendData(hi, lo, offset, length, payload.data, payload);
+      this.#sendData(hi, lo, offset, length, data, payload);
     }
   }
 
@@ -394,7 +420,14 @@ export class Transmission {
   }
 
   // proto.md: chunks of one reply may be in any order, DONE on the last; holes as OFFSET_HOLE.
-  #sendChunks(hi: number, lo: number, offset: number, chunks: Extent[], payload: Payload) {
+  #sendChunks(
+    hi: number,
+    lo: number,
+    offset: number,
+    chunks: Extent[],
+    data: Uint8Array,
+    release: () => void,
+  ) {
     for (let i = 0; i < chunks.length; i++) {
       const c = chunks[i];
       const flags = i === chunks.length - 1 ? P.NBD_REPLY_FLAG_DONE : 0;
@@ -411,12 +444,12 @@ export class Transmission {
         v.setUint32(24, c.offsetBytes >>> 0);
         this.#writer.pushCopy(this.#header.subarray(0, 28));
         this.#writer.pushOwned(
-          payload.data.subarray(c.offsetBytes - offset, c.offsetBytes - offset + c.lengthBytes),
+          data.subarray(c.offsetBytes - offset, c.offsetBytes - offset + c.lengthBytes),
         );
       }
     }
-    // Data chunks above the copy threshold are written from `payload` itself.
-    this.#writer.pushRelease(() => this.#context.pool.give(payload));
+    // Data chunks above the copy threshold are written from `data` itself.
+    this.#writer.pushRelease(release);
   }
 
   async #blockStatus(flags: number, hi: number, lo: number, offset: number, length: number) {

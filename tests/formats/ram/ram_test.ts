@@ -10,6 +10,7 @@ import { openImage } from "../../../src/formats/open_image.ts";
 import { parseRamSpec } from "../../../src/formats/ram/ram.ts";
 import { createVmdk } from "../../../src/formats/vmdk/create.ts";
 import { imageInfo } from "../../../src/tools/info.ts";
+import { sha256File } from "../../_helpers/tools.ts";
 
 const PEER = new URL("./_ram_peer.ts", import.meta.url).pathname;
 
@@ -183,5 +184,47 @@ Deno.test("ram: bad specs are refused with clear errors", async () => {
     });
     await assert.rejects(() => d.read(60_000, new Uint8Array(10_000)), /outside the disk/);
     await d.close();
+  });
+});
+
+Deno.test("ram: a symbolic link planted where any of a disk's files goes is refused; its target is untouched", async () => {
+  await withRamDir(async (dir) => {
+    const target = `${dir}/victim`;
+    await Deno.writeFile(target, new Uint8Array(64 << 10).fill(0x5a), { mode: 0o600 });
+    const before = await sha256File(target);
+    for (const suffix of ["", ".lock", ".users", ".persist"]) {
+      const name = `planted${suffix.replace(".", "-")}`;
+      const path = `${dir}/blktap-ram-${name}${suffix}`;
+      await Deno.symlink(target, path);
+      await assert.rejects(
+        () => openImage(`ram:${name},size=64K,persist`),
+        new RegExp(`RAM disk file ${path} is a symbolic link: refusing`),
+        `link at ${suffix || "the segment"}`,
+      );
+      assert.equal(await sha256File(target), before, `target written through ${suffix}`);
+      assert.ok((await Deno.lstat(path)).isSymlink, "the link is left alone");
+      await Deno.remove(path);
+    }
+    assert.equal((await Deno.stat(target)).size, 64 << 10);
+  });
+});
+
+Deno.test("ram: a disk file with another owner or mode is refused, saying which", async () => {
+  await withRamDir(async (dir) => {
+    const disk = await openImage("ram:owned,size=64K,persist");
+    await disk.close();
+    const segment = `${dir}/blktap-ram-owned`;
+    assert.equal((await Deno.stat(segment)).mode! & 0o777, 0o600, "created 0600");
+    await Deno.chmod(segment, 0o640);
+    await assert.rejects(
+      () => openImage("ram:owned"),
+      /RAM disk file .*blktap-ram-owned has mode 0640: group or others have access \(expected 0600\)/,
+    );
+    await Deno.chmod(segment, 0o600);
+    await Deno.chown(`${dir}/blktap-ram-owned.lock`, 65534, 65534);
+    await assert.rejects(
+      () => openImage("ram:owned"),
+      /RAM disk file .*blktap-ram-owned\.lock is owned by uid 65534, not by us/,
+    );
   });
 });

@@ -7,12 +7,14 @@
 import assert from "node:assert/strict";
 import { type BlockDriver, BlockError } from "../../../src/formats/driver.ts";
 import { openImage } from "../../../src/formats/open_image.ts";
-import { lock_conflict_wait_ms } from "../../../src/formats/raw/image_lock.ts";
-import { blktap, hasTool, run } from "../../_helpers/tools.ts";
+import { File } from "../../../ffi/file.ts";
+import { NativeMemory } from "../../../ffi/memory.ts";
+import { openImageFile } from "../../../src/formats/raw/open_file.ts";
+import { lock_conflict_wait_ms, lockImage } from "../../../src/formats/raw/image_lock.ts";
+import { blktap, missingTools, run } from "../../_helpers/tools.ts";
 import { qemuHolding } from "../../_helpers/qemu_hold.ts";
 
-const ignore = !hasTool("qemu-img") || !hasTool("qemu-io") || !hasTool("qemu-nbd");
-if (ignore) console.log("skipping image lock tests: qemu-img, qemu-io or qemu-nbd missing");
+const ignore = missingTools("qemu-img", "qemu-io", "qemu-nbd").length > 0;
 
 const MiB = 1 << 20;
 
@@ -181,4 +183,27 @@ Deno.test("image lock: an open waits out a conflict that goes away, else refuses
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
+});
+
+Deno.test("image lock: a closed writer's locks are gone at once", async () => {
+  await withImages(async (dir) => {
+    const path = `${dir}/disk.raw`;
+    const image = await openImageFile(path, {});
+    // Something else keeps the open file alive past close (here a mapping; in
+    // a disk process the kernel's deferred fput after the last aio, or a child
+    // between fork and exec): the locks must not live as long as that.
+    const fd = (image as unknown as { file: File }).file.fd;
+    const mapping = NativeMemory.mapShared(fd, 4096, 0, path);
+    try {
+      await image.close();
+      const file = File.open(path, { write: true });
+      try {
+        lockImage(file, "write"); // no waiting: a leftover lock fails here
+      } finally {
+        file.close();
+      }
+    } finally {
+      mapping.release();
+    }
+  });
 });

@@ -9,9 +9,17 @@ import * as P from "../../../src/frontends/nbd/protocol.ts";
 import { startNbdServer } from "../../../src/frontends/nbd/server.ts";
 import { MemoryDriver } from "../../_helpers/memory_driver.ts";
 import { RawNbdClient } from "../../_helpers/nbd_client.ts";
-import { missingTools, run, withNbdServer } from "../../_helpers/nbd_harness.ts";
+import { withNbdServer } from "../../_helpers/nbd_harness.ts";
+import { missingTools, run, runOk } from "../../_helpers/tools.ts";
 
 const MiB = 1 << 20;
+
+/** Runs a peer that must exit 0; its whole result, to look at its output. */
+async function runChecked(cmd: string, args: string[]) {
+  const result = await run(cmd, args);
+  assert.equal(result.code, 0, `${cmd} ${args.join(" ")}: ${result.stdout}${result.stderr}`);
+  return result;
+}
 
 async function tempDir(): Promise<string> {
   return await Deno.makeTempDir({ prefix: "blktap-nbd-interop-" });
@@ -20,8 +28,8 @@ async function tempDir(): Promise<string> {
 /** A 64 MiB sparse raw file with data at 1-2 MiB, 8-11 MiB and 40 MiB. */
 async function sparseImage(dir: string): Promise<string> {
   const path = `${dir}/sparse.raw`;
-  await run("qemu-img", ["create", "-q", "-f", "raw", path, "64M"]);
-  await run("qemu-io", [
+  await runOk("qemu-img", ["create", "-q", "-f", "raw", path, "64M"]);
+  await runOk("qemu-io", [
     "-f",
     "raw",
     "-c",
@@ -42,10 +50,10 @@ Deno.test({
     const dir = await tempDir();
     try {
       const path = `${dir}/disk.raw`;
-      await run("qemu-img", ["create", "-q", "-f", "raw", path, "32M"]);
+      await runOk("qemu-img", ["create", "-q", "-f", "raw", path, "32M"]);
       const driver = await openImage(`aio:${path}`);
       await withNbdServer([{ name: "disk", driver }], async (h) => {
-        const out = await run("qemu-io", [
+        const out = await runChecked("qemu-io", [
           "-f",
           "raw",
           ...[
@@ -87,7 +95,7 @@ Deno.test({
         assert.doesNotMatch(out.stdout + out.stderr, /Pattern verification failed|error/i);
       });
       await driver.close();
-      const check = await run("qemu-io", [
+      const check = await runChecked("qemu-io", [
         "-f",
         "raw",
         "-c",
@@ -110,8 +118,8 @@ Deno.test({
     const dir = await tempDir();
     try {
       const source = `${dir}/source.qcow2`;
-      await run("qemu-img", ["create", "-q", "-f", "qcow2", source, "64M"]);
-      await run("qemu-io", [
+      await runOk("qemu-img", ["create", "-q", "-f", "qcow2", source, "64M"]);
+      await runOk("qemu-io", [
         "-f",
         "qcow2",
         "-c",
@@ -121,19 +129,20 @@ Deno.test({
         source,
       ]);
       const target = `${dir}/target.raw`;
-      await run("qemu-img", ["create", "-q", "-f", "raw", target, "64M"]);
+      await runOk("qemu-img", ["create", "-q", "-f", "raw", target, "64M"]);
       const driver = await openImage(`aio:${target}`);
       await withNbdServer([{ name: "t", driver }], async (h) => {
-        await run("qemu-img", ["convert", "-n", "-f", "qcow2", source, "-O", "raw", h.uri("t")]);
-        await run("qemu-img", ["compare", "-f", "qcow2", "-F", "raw", source, h.uri("t")]);
+        await runOk("qemu-img", ["convert", "-n", "-f", "qcow2", source, "-O", "raw", h.uri("t")]);
+        await runOk("qemu-img", ["compare", "-f", "qcow2", "-F", "raw", source, h.uri("t")]);
         for (const format of ["qcow2", "raw"]) {
           const back = `${dir}/back.${format}`;
-          await run("qemu-img", ["convert", "-f", "raw", h.uri("t"), "-O", format, back]);
-          await run("qemu-img", ["compare", "-f", format, "-F", "raw", back, h.uri("t")]);
+          await runOk("qemu-img", ["convert", "-f", "raw", h.uri("t"), "-O", format, back]);
+          // Against the source file, not the export it came from.
+          await runOk("qemu-img", ["compare", "-f", format, "-F", "qcow2", back, source]);
         }
       });
       await driver.close();
-      await run("qemu-img", ["compare", "-f", "qcow2", "-F", "raw", source, target]);
+      await runOk("qemu-img", ["compare", "-f", "qcow2", "-F", "raw", source, target]);
     } finally {
       await Deno.remove(dir, { recursive: true });
     }
@@ -147,11 +156,16 @@ Deno.test({
     const dir = await tempDir();
     try {
       const image = `${dir}/disk.qcow`;
-      await run("qemu-img", ["create", "-q", "-f", "qcow", image, "32M"]);
-      await run("qemu-io", ["-f", "qcow", "-c", "write -P 0x61 1M 2M", image]);
+      await runOk("qemu-img", ["create", "-q", "-f", "qcow", image, "32M"]);
+      await runOk("qemu-io", ["-f", "qcow", "-c", "write -P 0x61 1M 2M", image]);
+      // The oracle for what the export serves before anything is written
+      // through it: a raw file given the same writes by qemu-io.
+      const reference = `${dir}/reference.raw`;
+      await runOk("qemu-img", ["create", "-q", "-f", "raw", reference, "32M"]);
+      await runOk("qemu-io", ["-f", "raw", "-c", "write -P 0x61 1M 2M", reference]);
       const source = `${dir}/source.raw`;
-      await run("qemu-img", ["create", "-q", "-f", "raw", source, "32M"]);
-      await run("qemu-io", [
+      await runOk("qemu-img", ["create", "-q", "-f", "raw", source, "32M"]);
+      await runOk("qemu-io", [
         "-f",
         "raw",
         "-c",
@@ -162,15 +176,15 @@ Deno.test({
       ]);
       const driver = await openImage(`qcow:${image}`);
       await withNbdServer([{ name: "q", driver }], async (h) => {
-        await run("qemu-img", ["compare", "-f", "raw", "-F", "raw", h.uri("q"), h.uri("q")]);
-        await run("qemu-img", ["convert", "-n", "-f", "raw", source, "-O", "raw", h.uri("q")]);
-        await run("qemu-img", ["compare", "-f", "raw", "-F", "raw", source, h.uri("q")]);
+        await runOk("qemu-img", ["compare", "-f", "raw", "-F", "raw", reference, h.uri("q")]);
+        await runOk("qemu-img", ["convert", "-n", "-f", "raw", source, "-O", "raw", h.uri("q")]);
+        await runOk("qemu-img", ["compare", "-f", "raw", "-F", "raw", source, h.uri("q")]);
         const copy = `${dir}/copy.qcow2`;
-        await run("qemu-img", ["convert", "-f", "raw", h.uri("q"), "-O", "qcow2", copy]);
-        await run("qemu-img", ["compare", "-f", "qcow2", "-F", "raw", copy, source]);
+        await runOk("qemu-img", ["convert", "-f", "raw", h.uri("q"), "-O", "qcow2", copy]);
+        await runOk("qemu-img", ["compare", "-f", "qcow2", "-F", "raw", copy, source]);
       });
       await driver.close();
-      await run("qemu-img", ["compare", "-f", "qcow", "-F", "raw", image, source]);
+      await runOk("qemu-img", ["compare", "-f", "qcow", "-F", "raw", image, source]);
     } finally {
       await Deno.remove(dir, { recursive: true });
     }
@@ -191,7 +205,7 @@ Deno.test({
         { name: "again", driver: second, readOnly: true },
       ];
       await withNbdServer(exports, async (h) => {
-        const list = (await run("nbdinfo", ["--list", "--json", h.uri()])).stdout;
+        const list = await runOk("nbdinfo", ["--list", "--json", h.uri()]);
         const parsed = JSON.parse(list);
         const names = parsed.exports.map((e: { "export-name": string }) => e["export-name"]);
         assert.deepEqual(names.sort(), ["again", "sparse"]);
@@ -202,7 +216,7 @@ Deno.test({
         assert.equal(sparse["export-size"], 64 * MiB);
         assert.equal(sparse.is_read_only, true);
 
-        const map = (await run("nbdinfo", ["--map", "--json", h.uri("sparse")])).stdout;
+        const map = await runOk("nbdinfo", ["--map", "--json", h.uri("sparse")]);
         const extents = JSON.parse(map).map((
           e: { offset: number; length: number; type: number },
         ) => [
@@ -212,7 +226,7 @@ Deno.test({
         ]);
         // The oracle: QEMU's own map of the file (it allocates the first block of a raw file).
         const qemuMap = JSON.parse(
-          (await run("qemu-img", ["map", "-f", "raw", "--output=json", path])).stdout,
+          await runOk("qemu-img", ["map", "-f", "raw", "--output=json", path]),
         );
         const expected: number[][] = [];
         for (const e of qemuMap as { start: number; length: number; data: boolean }[]) {
@@ -228,7 +242,7 @@ Deno.test({
         );
         assert.ok(holes > 50 * MiB, `${holes} bytes of holes`);
         // The export's map agrees with QEMU's view of the file.
-        await run("qemu-img", ["compare", "-f", "raw", "-F", "raw", path, h.uri("sparse")]);
+        await runOk("qemu-img", ["compare", "-f", "raw", "-F", "raw", path, h.uri("sparse")]);
       });
       await driver.close();
       await second.close();
@@ -245,20 +259,20 @@ Deno.test({
     const dir = await tempDir();
     try {
       const source = await sparseImage(dir);
-      await run("qemu-io", ["-f", "raw", "-c", "write -P 0x44 20M 7M", source]);
+      await runOk("qemu-io", ["-f", "raw", "-c", "write -P 0x44 20M 7M", source]);
       const target = `${dir}/target.raw`;
-      await run("qemu-img", ["create", "-q", "-f", "raw", target, "64M"]);
-      await run("qemu-io", ["-f", "raw", "-c", "write -P 0xee 0 64M", target]); // must be overwritten
+      await runOk("qemu-img", ["create", "-q", "-f", "raw", target, "64M"]);
+      await runOk("qemu-io", ["-f", "raw", "-c", "write -P 0xee 0 64M", target]); // must be overwritten
       const driver = await openImage(`aio:${target}`);
       await withNbdServer([{ name: "t", driver }], async (h) => {
-        await run("nbdcopy", ["--connections=4", "--requests=16", source, h.uri("t")]);
-        await run("qemu-img", ["compare", "-f", "raw", "-F", "raw", source, h.uri("t")]);
+        await runOk("nbdcopy", ["--connections=4", "--requests=16", source, h.uri("t")]);
+        await runOk("qemu-img", ["compare", "-f", "raw", "-F", "raw", source, h.uri("t")]);
         const out = `${dir}/out.raw`;
-        await run("nbdcopy", ["--connections=2", h.uri("t"), out]);
-        await run("qemu-img", ["compare", "-f", "raw", "-F", "raw", source, out]);
+        await runOk("nbdcopy", ["--connections=2", h.uri("t"), out]);
+        await runOk("qemu-img", ["compare", "-f", "raw", "-F", "raw", source, out]);
       });
       await driver.close();
-      await run("qemu-img", ["compare", "-f", "raw", "-F", "raw", source, target]);
+      await runOk("qemu-img", ["compare", "-f", "raw", "-F", "raw", source, target]);
     } finally {
       await Deno.remove(dir, { recursive: true });
     }
@@ -329,8 +343,8 @@ Deno.test({
         await new Promise((resolve) => setTimeout(resolve, 50));
       }
       const uri = `nbd+unix:///img?socket=${socket}`;
-      assert.equal((await run("nbdinfo", ["--size", uri])).stdout.trim(), String(3 * MiB));
-      await run("qemu-io", [
+      assert.equal((await runOk("nbdinfo", ["--size", uri])).trim(), String(3 * MiB));
+      await runOk("qemu-io", [
         "-f",
         "raw",
         "-c",
@@ -368,8 +382,8 @@ Deno.test({
       assert.equal(server.tcp?.hostname, "127.0.0.1");
       assert.ok(server.tcp!.port > 0);
       const uri = `nbd://127.0.0.1:${server.tcp!.port}/t`;
-      assert.equal((await run("nbdinfo", ["--size", uri])).stdout.trim(), String(8 * MiB));
-      const out = await run("qemu-io", [
+      assert.equal((await runOk("nbdinfo", ["--size", uri])).trim(), String(8 * MiB));
+      const out = await runChecked("qemu-io", [
         "-f",
         "raw",
         "-c",

@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 import { selfCommandFor } from "../../src/cli/self_command.ts";
 import { ctlRequest } from "../../src/ctl/client.ts";
-import { hasTool, run } from "../_helpers/tools.ts";
+import { run } from "./tools.ts";
 
 export class CtrlHarness {
   readonly dir: string;
@@ -162,13 +162,6 @@ export type Load = {
 export function assertClean(result: Load, what: string): void {
   assert.equal(result.errors, 0, `${what}: ${result.firstError}`);
   assert.equal(result.mismatches, 0, `${what}: ${result.firstError}`);
-}
-
-/** True (and says so) when one of `peers` is missing: the tests needing them are ignored. */
-export function ignoreWithout(peers: string[], what: string): boolean {
-  const missing = peers.filter((p) => !hasTool(p));
-  if (missing.length > 0) console.log(`skipping ${what} tests: missing ${missing.join(", ")}`);
-  return missing.length > 0;
 }
 
 /**
