@@ -297,8 +297,6 @@ export class Minor {
   /** Quiesces the disk: in-flight requests drain, new ones wait in the ring. */
   async pause(): Promise<void> {
     await this.call("pause");
-    // The disk drained and flushed: nothing acknowledged needs a replay.
-    this.disk.writesDurable();
     this.record.paused = true;
     this.state = "paused";
     this.#host.changed();
@@ -408,7 +406,6 @@ function servedDisk(message: Record<string, unknown>): ServedDisk {
   }
   return {
     sizeBytes: message.sizeBytes,
-    volatileWrites: message.volatileWrites === true,
     capabilities,
   };
 }

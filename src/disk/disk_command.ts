@@ -58,24 +58,12 @@ export function openDiskImage(
 }
 
 /**
- * Formats whose acknowledged writes are in the kernel (or shared memory)
- * once acknowledged, so they survive this process being killed. Others
- * (qcow, vmdk: write-back metadata caches) may lose acknowledged writes
- * that no flush covered yet; ctrl keeps copies of those for replay.
+ * What ctrl learns of the disk when it is served: ctrl's front ends
+ * advertise its capabilities. Every driver makes an answered write survive
+ * this process's death (src/formats/driver.ts, `write`): ctrl keeps no copies.
  */
-const PROCESS_CRASH_SAFE_FORMATS = new Set(["aio", "sync", "raw", "null", "ram"]);
-
-function hasVolatileWrites(driver: BlockDriver): boolean {
-  return !PROCESS_CRASH_SAFE_FORMATS.has(driver.format);
-}
-
-/** What ctrl learns of the disk when it is served: ctrl's front ends advertise its capabilities. */
 function served(driver: BlockDriver): ServedDisk {
-  return {
-    sizeBytes: driver.sizeBytes,
-    volatileWrites: hasVolatileWrites(driver),
-    capabilities: { ...driver.capabilities },
-  };
+  return { sizeBytes: driver.sizeBytes, capabilities: { ...driver.capabilities } };
 }
 
 /** One disk process's state. */

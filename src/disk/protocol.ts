@@ -5,7 +5,7 @@
  *
  *   disk -> ctrl  {t:"hello", minor, pid}
  *   ctrl -> disk  {t:"attach", ...AttachConfig}
- *   disk -> ctrl  {t:"ready", sizeBytes, volatileWrites, capabilities} | {t:"failed", error}
+ *   disk -> ctrl  {t:"ready", sizeBytes, capabilities} | {t:"failed", error}
  *   ctrl -> disk  {t:"call", seq, op:"stats"|"pause"|"resume"|"qos", ...}
  *                 (resume may carry {image, probedRaw}: a new image, explicit type)
  *   disk -> ctrl  {t:"reply", seq, ok, error?, ...result}

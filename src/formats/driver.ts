@@ -128,8 +128,28 @@ export interface BlockDriver {
    */
   read(offsetBytes: number, buffer: Uint8Array): Promise<void>;
   /**
-   * Writes `data` at `offsetBytes`. Resolves when the data is written (not
-   * necessarily durable unless `fua`). Throws EPERM on a read-only driver.
+   * Writes `data` at `offsetBytes`. Throws EPERM on a read-only driver.
+   *
+   * Crash contract (every format; the ring keeps no copy of answered writes):
+   * 1. Process death (SIGKILL): when the promise resolves, the data and
+   *    every metadata change it needs are in the image file (a completed
+   *    pwrite: the page cache is enough, O_DIRECT or buffered). Nothing an
+   *    answered write relies on lives only in this process.
+   * 2. Power loss: writes not covered by a completed `flush` may be
+   *    dropped, reordered or torn at 512 bytes. Metadata never reaches the
+   *    disk before the data it points at, nor a table before the tables it
+   *    points at, wherever a crash could otherwise show bytes never written
+   *    (backing data turned into zeros, stale content of reused space) or a
+   *    structure `check` calls corrupt: such a metadata write is issued
+   *    only once what it depends on is durable (fdatasync), group-committed
+   *    so that allocating writes in flight share one fdatasync. Where a
+   *    crash cannot show anything wrong (a new cluster in never-used space
+   *    that reads as zeros, in an image without a backing file, whose guest
+   *    view was zeros) the barrier is skipped — the crash simulator
+   *    (tests/_helpers/crash_sim.ts), which knows the guest's view, checks
+   *    every such crash point.
+   * 3. `flush`: everything answered before it is durable when it resolves.
+   * With `fua`, durable before the promise resolves.
    */
   write(offsetBytes: number, data: Uint8Array, options?: WriteOptions): Promise<void>;
   /**
@@ -141,7 +161,7 @@ export interface BlockDriver {
   readv?(offsetBytes: number, buffers: Uint8Array[]): Promise<void>;
   /** Optional: writes `buffers` in order at `offsetBytes` (the gather form of `write`). */
   writev?(offsetBytes: number, buffers: Uint8Array[]): Promise<void>;
-  /** Resolves once every write that completed before the call is durable. */
+  /** Resolves once every write answered before the call is durable (see `write`). */
   flush(): Promise<void>;
   /**
    * Optional, for formats with compressed clusters (qcow, qcow2; `convert -c`):

@@ -37,8 +37,6 @@ export const request_bytes_max = B.indirect_segments_max * B.PAGE_BYTES;
 /** What a disk process serves, as its `ready` message (or a resume) says. */
 export interface ServedDisk {
   sizeBytes: number;
-  /** Its driver caches metadata until flush: acknowledged writes are kept for replay. */
-  volatileWrites: boolean;
   /** Its driver's capabilities. */
   capabilities: DriverCapabilities;
 }
@@ -117,7 +115,7 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
   attach(kick: () => void, served: ServedDisk): void {
     this.#sizeBytes = served.sizeBytes;
     this.#served = served.capabilities;
-    this.producer.attach(kick, served.volatileWrites);
+    this.producer.attach(kick);
   }
 
   detach(): void {
@@ -126,10 +124,6 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
 
   rearm(): number {
     return this.producer.rearm();
-  }
-
-  writesDurable(): void {
-    this.producer.writesDurable();
   }
 
   fail(): void {

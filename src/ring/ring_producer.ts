@@ -9,10 +9,11 @@
  * {@linkcode RingProducer.rearm} re-initialises the ring and writes every
  * unanswered request into it again, in the order they were first issued;
  * block reads and writes are idempotent, so the caller sees delay, never an
- * error. For disks whose acknowledged writes may die with the process
- * (write-back metadata), acknowledged writes not yet covered by a flush are
- * replayed first (src/ring/replay_log.ts). {@linkcode RingProducer.fail}
- * answers everything with an error instead (a disk that keeps crashing).
+ * error. An answered write needs nothing from this side: every driver
+ * makes it survive its own process's death (src/formats/driver.ts,
+ * `write`), so nothing is kept or replayed once answered.
+ * {@linkcode RingProducer.fail} answers everything with an error instead
+ * (a disk that keeps crashing).
  * @module
  */
 import { BlockError } from "../formats/driver.ts";
@@ -28,7 +29,6 @@ import {
 } from "./request.ts";
 import { writeBlockStatusRequest } from "./block_status.ts";
 import { PagePool } from "./page_pool.ts";
-import { type LoggedWrite, replay_log_bytes_max, ReplayLog } from "./replay_log.ts";
 
 /** The memory of a ring device as the requesting end sees it. */
 export interface RingMemory {
@@ -41,25 +41,6 @@ interface Pending {
   resolve: (status: number) => void;
   /** Indirect descriptor pages to free on completion. */
   indirect?: { first: number; count: number };
-  /** A write: where its data is, for the replay log. */
-  write?: { sector: number; segments: Segment[] };
-  /** A flush: the replay log sequence it covers. */
-  flushCovers?: number;
-  /** Issued by a replay (not logged again; dropped if the replay restarts). */
-  replay?: boolean;
-}
-
-/** Status given to replay writes abandoned because the disk restarted again. */
-const STATUS_ABANDONED = -1000;
-
-/** How a request is issued. */
-interface IssueOptions {
-  indirect?: Pending["indirect"];
-  write?: Pending["write"];
-  flush?: boolean;
-  replay?: boolean;
-  /** For a replay write: the replay it belongs to (a later replay supersedes it). */
-  replayGeneration?: number;
 }
 
 /** Issues requests on one ring and keeps them until they are answered. */
@@ -75,13 +56,6 @@ export class RingProducer {
   #kick: (() => void) | undefined;
   #pushScheduled = false;
   #failed = false;
-  /** Set when the disk's acknowledged writes may die with its process. */
-  #keepWrites = false;
-  readonly #log = new ReplayLog();
-  #logFlushing = false;
-  /** While a replay runs, new requests wait here. */
-  #gate: Promise<void> | undefined;
-  #replayGeneration = 0;
 
   constructor(memory: RingMemory, fence: Fence) {
     this.#memory = memory;
@@ -107,14 +81,8 @@ export class RingProducer {
 
   // ---- supervision ------------------------------------------------------
 
-  /**
-   * A disk process is serving: kicks go to it (and one now, for re-issued
-   * requests). `volatileWrites`: its acknowledged writes may be lost if it
-   * dies before a flush, so keep copies for replay.
-   */
-  attach(kick: () => void, volatileWrites: boolean): void {
-    this.#keepWrites = volatileWrites;
-    if (!volatileWrites) this.#log.clear();
+  /** A disk process is serving: kicks go to it (and one now, for re-issued requests). */
+  attach(kick: () => void): void {
     this.#kick = kick;
     this.#pushScheduled = false;
     if (this.#front.pushRequestsAndCheckNotify() || this.#pending.size > 0) kick();
@@ -133,69 +101,20 @@ export class RingProducer {
   rearm(): number {
     this.onKick();
     this.#front = FrontRing.init(this.#memory.ring, this.#fence);
-    this.#replayGeneration += 1;
-    // Writes of an interrupted replay are replayed again from the log.
-    for (const [id, p] of this.#pending) {
-      if (!p.replay) continue;
-      this.#pending.delete(id);
-      this.#complete(p, STATUS_ABANDONED);
-    }
     const held = [...this.#pending.values()];
-    if (this.#log.length === 0) {
-      this.#writeEntries(held);
-    } else {
-      // A replay already running stops at its next batch (generation changed).
-      this.#gate = this.#replay(this.#replayGeneration, held);
-    }
-    return held.length;
-  }
-
-  // Puts recorded requests back into the ring (it has room: they fit before).
-  #writeEntries(entries: Pending[]): void {
     const view = this.#front.sring.view;
-    for (const pending of entries) {
+    for (const pending of held) {
       const offset = this.#front.nextRequestOffset();
       new Uint8Array(view.buffer, view.byteOffset + offset, B.ENTRY_BYTES).set(pending.entry);
     }
-    if (this.#front.pushRequestsAndCheckNotify() || entries.length > 0) this.#kick?.();
-  }
-
-  // Replays the log in order, then re-issues the held requests; new requests
-  // wait on the gate meanwhile so none overtakes a replayed write.
-  async #replay(generation: number, held: Pending[]): Promise<void> {
-    for (const batch of this.#log.batches()) {
-      await Promise.all(batch.map((w) => this.#replayOne(w, generation)));
-      if (generation !== this.#replayGeneration) return;
-    }
-    const stillPending = new Set(this.#pending.values());
-    this.#writeEntries(held.filter((p) => stillPending.has(p)));
-    this.#gate = undefined;
-  }
-
-  async #replayOne(w: LoggedWrite, generation: number): Promise<void> {
-    const count = Math.ceil(w.data.byteLength / B.PAGE_BYTES);
-    const first = await this.pages.allocateWait(count);
-    try {
-      const at = first * B.PAGE_BYTES;
-      this.pool.set(w.data, at);
-      const segments = poolSegments(at, w.data.byteLength);
-      await this.submitRw(B.BLKIF_OP_WRITE, w.sector, segments, generation);
-    } finally {
-      this.pages.release(first, count);
-    }
-  }
-
-  /** Everything acknowledged so far is durable (a pause flushed it). */
-  writesDurable(): void {
-    this.#log.clear();
+    if (this.#front.pushRequestsAndCheckNotify() || held.length > 0) this.#kick?.();
+    return held.length;
   }
 
   /** The disk is failed: every unanswered and future request gets ERROR. */
   fail(): void {
     this.#failed = true;
     this.#kick = undefined;
-    this.#log.clear();
-    this.#gate = undefined;
     const pending = [...this.#pending.values()];
     this.#pending.clear();
     for (const p of pending) this.#complete(p, B.BLKIF_RSP_ERROR);
@@ -222,31 +141,7 @@ export class RingProducer {
 
   #complete(pending: Pending, status: number): void {
     if (pending.indirect) this.pages.release(pending.indirect.first, pending.indirect.count);
-    if (status === B.BLKIF_RSP_OKAY) this.#logCompletion(pending);
     pending.resolve(status);
-  }
-
-  #logCompletion(pending: Pending): void {
-    if (pending.flushCovers !== undefined) this.#log.trim(pending.flushCovers);
-    if (!this.#keepWrites || !pending.write || pending.replay) return;
-    this.#log.add(pending.write.sector, this.#copySegments(pending.write.segments));
-    if (this.#log.bytes > replay_log_bytes_max && !this.#logFlushing) {
-      // Bound the log: a flush makes the logged writes safe.
-      this.#logFlushing = true;
-      this.submitFlush().finally(() => this.#logFlushing = false);
-    }
-  }
-
-  #copySegments(segments: Segment[]): Uint8Array {
-    const out = new Uint8Array(segmentSectors(segments) * B.SECTOR_BYTES);
-    let at = 0;
-    for (const s of segments) {
-      const start = s.gref * B.PAGE_BYTES + s.firstSect * B.SECTOR_BYTES;
-      const end = s.gref * B.PAGE_BYTES + (s.lastSect + 1) * B.SECTOR_BYTES;
-      out.set(this.pool.subarray(start, end), at);
-      at += end - start;
-    }
-    return out;
   }
 
   #wakeSlotWaiters(): void {
@@ -258,34 +153,21 @@ export class RingProducer {
   // ---- requests ---------------------------------------------------------
 
   // What a request must wait for before taking a ring slot, or undefined
-  // if it may take one now. Checked again after every wait and right before
-  // the slot is taken (no await between): several waiters wake together,
-  // and a replay may have started meanwhile.
-  #obstacle(replay: boolean): Promise<void> | undefined {
-    if (this.#failed) return undefined;
-    if (this.#gate && !replay) return this.#gate;
-    if (this.#front.freeRequests() > 0) return undefined;
+  // if it may take one now. Checked again after every wait (several waiters
+  // wake together) and right before the slot is taken (no await between).
+  #obstacle(): Promise<void> | undefined {
+    if (this.#failed || this.#front.freeRequests() > 0) return undefined;
     return new Promise<void>((resolve) => this.#slotWaiters.push(resolve));
   }
 
   // Writes one entry (filled by `fill`) and records it; resolves to the status.
   async #issue(
     fill: (view: DataView, offset: number, id: bigint) => void,
-    options: IssueOptions = {},
+    indirect?: Pending["indirect"],
   ) {
-    const replay = options.replay ?? false;
-    let wait = this.#obstacle(replay);
-    while (wait) {
-      await wait;
-      wait = this.#obstacle(replay);
-    }
-    if (options.replay && options.replayGeneration !== this.#replayGeneration) {
-      // Superseded by a newer replay while waiting for a slot.
-      if (options.indirect) this.pages.release(options.indirect.first, options.indirect.count);
-      return STATUS_ABANDONED;
-    }
+    for (let wait = this.#obstacle(); wait; wait = this.#obstacle()) await wait;
     if (this.#failed) {
-      if (options.indirect) this.pages.release(options.indirect.first, options.indirect.count);
+      if (indirect) this.pages.release(indirect.first, indirect.count);
       return B.BLKIF_RSP_ERROR;
     }
     const id = this.#nextId++;
@@ -293,14 +175,9 @@ export class RingProducer {
     const offset = this.#front.nextRequestOffset();
     fill(view, offset, BigInt(id));
     const entry = new Uint8Array(view.buffer, view.byteOffset + offset, B.ENTRY_BYTES).slice();
-    const pending: Omit<Pending, "resolve"> = {
-      entry,
-      indirect: options.indirect,
-      write: options.write,
-      replay: options.replay,
-      flushCovers: options.flush ? this.#log.lastSeq : undefined,
-    };
-    const done = new Promise<number>((resolve) => this.#pending.set(id, { ...pending, resolve }));
+    const done = new Promise<number>((resolve) =>
+      this.#pending.set(id, { entry, indirect, resolve })
+    );
     this.#schedulePush();
     return await done;
   }
@@ -317,21 +194,11 @@ export class RingProducer {
   /**
    * A READ or WRITE over `segments` (pool pages), direct when it fits in
    * 11 segments, else indirect. Resolves to the blkif status.
-   * `replayGeneration` is for the replay of logged writes only.
    */
-  async submitRw(
-    operation: number,
-    sector: number,
-    segments: Segment[],
-    replayGeneration?: number,
-  ): Promise<number> {
-    const replay = replayGeneration !== undefined;
-    const options: IssueOptions = { replay, replayGeneration };
-    if (operation === B.BLKIF_OP_WRITE) options.write = { sector, segments };
+  async submitRw(operation: number, sector: number, segments: Segment[]): Promise<number> {
     if (segments.length <= B.SEGMENTS_PER_REQUEST_MAX) {
-      return await this.#issue(
-        (v, o, id) => writeRwRequest(v, o, { operation, id, sector, segments }),
-        options,
+      return await this.#issue((v, o, id) =>
+        writeRwRequest(v, o, { operation, id, sector, segments })
       );
     }
     if (segments.length > B.indirect_segments_max) {
@@ -351,7 +218,7 @@ export class RingProducer {
           nrSegments: segments.length,
           indirectGrefs,
         }),
-      { ...options, indirect: { first, count } },
+      { first, count },
     );
   }
 
@@ -365,7 +232,6 @@ export class RingProducer {
           sector: 0,
           segments: [],
         }),
-      { flush: true },
     );
   }
 

@@ -51,10 +51,7 @@ export function ringPair(
 }
 
 /** Options of {@linkcode servedRing}. */
-export interface ServedRingOptions extends RingPairOptions {
-  /** Tell the front end the driver may lose acknowledged writes with its process (qcow, vmdk). */
-  volatileWrites?: boolean;
-}
+export type ServedRingOptions = RingPairOptions;
 
 /**
  * A ring pair already served and attached. `restart()` is what ctrl does
@@ -67,11 +64,7 @@ export function servedRing(driver: BlockDriver, options: ServedRingOptions = {})
   const { disk, ring, pool, serve } = ringPair("test", driver, sizeBytes, options);
   const start = (serving: BlockDriver) => {
     const server = serve(serving);
-    disk.attach(() => server.kick(), {
-      sizeBytes,
-      volatileWrites: options.volatileWrites ?? false,
-      capabilities: serving.capabilities,
-    });
+    disk.attach(() => server.kick(), { sizeBytes, capabilities: serving.capabilities });
     return server;
   };
   let server = start(driver);

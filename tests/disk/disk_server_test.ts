@@ -114,7 +114,6 @@ Deno.test("disk server: QoS holds IOPS to the limit after the burst", async () =
   const server = serve();
   disk.attach(() => server.kick(), {
     sizeBytes,
-    volatileWrites: false,
     capabilities: driver.capabilities,
   });
   const started = performance.now();
@@ -141,7 +140,6 @@ Deno.test("disk server: busy, it takes new requests without kicks; idle, it asks
   let kicks = 0;
   disk.attach(() => (kicks += 1, server.kick()), {
     sizeBytes: size,
-    volatileWrites: false,
     capabilities: driver.capabilities,
   });
   const read = (i: number) => disk.read(i * 4096, new Uint8Array(4096));

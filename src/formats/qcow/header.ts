@@ -33,6 +33,13 @@ export const XEN_HEADER_BYTES = 16;
 export const XEN_FLAG_SPARSE = 0x01;
 /** Xen flag: the L1 table is big-endian (legacy tapdisk wrote it little-endian). */
 export const XEN_FLAG_L1_BIG_ENDIAN = 0x02;
+/**
+ * Xen flag (blktap's): the image is open read-write, or its last writer
+ * died. A read-write open that finds it set reclaims what the dead writer
+ * allocated and never linked; a clean close clears it. The 2006 tools
+ * ignore unknown flags; QEMU ignores the whole extension.
+ */
+export const XEN_FLAG_DIRTY = 0x04;
 /** blktap's layout puts the L1 table on its own page. */
 export const XEN_L1_OFFSET_BYTES = 4096;
 /** "BLKX": blktap's record at offset 64 of standalone images. */
@@ -40,8 +47,14 @@ export const BLKX_MAGIC = 0x424c4b58;
 export const BLKX_OFFSET_BYTES = 64;
 /** QEMU refuses backing names longer than this. */
 export const backing_name_bytes_max = 1023;
-/** Largest L1 table we load: 4 Mi entries (8 TiB with 4 KiB clusters). */
-export const l1_entries_max = 4 << 20;
+/**
+ * Largest L1 table: what QEMU 7.2 opens. qcow_open refuses more than
+ * INT_MAX / 8 entries ("Image too large") and reads the table with one
+ * request of at most BDRV_REQUEST_MAX_BYTES (2^31 - 512), so 268435392
+ * entries: 512 TiB - 128 MiB with 4 KiB clusters. We page the table, so
+ * memory does not grow with it.
+ */
+export const l1_entries_max = Math.floor((2 ** 31 - 512) / 8);
 export const cluster_bits_min = 9;
 export const cluster_bits_max = 16;
 
@@ -65,7 +78,10 @@ export interface QcowHeader {
   backingFileOffset: number;
   backingFileSize: number;
   mtime: number;
+  /** The size field as stored (it sizes the L1 table). */
   sizeBytes: number;
+  /** What the guest sees: the size rounded down to whole sectors, as QEMU serves it. */
+  virtualSizeBytes: number;
   clusterBits: number;
   l2Bits: number;
   cryptMethod: number;
@@ -150,6 +166,7 @@ export function decodeHeader(path: string, head: Uint8Array, fileBytes: number):
     cryptMethod: view.getUint32(36),
     l1TableOffset: u64(view, 40),
     l1Entries: 0,
+    virtualSizeBytes: 0,
   };
   _validate(path, header, fileBytes);
   header.xen = _decodeXen(view, header);
@@ -171,6 +188,8 @@ function _validate(path: string, h: QcowHeader, fileBytes: number): void {
   if (h.sizeBytes <= 1 || !Number.isSafeInteger(h.sizeBytes)) {
     fail(`invalid virtual size ${h.sizeBytes}`);
   }
+  // QEMU: bs->total_sectors = size / 512 (a partial last sector is not served).
+  h.virtualSizeBytes = Math.floor(h.sizeBytes / 512) * 512;
   if (h.clusterBits < cluster_bits_min || h.clusterBits > cluster_bits_max) {
     fail(`cluster_bits ${h.clusterBits} out of range (9..16)`);
   }
@@ -262,11 +281,16 @@ export function encodeXen(xen: XenHeader, out: Uint8Array): void {
 }
 
 /**
- * blktap's L1 checksum: MD5 of the L1 table as stored, its first four bytes
- * taken as a little-endian (x86 host order) u32, stored big-endian.
+ * blktap's L1 checksum (the 2006 tapdisk's `gen_cksum`): MD5 of the L1
+ * table as stored, its first four bytes copied into a host (x86,
+ * little-endian) u32; the header stores that value big-endian.
  */
 export function l1Checksum(l1Bytes: Uint8Array): number {
-  const digest = createHash("md5").update(l1Bytes).digest();
+  return checksumOfDigest(createHash("md5").update(l1Bytes).digest());
+}
+
+/** The checksum value of an MD5 digest of the L1 table (see {@linkcode l1Checksum}). */
+export function checksumOfDigest(digest: Uint8Array): number {
   return (digest[0] | (digest[1] << 8) | (digest[2] << 16) | (digest[3] << 24)) >>> 0;
 }
 

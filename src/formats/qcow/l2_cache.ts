@@ -1,26 +1,35 @@
 /**
- * L2 tables in memory: a bounded LRU cache with write-back. A table is
- * changed in memory when a cluster is published (after its data was
- * written); the change reaches the file only at the next commit, after an
- * fdatasync made the data durable (DESIGN.md §4: data before L2 before L1).
+ * L2 tables in memory: a bounded LRU cache. Tables are written through: an
+ * entry is set once the cluster it names may be referenced (its data
+ * written, and durable where a crash could otherwise show wrong bytes),
+ * then {@linkcode L2Table.writeOut} puts the changed blocks in the file
+ * before the write that set it is answered (DESIGN.md §4). Tables with
+ * unwritten changes, writes in flight or users are never evicted.
  * @module
  */
+import type { ImageFile } from "../image_file.ts";
+import { GroupCommit } from "../group_commit.ts";
 
 /** Bytes per write-back block of a table (the O_DIRECT unit). */
 export const l2_block_bytes = 4096;
 
-/** One L2 table: its on-disk bytes (big-endian u64 entries) and dirty blocks. */
+/** One L2 table: its on-disk bytes (big-endian u64 entries) and its write state. */
 export class L2Table {
   readonly l1Index: number;
   readonly offsetBytes: number;
   readonly bytes: Uint8Array;
   readonly #view: DataView;
-  /** Indexes of blocks changed since they were last snapshotted for writing. */
+  /** Blocks changed since they were last captured for writing. */
   readonly dirtyBlocks = new Set<number>();
+  /** Blocks being written now. */
+  readonly #writing = new Set<number>();
   /** Set once dropped from the cache: holders must look the table up again. */
   evicted = false;
-  /** Snapshots of this table being written: it must not be evicted and reloaded meanwhile. */
-  writesInFlight = 0;
+  /** Writes using the table now (it must stay cached). */
+  pins = 0;
+  /** A new table whose L1 entry (or first content) is not yet in the file. */
+  unlinked = false;
+  #writer?: GroupCommit;
 
   constructor(l1Index: number, offsetBytes: number, bytes: Uint8Array) {
     this.l1Index = l1Index;
@@ -54,43 +63,58 @@ export class L2Table {
     this.dirtyBlocks.add(Math.floor((index * 8) / l2_block_bytes));
   }
 
-  get dirty(): boolean {
-    return this.dirtyBlocks.size > 0;
+  /** Marks every block dirty (a new table written whole). */
+  markAllDirty(): void {
+    for (let b = 0; b * l2_block_bytes < this.bytes.byteLength; b += 1) this.dirtyBlocks.add(b);
   }
 
-  /** May be dropped: nothing unwritten and no write of it in flight. */
+  /** Entry `index` was changed and its block is not yet (completely) in the file. */
+  unsettled(index: number): boolean {
+    const block = Math.floor((index * 8) / l2_block_bytes);
+    return this.dirtyBlocks.has(block) || this.#writing.has(block);
+  }
+
+  /** Writes the changed blocks; resolves once a write started after this call completed. */
+  writeOut(file: ImageFile): Promise<void> {
+    this.#writer ??= new GroupCommit(() => this.#writeDirty(file));
+    return this.#writer.run();
+  }
+
+  async #writeDirty(file: ImageFile): Promise<void> {
+    const blocks = [...this.dirtyBlocks];
+    this.dirtyBlocks.clear();
+    for (const b of blocks) this.#writing.add(b);
+    try {
+      await Promise.all(blocks.map((b) => {
+        const start = b * l2_block_bytes;
+        const end = Math.min(start + l2_block_bytes, this.bytes.byteLength);
+        return file.write(this.offsetBytes + start, this.bytes.slice(start, end));
+      }));
+    } catch (error) {
+      for (const b of blocks) this.dirtyBlocks.add(b);
+      throw error;
+    } finally {
+      for (const b of blocks) this.#writing.delete(b);
+    }
+  }
+
+  /** May be dropped: nothing unwritten, nothing in flight, nobody using it. */
   get evictable(): boolean {
-    return this.dirtyBlocks.size === 0 && this.writesInFlight === 0;
+    return this.dirtyBlocks.size === 0 && this.#writing.size === 0 && this.pins === 0 &&
+      !this.unlinked;
   }
 }
 
-/** A block of a table captured for writing. */
-export interface BlockSnapshot {
-  table: L2Table;
-  block: number;
-  fileOffsetBytes: number;
-  bytes: Uint8Array;
-}
-
-/**
- * The cache. `load` reads a table from the file; `makeClean` writes every
- * dirty table back (a metadata commit) when the cache is full of dirty ones.
- */
+/** The cache. `load` reads a table from the file. */
 export class L2Cache {
   readonly tablesMax: number;
   readonly #tables = new Map<number, L2Table>();
   readonly #loading = new Map<number, Promise<L2Table>>();
   readonly #load: (l1Index: number) => Promise<L2Table>;
-  readonly #makeClean: () => Promise<void>;
 
-  constructor(
-    tablesMax: number,
-    load: (l1Index: number) => Promise<L2Table>,
-    makeClean: () => Promise<void>,
-  ) {
+  constructor(tablesMax: number, load: (l1Index: number) => Promise<L2Table>) {
     this.tablesMax = Math.max(2, tablesMax);
     this.#load = load;
-    this.#makeClean = makeClean;
   }
 
   get size(): number {
@@ -128,63 +152,25 @@ export class L2Cache {
   }
 
   async #loadAndInsert(l1Index: number): Promise<L2Table> {
-    await this.#makeRoom();
     const table = await this.#load(l1Index);
-    await this.insert(table);
+    this.insert(table);
     return table;
   }
 
-  /** Adds a table (new or loaded); evicts clean tables to stay within the bound. */
-  async insert(table: L2Table): Promise<void> {
-    await this.#makeRoom();
+  /** Adds a table (new or loaded); evicts unused tables to stay within the bound. */
+  insert(table: L2Table): void {
+    this.#makeRoom();
     this.#tables.set(table.l1Index, table);
   }
 
-  async #makeRoom(): Promise<void> {
-    for (let attempt = 0; this.#tables.size >= this.tablesMax; attempt += 1) {
-      let victim: L2Table | undefined;
-      for (const table of this.#tables.values()) {
-        if (table.evictable) {
-          victim = table;
-          break;
-        }
-      }
-      if (victim) {
-        this.#tables.delete(victim.l1Index);
-        victim.evicted = true;
-        continue;
-      }
-      // Every table is dirty: commit them (they stay cached, now clean).
-      if (attempt > 8) return; // tables keep being dirtied: allow a brief overshoot
-      await this.#makeClean();
-    }
-  }
-
-  /** Captures every dirty block for writing and marks it clean. */
-  snapshotDirty(): BlockSnapshot[] {
-    const snapshots: BlockSnapshot[] = [];
+  #makeRoom(): void {
+    if (this.#tables.size < this.tablesMax) return;
     for (const table of this.#tables.values()) {
-      for (const block of table.dirtyBlocks) {
-        const start = block * l2_block_bytes;
-        const end = Math.min(start + l2_block_bytes, table.bytes.byteLength);
-        snapshots.push({
-          table,
-          block,
-          fileOffsetBytes: table.offsetBytes + start,
-          bytes: table.bytes.slice(start, end),
-        });
-      }
-      table.writesInFlight += table.dirtyBlocks.size;
-      table.dirtyBlocks.clear();
+      if (this.#tables.size < this.tablesMax) return;
+      if (!table.evictable) continue;
+      this.#tables.delete(table.l1Index);
+      table.evicted = true;
     }
-    return snapshots;
-  }
-
-  /** Ends the writes of `snapshots`; failed ones are marked dirty again. */
-  settle(snapshots: BlockSnapshot[], failed: boolean): void {
-    for (const s of snapshots) {
-      s.table.writesInFlight -= 1;
-      if (failed) s.table.dirtyBlocks.add(s.block);
-    }
+    // Every table is in use: a brief overshoot, bounded by the writes in flight.
   }
 }

@@ -4,18 +4,32 @@
  * Reads walk L1 → L2 → cluster; unallocated clusters fall through to the
  * backing image or read as zeros; compressed clusters (bit 63) are inflated.
  *
- * Writes never reuse space: new clusters and tables go at `fd_end` (the file
- * length at open, growing). In a trusted blktap image (Xen header with a
- * valid L1 checksum and `min_cluster_alloc` = L2 entries) a new L2 table
- * allocates its whole extent right behind it, as the 2006 tapdisk did:
- * every entry points at its slot (fresh file space, reading as zeros), so
- * sequential guest data is sequential on disk and later writes in that
- * 2 MiB need no metadata. Elsewhere (backed images, images QEMU made) a
- * new cluster is written whole (the rest copied from the backing image or
- * zeros) before its L2 entry is published in memory; L2 and L1
- * changes reach the file only at a commit: fdatasync, L2 blocks, fdatasync,
- * L1 blocks (+ checksum), fdatasync — so metadata never points at data that
- * is not durable, and FLUSH returns once everything it depends on is.
+ * Writes never reuse space: new clusters and tables are taken at the end of
+ * the file (src/formats/append_space.ts), space that reads as zeros until
+ * written. In a trusted blktap image (Xen header with a valid L1 checksum
+ * and `min_cluster_alloc` = L2 entries) a new L2 table allocates its whole
+ * extent right behind it, as the 2006 tapdisk did: every entry points at
+ * its slot, so sequential guest data is sequential on disk and later
+ * writes in that 2 MiB need no metadata. Elsewhere a new cluster is
+ * written whole (the rest copied from what lies beneath) before its entry
+ * is set.
+ *
+ * Crash contract (driver.ts, `write`): a write is answered once its data
+ * and every table entry it needs are in the file, so a killed process
+ * loses nothing it answered. For power loss, metadata never reaches the
+ * disk before what it points at wherever a crash could show wrong bytes:
+ * a new cluster whose previous content was not zeros (backing data, a
+ * compressed cluster) is made durable by a group-committed fdatasync
+ * before its L2 entry is written; new space is durable in the file's
+ * length before anything points into it. A cluster in fresh space of an
+ * image without a backing file needs no barrier: if its entry lands before
+ * its data, it reads as zeros, which it was (tests/_helpers/crash_sim.ts
+ * checks every such crash point).
+ *
+ * The Xen header's dirty flag marks a read-write open; a read-write open
+ * that finds it set (the last writer died) first reclaims what that
+ * writer allocated and never linked (reclaim.ts). blktap's Xen checksum
+ * is written at a clean close, as the 2006 tapdisk did.
  * @module
  */
 import {
@@ -29,25 +43,31 @@ import {
 import type { ImageFile, ImageOpenOptions } from "../image_file.ts";
 import type { OpenContext } from "../format_entry.ts";
 import { RangeLock } from "../raw/range_lock.ts";
+import { AppendSpace } from "../append_space.ts";
+import { GroupSync } from "../group_commit.ts";
 import {
   decodeEntry,
-  decodeHeader,
-  geometryOf,
-  l1Checksum,
   QCOW_HEADER_BYTES,
   QcowFormatError,
   type QcowGeometry,
-  type QcowHeader,
-  XEN_FLAG_L1_BIG_ENDIAN,
+  XEN_FLAG_DIRTY,
 } from "./header.ts";
 import { L2Cache, L2Table } from "./l2_cache.ts";
+import type { L1Table } from "./l1_table.ts";
 import { inflateCluster } from "./compress.ts";
 import { isZeroBytes } from "./zero.ts";
 import { pushExtent, readBeneath, statusBeneath, zeroBeneath } from "../beneath.ts";
 import { perUnit } from "../per_unit.ts";
+import {
+  hasExtentLayout,
+  isDirty,
+  l1EntryProblem,
+  type QcowImage,
+  readQcowImage,
+} from "./qcow_image.ts";
+import { reclaimAtOpen } from "./reclaim.ts";
 
-/** Bytes read at open for the header, its extension and the backing name. */
-const head_bytes = 4096;
+export { type QcowImage, readQcowImage } from "./qcow_image.ts";
 
 /** One run of {@linkcode QcowDriver.mapRuns}. */
 export interface QcowMapRun {
@@ -57,48 +77,27 @@ export interface QcowMapRun {
   hostOffsetBytes?: number;
 }
 
-/** What the driver learned at open, also used by `check` and `info`. */
-export interface QcowImage {
-  header: QcowHeader;
-  geometry: QcowGeometry;
-  backingName?: string;
-  /** L1 entries (L2 table offsets; 0 = none). */
-  l1: number[];
-  /** The L1 table as stored. */
-  l1Bytes: Uint8Array;
-  l1BigEndian: boolean;
-  /** The Xen checksum matches the L1 table. */
-  checksumValid: boolean;
-  /** The first page (header, extension, backing name). */
-  head: Uint8Array;
+/** A cluster being allocated by a write: its content and where it goes. */
+interface FreshCluster {
+  index: number;
+  /** Guest cluster number (the key of the allocation claim). */
+  guestCluster: number;
+  host: number;
+  bytes: Uint8Array;
+  /** It replaces a compressed cluster (never goes to an extent slot). */
+  wasCompressed: boolean;
+  /** Its previous content was not zeros: data must be durable before the entry. */
+  barrier: boolean;
+  /** Ends the claim (other writes to the cluster proceed). */
+  release: () => void;
 }
 
-/** Reads and validates header, backing name and L1 table of an open file. */
-export async function readQcowImage(file: ImageFile): Promise<QcowImage> {
-  const fileBytes = file.lengthBytes();
-  const head = new Uint8Array(Math.min(head_bytes, fileBytes));
-  await file.read(0, head);
-  const header = decodeHeader(file.path, head, fileBytes);
-  const geometry = geometryOf(header);
-  let backingName: string | undefined;
-  if (header.backingFileOffset !== 0) {
-    const name = new Uint8Array(header.backingFileSize);
-    await file.read(header.backingFileOffset, name);
-    backingName = new TextDecoder().decode(name).replace(/\0.*$/s, "");
-    if (backingName === "") throw new QcowFormatError(file.path, "empty backing file name");
-  }
-  const l1Bytes = new Uint8Array(header.l1Entries * 8);
-  await file.read(header.l1TableOffset, l1Bytes);
-  const l1BigEndian = !header.xen || (header.xen.flags & XEN_FLAG_L1_BIG_ENDIAN) !== 0;
-  const view = new DataView(l1Bytes.buffer);
-  const l1: number[] = new Array(header.l1Entries);
-  for (let i = 0; i < header.l1Entries; i += 1) {
-    const hi = view.getUint32(i * 8 + (l1BigEndian ? 0 : 4), !l1BigEndian);
-    const lo = view.getUint32(i * 8 + (l1BigEndian ? 4 : 0), !l1BigEndian);
-    l1[i] = hi >= 0x200000 ? Infinity : hi * 2 ** 32 + lo;
-  }
-  const checksumValid = header.xen !== undefined && header.xen.checksum === l1Checksum(l1Bytes);
-  return { header, geometry, backingName, l1, l1Bytes, l1BigEndian, checksumValid, head };
+/** What one allocating write does inside one L2 table. */
+interface AllocationPlan {
+  inPlace: { host: number; bytes: Uint8Array }[];
+  fresh: FreshCluster[];
+  /** An allocated cluster written in place whose entry is not yet in the file. */
+  settle: boolean;
 }
 
 function _alignUp(value: number, unit: number): number {
@@ -116,22 +115,23 @@ export class QcowDriver extends BlockDriverBase {
   readonly #parent?: BlockDriver;
   readonly #image: QcowImage;
   readonly #geo: QcowGeometry;
-  readonly #l1: number[];
-  /** L1 entries set in memory and not yet written. */
-  readonly #l1Dirty = new Set<number>();
+  readonly #l1: L1Table;
   readonly #cache: L2Cache;
-  /** One allocator per L1 entry: allocation inside an L2 table is serialized. */
+  /** One allocator per L1 entry: planning an allocation inside an L2 table is serialized. */
   readonly #allocLocks = new RangeLock();
+  /** Clusters being allocated (guest cluster number → settles when linked or abandoned). */
+  readonly #claims = new Map<number, Promise<void>>();
+  readonly #sync: GroupSync;
+  readonly #space: AppendSpace;
   /** Whole extents are reserved per L2 table (blktap layout, trusted images only). */
   readonly #extentMode: boolean;
-  /** The Xen checksum is ours to keep up to date. */
+  /** The Xen checksum is ours to keep up to date (written at close). */
   readonly #xenTrusted: boolean;
   /** In extent mode, tables at or past this offset own their extent (BLKX record). */
   readonly #extentTablesFrom: number;
-  #fdEnd: number;
-  #flushTail: Promise<void> = Promise.resolve();
-  #pendingFlush?: Promise<void>;
   #inflated?: { offsetBytes: number; data: Uint8Array };
+  /** The Xen dirty flag is durably set (before the first allocation: only allocations leak). */
+  #markedDirty: Promise<void> | undefined;
   #closed = false;
 
   private constructor(file: ImageFile, image: QcowImage, parent?: BlockDriver) {
@@ -140,16 +140,15 @@ export class QcowDriver extends BlockDriverBase {
     this.#image = image;
     this.#parent = parent;
     this.#geo = image.geometry;
-    this.#l1 = image.l1.slice();
-    this.sizeBytes = image.header.sizeBytes;
-    this.#fdEnd = file.lengthBytes();
-    const xen = image.header.xen;
-    this.#xenTrusted = xen !== undefined && image.checksumValid;
-    this.#extentMode = this.#xenTrusted && parent === undefined &&
-      xen!.minClusterAlloc === this.#geo.l2Entries;
+    this.#l1 = image.l1;
+    this.sizeBytes = image.header.virtualSizeBytes;
+    this.#sync = new GroupSync(() => file.flush());
+    this.#space = new AppendSpace(file, this.#sync, file.lengthBytes(), "sparse");
+    this.#xenTrusted = image.header.xen !== undefined && image.checksumValid;
+    this.#extentMode = hasExtentLayout(image) && parent === undefined;
     this.#extentTablesFrom = image.header.extentTablesFromBytes ?? 0;
     const tablesMax = Math.floor(QcowDriver.l2CacheBytesMax / this.#geo.l2TableBytes);
-    this.#cache = new L2Cache(tablesMax, (i) => this.#loadTable(i), () => this.#commitQueued());
+    this.#cache = new L2Cache(tablesMax, (i) => this.#loadTable(i));
     this.capabilities = imageFormatCapabilities(file.writable);
   }
 
@@ -163,10 +162,11 @@ export class QcowDriver extends BlockDriverBase {
     let parent: BlockDriver | undefined;
     try {
       const image = await readQcowImage(file);
-      _checkL1(file, image);
+      if (image.l1.whole) await _checkL1(file, image);
       if (image.backingName !== undefined) {
         parent = await context.openBacking(image.backingName, path);
       }
+      if (file.writable) await _openForWriting(file, image);
       return new QcowDriver(file, image, parent);
     } catch (error) {
       await parent?.close();
@@ -195,10 +195,17 @@ export class QcowDriver extends BlockDriverBase {
     return this.#extentMode;
   }
 
+  /** fdatasync calls so far (for tests and benchmarks). */
+  get syncs(): number {
+    return this.#sync.syncs;
+  }
+
   // ---- tables ------------------------------------------------------------
 
   async #loadTable(l1Index: number): Promise<L2Table> {
-    const offset = this.#l1[l1Index];
+    const offset = await this.#l1.get(l1Index);
+    const problem = l1EntryProblem(this.#image, this.#file.lengthBytes(), l1Index, offset);
+    if (problem) throw new BlockError("EIO", `${this.path}: ${problem}`);
     const bytes = new Uint8Array(this.#geo.l2TableBytes);
     await this.#file.read(offset, bytes);
     return new L2Table(l1Index, offset, bytes);
@@ -212,42 +219,43 @@ export class QcowDriver extends BlockDriverBase {
     }
   }
 
-  /**
-   * Changes a cached table. The liveness check and the change happen in one
-   * synchronous step: between an `await` returning a table and the code
-   * after it, other tasks may evict that table, and a change to an evicted
-   * copy would be lost.
-   */
-  async #mutateTable(l1Index: number, change: (table: L2Table) => void): Promise<void> {
+  /** The live table, pinned in the cache until the caller drops its pin. */
+  async #pinnedTable(l1Index: number): Promise<L2Table> {
     for (;;) {
       const table = await this.#cache.get(l1Index);
-      if (!table.evicted) return change(table);
+      if (table.evicted) continue;
+      table.pins += 1;
+      return table;
     }
   }
 
-  /** Reserves a new L2 table (and its extent) at the end of the file. */
+  /**
+   * A new L2 table at the end of the file (pinned, unlinked). Its space is
+   * durably part of the file before its L1 entry is staged, so the entry
+   * can never point past the end. In the blktap layout the whole extent is
+   * reserved with it, every entry pointing at its slot: fresh space that
+   * reads as zeros, what an unwritten cluster of a standalone image holds.
+   */
   async #newTable(l1Index: number): Promise<L2Table> {
     const { clusterBytes, l2TableBytes, l2Entries } = this.#geo;
-    const offset = _alignUp(this.#fdEnd, Math.max(clusterBytes, 4096));
-    let end = offset + _alignUp(l2TableBytes, clusterBytes);
-    if (this.#extentMode) end += l2Entries * clusterBytes;
-    this.#fdEnd = end;
-    // The table (a hole, so zeros) and its extent lie inside the file
-    // before any L1 entry can point at them; QEMU allocates past the end.
-    if (end > this.#file.lengthBytes()) await this.#file.truncate(end);
+    let length = _alignUp(l2TableBytes, clusterBytes);
+    if (this.#extentMode) length += l2Entries * clusterBytes;
+    const offset = this.#space.take(length, Math.max(clusterBytes, 4096));
+    await this.#space.durable(offset + length);
     const table = new L2Table(l1Index, offset, new Uint8Array(l2TableBytes));
     if (this.#extentMode) {
-      // blktap's layout: the whole extent is allocated at once, every entry
-      // pointing at its slot. The slots are fresh file space (holes), so
-      // they read as zeros — what an unwritten standalone cluster holds —
-      // and later writes in this 2 MiB go in place, with no metadata.
       const first = l1Index * l2Entries;
-      const clusters = Math.min(l2Entries, Math.ceil(this.sizeBytes / clusterBytes) - first);
+      const clusters = Math.min(
+        l2Entries,
+        Math.ceil(this.#image.header.sizeBytes / clusterBytes) - first,
+      );
       for (let k = 0; k < clusters; k += 1) table.set(k, this.#slotOf(table, k));
     }
-    await this.#cache.insert(table);
-    this.#l1[l1Index] = offset;
-    this.#l1Dirty.add(l1Index);
+    table.markAllDirty(); // written whole: nothing relies on what the space held
+    table.unlinked = true;
+    table.pins += 1;
+    this.#cache.insert(table);
+    await this.#l1.stage(l1Index, offset);
     return table;
   }
 
@@ -257,17 +265,19 @@ export class QcowDriver extends BlockDriverBase {
   }
 
   /**
-   * A new cluster at the end of the file. `pageStart`: the cluster begins a
-   * guest page, so start a host page too — with 512-byte clusters a 4 KiB
-   * guest write then lands on one aligned 4 KiB write (no read-modify-write
-   * under O_DIRECT); the skipped bytes are never written, a hole.
+   * Puts a table's changed entries in the file, and a new table's L1
+   * entry; resolves once both writes (started after this call) completed.
    */
-  #allocateCluster(pageStart: boolean): number {
-    const { clusterBytes } = this.#geo;
-    const unit = pageStart ? Math.max(clusterBytes, 4096) : clusterBytes;
-    const offset = _alignUp(this.#fdEnd, unit);
-    this.#fdEnd = offset + this.#geo.clusterBytes;
-    return offset;
+  async #settle(table: L2Table): Promise<void> {
+    const writes = [table.writeOut(this.#file)];
+    if (table.unlinked) {
+      writes.push(
+        this.#l1.writeOut(table.l1Index).then(() => {
+          table.unlinked = false;
+        }),
+      );
+    }
+    await Promise.all(writes);
   }
 
   #entryError(guestOffset: number, detail: string): BlockError {
@@ -299,7 +309,9 @@ export class QcowDriver extends BlockDriverBase {
   }
 
   async #readInTable(l1Index: number, offsetBytes: number, out: Uint8Array): Promise<void> {
-    if (this.#l1[l1Index] === 0) return await readBeneath(this.#parent, offsetBytes, out);
+    if ((await this.#l1.get(l1Index)) === 0) {
+      return await readBeneath(this.#parent, offsetBytes, out);
+    }
     const table = await this.#table(l1Index);
     const tasks: Promise<void>[] = [];
     try {
@@ -389,37 +401,40 @@ export class QcowDriver extends BlockDriverBase {
   }
 
   async #writeInTable(l1Index: number, offsetBytes: number, data: Uint8Array): Promise<void> {
-    if (this.#l1[l1Index] !== 0) {
-      const direct = this.#writeAllocated(await this.#table(l1Index), offsetBytes, data);
-      if (direct) {
-        await direct;
-        return;
+    for (;;) {
+      if ((await this.#l1.get(l1Index)) !== 0) {
+        const table = await this.#pinnedTable(l1Index);
+        try {
+          const inPlace = this.#writeInPlace(table, offsetBytes, data);
+          if (inPlace) return await inPlace;
+        } finally {
+          table.pins -= 1;
+        }
+      } else if (!this.#parent && isZeroBytes(data)) {
+        return; // zeros over a region with no table and nothing beneath
       }
-    }
-    // Zeros over a region with no table and nothing beneath: nothing to do.
-    if (this.#l1[l1Index] === 0 && !this.#parent && isZeroBytes(data)) return;
-    const release = await this.#allocLocks.acquire(l1Index, l1Index + 1);
-    try {
-      const table = this.#l1[l1Index] === 0
-        ? await this.#newTable(l1Index)
-        : await this.#table(l1Index);
-      await this.#writeAllocating(table, offsetBytes, data);
-    } finally {
-      release();
+      const busy = await this.#allocate(l1Index, offsetBytes, data);
+      if (!busy) return;
+      await busy.wait; // another write is allocating one of these clusters: then write in place
     }
   }
 
-  /** Writes in place when every cluster is allocated plain; else undefined. */
-  #writeAllocated(table: L2Table, offsetBytes: number, data: Uint8Array) {
+  /**
+   * Writes in place when every cluster is allocated plain, else undefined.
+   * Answers only once the entries it relies on are in the file.
+   */
+  #writeInPlace(table: L2Table, offsetBytes: number, data: Uint8Array) {
     const { clusterBytes, l2Entries } = this.#geo;
     const end = offsetBytes + data.byteLength;
     const runs: { host: number; start: number; end: number }[] = [];
+    let settle = table.unlinked;
     for (let pos = offsetBytes; pos < end;) {
       const clusterStart = pos - (pos % clusterBytes);
       const clusterEnd = Math.min(end, clusterStart + clusterBytes);
       const index = (clusterStart / clusterBytes) % l2Entries;
       const hi = table.hi(index);
       if ((hi & 0x80000000) !== 0 || table.isZero(index)) return undefined;
+      settle ||= table.unsettled(index);
       const host = this.#plainOffset(hi * 2 ** 32 + table.lo(index), clusterStart) +
         (pos - clusterStart);
       const last = runs[runs.length - 1];
@@ -427,69 +442,137 @@ export class QcowDriver extends BlockDriverBase {
       else runs.push({ host, start: pos, end: clusterEnd });
       pos = clusterEnd;
     }
-    return Promise.all(
-      runs.map((r) =>
-        this.#file.write(r.host, data.subarray(r.start - offsetBytes, r.end - offsetBytes))
-      ),
-    );
+    return (async () => {
+      await Promise.all(
+        runs.map((r) =>
+          this.#file.write(r.host, data.subarray(r.start - offsetBytes, r.end - offsetBytes))
+        ),
+      );
+      if (settle) await this.#settle(table);
+    })();
   }
 
   /**
-   * Writes a range of one L2 table while holding its allocator: allocated
-   * clusters in place, new ones whole (copy-on-write of what lies beneath),
-   * then publishes the new entries.
+   * Allocates inside one L2 table: plans under the table's allocator lock
+   * (claims on the new clusters), then writes outside it. Returns a claim
+   * to wait for when another write is allocating one of the clusters.
    */
-  async #writeAllocating(table: L2Table, offsetBytes: number, data: Uint8Array) {
-    const writes: Promise<void>[] = [];
-    const fresh: { index: number; host: number; bytes: Uint8Array }[] = [];
+  async #allocate(
+    l1Index: number,
+    offsetBytes: number,
+    data: Uint8Array,
+  ): Promise<{ wait: Promise<void> } | undefined> {
+    let table: L2Table | undefined;
+    let plan: AllocationPlan | { wait: Promise<void> };
+    await this.#markDirty();
+    const release = await this.#allocLocks.acquire(l1Index, l1Index + 1);
     try {
-      await this.#planAllocatingWrite(table, offsetBytes, data, writes, fresh);
+      table = (await this.#l1.get(l1Index)) === 0
+        ? await this.#newTable(l1Index)
+        : await this.#pinnedTable(l1Index);
+      plan = await this.#plan(table, offsetBytes, data);
     } catch (error) {
-      await Promise.allSettled(writes); // none left running unobserved
+      if (table) table.pins -= 1;
       throw error;
+    } finally {
+      release();
     }
-    writes.push(this.#writeClusters(fresh));
-    await Promise.all(writes);
-    if (fresh.length > 0) {
-      await this.#mutateTable(table.l1Index, (live) => {
-        for (const f of fresh) live.set(f.index, f.host);
-      });
+    try {
+      if ("wait" in plan) return plan;
+      await this.#carryOut(table, plan);
+    } finally {
+      table.pins -= 1;
     }
   }
 
-  async #planAllocatingWrite(
+  async #plan(
     table: L2Table,
     offsetBytes: number,
     data: Uint8Array,
-    writes: Promise<void>[],
-    fresh: { index: number; host: number; bytes: Uint8Array }[],
-  ): Promise<void> {
+  ): Promise<AllocationPlan | { wait: Promise<void> }> {
     const { clusterBytes, l2Entries, clusterBits } = this.#geo;
+    const plan: AllocationPlan = { inPlace: [], fresh: [], settle: table.unlinked };
     const end = offsetBytes + data.byteLength;
     for (let pos = offsetBytes; pos < end;) {
       const clusterStart = pos - (pos % clusterBytes);
       const clusterEnd = Math.min(end, clusterStart + clusterBytes);
       const index = (clusterStart / clusterBytes) % l2Entries;
+      const guestCluster = clusterStart / clusterBytes;
+      const claim = this.#claims.get(guestCluster);
+      if (claim) return { wait: claim };
       const slice = data.subarray(pos - offsetBytes, clusterEnd - offsetBytes);
       const entry = decodeEntry(table.hi(index), table.lo(index), clusterBits);
       if (!entry.compressed && entry.offsetBytes !== 0) {
         const host = this.#plainOffset(entry.offsetBytes, clusterStart);
-        writes.push(this.#file.write(host + (pos - clusterStart), slice));
+        plan.inPlace.push({ host: host + (pos - clusterStart), bytes: slice });
+        plan.settle ||= table.unsettled(index);
       } else {
         const bytes = await this.#newClusterBytes(entry, clusterStart, pos, slice);
-        // Host offsets are given below, all at once: other writers allocate
-        // during the awaits, and this write's clusters should stay adjacent.
-        if (bytes) fresh.push({ index, host: entry.compressed ? -1 : 0, bytes });
+        // A cluster that held parent or compressed data must not show zeros after a crash.
+        const barrier = entry.compressed || (this.#parent?.sizeBytes ?? 0) > clusterStart;
+        if (bytes) {
+          const wasCompressed = entry.compressed;
+          plan.fresh.push({
+            index,
+            guestCluster,
+            host: 0,
+            bytes,
+            wasCompressed,
+            barrier,
+            release() {},
+          });
+        }
       }
       pos = clusterEnd;
     }
+    this.#placeFresh(table, plan.fresh);
+    for (const f of plan.fresh) {
+      const { promise, resolve } = Promise.withResolvers<void>();
+      f.release = resolve;
+      this.#claims.set(f.guestCluster, promise);
+    }
+    return plan;
+  }
+
+  // Host offsets are given all at once, so one write's clusters stay adjacent.
+  #placeFresh(table: L2Table, fresh: FreshCluster[]): void {
+    const { clusterBytes, l2Entries } = this.#geo;
     const ownsExtent = this.#extentMode && table.offsetBytes >= this.#extentTablesFrom;
     for (const f of fresh) {
+      if (ownsExtent && !f.wasCompressed) {
+        f.host = this.#slotOf(table, f.index);
+        continue;
+      }
+      // A cluster that begins a guest page begins a host page too: with
+      // 512-byte clusters a 4 KiB guest write is one aligned 4 KiB write.
       const clusterStart = (table.l1Index * l2Entries + f.index) * clusterBytes;
-      f.host = ownsExtent && f.host === 0
-        ? this.#slotOf(table, f.index)
-        : this.#allocateCluster(clusterStart % 4096 === 0);
+      const unit = clusterStart % 4096 === 0 ? Math.max(clusterBytes, 4096) : clusterBytes;
+      f.host = this.#space.take(clusterBytes, unit);
     }
+  }
+
+  /**
+   * Writes the data, makes it durable where a crash could otherwise show
+   * wrong bytes, sets the new entries and puts them in the file.
+   */
+  async #carryOut(table: L2Table, plan: AllocationPlan): Promise<void> {
+    const { clusterBytes } = this.#geo;
+    try {
+      const end = plan.fresh.reduce((n, f) => Math.max(n, f.host + clusterBytes), 0);
+      await Promise.all([
+        ...plan.inPlace.map((w) => this.#file.write(w.host, w.bytes)),
+        this.#writeClusters(plan.fresh),
+        end > 0 ? this.#space.durable(end) : undefined,
+      ]);
+      if (plan.fresh.some((f) => f.barrier)) await this.#sync.sync();
+      for (const f of plan.fresh) table.set(f.index, f.host);
+    } finally {
+      for (const f of plan.fresh) {
+        this.#claims.delete(f.guestCluster);
+        f.release();
+      }
+    }
+    if (plan.fresh.length > 0 || plan.settle) await this.#settle(table);
   }
 
   /**
@@ -524,7 +607,7 @@ export class QcowDriver extends BlockDriverBase {
   }
 
   /** Writes new clusters, one request per run of adjacent host offsets. */
-  async #writeClusters(fresh: { host: number; bytes: Uint8Array }[]): Promise<void> {
+  async #writeClusters(fresh: FreshCluster[]): Promise<void> {
     const clusterBytes = this.#geo.clusterBytes;
     const tasks: Promise<void>[] = [];
     for (let i = 0; i < fresh.length;) {
@@ -536,84 +619,12 @@ export class QcowDriver extends BlockDriverBase {
     await Promise.all(tasks);
   }
 
-  // ---- flush / commit -----------------------------------------------------
+  // ---- flush --------------------------------------------------------------
 
+  /** Every answered write has its data and metadata in the file: make them durable. */
   protected _flush(): Promise<void> {
-    // A flush that has not started yet covers every caller arriving before it starts.
-    if (this.#pendingFlush) return this.#pendingFlush;
-    const run = this.#flushTail.then(() => {
-      this.#pendingFlush = undefined;
-      return this.#commit();
-    });
-    this.#pendingFlush = run;
-    this.#flushTail = run.catch(() => {});
-    return run;
-  }
-
-  /** A commit queued behind any running one (the cache uses it to clean tables). */
-  #commitQueued(): Promise<void> {
-    return this._flush();
-  }
-
-  /**
-   * Makes everything published so far durable, in dependency order. Only
-   * what was published before the first fdatasync is written, so no table
-   * or entry can point at data that fdatasync did not cover.
-   */
-  async #commit(): Promise<void> {
-    if (!this.#file.writable) return;
-    const l2Blocks = this.#cache.snapshotDirty();
-    const l1Indexes = [...this.#l1Dirty];
-    this.#l1Dirty.clear();
-    const l1Values = l1Indexes.map((i) => this.#l1[i]);
-    let l2Failed = true;
-    try {
-      await this.#file.flush();
-      if (l2Blocks.length > 0) {
-        await Promise.all(l2Blocks.map((b) => this.#file.write(b.fileOffsetBytes, b.bytes)));
-        await this.#file.flush();
-      }
-      l2Failed = false;
-    } catch (error) {
-      for (const i of l1Indexes) this.#l1Dirty.add(i);
-      throw error;
-    } finally {
-      this.#cache.settle(l2Blocks, l2Failed);
-    }
-    if (l1Indexes.length > 0) {
-      try {
-        await this.#writeL1(l1Indexes, l1Values);
-      } catch (error) {
-        for (const i of l1Indexes) this.#l1Dirty.add(i);
-        throw error;
-      }
-    }
-  }
-
-  async #writeL1(indexes: number[], values: number[]): Promise<void> {
-    const { l1Bytes, l1BigEndian, header } = this.#image;
-    const view = new DataView(l1Bytes.buffer);
-    const blocks = new Set<number>();
-    indexes.forEach((index, k) => {
-      const value = values[k];
-      const hi = Math.floor(value / 2 ** 32);
-      view.setUint32(index * 8 + (l1BigEndian ? 0 : 4), hi, !l1BigEndian);
-      view.setUint32(index * 8 + (l1BigEndian ? 4 : 0), value >>> 0, !l1BigEndian);
-      blocks.add(Math.floor((index * 8) / 4096));
-    });
-    await Promise.all([...blocks].map((block) => {
-      const start = block * 4096;
-      const bytes = l1Bytes.slice(start, Math.min(start + 4096, l1Bytes.byteLength));
-      return this.#file.write(header.l1TableOffset + start, bytes);
-    }));
-    if (this.#xenTrusted) {
-      // blktap's checksum follows the L1 table; a crash between the two
-      // leaves a stale checksum, which only turns the extent layout off.
-      const head = this.#image.head;
-      new DataView(head.buffer, head.byteOffset).setUint32(52, l1Checksum(l1Bytes));
-      await this.#file.write(0, head.slice(0, Math.min(head.byteLength, 4096)));
-    }
-    await this.#file.flush();
+    if (!this.#file.writable) return Promise.resolve();
+    return this.#sync.sync();
   }
 
   // ---- block status -------------------------------------------------------
@@ -629,7 +640,7 @@ export class QcowDriver extends BlockDriverBase {
     for (let pos = offsetBytes; pos < end;) {
       const l1Index = Math.floor(pos / l2SpanBytes);
       const tableEnd = Math.min(end, (l1Index + 1) * l2SpanBytes);
-      if (this.#l1[l1Index] === 0) {
+      if ((await this.#l1.get(l1Index)) === 0) {
         for (const e of await statusBeneath(this.#parent, pos, tableEnd - pos)) push(e);
         pos = tableEnd;
         continue;
@@ -669,7 +680,7 @@ export class QcowDriver extends BlockDriverBase {
       const l1Index = Math.floor(pos / l2SpanBytes);
       if (l1Index !== tableIndex) {
         tableIndex = l1Index;
-        table = this.#l1[l1Index] === 0 ? undefined : await this.#table(l1Index);
+        table = (await this.#l1.get(l1Index)) === 0 ? undefined : await this.#table(l1Index);
       }
       const clusterEnd = Math.min(end, pos - (pos % clusterBytes) + clusterBytes);
       const index = Math.floor(pos / clusterBytes) % l2Entries;
@@ -692,30 +703,81 @@ export class QcowDriver extends BlockDriverBase {
     return runs;
   }
 
+  /**
+   * Makes everything durable, cuts reserved space past the last cluster,
+   * then (Xen header) writes the checksum and clears the dirty flag.
+   */
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
     try {
-      if (this.#file.writable) await this._flush();
+      if (this.#file.writable) {
+        await this.#sync.sync();
+        await this.#space.trim();
+        if (this.#image.header.xen) await this.#writeCleanHead();
+      }
     } finally {
       await this.#parent?.close();
       await this.#file.close();
     }
   }
+
+  #markDirty(): Promise<void> {
+    const xen = this.#image.header.xen;
+    if (!xen) return Promise.resolve();
+    this.#markedDirty ??= (async () => {
+      xen.flags |= XEN_FLAG_DIRTY;
+      new DataView(this.#image.head.buffer, this.#image.head.byteOffset).setUint32(60, xen.flags);
+      await this.#file.write(0, this.#image.head);
+      await this.#sync.sync();
+    })();
+    return this.#markedDirty;
+  }
+
+  async #writeCleanHead(): Promise<void> {
+    if (!this.#markedDirty) return; // nothing allocated: L1 and checksum unchanged
+    await this.#markedDirty.catch(() => {});
+    const head = this.#image.head;
+    const view = new DataView(head.buffer, head.byteOffset);
+    if (this.#xenTrusted) view.setUint32(52, await this.#l1.checksum());
+    view.setUint32(60, view.getUint32(60) & ~XEN_FLAG_DIRTY);
+    await this.#file.write(0, head);
+    await this.#file.flush();
+  }
 }
 
 /** Rejects L1 entries that cannot be L2 tables of this file. */
-function _checkL1(file: ImageFile, image: QcowImage): void {
-  const fileBytes = file.lengthBytes();
-  image.l1.forEach((offset, i) => {
-    if (offset === 0) return;
-    if (offset % 512 !== 0 || offset + image.geometry.l2TableBytes > fileBytes) {
-      throw new QcowFormatError(
-        file.path,
-        `L1 entry ${i} points at ${offset}, not an L2 table inside the file (${fileBytes} bytes)`,
-      );
-    }
+async function _checkL1(file: ImageFile, image: QcowImage): Promise<void> {
+  await image.l1.scan((i, offset) => {
+    const problem = l1EntryProblem(image, file.lengthBytes(), i, offset);
+    if (problem) throw new QcowFormatError(file.path, problem);
   });
+}
+
+/**
+ * Before a session writes: when the last writer died (the dirty flag;
+ * always without a Xen header, which cannot record it) reclaim what it
+ * left and, if the extents hold, restore the checksum and clear the flag.
+ * Durable before the driver allocates anything (the driver sets the flag
+ * again before its first allocation).
+ */
+async function _openForWriting(file: ImageFile, image: QcowImage): Promise<void> {
+  const xen = image.header.xen;
+  if (!xen || isDirty(image)) {
+    const report = await reclaimAtOpen(file, image);
+    if (xen) {
+      const view = new DataView(image.head.buffer, image.head.byteOffset);
+      if (report.extentsHold) {
+        view.setUint32(52, await image.l1.checksum());
+        image.checksumValid = true;
+      }
+      xen.flags &= ~XEN_FLAG_DIRTY;
+      view.setUint32(60, xen.flags);
+      await file.flush();
+      await file.write(0, image.head);
+    }
+  }
+  await file.flush();
 }
 
 function _joined(parts: Uint8Array[]): Uint8Array {

@@ -19,7 +19,7 @@
  *      never shows bytes that were not written, and the BAT never names a
  *      bitmap place still holding the old footer's bytes.
  * Setting bits in an allocated block is data, barrier, bitmap. Barriers
- * are group commits (`SyncBarrier`): writes in flight share them. FLUSH is
+ * are group commits (`GroupSync`): writes in flight share them. FLUSH is
  * one more barrier. Opened `unordered` (a tool filling a new image it
  * deletes on failure), barriers are skipped and the BAT and the moved
  * footer are written at FLUSH only, which still makes everything durable.
@@ -41,7 +41,7 @@ import {
 import type { ImageFile, ImageOpenOptions } from "../image_file.ts";
 import type { OpenContext } from "../format_entry.ts";
 import { RangeLock } from "../raw/range_lock.ts";
-import { SyncBarrier } from "../sync_barrier.ts";
+import { GroupSync } from "../group_commit.ts";
 import { isZeroBytes } from "../qcow/zero.ts";
 import { pushExtent, readBeneath, statusBeneath, zeroBeneath } from "../beneath.ts";
 import { perUnit } from "../per_unit.ts";
@@ -107,7 +107,7 @@ export class DynamicVhdDriver extends BlockDriverBase {
   /** `unordered`: the next step the file is extended by ahead of its blocks. */
   #growthBytes = growth_step_bytes_min;
   readonly #bitmapChains = new Map<number, Promise<void>>();
-  readonly #barrier: SyncBarrier;
+  readonly #barrier: GroupSync;
   readonly #ordered: boolean;
   readonly #footerBytes: Uint8Array;
   /** End of the file as this driver has extended it: new block data goes past it. */
@@ -142,7 +142,7 @@ export class DynamicVhdDriver extends BlockDriverBase {
       Math.floor(bitmap_cache_bytes_max / image.bitmapBytes),
       (block) => this.#loadBitmap(block),
     );
-    this.#barrier = new SyncBarrier(() => file.flush());
+    this.#barrier = new GroupSync(() => file.flush());
     this.#ordered = ordered;
     this.#footerBytes = image.footer.bytes;
     this.#endBytes = file.lengthBytes();
@@ -193,7 +193,7 @@ export class DynamicVhdDriver extends BlockDriverBase {
 
   /** fdatasyncs issued so far (barriers and flushes). */
   get barriers(): number {
-    return this.#barrier.count;
+    return this.#barrier.syncs;
   }
 
   // ---- reads ----------------------------------------------------------------
@@ -300,7 +300,6 @@ export class DynamicVhdDriver extends BlockDriverBase {
     }
   }
 
-  /** Reserves a block past the end of the file: bitmap, page-aligned data, moved footer. */
   /**
    * Reserves a block: in free space a reclaim zeroed if one fits (no
    * footer move then), else at the end. Its data page aligned, in zeros;
@@ -489,7 +488,7 @@ export class DynamicVhdDriver extends BlockDriverBase {
 
   /** A barrier between dependent write groups (skipped for `unsafe` images). */
   #order(): Promise<void> {
-    return this.#ordered ? this.#barrier.wait() : Promise.resolve();
+    return this.#ordered ? this.#barrier.sync() : Promise.resolve();
   }
 
   /**
@@ -536,7 +535,7 @@ export class DynamicVhdDriver extends BlockDriverBase {
   protected async _flush(): Promise<void> {
     if (!this.#file.writable) return;
     if (!this.#ordered) await this.#writeDeferred();
-    await this.#barrier.wait();
+    await this.#barrier.sync();
   }
 
   /** What an `unordered` image keeps until flush: dirty BAT sectors, the moved footer. */

@@ -3,38 +3,45 @@
  * (GT) sectors, each GT mapping `grainTableEntries` grains to file sectors;
  * 0 means unallocated, 1 (with the zero-grain flag) a zeroed grain.
  *
- * Writes allocate grains at the end of the file. The whole grain (new
- * bytes, zeros elsewhere) is written first; its entry then goes into the
- * cached table only (reads see it at once) and the table is marked dirty.
- * `flush` puts the metadata on disk in dependency order (DESIGN.md §4
- * rules 1–3), as QEMU's qcow2 L2 cache does:
- *   1. fdatasync: every grain (and zeroed new table) named by the snapshot
- *      of dirty entries taken when the flush began is durable;
- *   2. redundant tables and redundant directory entries, fdatasync;
- *   3. primary tables and directory entries, fdatasync.
- * A crash at any point leaves entries only the redundant side names (leaks
- * that `check` reports and `--repair` clears) and never an entry pointing
- * at bytes not yet durable; writes completed before the last completed
- * flush are all there. Grain tables are preallocated when the image is
- * created (as QEMU and VMware do); where a directory entry is 0, a zeroed
- * table pair is allocated like a grain and its directory entries are dirty
- * metadata like table entries. `close` flushes.
+ * Writes allocate grains at the end of the file (src/formats/append_space.ts:
+ * space that reads as zeros until written, durably part of the file before
+ * anything points into it). The whole grain (new bytes, zeros elsewhere) is
+ * written, then its entry is set in the cached table and the table is
+ * written before the write is answered: a killed process loses nothing it
+ * answered (driver.ts, `write`). The redundant copies of tables and
+ * directory entries (a backup only readers of a damaged primary use) follow
+ * at the next flush, which halves the metadata writes of allocation.
+ * vmdk has no backing files here, so a new grain's previous content was
+ * zeros: if its entry reaches the disk before its data (power loss), it
+ * reads as zeros or as the bytes written — nothing never written — and no
+ * fdatasync is needed between the two (the crash simulator checks every
+ * such point). FLUSH is one fdatasync, group-committed.
+ *
+ * A crash may leave an entry on one side only (primary or redundant):
+ * `check` accepts that and a read-write open repairs it. The header's
+ * `uncleanShutdown` byte is set while the extent is open for writing; a
+ * read-write open that finds it set (the last writer died) reclaims what
+ * that writer allocated and never linked (sparse_check.ts). Grain tables
+ * are preallocated when the image is created (as QEMU and VMware do);
+ * where a directory entry is 0, a table pair is allocated like a grain.
  *
  * Concurrency: one allocation per grain (`#allocating`) and per table
  * (`#allocatingTables`) at a time; a second write to the same new grain
- * waits, then overwrites in place. Tables in use by a write are pinned and
- * dirty tables are never evicted, so the cache cannot reload a stale copy.
- * Flushes run one at a time. The number of dirty tables is bounded: past
- * `dirty_tables_max` an allocating write first flushes.
+ * waits, then overwrites in place. Tables in use are pinned, and tables
+ * with unwritten changes are never evicted, so the cache cannot reload a
+ * stale copy.
  * @module
  */
 import { inflateSync } from "node:zlib";
 import { BlockError } from "../driver.ts";
 import type { ImageFile } from "../image_file.ts";
 import { giveBounce, takeBounce } from "../raw/bounce_pool.ts";
+import { AppendSpace } from "../append_space.ts";
+import { GroupCommit, GroupSync } from "../group_commit.ts";
 import {
   decodeSparseHeader,
   directoryAtEnd,
+  encodeSparseHeader,
   hasSparseMagic,
   HEADER_BYTES,
   HeaderError,
@@ -46,11 +53,8 @@ import {
 
 /** Grain tables kept in memory per extent (2 KiB each: 8 MiB, 128 GiB of 64 KiB grains). */
 const grain_table_cache_tables_max = 4096;
-/** First fallocate reserve, in grains; it doubles up to the maximum below. */
-const preallocation_grains_min = 16;
-const preallocation_chunk_bytes_max = 32 << 20;
-/** Dirty grain tables allowed before an allocating write forces a flush. */
-const dirty_tables_max = 1024;
+/** Tables whose redundant copy may lag (they stay cached) before it is written unasked. */
+const redundant_stale_max = 1024;
 /** Decompressed grains kept for sequential reads of streamOptimized images. */
 const compressed_grain_cache_max = 4;
 /** Size of a grain marker's fixed part: lba u64, size u32. */
@@ -126,18 +130,23 @@ export class SparseExtent {
   readonly #pins = new Map<number, number>();
   readonly #allocating = new Map<number, Promise<void>>();
   readonly #allocatingTables = new Map<number, Promise<void>>();
-  /** Tables whose cached entries are newer than the disk. */
+  /** Tables whose cached entries are newer than the file. */
   readonly #dirtyTables = new Set<number>();
-  /** Directory entries (table indexes) newer in memory than on disk. */
+  /** Tables being written now. */
+  readonly #writingTables = new Map<number, number>();
+  readonly #tableWriters = new Map<number, GroupCommit>();
+  /** Directory entries (table indexes) newer in memory than in the file. */
   readonly #dirtyDirectory = new Set<number>();
-  #flushing: Promise<void> = Promise.resolve();
+  readonly #directoryWriter = new GroupCommit(() => this.#writeDirectory());
+  /** Tables and directory entries whose redundant copy lags the primary one. */
+  readonly #redundantStale = new Set<number>();
+  readonly #redundantDirectoryStale = new Set<number>();
+  readonly #redundantWriter = new GroupCommit(() => this.#writeRedundant());
   readonly #inflated = new Map<number, Uint8Array>();
-  #nextGrainBytes: number;
-  /** End of the space reserved with fallocate ahead of allocations. */
-  #preallocatedEnd: number;
-  #preallocationChunkBytes: number;
-  #preallocation: Promise<void> = Promise.resolve();
-  #preallocationWorks = true;
+  readonly #sync: GroupSync;
+  #space!: AppendSpace;
+  /** The header says "open for writing" (set before the first allocation). */
+  #markedOpen: Promise<void> | undefined;
 
   private constructor(
     file: ImageFile,
@@ -152,10 +161,47 @@ export class SparseExtent {
     this.directory = directory;
     this.redundantDirectory = redundantDirectory;
     this.writable = file.writable && !layout.compressed && layout.header.version !== 3;
-    const end = Math.max(file.lengthBytes(), layout.header.overheadSectors * SECTOR_BYTES);
-    this.#nextGrainBytes = Math.ceil(end / layout.grainBytes) * layout.grainBytes;
-    this.#preallocatedEnd = this.#nextGrainBytes;
-    this.#preallocationChunkBytes = preallocation_grains_min * layout.grainBytes;
+    this.#sync = new GroupSync(() => file.flush());
+    this.restartSpace();
+  }
+
+  /** Allocation starts again at the end of the file (after a recovery changed it). */
+  restartSpace(): void {
+    const end = Math.max(
+      this.file.lengthBytes(),
+      this.layout.header.overheadSectors * SECTOR_BYTES,
+    );
+    // Preallocated growth: O_DIRECT writes that extend a file are serialised
+    // by file systems such as ext4, writes inside it are not.
+    this.#space = new AppendSpace(
+      this.file,
+      this.#sync,
+      Math.ceil(end / this.layout.grainBytes) * this.layout.grainBytes,
+      "preallocate",
+    );
+  }
+
+  /** The last writer died with the extent open (the header's `uncleanShutdown`). */
+  get uncleanShutdown(): boolean {
+    return this.layout.header.uncleanShutdown;
+  }
+
+  /**
+   * Records durably in the header that the extent is being written (before
+   * its first allocation: only allocations can leak) or, at close, that it
+   * was closed cleanly.
+   */
+  markOpen(open: boolean): Promise<void> {
+    if (open) return this.#markedOpen ??= this.#writeUnclean(true);
+    if (!this.#markedOpen && !this.layout.header.uncleanShutdown) return Promise.resolve();
+    this.#markedOpen = undefined;
+    return this.#writeUnclean(false);
+  }
+
+  async #writeUnclean(unclean: boolean): Promise<void> {
+    this.layout.header.uncleanShutdown = unclean;
+    await this.file.write(0, encodeSparseHeader(this.layout.header));
+    await this.#sync.sync();
   }
 
   /**
@@ -216,7 +262,8 @@ export class SparseExtent {
     if (this.#tables.size <= grain_table_cache_tables_max) return;
     for (const t of this.#tables.keys()) {
       if (this.#tables.size <= grain_table_cache_tables_max) break;
-      if (!this.#pins.has(t) && !this.#dirtyTables.has(t)) this.#tables.delete(t);
+      if (this.#pins.has(t) || this.#unsettledTable(t) || this.#redundantStale.has(t)) continue;
+      this.#tables.delete(t);
     }
   }
 
@@ -349,28 +396,30 @@ export class SparseExtent {
       for (let pending = this.#allocating.get(g); pending; pending = this.#allocating.get(g)) {
         await pending;
       }
-      const kind = this.#kindOf(table[j]);
-      if (kind === "data") {
+      if (this.#kindOf(table[j]) === "data") {
         await this.file.write(table[j] * SECTOR_BYTES + inGrain, data);
-        return;
+      } else {
+        let finished!: () => void;
+        this.#allocating.set(g, new Promise<void>((resolve) => (finished = resolve)));
+        try {
+          await this.#allocate(table, t, j, inGrain, data);
+        } finally {
+          this.#allocating.delete(g);
+          finished();
+        }
       }
-      let finished!: () => void;
-      this.#allocating.set(g, new Promise<void>((resolve) => (finished = resolve)));
-      try {
-        await this.#allocate(table, t, j, inGrain, data);
-      } finally {
-        this.#allocating.delete(g);
-        finished();
-      }
+      // Answered only once the entries it relies on are in the file.
+      if (this.#unsettledTable(t)) await this.#settle(t);
     } finally {
       this.#unpin(t);
     }
   }
 
   /**
-   * Gives grain table `t` a place: zeroed tables (primary and redundant)
-   * written at the end of the file, then the directory entries set in
-   * memory and marked dirty; `flush` writes them once the zeros are durable.
+   * Gives grain table `t` a place at the end of the file: a primary and a
+   * redundant table, zeroed in memory and written whole by the first
+   * settle, with their directory entries (fresh space reads as zeros, so a
+   * directory entry that lands first shows an empty table).
    */
   async #allocateTable(t: number): Promise<void> {
     for (
@@ -384,27 +433,21 @@ export class SparseExtent {
     let finished!: () => void;
     this.#allocatingTables.set(t, new Promise<void>((resolve) => (finished = resolve)));
     try {
+      await this.markOpen(true);
       const { grainBytes, tableBytes } = this.layout;
       const tableSlotBytes = Math.ceil(tableBytes / SECTOR_BYTES) * SECTOR_BYTES;
       const slotBytes = Math.ceil((2 * tableSlotBytes) / grainBytes) * grainBytes;
-      const hostOffset = await this.#reserve(slotBytes);
+      const hostOffset = this.#space.take(slotBytes, grainBytes);
       const tableSector = hostOffset / SECTOR_BYTES;
       const redundantSector = (hostOffset + tableSlotBytes) / SECTOR_BYTES;
       if (redundantSector > 0xffffffff) {
         throw this.#error("EIO", "file too large for 32-bit offsets");
       }
-      const bounce = takeBounce(slotBytes);
-      try {
-        const zeros = bounce.bytes.subarray(0, slotBytes);
-        zeros.fill(0);
-        await this.file.write(hostOffset, zeros);
-      } finally {
-        giveBounce(bounce);
-      }
-      // Published in memory now, on disk by the next flush (after the zeros are durable).
+      await this.#space.durable(hostOffset + slotBytes);
       if (this.redundantDirectory) this.redundantDirectory[t] = redundantSector;
       this.directory[t] = tableSector;
       this.#tables.set(t, new Uint32Array(this.layout.header.grainTableEntries));
+      this.#dirtyTables.add(t);
       this.#dirtyDirectory.add(t);
       this.#evict();
     } finally {
@@ -413,45 +456,16 @@ export class SparseExtent {
     }
   }
 
-  /**
-   * Takes the next `slotBytes` at the end of the file. Space is reserved
-   * with fallocate in growing chunks first: O_DIRECT writes that extend a
-   * file are serialised by file systems such as ext4, writes inside it are
-   * not. The unused reserve is cut off at close (after a crash it is a
-   * leak).
-   */
-  async #reserve(slotBytes: number): Promise<number> {
-    const hostOffset = this.#nextGrainBytes;
-    this.#nextGrainBytes += slotBytes;
-    while (this.#preallocationWorks && this.#nextGrainBytes > this.#preallocatedEnd) {
-      const from = this.#preallocatedEnd;
-      const chunk = this.#preallocationChunkBytes;
-      this.#preallocatedEnd += chunk;
-      this.#preallocationChunkBytes = Math.min(2 * chunk, preallocation_chunk_bytes_max);
-      this.#preallocation = this.#preallocation.then(() =>
-        this.file.allocate(from, chunk).catch(() => {
-          this.#preallocationWorks = false; // not a regular file, or no fallocate: plain writes
-        })
-      );
-    }
-    await this.#preallocation;
-    return hostOffset;
-  }
-
-  /** Cuts the unused preallocated space off the end of the file. */
+  /** Cuts the space reserved past the last grain (at close). */
   async trimReserve(): Promise<void> {
-    await this.#preallocation;
-    if (!this.writable || this.#preallocatedEnd <= this.#nextGrainBytes) return;
-    if (this.file.lengthBytes() > this.#nextGrainBytes) {
-      await this.file.truncate(this.#nextGrainBytes);
-    }
-    this.#preallocatedEnd = this.#nextGrainBytes;
+    if (this.writable) await this.#space.trim();
   }
 
-  // Writes the whole grain, then publishes its entry in the cached table (dirty until flush).
+  // Writes the whole grain at the end of the file, then sets its entry in the cached table.
   async #allocate(table: Uint32Array, t: number, j: number, inGrain: number, data: Uint8Array) {
+    await this.markOpen(true);
     const grainBytes = this.layout.grainBytes;
-    const hostOffset = await this.#reserve(grainBytes);
+    const hostOffset = this.#space.take(grainBytes, grainBytes);
     const sector = hostOffset / SECTOR_BYTES;
     if (sector > 0xffffffff) throw this.#error("EIO", "file too large for 32-bit grain entries");
     const bounce = takeBounce(grainBytes);
@@ -459,11 +473,14 @@ export class SparseExtent {
       const grain = bounce.bytes.subarray(0, grainBytes);
       grain.fill(0);
       grain.set(data, inGrain);
-      await this.file.write(hostOffset, grain);
+      await Promise.all([
+        this.file.write(hostOffset, grain),
+        this.#space.durable(hostOffset + grainBytes),
+      ]);
     } finally {
       giveBounce(bounce);
     }
-    // Invariant (DESIGN.md §4 rule 1): an entry is published only for bytes already written.
+    // Invariant (DESIGN.md §4 rule 1): an entry is set only for bytes already written.
     if (hostOffset + grainBytes > this.file.lengthBytes()) {
       throw this.#error(
         "EIO",
@@ -472,7 +489,6 @@ export class SparseExtent {
     }
     table[j] = sector;
     this.#dirtyTables.add(t);
-    if (this.#dirtyTables.size > dirty_tables_max) await this.flush();
   }
 
   /** Allocation runs covering `[offset, offset+length)` of the extent. */
@@ -518,58 +534,107 @@ export class SparseExtent {
     return offset;
   }
 
-  /** Makes every completed write durable, metadata after the data it names. */
-  flush(): Promise<void> {
-    const run = this.#flushing.then(() => this.#flushOnce());
-    this.#flushing = run.catch(() => {});
-    return run;
+  /** Table `t` or its directory entry has changes not yet (completely) in the file. */
+  #unsettledTable(t: number): boolean {
+    return this.#dirtyTables.has(t) || this.#writingTables.has(t) || this.#dirtyDirectory.has(t);
   }
 
-  async #flushOnce(): Promise<void> {
-    if (!this.writable) return;
-    // The snapshot holds only entries whose grains were written before this point.
-    const tables = [...this.#dirtyTables].map((t) => ({ t, image: this.#tables.get(t)!.slice() }));
-    const directory = [...this.#dirtyDirectory];
-    this.#dirtyTables.clear();
-    this.#dirtyDirectory.clear();
+  /** Writes table `t` (both copies) and the directory entries changed so far. */
+  async #settle(t: number): Promise<void> {
+    let writer = this.#tableWriters.get(t);
+    if (!writer) {
+      writer = new GroupCommit(() => this.#writeTable(t));
+      this.#tableWriters.set(t, writer);
+    }
+    const writes = [writer.run()];
+    if (this.#dirtyDirectory.size > 0) writes.push(this.#directoryWriter.run());
+    await Promise.all(writes);
+  }
+
+  // The primary copy only: the redundant one follows at the next flush.
+  async #writeTable(t: number): Promise<void> {
+    if (!this.#dirtyTables.delete(t)) return;
+    const image = u32TableBytes(this.#tables.get(t)!);
+    this.#writingTables.set(t, (this.#writingTables.get(t) ?? 0) + 1);
     try {
-      await this.file.flush();
-      if (tables.length === 0 && directory.length === 0) return;
-      const header = this.layout.header;
-      if (this.redundantDirectory) {
-        await this.#writeMetadata(
-          tables.map(({ t, image }) => [this.redundantDirectory![t], image]),
-          header.redundantDirectoryOffsetSectors,
-          directory.map((t) => [t, this.redundantDirectory![t]]),
-        );
-      }
-      await this.#writeMetadata(
-        tables.map(({ t, image }) => [this.directory[t], image]),
-        header.directoryOffsetSectors,
-        directory.map((t) => [t, this.directory[t]]),
-      );
+      await this.file.write(this.directory[t] * SECTOR_BYTES, image);
+      if (this.redundantDirectory) this.#noteRedundantStale(t, this.#redundantStale);
     } catch (error) {
-      for (const { t } of tables) this.#dirtyTables.add(t);
-      for (const t of directory) this.#dirtyDirectory.add(t);
+      this.#dirtyTables.add(t);
+      throw error;
+    } finally {
+      const left = this.#writingTables.get(t)! - 1;
+      if (left === 0) this.#writingTables.delete(t);
+      else this.#writingTables.set(t, left);
+    }
+  }
+
+  async #writeDirectory(): Promise<void> {
+    const changed = [...this.#dirtyDirectory];
+    this.#dirtyDirectory.clear();
+    const at = this.layout.header.directoryOffsetSectors;
+    try {
+      await Promise.all(changed.map((t) => this.#writeU32(at, t, this.directory[t])));
+    } catch (error) {
+      for (const t of changed) this.#dirtyDirectory.add(t);
+      throw error;
+    }
+    if (this.redundantDirectory) {
+      for (const t of changed) this.#noteRedundantStale(t, this.#redundantDirectoryStale);
+    }
+  }
+
+  // Stale redundant tables stay cached: past a bound they are written without waiting for a flush.
+  #noteRedundantStale(t: number, stale: Set<number>): void {
+    stale.add(t);
+    if (stale.size > redundant_stale_max) this.#redundantWriter.run().catch(() => {});
+  }
+
+  /**
+   * Brings the redundant side up to the primary one. Only entries already
+   * in the primary side are copied, so a crash at any point leaves the
+   * redundant side equal to the primary one or behind it: one-sided
+   * entries, which `check` accepts and recovery repairs.
+   */
+  async #writeRedundant(): Promise<void> {
+    const tables = [...this.#redundantStale];
+    const entries = [...this.#redundantDirectoryStale];
+    this.#redundantStale.clear();
+    this.#redundantDirectoryStale.clear();
+    const header = this.layout.header;
+    try {
+      await Promise.all([
+        ...tables.map((t) =>
+          this.file.write(
+            this.redundantDirectory![t] * SECTOR_BYTES,
+            u32TableBytes(this.#tables.get(t)!),
+          )
+        ),
+        ...entries.map((t) =>
+          this.#writeU32(header.redundantDirectoryOffsetSectors, t, this.redundantDirectory![t])
+        ),
+      ]);
+    } catch (error) {
+      for (const t of tables) this.#redundantStale.add(t);
+      for (const t of entries) this.#redundantDirectoryStale.add(t);
       throw error;
     }
   }
 
-  // Writes table images and directory entries of one side, then fdatasync.
-  async #writeMetadata(
-    tables: [sector: number, image: Uint32Array][],
-    directorySector: number,
-    entries: [t: number, sector: number][],
-  ): Promise<void> {
-    await Promise.all([
-      ...tables.map(([sector, image]) =>
-        this.file.write(sector * SECTOR_BYTES, u32TableBytes(image))
-      ),
-      ...entries.map(([t, sector]) =>
-        this.file.write(directorySector * SECTOR_BYTES + t * 4, u32Bytes(sector))
-      ),
-    ]);
-    await this.file.flush();
+  #writeU32(tableSector: number, index: number, value: number): Promise<void> {
+    return this.file.write(tableSector * SECTOR_BYTES + index * 4, u32Bytes(value));
+  }
+
+  /**
+   * Every answered write has its grain and primary entries in the file:
+   * the redundant side catches up, then everything is made durable.
+   */
+  async flush(): Promise<void> {
+    if (!this.writable) return;
+    if (this.#redundantStale.size > 0 || this.#redundantDirectoryStale.size > 0) {
+      await this.#redundantWriter.run();
+    }
+    await this.#sync.sync();
   }
 }
 

@@ -34,6 +34,7 @@ import {
   refuseDeltaLink,
 } from "./descriptor.ts";
 import { type ExtentRun, pushRun, readSparseHeader, SparseExtent } from "./sparse_extent.ts";
+import { checkSparse, SparseFindings } from "./sparse_check.ts";
 import {
   descriptor_bytes_max,
   hasSparseMagic,
@@ -70,7 +71,9 @@ const UNSUPPORTED_CREATE_TYPES = new Set([
   "sesparse",
 ]);
 
-type OpenFile = (path: string, options: ImageOpenOptions) => Promise<ImageFile>;
+/** Opens the files of a vmdk image (descriptor, extents). */
+export type OpenVmdkFile = (path: string, options: ImageOpenOptions) => Promise<ImageFile>;
+type OpenFile = OpenVmdkFile;
 
 /** Decodes descriptor bytes as latin1 text, stopping at the first NUL. */
 export function descriptorText(bytes: Uint8Array): string {
@@ -88,6 +91,8 @@ export class VmdkDriver extends BlockDriverBase {
   readonly descriptor?: Descriptor;
   readonly #extents: ServedExtent[];
   readonly #files: ImageFile[];
+  /** What the open recovered in extents whose last writer died. */
+  readonly recovered: string[] = [];
 
   constructor(
     path: string,
@@ -211,11 +216,18 @@ export class VmdkDriver extends BlockDriverBase {
     return extents;
   }
 
-  /** Flushes (grain table entries live in memory until then) and closes the files. */
+  /**
+   * Makes everything durable, cuts reserved space and marks the extents
+   * cleanly closed, then closes the files.
+   */
   async close(): Promise<void> {
     try {
       await this._flush();
-      for (const extent of this.sparseExtents) await extent.trimReserve();
+      for (const extent of this.sparseExtents) {
+        if (!extent.writable) continue;
+        await extent.trimReserve();
+        await extent.markOpen(false);
+      }
     } finally {
       for (const file of this.#files) await file.close();
     }
@@ -263,6 +275,28 @@ interface Assembly {
   options: ImageOpenOptions;
   openFile: OpenFile;
   files: ImageFile[];
+  /** What recovery did in extents whose last writer died. */
+  recovered: string[];
+}
+
+/**
+ * Before a sparse extent is written: when its last writer died (the
+ * header's `uncleanShutdown`), the redundant side is made to match and
+ * what that writer allocated and never linked is reclaimed, durably. (The
+ * extent marks itself open before its first allocation.)
+ */
+async function openForWriting(extent: SparseExtent, recovered: string[]): Promise<void> {
+  if (!extent.uncleanShutdown) return;
+  const findings = new SparseFindings();
+  await checkSparse(extent, findings, true);
+  if (findings.corruptions.length === 0) await extent.markOpen(false);
+  else await extent.flush();
+  extent.restartSpace();
+  recovered.push(
+    ...findings.repaired,
+    `${extent.file.path}: recovered after an unclean shutdown` +
+      (findings.corruptions.length > 0 ? ` (not cleared: ${findings.corruptions[0]})` : ""),
+  );
 }
 
 async function openSparseFile(a: Assembly, file: ImageFile): Promise<VmdkDriver> {
@@ -286,6 +320,7 @@ async function openSparseFile(a: Assembly, file: ImageFile): Promise<VmdkDriver>
     refuseDeltaLink(descriptor, a.path);
   }
   const sparse = await SparseExtent.open(file);
+  if (!a.options.readOnly && sparse.writable) await openForWriting(sparse, a.recovered);
   if (!a.options.readOnly && !sparse.writable) {
     throw new BlockError(
       "EPERM",
@@ -340,6 +375,7 @@ async function openDescribed(a: Assembly, descriptor: Descriptor): Promise<VmdkD
           throw new DescriptorError(`${extentPath}: SPARSE extent is not a KDMV sparse file`);
         }
         extent.sparse = await SparseExtent.open(file, sizeBytes);
+        if (!readOnly && extent.sparse.writable) await openForWriting(extent.sparse, a.recovered);
         if (!readOnly && !extent.sparse.writable) {
           throw new BlockError("EPERM", `${extentPath}: read-only sparse extent; open read-only`);
         }
@@ -387,19 +423,25 @@ export async function openVmdk(
   options: ImageOpenOptions = {},
   openFile: OpenFile = openImageFile,
 ): Promise<VmdkDriver> {
-  const assembly: Assembly = { path, options, openFile, files: [] };
+  const assembly: Assembly = { path, options, openFile, files: [], recovered: [] };
   try {
     const file = await openFile(path, options);
     assembly.files.push(file);
     const head = await readHead(file, 64);
     if (head.byteLength < 4) throw new HeaderError("file is too small for a vmdk image");
-    if (hasSparseMagic(head)) return await openSparseFile(assembly, file);
-    if (!looksLikeDescriptor(head)) throw new HeaderError("not a vmdk image");
-    const descriptor = await readDescriptorAt(file, 0, file.lengthBytes());
-    // The descriptor file itself holds no data: release it now.
-    assembly.files.splice(assembly.files.indexOf(file), 1);
-    await file.close();
-    return await openDescribed(assembly, descriptor);
+    let driver: VmdkDriver;
+    if (hasSparseMagic(head)) {
+      driver = await openSparseFile(assembly, file);
+    } else {
+      if (!looksLikeDescriptor(head)) throw new HeaderError("not a vmdk image");
+      const descriptor = await readDescriptorAt(file, 0, file.lengthBytes());
+      // The descriptor file itself holds no data: release it now.
+      assembly.files.splice(assembly.files.indexOf(file), 1);
+      await file.close();
+      driver = await openDescribed(assembly, descriptor);
+    }
+    driver.recovered.push(...assembly.recovered);
+    return driver;
   } catch (error) {
     for (const file of assembly.files) await file.close().catch(() => {});
     throw describeError(path, error);

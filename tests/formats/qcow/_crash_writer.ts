@@ -1,19 +1,17 @@
 /**
- * Writer process for the SIGKILL crash test: opens a qcow image, then
- * writes seeded batches (see `crashBatch`), flushing after each and
- * appending the batch number to a log once the flush returned. The test
- * kills it at a random moment and replays the batches from the seed.
+ * Writer process of the qcow SIGKILL loop: opens a qcow image read-write
+ * (a restarted disk process does the same, reclaiming what a killed one
+ * left), then writes seeded batches and logs every answered write
+ * (tests/_helpers/acked_writes.ts). The test kills it at a random moment.
  *
- * usage: _crash_writer.ts IMAGE LOG SEED DISK_BYTES
+ * usage: _crash_writer.ts IMAGE LOG SEED
  */
 import { QcowDriver } from "../../../src/formats/qcow/qcow.ts";
 import { RawDriver } from "../../../src/formats/raw/raw.ts";
 import { openImageFile } from "../../../src/formats/raw/open_file.ts";
-import { Random } from "../../_helpers/random.ts";
-import { crashBatch } from "./_util.ts";
+import { writeLoggedBatches } from "../../_helpers/acked_writes.ts";
 
-const [image, log, seedText, diskText] = Deno.args;
-const rng = new Random(Number(seedText));
+const [image, log, seedText] = Deno.args;
 // Only the drivers it needs: a short start keeps the kill loop fast.
 const folder = image.slice(0, image.lastIndexOf("/"));
 const disk = await QcowDriver.open(image, {}, {
@@ -22,10 +20,4 @@ const disk = await QcowDriver.open(image, {}, {
     new RawDriver("aio", await openImageFile(`${folder}/${name}`, { readOnly: true })),
 });
 const append = (line: string) => Deno.writeTextFileSync(log, `${line}\n`, { append: true });
-append("ready");
-for (let batch = 0;; batch += 1) {
-  const writes = crashBatch(rng, Number(diskText));
-  await Promise.all(writes.map(([offset, data]) => disk.write(offset, data)));
-  await disk.flush();
-  append(String(batch));
-}
+await writeLoggedBatches(disk, Number(seedText), append, 4);

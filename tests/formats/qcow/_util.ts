@@ -6,6 +6,9 @@ import assert from "node:assert/strict";
 import type { BlockDriver } from "../../../src/formats/driver.ts";
 import { hasTool, run, runOk } from "../../_helpers/tools.ts";
 import type { Random } from "../../_helpers/random.ts";
+import { randomWrite } from "../../_helpers/acked_writes.ts";
+
+export { randomWrite, writeData } from "../../_helpers/acked_writes.ts";
 
 export const hasQemu = hasTool("qemu-img") && hasTool("qemu-io");
 export const noQemu = !hasQemu;
@@ -18,24 +21,6 @@ export async function inTempDir(fn: (dir: string) => Promise<void>): Promise<voi
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
-}
-
-/** A random write: sizes from 1 byte to 200 KiB, aligned or not, often straddling clusters. */
-export function randomWrite(rng: Random, diskBytes: number): [number, number] {
-  const kind = rng.next();
-  let length: number;
-  let offset: number;
-  if (kind < 0.3) {
-    length = rng.int(1, 16) * 4096;
-    offset = rng.int(0, Math.floor((diskBytes - length) / 4096)) * 4096;
-  } else if (kind < 0.5) {
-    length = rng.int(1, 16) * 512;
-    offset = rng.int(0, Math.floor((diskBytes - length) / 512)) * 512;
-  } else {
-    length = rng.int(1, rng.pick([100, 700, 5000, 70_000, 200_000]));
-    offset = rng.int(0, diskBytes - length);
-  }
-  return [offset, length];
 }
 
 /** `count` random writes of random bytes, one after another, through `driver` and into `model`. */
@@ -51,11 +36,6 @@ export async function writeRandomly(
     model.set(data, offset);
     await driver.write(offset, data);
   }
-}
-
-/** Fill for a write: mostly random bytes, sometimes zeros (tests zero elision). */
-export function writeData(rng: Random, length: number): Uint8Array {
-  return rng.next() < 0.15 ? new Uint8Array(length) : rng.bytes(length);
 }
 
 /** Reads the whole disk. */
@@ -145,35 +125,4 @@ export function firstDifference(a: Uint8Array, b: Uint8Array): number {
   const n = Math.min(a.byteLength, b.byteLength);
   for (let i = 0; i < n; i += 1) if (a[i] !== b[i]) return i;
   return a.byteLength === b.byteLength ? -1 : n;
-}
-
-/**
- * One batch of the crash tests: up to 8 writes with disjoint ranges, issued
- * together. Deterministic in `rng`, so a verifier can replay what a writer did.
- */
-export function crashBatch(rng: Random, diskBytes: number): [number, Uint8Array][] {
-  const count = rng.int(1, 8);
-  const writes: [number, Uint8Array][] = [];
-  for (let i = 0; i < count; i += 1) {
-    let [offset, length] = randomWrite(rng, diskBytes);
-    while (writes.some(([o, d]) => offset < o + d.byteLength && o < offset + length)) {
-      [offset, length] = randomWrite(rng, diskBytes);
-    }
-    writes.push([offset, writeData(rng, length)]);
-  }
-  return writes;
-}
-
-/** Bytes that must read back: equal to `stable` wherever `ambiguous` is 0. */
-export function assertDurable(
-  got: Uint8Array,
-  stable: Uint8Array,
-  ambiguous: Uint8Array,
-  what: string,
-): void {
-  for (let i = 0; i < stable.byteLength; i += 1) {
-    if (ambiguous[i] === 0 && got[i] !== stable[i]) {
-      assert.fail(`${what}: byte ${i} is ${got[i]}, expected ${stable[i]} (flushed)`);
-    }
-  }
 }

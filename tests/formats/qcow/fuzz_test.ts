@@ -3,20 +3,26 @@
  * L2 entries, truncations, wild offsets, huge sizes, cluster_bits out of
  * range, backing loops). Open, read, block status and check must end in a
  * result or an error naming the problem — never another exception, never a
- * hang — and never write to the input. Most iterations run in process; a
- * few hundred go through the CLI for exit codes.
+ * hang (each case has a watchdog) — and never write to the input (checked
+ * after every case). Most iterations run in process; a few hundred go
+ * through the CLI for exit codes.
  */
 import assert from "node:assert/strict";
+import { Buffer } from "node:buffer";
 import { openImage } from "../../../src/formats/open_image.ts";
 import { createQcow } from "../../../src/formats/qcow/create.ts";
 import { checkQcow } from "../../../src/formats/qcow/check.ts";
 import { type Random, testSeed } from "../../_helpers/random.ts";
 import { blktap, run, runOk } from "../../_helpers/tools.ts";
+import { withWatchdog } from "../../_helpers/watchdog.ts";
 import { hasQemu, inTempDir } from "./_util.ts";
 
 const in_process_iterations = 10_000;
 const cli_iterations = 240;
 const cli_parallel = 4;
+/** A case taking longer hangs (most take a few milliseconds). */
+const case_ms_max = 20_000;
+const cli_case_ms_max = 60_000;
 
 interface Base {
   name: string;
@@ -179,8 +185,9 @@ Deno.test("qcow fuzz: 10000 mutated images in process", async () => {
       const base = bases[i % bases.length];
       const bytes = mutate(rng, base, "fuzz.qcow");
       await Deno.writeFile(path, bytes);
-      await exercise(path, rng, `iteration ${i} (${base.name})`);
-      if (i % 250 === 0) assert.deepEqual(await Deno.readFile(path), bytes, "input unchanged");
+      const what = `iteration ${i} (${base.name})`;
+      await withWatchdog(exercise(path, rng, what), case_ms_max, what);
+      assert.equal(Buffer.compare(await Deno.readFile(path), bytes), 0, `${what}: input changed`);
     }
     console.log(`${in_process_iterations} mutated images from ${bases.length} bases`);
   });
@@ -201,7 +208,7 @@ Deno.test("qcow fuzz: mutated images through the CLI give exit codes and message
         const command = i % 2 === 0
           ? ["check", path]
           : ["qcow2raw", "--force", `${dir}/out${w}.raw`, path];
-        const result = await blktap(command);
+        const result = await withWatchdog(blktap(command), cli_case_ms_max, command.join(" "));
         const key = `${command[0]}=${result.code}`;
         codes.set(key, (codes.get(key) ?? 0) + 1);
         const allowed = command[0] === "check" ? [0, 1, 2] : [0, 1];

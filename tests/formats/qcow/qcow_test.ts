@@ -16,7 +16,6 @@ import { blktap, runOk } from "../../_helpers/tools.ts";
 import {
   assertQemuSees,
   firstDifference,
-  hasQemu,
   inTempDir,
   noQemu,
   ourDataRanges,
@@ -65,7 +64,29 @@ Deno.test("qcow header: encode/decode round trip and validation", () => {
   const value = (1n << 63n) | (BigInt(size) << 51n) | BigInt(offset);
   const e = decodeEntry(Number(value >> 32n), Number(value & 0xffffffffn), 12);
   assert.deepEqual(e, { offsetBytes: offset, compressed: true, compressedBytes: size });
-  assert.equal(l1Checksum(new Uint8Array(8)) >>> 0, l1Checksum(new Uint8Array(8)));
+});
+
+Deno.test("qcow: blktap's L1 checksum is the 2006 tapdisk's gen_cksum (MD5, first four bytes as an x86 u32)", async () => {
+  // Known MD5 digests: of 8 zero bytes 7dea362b..., of 32 zero bytes 70bc8f4b...
+  assert.equal(l1Checksum(new Uint8Array(8)), 0x2b36ea7d);
+  assert.equal(l1Checksum(new Uint8Array(32)), 0x4b8fbc70);
+  // An image we create and write: the stored checksum is md5sum's digest of its L1 table.
+  await inTempDir(async (dir) => {
+    const image = `${dir}/c.qcow`;
+    await createQcow(image, { sizeBytes: 64 << 20 });
+    const driver = await openImage(image);
+    await driver.write(5 << 20, new Uint8Array(4096).fill(1));
+    await driver.write(40 << 20, new Uint8Array(4096).fill(2));
+    await driver.close();
+    const bytes = await Deno.readFile(image);
+    const l1Bytes = bytes.subarray(4096, 4096 + 32 * 8);
+    assert.ok(l1Bytes.some((b) => b !== 0), "the L1 table has entries");
+    await Deno.writeFile(`${dir}/l1.bin`, l1Bytes);
+    const digest = (await runOk("md5sum", [`${dir}/l1.bin`])).slice(0, 8);
+    const littleEndian = digest.match(/../g)!.reverse().join("");
+    const stored = new DataView(bytes.buffer).getUint32(52);
+    assert.equal(stored.toString(16).padStart(8, "0"), littleEndian);
+  });
 });
 
 /** Random writes through our driver against a model; QEMU must agree. */
@@ -75,6 +96,7 @@ async function randomWritesAgainstModel(
   model: Uint8Array,
   name: string,
   writes: number,
+  withQemu: boolean,
 ) {
   const rng = testSeed(name);
   const driver = await openImage(image);
@@ -106,7 +128,7 @@ async function randomWritesAgainstModel(
     }
     const got = await readAll(driver);
     assert.equal(firstDifference(got, model), -1, "driver reads back the model");
-    if (hasQemu) {
+    if (withQemu) {
       await driver.flush();
       assert.deepEqual(await ourDataRanges(driver), await qemuDataRanges(image));
     }
@@ -115,18 +137,27 @@ async function randomWritesAgainstModel(
   }
   const report = await checkQcow(image, { repair: false });
   assert.deepEqual(report.corruptions, []);
-  if (hasQemu) await assertQemuSees(dir, image, model);
+  if (withQemu) await assertQemuSees(dir, image, model);
 }
 
-Deno.test("qcow: 2000 random writes (blktap layout, 4 KiB clusters) match a model and QEMU", async () => {
-  await inTempDir(async (dir) => {
-    const image = `${dir}/a.qcow`;
-    await createQcow(image, { sizeBytes: disk_bytes });
-    await randomWritesAgainstModel(dir, image, new Uint8Array(disk_bytes), "qcow-standalone", 2000);
-    const info = await qcowInfo(image);
-    assert.equal(info.details?.l1_checksum_valid, true);
+for (const withQemu of [false, true]) {
+  Deno.test({
+    name: `qcow: 2000 random writes (blktap layout, 4 KiB clusters) match a model${
+      withQemu ? "; QEMU reads and maps the same" : ""
+    }`,
+    ignore: withQemu && noQemu,
+    fn: async () => {
+      await inTempDir(async (dir) => {
+        const image = `${dir}/a.qcow`;
+        await createQcow(image, { sizeBytes: disk_bytes });
+        const model = new Uint8Array(disk_bytes);
+        await randomWritesAgainstModel(dir, image, model, "qcow-standalone", 2000, withQemu);
+        const info = await qcowInfo(image);
+        assert.equal(info.details?.l1_checksum_valid, true);
+      });
+    },
   });
-});
+}
 
 Deno.test({
   name: "qcow: 2000 random writes over a raw backing file (512-byte clusters, COW)",
@@ -140,7 +171,7 @@ Deno.test({
       await Deno.writeFile(`${dir}/base.raw`, base);
       const image = `${dir}/overlay.qcow`;
       await createQcow(image, { sizeBytes: disk_bytes, backingName: "base.raw" });
-      await randomWritesAgainstModel(dir, image, base.slice(), "qcow-backed", 2000);
+      await randomWritesAgainstModel(dir, image, base.slice(), "qcow-backed", 2000, true);
       assert.deepEqual(await Deno.readFile(`${dir}/base.raw`), base, "backing file untouched");
     });
   },
@@ -156,7 +187,7 @@ Deno.test({
       await runOk("qemu-io", ["-c", "write -P 0x5a 1M 3M", image]);
       const model = new Uint8Array(disk_bytes);
       model.fill(0x5a, 1 << 20, 4 << 20);
-      await randomWritesAgainstModel(dir, image, model, "qcow-qemu-made", 1000);
+      await randomWritesAgainstModel(dir, image, model, "qcow-qemu-made", 1000, true);
     });
   },
 });
@@ -263,7 +294,7 @@ Deno.test("qcow: zero writes to unallocated clusters are not allocated; backing 
   });
 });
 
-Deno.test("qcow: the L2 cache stays bounded and write-back survives eviction", async () => {
+Deno.test("qcow: the L2 cache stays bounded; entries written through survive eviction", async () => {
   const saved = QcowDriver.l2CacheBytesMax;
   QcowDriver.l2CacheBytesMax = 16 * 4096; // 16 tables: 32 MiB of guest space
   try {
@@ -368,23 +399,31 @@ Deno.test("qcow: legacy blktap images (Xen header without flag 0x02: little-endi
   });
 });
 
-Deno.test("qcow: a backing file shorter than the overlay reads as zeros past its end", async () => {
-  await inTempDir(async (dir) => {
-    await Deno.writeFile(`${dir}/short.raw`, new Uint8Array(1 << 20).fill(0xee));
-    const image = `${dir}/long.qcow`;
-    await createQcow(image, { sizeBytes: 3 << 20, backingName: "short.raw" });
-    const driver = await openImage(image);
-    await driver.write((1 << 20) - 100, new Uint8Array(300).fill(1));
-    const got = new Uint8Array(3 << 20);
-    await driver.read(0, got);
-    await driver.close();
-    const want = new Uint8Array(3 << 20);
-    want.fill(0xee, 0, 1 << 20);
-    want.fill(1, (1 << 20) - 100, (1 << 20) + 200);
-    assert.equal(firstDifference(got, want), -1);
-    if (hasQemu) await assertQemuSees(dir, image, want);
+for (const withQemu of [false, true]) {
+  Deno.test({
+    name: `qcow: a backing file shorter than the overlay reads as zeros past its end${
+      withQemu ? " (QEMU agrees)" : ""
+    }`,
+    ignore: withQemu && noQemu,
+    fn: async () => {
+      await inTempDir(async (dir) => {
+        await Deno.writeFile(`${dir}/short.raw`, new Uint8Array(1 << 20).fill(0xee));
+        const image = `${dir}/long.qcow`;
+        await createQcow(image, { sizeBytes: 3 << 20, backingName: "short.raw" });
+        const driver = await openImage(image);
+        await driver.write((1 << 20) - 100, new Uint8Array(300).fill(1));
+        const got = new Uint8Array(3 << 20);
+        await driver.read(0, got);
+        await driver.close();
+        const want = new Uint8Array(3 << 20);
+        want.fill(0xee, 0, 1 << 20);
+        want.fill(1, (1 << 20) - 100, (1 << 20) + 200);
+        assert.equal(firstDifference(got, want), -1);
+        if (withQemu) await assertQemuSees(dir, image, want);
+      });
+    },
   });
-});
+}
 
 Deno.test({
   name: "qcow check --repair: restores a stale Xen checksum only when the extents are verified",
@@ -469,25 +508,72 @@ Deno.test("qcow: blktap layout allocates a whole 2 MiB extent per L2 table, cont
   await inTempDir(async (dir) => {
     const image = `${dir}/x.qcow`;
     await createQcow(image, { sizeBytes: 16 << 20 });
-    const driver = await openImage(image) as QcowDriver;
+    let driver = await openImage(image) as QcowDriver;
     assert.equal(driver.extentMode, true);
     await driver.write(5 << 20, new Uint8Array(4096).fill(1));
-    await driver.flush();
+    await driver.close();
     const lengthAfterFirst = (await Deno.stat(image)).size;
     // Table page + 512 clusters right behind it, at the end of the file.
     assert.equal(lengthAfterFirst, 8192 + 4096 + (2 << 20));
-    // The rest of that extent needs no new space and no metadata.
+    // The rest of that extent needs no new space, no metadata and no fdatasync.
+    driver = await openImage(image) as QcowDriver;
+    const syncs = driver.syncs;
     for (let i = 0; i < 512; i += 37) {
       await driver.write((4 << 20) + i * 4096, new Uint8Array(4096).fill(2));
     }
-    await driver.flush();
-    assert.equal((await Deno.stat(image)).size, lengthAfterFirst);
+    assert.equal(driver.syncs, syncs, "writes into an extent need no barrier");
     assert.deepEqual(await driver.blockStatus(0, 16 << 20), [
       { offsetBytes: 0, lengthBytes: 4 << 20, hole: true, zero: true },
       { offsetBytes: 4 << 20, lengthBytes: 2 << 20, hole: false, zero: false },
       { offsetBytes: 6 << 20, lengthBytes: 10 << 20, hole: true, zero: true },
     ]);
     await driver.close();
+    assert.equal((await Deno.stat(image)).size, lengthAfterFirst);
     assert.ok(((await Deno.stat(image)).blocks ?? 0) * 512 < 200_000, "unwritten slots stay holes");
   });
+});
+
+/** An image whose size field is 1000001 bytes: not a whole number of sectors. */
+async function oddSizedImage(dir: string): Promise<string> {
+  const image = `${dir}/odd.qcow`;
+  await createQcow(image, { sizeBytes: 1_000_001 });
+  const driver = await openImage(image);
+  await driver.write(999_936 - 4096, new Uint8Array(4096).fill(9));
+  await driver.close();
+  return image;
+}
+
+Deno.test("qcow: a size that is not a whole number of sectors is served rounded down (driver, info, map)", async () => {
+  await inTempDir(async (dir) => {
+    const image = await oddSizedImage(dir);
+    const driver = await openImage(image, { readOnly: true });
+    assert.equal(driver.sizeBytes, 999_936, "QEMU serves size / 512 sectors");
+    await driver.close();
+    const info = JSON.parse((await blktap(["info", "--json", image])).stdout);
+    assert.equal(info.virtualSizeBytes, 999_936);
+    const map = JSON.parse((await blktap(["map", "--json", image])).stdout) as {
+      start: number;
+      length: number;
+    }[];
+    const last = map[map.length - 1];
+    assert.equal(last.start + last.length, 999_936);
+  });
+});
+
+Deno.test({
+  name: "qcow: a size that is not a whole number of sectors: info and map agree with QEMU's",
+  ignore: noQemu,
+  fn: async () => {
+    await inTempDir(async (dir) => {
+      const image = await oddSizedImage(dir);
+      const theirs = JSON.parse(await runOk("qemu-img", ["info", "--output=json", image]));
+      const ours = JSON.parse((await blktap(["info", "--json", image])).stdout);
+      assert.equal(ours.virtualSizeBytes, theirs["virtual-size"]);
+      const qemuMap = JSON.parse(await runOk("qemu-img", ["map", "--output=json", image]));
+      assert.deepEqual(JSON.parse((await blktap(["map", "--json", image])).stdout), qemuMap);
+      const driver = await openImage(image, { readOnly: true });
+      await assertQemuSees(dir, image, await readAll(driver));
+      await driver.close();
+    });
+  },
 });

@@ -1,7 +1,6 @@
 /**
  * Helpers shared by the vhd tests: peers (QEMU, libvhdi's vhdiinfo and
- * vhdimount), seeded writes that straddle sectors and blocks, and a model
- * that knows which bytes a crash may leave either way.
+ * vhdimount) and seeded writes that straddle sectors and blocks.
  * @module
  */
 import assert from "node:assert/strict";
@@ -123,30 +122,6 @@ export async function assertQemuReads(dir: string, image: string, expected: Uint
     assert.equal(result.code, 0, `qemu-img compare: ${result.stdout}${result.stderr}`);
   } finally {
     await Deno.remove(raw);
-  }
-}
-
-/**
- * Writes since the last completed flush, for crash verification: a byte
- * must read as its flushed value or as what one of these wrote there.
- */
-export interface Unflushed {
-  stable: Uint8Array;
-  writes: [number, Uint8Array][];
-}
-
-/** Asserts `got` holds only flushed or unflushed-written bytes, flushed ones where nothing was written since. */
-export function assertCrashConsistent(got: Uint8Array, state: Unflushed, what: string): void {
-  for (let i = 0; i < got.byteLength; i += 1) {
-    if (got[i] === state.stable[i]) continue;
-    const explained = state.writes.some(([offset, data]) =>
-      i >= offset && i < offset + data.byteLength && data[i - offset] === got[i]
-    );
-    if (!explained) {
-      assert.fail(
-        `${what}: byte ${i} is ${got[i]}: neither flushed (${state.stable[i]}) nor written since`,
-      );
-    }
   }
 }
 

@@ -1,25 +1,27 @@
 /**
- * Child process of the crash test: opens a vmdk, prints READY, then runs
- * seeded batches of concurrent writes, flushing after every third batch and
- * printing `F n` once batches `< n` are durable. The parent kills it with
- * SIGKILL at a random moment. Usage: _crash_writer.ts IMAGE SEED
+ * Writer process of the vmdk SIGKILL test: opens a vmdk read-write (a
+ * restarted disk process does the same, recovering what a killed one
+ * left), then writes seeded batches, flushing after every third, and logs
+ * every answered write (tests/_helpers/acked_writes.ts). The parent kills
+ * it at a random moment. Usage: _crash_writer.ts IMAGE LOG SEED
  */
 import { openVmdk } from "../../../src/formats/vmdk/vmdk.ts";
-import { crash_batches_max, crash_batches_per_flush, crashBatch } from "./_crash_plan.ts";
-import { Random } from "../../_helpers/random.ts";
+import { writeLoggedBatches } from "../../_helpers/acked_writes.ts";
 
-const [path, seedText] = Deno.args;
-const driver = await openVmdk(path);
-const rng = new Random(Number(seedText));
-const encoder = new TextEncoder();
-Deno.stdout.writeSync(encoder.encode("READY\n"));
-for (let b = 0; b < crash_batches_max; b += 1) {
-  const batch = crashBatch(rng, driver.sizeBytes);
-  await Promise.all(batch.map((w) => driver.write(w.offset, w.data)));
-  if ((b + 1) % crash_batches_per_flush === 0) {
-    await driver.flush();
-    Deno.stdout.writeSync(encoder.encode(`F ${b + 1}\n`));
-  }
+export const crash_batches_per_flush = 3;
+const crash_batches_max = 600;
+
+if (import.meta.main) {
+  const [path, log, seedText] = Deno.args;
+  const driver = await openVmdk(path);
+  const append = (line: string) => Deno.writeTextFileSync(log, `${line}\n`, { append: true });
+  await writeLoggedBatches(
+    driver,
+    Number(seedText),
+    append,
+    crash_batches_per_flush,
+    crash_batches_max,
+  );
+  await driver.close();
+  append("done");
 }
-await driver.close();
-Deno.stdout.writeSync(encoder.encode("DONE\n"));
