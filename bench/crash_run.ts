@@ -11,6 +11,7 @@ import { parseArgs } from "node:util";
 import { type CrashFormat, simulateCrashes } from "../tests/_helpers/crash_sim.ts";
 import { QCOW_BACKED, QCOW_BLKTAP, QCOW_QEMU } from "../tests/formats/qcow/_crash_format.ts";
 import { VMDK_ON_DEMAND, VMDK_PREALLOCATED } from "../tests/formats/vmdk/_crash_format.ts";
+import { VHD_LAYOUTS } from "../tests/formats/vhd/_crash_format.ts";
 
 const LAYOUTS: Record<string, CrashFormat> = {
   "qcow-blktap": QCOW_BLKTAP,
@@ -18,6 +19,7 @@ const LAYOUTS: Record<string, CrashFormat> = {
   "qcow-qemu": QCOW_QEMU,
   "vmdk-preallocated": VMDK_PREALLOCATED,
   "vmdk-on-demand": VMDK_ON_DEMAND,
+  ...VHD_LAYOUTS,
 };
 
 const { values } = parseArgs({

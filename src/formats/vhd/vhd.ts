@@ -11,10 +11,10 @@
  * written, and a block is allocated in barrier-separated groups:
  *   1. the footer at the new end of the file (its moved copy), barrier —
  *      the file's last 512 bytes are a valid footer at every instant;
- *   2. dynamic: data, bitmap (all sectors present) and BAT entry together —
- *      whichever of them a crash keeps, the block reads as written or as
- *      zeros, which is what it held (whatever bits the bitmap's place held
- *      before, they only choose between zeros and zeros);
+ *   2. dynamic: data and bitmap (all sectors present), barrier, BAT entry —
+ *      the BAT never names a bitmap place still holding the old footer's
+ *      bytes: readers that follow the bitmap (Xen, libvhdi, us) and QEMU,
+ *      which ignores it, read every crash image the same;
  *      differencing: data, barrier, bitmap, barrier, BAT entry — a set bit
  *      never shows bytes that were not written, and the BAT never names a
  *      bitmap place still holding the old footer's bytes.
@@ -365,12 +365,10 @@ export class DynamicVhdDriver extends BlockDriverBase {
     const bits = new Uint8Array(this.#bitmapBytes);
     if (!this.#parent) {
       bits.fill(0xff);
+      await Promise.all([this.#file.write(dataAt + inBlock, data), this.#file.write(start, bits)]);
+      await this.#order();
       this.#batStaged[block] = entry;
-      await Promise.all([
-        this.#file.write(dataAt + inBlock, data),
-        this.#file.write(start, bits),
-        this.#writeBatEntry(block),
-      ]);
+      await this.#writeBatEntry(block);
       this.#state[block] = STATE_FULL;
     } else {
       const [first, end] = await this.#writeUnits(dataAt, block, inBlock, data, () => false);
