@@ -10,7 +10,7 @@
  * @module
  */
 import type { BlockDriver } from "../formats/driver.ts";
-import { isZeroBytes } from "../formats/qcow/zero.ts";
+import { isZeroBytes } from "../formats/zero_bytes.ts";
 import { NativeMemory } from "../../ffi/memory.ts";
 import type { Progress } from "./progress.ts";
 

@@ -52,11 +52,20 @@ import {
   type QcowGeometry,
   XEN_FLAG_DIRTY,
 } from "./header.ts";
-import { L2Cache, L2Table } from "./l2_cache.ts";
+import { L2Table } from "./l2_cache.ts";
+import { TableCache } from "../table_cache.ts";
 import type { L1Table } from "./l1_table.ts";
-import { inflateCluster } from "./compress.ts";
-import { isZeroBytes } from "./zero.ts";
-import { pushExtent, readBeneath, statusBeneath, zeroBeneath } from "../beneath.ts";
+import { inflateCluster } from "../cluster_compress.ts";
+import {
+  type MapRun,
+  openLayer,
+  pushExtent,
+  pushMapRun,
+  readBeneath,
+  statusBeneath,
+  zeroBeneath,
+} from "../beneath.ts";
+import { isZeroBytes } from "../zero_bytes.ts";
 import { perUnit } from "../per_unit.ts";
 import {
   hasExtentLayout,
@@ -68,14 +77,6 @@ import {
 import { reclaimAtOpen } from "./reclaim.ts";
 
 export { type QcowImage, readQcowImage } from "./qcow_image.ts";
-
-/** One run of {@linkcode QcowDriver.mapRuns}. */
-export interface QcowMapRun {
-  offsetBytes: number;
-  lengthBytes: number;
-  kind: "hole" | "data" | "compressed";
-  hostOffsetBytes?: number;
-}
 
 /** A cluster being allocated by a write: its content and where it goes. */
 interface FreshCluster {
@@ -116,7 +117,7 @@ export class QcowDriver extends BlockDriverBase {
   readonly #image: QcowImage;
   readonly #geo: QcowGeometry;
   readonly #l1: L1Table;
-  readonly #cache: L2Cache;
+  readonly #cache: TableCache<L2Table>;
   /** One allocator per L1 entry: planning an allocation inside an L2 table is serialized. */
   readonly #allocLocks = new RangeLock();
   /** Clusters being allocated (guest cluster number → settles when linked or abandoned). */
@@ -148,7 +149,7 @@ export class QcowDriver extends BlockDriverBase {
     this.#extentMode = hasExtentLayout(image) && parent === undefined;
     this.#extentTablesFrom = image.header.extentTablesFromBytes ?? 0;
     const tablesMax = Math.floor(QcowDriver.l2CacheBytesMax / this.#geo.l2TableBytes);
-    this.#cache = new L2Cache(tablesMax, (i) => this.#loadTable(i));
+    this.#cache = new TableCache<L2Table>(tablesMax, (i) => this.#loadTable(i));
     this.capabilities = imageFormatCapabilities(file.writable);
   }
 
@@ -159,21 +160,16 @@ export class QcowDriver extends BlockDriverBase {
     context: OpenContext,
   ): Promise<QcowDriver> {
     const file = await context.openFile(path, options);
-    let parent: BlockDriver | undefined;
-    try {
+    return await openLayer(file, QcowFormatError, async (adopt) => {
       const image = await readQcowImage(file);
       if (image.l1.whole) await _checkL1(file, image);
-      if (image.backingName !== undefined) {
-        parent = await context.openBacking(image.backingName, path);
-      }
+      const name = image.backingName;
+      const parent = name === undefined
+        ? undefined
+        : await adopt(() => context.openBacking(name, path));
       if (file.writable) await _openForWriting(file, image);
       return new QcowDriver(file, image, parent);
-    } catch (error) {
-      await parent?.close();
-      await file.close();
-      if (error instanceof QcowFormatError) throw new BlockError("EINVAL", error.message);
-      throw error;
-    }
+    });
   }
 
   get path(): string {
@@ -254,7 +250,7 @@ export class QcowDriver extends BlockDriverBase {
     table.markAllDirty(); // written whole: nothing relies on what the space held
     table.unlinked = true;
     table.pins += 1;
-    this.#cache.insert(table);
+    await this.#cache.insert(table);
     await this.#l1.stage(l1Index, offset);
     return table;
   }
@@ -300,18 +296,12 @@ export class QcowDriver extends BlockDriverBase {
   // ---- read ---------------------------------------------------------------
 
   protected _read(offsetBytes: number, buffer: Uint8Array): Promise<void> {
-    return perUnit(
-      offsetBytes,
-      buffer,
-      this.#geo.l2SpanBytes,
-      (l1, pos, out) => this.#readInTable(l1, pos, out),
-    );
+    const span = this.#geo.l2SpanBytes;
+    return perUnit(offsetBytes, buffer, span, (l1, pos, out) => this.#readInTable(l1, pos, out));
   }
 
   async #readInTable(l1Index: number, offsetBytes: number, out: Uint8Array): Promise<void> {
-    if ((await this.#l1.get(l1Index)) === 0) {
-      return await readBeneath(this.#parent, offsetBytes, out);
-    }
+    if ((await this.#l1.get(l1Index)) === 0) return await this.#readBeneath(offsetBytes, out);
     const table = await this.#table(l1Index);
     const tasks: Promise<void>[] = [];
     try {
@@ -334,7 +324,7 @@ export class QcowDriver extends BlockDriverBase {
       if (runEnd <= runStart) return;
       const slice = out.subarray(runStart - offsetBytes, runEnd - offsetBytes);
       tasks.push(
-        runHost < 0 ? readBeneath(this.#parent, runStart, slice) : this.#file.read(runHost, slice),
+        runHost < 0 ? this.#readBeneath(runStart, slice) : this.#file.read(runHost, slice),
       );
     };
     for (let pos = offsetBytes; pos < end;) {
@@ -368,6 +358,9 @@ export class QcowDriver extends BlockDriverBase {
   }
 
   /** What lies beneath this image at a range: the parent's bytes or zeros. */
+  #readBeneath(offsetBytes: number, out: Uint8Array): Promise<void> {
+    return readBeneath(this.#parent, offsetBytes, [out]);
+  }
 
   async #inflate(hostOffset: number, compressedBytes: number, guest: number): Promise<Uint8Array> {
     if (this.#inflated?.offsetBytes === hostOffset) return this.#inflated.data;
@@ -392,12 +385,8 @@ export class QcowDriver extends BlockDriverBase {
   // ---- write --------------------------------------------------------------
 
   protected _write(offsetBytes: number, data: Uint8Array): Promise<void> {
-    return perUnit(
-      offsetBytes,
-      data,
-      this.#geo.l2SpanBytes,
-      (l1, pos, piece) => this.#writeInTable(l1, pos, piece),
-    );
+    const span = this.#geo.l2SpanBytes;
+    return perUnit(offsetBytes, data, span, (l1, pos, piece) => this.#writeInTable(l1, pos, piece));
   }
 
   async #writeInTable(l1Index: number, offsetBytes: number, data: Uint8Array): Promise<void> {
@@ -597,13 +586,17 @@ export class QcowDriver extends BlockDriverBase {
         bytes.set(await this.#inflate(entry.offsetBytes, entry.compressedBytes, clusterStart));
       } else {
         const visible = Math.min(clusterBytes, this.sizeBytes - clusterStart);
-        await readBeneath(this.#parent, clusterStart, bytes.subarray(0, visible));
+        await this.#readBeneath(clusterStart, bytes.subarray(0, visible));
       }
       bytes.set(slice, pos - clusterStart);
     }
     if (entry.compressed || !isZeroBytes(bytes)) return bytes;
     if (!this.#parent) return undefined;
-    return (await zeroBeneath(this.#parent, clusterStart, clusterBytes)) ? undefined : bytes;
+    return (await this.#zeroBeneath(clusterStart, clusterBytes)) ? undefined : bytes;
+  }
+
+  #zeroBeneath(offsetBytes: number, lengthBytes: number): Promise<boolean> {
+    return zeroBeneath(this.#parent, offsetBytes, lengthBytes);
   }
 
   /** Writes new clusters, one request per run of adjacent host offsets. */
@@ -641,7 +634,7 @@ export class QcowDriver extends BlockDriverBase {
       const l1Index = Math.floor(pos / l2SpanBytes);
       const tableEnd = Math.min(end, (l1Index + 1) * l2SpanBytes);
       if ((await this.#l1.get(l1Index)) === 0) {
-        for (const e of await statusBeneath(this.#parent, pos, tableEnd - pos)) push(e);
+        for (const e of await this.#statusBeneath(pos, tableEnd - pos)) push(e);
         pos = tableEnd;
         continue;
       }
@@ -657,7 +650,7 @@ export class QcowDriver extends BlockDriverBase {
         }
         if (allocated) {
           push({ offsetBytes: pos, lengthBytes: runEnd - pos, hole: false, zero: false });
-        } else for (const e of await statusBeneath(this.#parent, pos, runEnd - pos)) push(e);
+        } else for (const e of await this.#statusBeneath(pos, runEnd - pos)) push(e);
         pos = runEnd;
       }
     }
@@ -669,9 +662,9 @@ export class QcowDriver extends BlockDriverBase {
    * prints them): unallocated runs are holes, plain clusters data at their
    * file offset, compressed clusters data without one.
    */
-  async mapRuns(offsetBytes: number, lengthBytes: number): Promise<QcowMapRun[]> {
+  async mapRuns(offsetBytes: number, lengthBytes: number): Promise<MapRun[]> {
     this.checkRange(offsetBytes, lengthBytes);
-    const runs: QcowMapRun[] = [];
+    const runs: MapRun[] = [];
     const { clusterBytes, l2Entries, l2SpanBytes, clusterBits } = this.#geo;
     const end = offsetBytes + lengthBytes;
     let table: L2Table | undefined;
@@ -685,22 +678,20 @@ export class QcowDriver extends BlockDriverBase {
       const clusterEnd = Math.min(end, pos - (pos % clusterBytes) + clusterBytes);
       const index = Math.floor(pos / clusterBytes) % l2Entries;
       const entry = table ? decodeEntry(table.hi(index), table.lo(index), clusterBits) : undefined;
-      const run: QcowMapRun = { offsetBytes: pos, lengthBytes: clusterEnd - pos, kind: "hole" };
+      const run: MapRun = { offsetBytes: pos, lengthBytes: clusterEnd - pos, kind: "hole" };
       if (entry?.compressed) run.kind = "compressed";
       else if (entry && entry.offsetBytes !== 0) {
         run.kind = "data";
         run.hostOffsetBytes = entry.offsetBytes + (pos % clusterBytes);
       }
-      const last = runs[runs.length - 1];
-      const joins = last && last.kind === run.kind &&
-        (last.hostOffsetBytes === undefined
-          ? run.hostOffsetBytes === undefined
-          : last.hostOffsetBytes + last.lengthBytes === run.hostOffsetBytes);
-      if (joins) last.lengthBytes += run.lengthBytes;
-      else runs.push(run);
+      pushMapRun(runs, run);
       pos = clusterEnd;
     }
     return runs;
+  }
+
+  #statusBeneath(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
+    return statusBeneath(this.#parent, offsetBytes, lengthBytes);
   }
 
   /**

@@ -18,7 +18,7 @@
  */
 import type { CheckOptions, CheckReport } from "../inspect.ts";
 import type { ImageFile } from "../image_file.ts";
-import { openImageFile } from "../raw/open_file.ts";
+import { checkOnFile } from "../beneath.ts";
 import { DISK_DIFFERENCING, DISK_FIXED, VHD_SECTOR_BYTES } from "./footer.ts";
 import { blockRange, layoutProblems, readVhdImage, usedBlocks, type VhdImage } from "./image.ts";
 import { allSet, testBit } from "./bitmap_cache.ts";
@@ -36,18 +36,8 @@ import { parentCandidates } from "./parent.ts";
 const check_messages_max = 100;
 
 /** Checks `path`; writes only with `repair`. */
-export async function checkVhd(path: string, options: CheckOptions): Promise<CheckReport> {
-  let file: ImageFile;
-  try {
-    file = await openImageFile(path, { readOnly: !options.repair, engine: "sync" });
-  } catch (error) {
-    return { corruptions: [], leakedClusters: 0, unusable: (error as Error).message };
-  }
-  try {
-    return await checkVhdFile(file, options);
-  } finally {
-    await file.close();
-  }
+export function checkVhd(path: string, options: CheckOptions): Promise<CheckReport> {
+  return checkOnFile(path, options.repair, (file) => checkVhdFile(file, options));
 }
 
 /** Checks an open file (the crash simulator passes its in-memory images). */

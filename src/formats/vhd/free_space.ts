@@ -12,7 +12,7 @@
  * @module
  */
 import type { ImageFile } from "../image_file.ts";
-import { isZeroBytes } from "../qcow/zero.ts";
+import { isZeroBytes } from "../zero_bytes.ts";
 import { FOOTER_BYTES } from "./footer.ts";
 import { blockRange, metadataRanges, type NamedRange, type VhdImage } from "./image.ts";
 

@@ -42,8 +42,15 @@ import type { ImageFile, ImageOpenOptions } from "../image_file.ts";
 import type { OpenContext } from "../format_entry.ts";
 import { RangeLock } from "../raw/range_lock.ts";
 import { GroupSync } from "../group_commit.ts";
-import { isZeroBytes } from "../qcow/zero.ts";
-import { pushExtent, readBeneath, statusBeneath, zeroBeneath } from "../beneath.ts";
+import { isZeroBytes } from "../zero_bytes.ts";
+import {
+  type MapRun,
+  pushExtent,
+  pushMapRun,
+  readBeneath,
+  statusBeneath,
+  zeroBeneath,
+} from "../beneath.ts";
 import { perUnit } from "../per_unit.ts";
 import { DISK_DIFFERENCING, FOOTER_BYTES, VHD_SECTOR_BYTES, VhdFormatError } from "./footer.ts";
 import { BAT_UNUSED, encodeBatEntries } from "./dynamic_header.ts";
@@ -67,14 +74,6 @@ const bat_sector_max = 0xfffffffe;
 /** Per-block state; 0 (not yet known) until the bitmap is read. */
 const STATE_FULL = 1;
 const STATE_PARTIAL = 2;
-
-/** One run of {@linkcode DynamicVhdDriver.mapRuns}. */
-export interface VhdMapRun {
-  offsetBytes: number;
-  lengthBytes: number;
-  kind: "hole" | "data";
-  hostOffsetBytes?: number;
-}
 
 /** A dynamic or differencing VHD served as a block device. */
 export class DynamicVhdDriver extends BlockDriverBase {
@@ -212,7 +211,7 @@ export class DynamicVhdDriver extends BlockDriverBase {
   }
 
   async #readInBlock(block: number, offsetBytes: number, out: Uint8Array): Promise<void> {
-    if (this.#bat[block] === BAT_UNUSED) return await readBeneath(this.#parent, offsetBytes, out);
+    if (this.#bat[block] === BAT_UNUSED) return await readBeneath(this.#parent, offsetBytes, [out]);
     const inBlock = offsetBytes - block * this.#blockBytes;
     const dataAt = this.#dataOffset(block);
     if (this.#state[block] === STATE_FULL) return await this.#file.read(dataAt + inBlock, out);
@@ -225,7 +224,7 @@ export class DynamicVhdDriver extends BlockDriverBase {
         tasks.push(
           present
             ? this.#file.read(dataAt + start, slice)
-            : readBeneath(this.#parent, guest, slice),
+            : readBeneath(this.#parent, guest, [slice]),
         );
       });
       await Promise.all(tasks);
@@ -446,8 +445,10 @@ export class DynamicVhdDriver extends BlockDriverBase {
     const lo = Math.min(Math.max(from, inBlock), to);
     const hi = Math.max(Math.min(to, inBlock + data.byteLength), lo);
     const reads: Promise<void>[] = [];
-    if (lo > from) reads.push(readBeneath(this.#parent, guest + from, run.subarray(0, lo - from)));
-    if (to > hi) reads.push(readBeneath(this.#parent, guest + hi, run.subarray(hi - from)));
+    if (lo > from) {
+      reads.push(readBeneath(this.#parent, guest + from, [run.subarray(0, lo - from)]));
+    }
+    if (to > hi) reads.push(readBeneath(this.#parent, guest + hi, [run.subarray(hi - from)]));
     await Promise.all(reads);
     if (hi > lo) run.set(data.subarray(lo - inBlock, hi - inBlock), lo - from);
     await this.#file.write(dataAt + from, run);
@@ -588,18 +589,10 @@ export class DynamicVhdDriver extends BlockDriverBase {
    * This layer alone, at bitmap granularity, with host offsets (for `blktap
    * map`): `data` where the sectors are present here, `hole` elsewhere.
    */
-  async mapRuns(offsetBytes: number, lengthBytes: number): Promise<VhdMapRun[]> {
+  async mapRuns(offsetBytes: number, lengthBytes: number): Promise<MapRun[]> {
     this.checkRange(offsetBytes, lengthBytes);
-    const runs: VhdMapRun[] = [];
-    const push = (run: VhdMapRun) => {
-      const last = runs[runs.length - 1];
-      const joins = last && last.kind === run.kind &&
-        (last.hostOffsetBytes === undefined
-          ? run.hostOffsetBytes === undefined
-          : last.hostOffsetBytes + last.lengthBytes === run.hostOffsetBytes);
-      if (joins) last.lengthBytes += run.lengthBytes;
-      else runs.push(run);
-    };
+    const runs: MapRun[] = [];
+    const push = (run: MapRun) => pushMapRun(runs, run);
     const end = offsetBytes + lengthBytes;
     for (let pos = offsetBytes; pos < end;) {
       const block = Math.floor(pos / this.#blockBytes);
@@ -610,7 +603,7 @@ export class DynamicVhdDriver extends BlockDriverBase {
     return runs;
   }
 
-  async #mapBlock(block: number, pos: number, end: number, push: (run: VhdMapRun) => void) {
+  async #mapBlock(block: number, pos: number, end: number, push: (run: MapRun) => void) {
     const base = block * this.#blockBytes;
     if (this.#bat[block] === BAT_UNUSED) {
       return push({ offsetBytes: pos, lengthBytes: end - pos, kind: "hole" });

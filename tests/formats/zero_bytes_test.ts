@@ -5,8 +5,8 @@
  * last bytes included.
  */
 import assert from "node:assert/strict";
-import { isZeroBytes } from "../../../src/formats/qcow/zero.ts";
-import { testSeed } from "../../_helpers/random.ts";
+import { isZeroBytes } from "../../src/formats/zero_bytes.ts";
+import { testSeed } from "../_helpers/random.ts";
 
 Deno.test("isZeroBytes: one non-zero byte anywhere is found, at any length and alignment", () => {
   const rng = testSeed("zero-bytes");
