@@ -262,3 +262,112 @@ Deno.test("convert: SIGTERM while copying removes the output", async () => {
     assert.throws(() => Deno.statSync(`${dir}/out.vhd`), Deno.errors.NotFound);
   });
 });
+
+Deno.test({
+  name:
+    "convert: a QEMU-made qcow2 chain (compressed base, zero clusters over it) to raw, vhd, qcow2",
+  ignore: !hasQemu || !hasTool("qemu-io"),
+  fn: () =>
+    inDir(async (dir) => {
+      const reference = `${dir}/reference.raw`;
+      await makeSource(reference, "convert-qcow2-chain");
+      await runOk("qemu-img", [
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        reference,
+        `${dir}/base.qcow2`,
+      ]);
+      await runOk("qemu-img", [
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        `${dir}/top.qcow2`,
+      ]);
+      await runOk("qemu-io", [
+        "-f",
+        "qcow2",
+        "-c",
+        "write -z 1M 192k",
+        "-c",
+        "write -P 0x33 3M 100k",
+        "-c",
+        "write -z -u 5M 128k",
+        `${dir}/top.qcow2`,
+      ]);
+      for (const to of ["raw", "vhd", "qcow2"]) {
+        const target = `${dir}/flat.${to}`;
+        await convert(["-O", to, `${dir}/top.qcow2`, target]);
+        const qemuTo = QEMU_NAME[to] ?? to;
+        // QEMU reads the chain: the output must hold what it sees, flattened.
+        const compare = await run("qemu-img", [
+          "compare",
+          "-f",
+          "qcow2",
+          "-F",
+          qemuTo,
+          `${dir}/top.qcow2`,
+          target,
+        ]);
+        assert.equal(compare.code, 0, `qcow2 chain -> ${to}: ${compare.stdout}${compare.stderr}`);
+        if (QEMU_CHECKS.has(qemuTo)) await runOk("qemu-img", ["check", "-f", qemuTo, target]);
+      }
+    }),
+});
+
+Deno.test({
+  name: "convert: a differencing vhd (over a dynamic one) to qcow2 and raw holds both layers",
+  ignore: !hasQemu,
+  fn: () =>
+    inDir(async (dir) => {
+      const model = await makeSource(`${dir}/reference.raw`, "convert-vhd-child");
+      await convert(["-f", "raw", "-O", "vhd", `${dir}/reference.raw`, `${dir}/base.vhd`]);
+      const made = await blktap([
+        "create",
+        "-q",
+        "-f",
+        "vhd",
+        "-b",
+        "base.vhd",
+        `${dir}/child.vhd`,
+      ]);
+      assert.equal(made.code, 0, made.stderr);
+      const rng = testSeed("convert-vhd-child-writes");
+      const child = await openImage(`vhd:${dir}/child.vhd`);
+      try {
+        for (let i = 0; i < 30; i += 1) {
+          const length = rng.int(1, 300_000);
+          const offset = rng.int(0, size_bytes - length);
+          const data = rng.next() < 0.2 ? new Uint8Array(length) : rng.bytes(length);
+          await child.write(offset, data);
+          model.set(data, offset);
+        }
+      } finally {
+        await child.close();
+      }
+      await Deno.writeFile(`${dir}/model.raw`, model);
+      for (const to of ["qcow2", "raw"]) {
+        const target = `${dir}/flat.${to}`;
+        await convert(["-O", to, `${dir}/child.vhd`, target]);
+        const compare = await run("qemu-img", [
+          "compare",
+          "-f",
+          "raw",
+          "-F",
+          to,
+          `${dir}/model.raw`,
+          target,
+        ]);
+        assert.equal(compare.code, 0, `vhd child -> ${to}: ${compare.stdout}${compare.stderr}`);
+        if (QEMU_CHECKS.has(to)) await runOk("qemu-img", ["check", "-f", to, target]);
+      }
+    }),
+});
