@@ -10,6 +10,7 @@ import { openImage } from "../../../src/formats/open_image.ts";
 import { createQcow2 } from "../../../src/formats/qcow2/create.ts";
 import { checkQcow2 } from "../../../src/formats/qcow2/check.ts";
 import { Random, testSeed } from "../../_helpers/random.ts";
+import { killWriterAfter } from "../../_helpers/kill_writer.ts";
 import {
   assertQemuClean,
   assertQemuReads,
@@ -23,22 +24,6 @@ const disk_bytes = 16 << 20;
 const kills_max = 50;
 const run_time_ms = 50_000;
 const writer = new URL("./_kill_writer.ts", import.meta.url).pathname;
-
-async function waitForReady(log: string, child: Deno.ChildProcess): Promise<void> {
-  const deadline = Date.now() + 30_000;
-  let exited = false;
-  child.status.then(() => (exited = true));
-  while (Date.now() < deadline && !exited) {
-    try {
-      if ((await Deno.readTextFile(log)).startsWith("ready")) return;
-    } catch {
-      // not created yet
-    }
-    await new Promise((r) => setTimeout(r, 5));
-  }
-  const err = exited ? new TextDecoder().decode((await child.output()).stderr) : "";
-  throw new Error(`kill writer did not start (exited: ${exited}) ${err}`);
-}
 
 Deno.test({
   name: "qcow2 SIGKILL loop: answered writes survive, leaks are reclaimed by the next writer",
@@ -56,22 +41,7 @@ Deno.test({
       for (; kills < kills_max && Date.now() - started < run_time_ms; kills += 1) {
         const seed = rng.int(0, 2 ** 31);
         const log = `${dir}/w${kills}.log`;
-        const child = new Deno.Command(Deno.execPath(), {
-          args: ["run", "--quiet", "-A", writer, image, log, String(seed)],
-          stdout: "null",
-          stderr: "piped",
-        }).spawn();
-        try {
-          await waitForReady(log, child);
-          await new Promise((r) => setTimeout(r, rng.int(5, 250)));
-        } finally {
-          try {
-            child.kill("SIGKILL");
-          } catch {
-            // already gone
-          }
-          await child.output();
-        }
+        await killWriterAfter(writer, [image, log, String(seed)], log, rng.int(5, 250));
         const logged = (await Deno.readTextFile(log)).trim().split("\n").length - 1;
         answered += logged;
         const replay = new Random(seed);

@@ -13,7 +13,7 @@ import { createVhd } from "../../../src/formats/vhd/create.ts";
 import { checkVhd } from "../../../src/formats/vhd/check.ts";
 import { testSeed } from "../../_helpers/random.ts";
 import { inTempDir } from "../qcow/_util.ts";
-import { waitForReady } from "../qcow/_kill_loop.ts";
+import { killWriterAfter } from "../../_helpers/kill_writer.ts";
 import { killWriteData, parseKillLog } from "./_kill_plan.ts";
 import { assertQemuReads, createChild, firstDifference, hasQemu, readAll } from "./_vhd_util.ts";
 
@@ -72,24 +72,8 @@ async function killLoop(dir: string, name: string, differencing: boolean): Promi
   for (let k = 0; k < kills; k += 1) {
     const seed = rng.int(0, 2 ** 31);
     const log = `${dir}/${name}-${k}.log`;
-    const child = new Deno.Command(Deno.execPath(), {
-      args: ["run", "--quiet", "-A", writer, image, log, String(seed), String(depth)],
-      stdout: "null",
-      stderr: "piped",
-    }).spawn();
-    try {
-      await waitForReady(log, child);
-      await new Promise((r) => setTimeout(r, rng.int(20, 400)));
-    } finally {
-      try {
-        child.kill("SIGKILL");
-      } catch {
-        // already gone
-      }
-      const out = await child.output();
-      const stderr = new TextDecoder().decode(out.stderr);
-      assert.doesNotMatch(stderr, /error/i, `writer ${k}: ${stderr}`);
-    }
+    const args = [image, log, String(seed), String(depth)];
+    await killWriterAfter(writer, args, log, rng.int(20, 400));
     const result = await verifyAfterKill(image, model, log, seed, `${name} kill ${k}`);
     model = result.got;
     if (k % 5 === 4) {
