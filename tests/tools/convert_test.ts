@@ -94,6 +94,28 @@ async function convert(args: string[]): Promise<void> {
   assert.equal(result.code, 0, `convert ${args.join(" ")}: ${result.stderr}`);
 }
 
+/** QEMU finds `target` (blktap format `to`) identical to `source`, and sound where it has a check. */
+async function assertQemuSame(
+  source: string,
+  sourceFormat: string,
+  target: string,
+  to: string,
+  what: string,
+): Promise<void> {
+  const qemuTo = QEMU_NAME[to] ?? to;
+  const compare = await run("qemu-img", [
+    "compare",
+    "-f",
+    sourceFormat,
+    "-F",
+    qemuTo,
+    source,
+    target,
+  ]);
+  assert.equal(compare.code, 0, `${what}: ${compare.stdout}${compare.stderr}`);
+  if (QEMU_CHECKS.has(qemuTo)) await runOk("qemu-img", ["check", "-f", qemuTo, target]);
+}
+
 Deno.test({
   name: `convert: every pair of ${CREATABLE.join(", ")}: identical, sound, sparse`,
   ignore: !hasQemu,
@@ -108,17 +130,7 @@ Deno.test({
           const target = `${dir}/target-${from}.${to}`;
           const qemuTo = QEMU_NAME[to] ?? to;
           await convert(["-O", to, source, target]);
-          const compare = await run("qemu-img", [
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            qemuTo,
-            reference,
-            target,
-          ]);
-          assert.equal(compare.code, 0, `${from} -> ${to}: ${compare.stdout}${compare.stderr}`);
-          if (QEMU_CHECKS.has(qemuTo)) await runOk("qemu-img", ["check", "-f", qemuTo, target]);
+          await assertQemuSame(reference, "raw", target, to, `${from} -> ${to}`);
           if (formatEntry(to)!.check) {
             assert.equal((await checkImage(`${to}:${target}`)).status, 0, `${from} -> ${to}`);
           }
@@ -306,19 +318,8 @@ Deno.test({
       for (const to of ["raw", "vhd", "qcow2"]) {
         const target = `${dir}/flat.${to}`;
         await convert(["-O", to, `${dir}/top.qcow2`, target]);
-        const qemuTo = QEMU_NAME[to] ?? to;
         // QEMU reads the chain: the output must hold what it sees, flattened.
-        const compare = await run("qemu-img", [
-          "compare",
-          "-f",
-          "qcow2",
-          "-F",
-          qemuTo,
-          `${dir}/top.qcow2`,
-          target,
-        ]);
-        assert.equal(compare.code, 0, `qcow2 chain -> ${to}: ${compare.stdout}${compare.stderr}`);
-        if (QEMU_CHECKS.has(qemuTo)) await runOk("qemu-img", ["check", "-f", qemuTo, target]);
+        await assertQemuSame(`${dir}/top.qcow2`, "qcow2", target, to, `qcow2 chain -> ${to}`);
       }
     }),
 });
@@ -357,17 +358,7 @@ Deno.test({
       for (const to of ["qcow2", "raw"]) {
         const target = `${dir}/flat.${to}`;
         await convert(["-O", to, `${dir}/child.vhd`, target]);
-        const compare = await run("qemu-img", [
-          "compare",
-          "-f",
-          "raw",
-          "-F",
-          to,
-          `${dir}/model.raw`,
-          target,
-        ]);
-        assert.equal(compare.code, 0, `vhd child -> ${to}: ${compare.stdout}${compare.stderr}`);
-        if (QEMU_CHECKS.has(to)) await runOk("qemu-img", ["check", "-f", to, target]);
+        await assertQemuSame(`${dir}/model.raw`, "raw", target, to, `vhd child -> ${to}`);
       }
     }),
 });
