@@ -893,13 +893,9 @@ export class Qcow2Driver extends BlockDriverBase {
 
   protected _flush(): Promise<void> {
     if (!this.#file.writable) return Promise.resolve();
-    return this.#makeDurable();
-  }
-
-  /** Everything written so far durable (after the pending ordering barrier, if skipped). */
-  async #makeDurable(): Promise<void> {
-    if (this.#sync !== this.#durable) await this.#sync.sync();
-    await this.#durable.sync();
+    if (this.#sync === this.#durable) return this.#durable.sync();
+    // Unordered: the skipped barrier first (the deferred frees it releases), then fdatasync.
+    return this.#sync.sync().then(() => this.#durable.sync());
   }
 
   /**
