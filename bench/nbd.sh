@@ -22,7 +22,8 @@
 # workload), and the load average.
 #
 #   usage: bench/nbd.sh [CONFIG...]   (default: every config above)
-#   env:   REPS=3 RUNTIME=8 RAMP=2 IMG=$WORK/base.raw QCOW=$WORK/base.qcow SIZE=2G
+#   env:   ONLY_WORKLOADS="randwrite seqwrite" (a subset of randread randwrite seqread seqwrite)
+#          REPS=3 RUNTIME=8 RAMP=2 IMG=$WORK/base.raw QCOW=$WORK/base.qcow SIZE=2G
 #          SERVER_CPUS= CLIENT_CPUS= (taskset lists; default: no pinning, so ctrl and
 #          its disk process may use both cores, as qemu-nbd's threads may)
 #          WORK=/var/tmp/blktap-bench.<checkout> OUT=bench/results/nbd-<date>.txt BLKTAP_EXE=
@@ -71,7 +72,7 @@ if [[ -n ${BLKTAP_EXE:-} ]]; then BLKTAP=("$BLKTAP_EXE"); else BLKTAP=("$DENO" r
 
 CTRL_RUN=$WORK/blktap-ctrl-run
 start_ctrl() { # CONFIG SPEC CACHE: ctrl (ring + disk process) serving SPEC as export "bench"
-  rm -rf "$CTRL_RUN"; mkdir -p "$CTRL_RUN"
+  rm -rf "$CTRL_RUN"; mkdir -m 700 -p "$CTRL_RUN"
   start_server "$1" "$CTRL_RUN/nbd.sock" "${BLKTAP[@]}" ctrl --run-dir "$CTRL_RUN" --shm-dir "$CTRL_RUN" --log-level warn
   timeout 60 "${BLKTAP[@]}" create "$2" --name bench --cache "$3" --run-dir "$CTRL_RUN" >/dev/null
   CFG_SOCK=$CTRL_RUN/nbd.sock CFG_EXPORT=bench
@@ -103,6 +104,12 @@ WORKLOADS=(
   "seqread   read      1M 8  read"
   "seqwrite  write     1M 8  write"
 )
+if [[ -n ${ONLY_WORKLOADS:-} ]]; then
+  chosen=()
+  for w in "${WORKLOADS[@]}"; do [[ " $ONLY_WORKLOADS " == *" ${w%% *} "* ]] && chosen+=("$w"); done
+  ((${#chosen[@]})) || { echo "ONLY_WORKLOADS=$ONLY_WORKLOADS: none of randread randwrite seqread seqwrite" >&2; exit 2; }
+  WORKLOADS=("${chosen[@]}")
+fi
 
 # run_workload LABEL ROOT_PID name rw bs qd dir: one fio run, CPU of the server tree after the ramp.
 run_workload() {
@@ -133,7 +140,7 @@ run_workload() {
   echo "# bench/nbd.sh $(date -u +%FT%TZ) $(uname -r) $(nproc) cpus; load average $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "# image $IMG ($(stat -c %s "$IMG") bytes); qcow $QCOW; blktap: ${BLKTAP[*]}"
   echo "# io engine: ${BLKTAP_IO_ENGINE:-default (io_uring, else libaio)}"
-  echo "# method: fio nbd engine, RUNTIME=$RUNTIME RAMP=$RAMP REPS=$REPS, server cpus '${SERVER_CPUS}', client cpus '${CLIENT_CPUS}'"
+  echo "# method: fio nbd engine, workloads: $(printf "%s " "${WORKLOADS[@]%% *}")RUNTIME=$RUNTIME RAMP=$RAMP REPS=$REPS, server cpus '${SERVER_CPUS}', client cpus '${CLIENT_CPUS}'"
 } | tee "$OUT"
 
 for rep in $(seq 1 "$REPS"); do
