@@ -27,6 +27,9 @@
 #          SERVER_CPUS= CLIENT_CPUS= (taskset lists; default: no pinning, so ctrl and
 #          its disk process may use both cores, as qemu-nbd's threads may)
 #          WORK=/var/tmp/blktap-bench.<checkout> OUT=bench/results/nbd-<date>.txt BLKTAP_EXE=
+#          BASE=/path/to/another/checkout: a config named base-CONFIG runs CONFIG on BASE's
+#          sources, so a change is measured against its base in the same run (the summary
+#          prints this tree / BASE per cell)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
@@ -73,21 +76,28 @@ if [[ -n ${BLKTAP_EXE:-} ]]; then BLKTAP=("$BLKTAP_EXE"); else BLKTAP=("$DENO" r
 CTRL_RUN=$WORK/blktap-ctrl-run
 start_ctrl() { # CONFIG SPEC CACHE: ctrl (ring + disk process) serving SPEC as export "bench"
   rm -rf "$CTRL_RUN"; mkdir -m 700 -p "$CTRL_RUN"
-  start_server "$1" "$CTRL_RUN/nbd.sock" "${BLKTAP[@]}" ctrl --run-dir "$CTRL_RUN" --shm-dir "$CTRL_RUN" --log-level warn
-  timeout 60 "${BLKTAP[@]}" create "$2" --name bench --cache "$3" --run-dir "$CTRL_RUN" >/dev/null
+  start_server "$1" "$CTRL_RUN/nbd.sock" "${RUN_BLKTAP[@]}" ctrl --run-dir "$CTRL_RUN" --shm-dir "$CTRL_RUN" --log-level warn
+  timeout 60 "${RUN_BLKTAP[@]}" create "$2" --name bench --cache "$3" --run-dir "$CTRL_RUN" >/dev/null
   CFG_SOCK=$CTRL_RUN/nbd.sock CFG_EXPORT=bench
 }
 
 start_cfg() { # CONFIG -> sets SERVER_PID (0 for fio-direct), CFG_SOCK, CFG_EXPORT
   CFG_SOCK=$SOCK CFG_EXPORT=""
-  case $1 in
+  local cfg=$1
+  RUN_BLKTAP=("${BLKTAP[@]}")
+  if [[ $cfg == base-* ]]; then
+    [[ -f ${BASE:-}/main.ts ]] || { echo "$cfg: BASE=${BASE:-} is not a checkout" >&2; return 1; }
+    RUN_BLKTAP=("$DENO" run --quiet --allow-all "$BASE/main.ts")
+    cfg=${cfg#base-}
+  fi
+  case $cfg in
     fio-direct) SERVER_PID=0 ;;
     blktap-ctrl-none)      start_ctrl "$1" "aio:$IMG" none ;;
     blktap-ctrl-qcow-none) start_ctrl "$1" "qcow:$QCOW" none ;;
     blktap-ctrl-writeback) start_ctrl "$1" "aio:$IMG" writeback ;;
-    blktap-none)          start_server "$1" "$SOCK" "${BLKTAP[@]}" serve "aio:$IMG" --socket "$SOCK" --cache none ;;
+    blktap-none)          start_server "$1" "$SOCK" "${RUN_BLKTAP[@]}" serve "aio:$IMG" --socket "$SOCK" --cache none ;;
     # Page cache: the sync engine (pread/pwrite on the JavaScript thread).
-    blktap-writeback)     start_server "$1" "$SOCK" "${BLKTAP[@]}" serve "sync:$IMG" --socket "$SOCK" --cache writeback ;;
+    blktap-writeback)     start_server "$1" "$SOCK" "${RUN_BLKTAP[@]}" serve "sync:$IMG" --socket "$SOCK" --cache writeback ;;
     qemu-nbd-none-native) start_server "$1" "$SOCK" qemu-nbd -f raw --cache=none --aio=native -t -e 8 -k "$SOCK" "$IMG" ;;
     qemu-nbd-qcow-none-native) start_server "$1" "$SOCK" qemu-nbd -f qcow --cache=none --aio=native -t -e 8 -k "$SOCK" "$QCOW" ;;
     qemu-nbd-writeback)   start_server "$1" "$SOCK" qemu-nbd -f raw -t -e 8 -k "$SOCK" "$IMG" ;;
