@@ -17,7 +17,7 @@ import { RangeLock } from "./range_lock.ts";
 export const direct_alignment_bytes = 4096;
 const max_inflight_requests = 256;
 
-/** Page-cache requests from this size on are copied by a kernel worker, beside this thread. */
+/** Page-cache writes from this size on are copied by a kernel worker, beside this thread. */
 export const offload_bytes_min = 128 << 10;
 
 let directQueue: AioQueue | undefined;
@@ -27,14 +27,16 @@ let smallPageCacheWrites: AioQueue | undefined;
 /**
  * One kernel I/O queue per process and kind of request, so requests to all
  * files batch together. O_DIRECT: libaio (completions come from the
- * interrupt). Page cache (measured through ctrl, same runs): io_uring for
- * reads, which copies cached pages during submission and sends misses to its
- * workers (libaio would read a miss synchronously); for large reads and
- * writes too, offloaded to its workers so the copy runs beside this thread
- * (1 MiB writes: 0.93 GB/s on libaio, 1.10 on io_uring). Small writes stay
- * on libaio: its io_submit copies 4 KiB faster than a hand-off to an
- * io_uring worker (ext4 has no non-blocking buffered writes, so io_uring
- * sends every one there: 13 vs 17 µs of CPU per request).
+ * interrupt). Page cache, as measured through ctrl side by side with the
+ * previous choice (bench/results/nbd-writeback-ab-*): io_uring for reads,
+ * which copies cached pages during submission and sends misses to its
+ * workers (libaio would read a miss synchronously; offloading hits to the
+ * workers cost more CPU than the copy: 1 MiB reads 0.81x). Large writes
+ * through io_uring offloaded to its workers, so the copy runs beside this
+ * thread rather than inside a blocking io_submit (1 MiB writes 1.20-1.27x).
+ * Small writes stay on libaio: its io_submit copies 4 KiB faster than a
+ * hand-off to an io_uring worker, where ext4 (no non-blocking buffered
+ * writes) sends every buffered write (4 KiB writes 0.86x on io_uring).
  */
 function queueFor(direct: boolean, write: boolean, bytes: number): AioQueue {
   if (direct) return directQueue ??= openQueue(max_inflight_requests, "libaio");
@@ -125,7 +127,7 @@ export class AioFile extends FdImageFile {
 
   #submit(write: boolean, offsetBytes: number, iov: IoVec[], bytes: number): Promise<number> {
     const queue = queueFor(this.direct, write, bytes);
-    const offload = !this.direct && bytes >= offload_bytes_min;
+    const offload = write && !this.direct && bytes >= offload_bytes_min;
     if (write) return queue.writev(this.file.fd, offsetBytes, iov, this.path, offload);
     return queue.readv(this.file.fd, offsetBytes, iov, this.path, offload);
   }
