@@ -126,23 +126,17 @@ export class AioQueue {
     return this.maxInflight - this.#freeSlots.length + this.#overflow.length;
   }
 
-  /**
-   * Vectored read; resolves to the bytes read (short only at end of file).
-   * `offload`: io_uring hands it to a kernel worker rather than trying it
-   * during submission, so a large copy from the page cache runs beside this
-   * thread instead of inside its submit (libaio ignores it).
-   */
-  readv(
-    fd: number,
-    offsetBytes: number,
-    iovecs: IoVec[],
-    path = "",
-    offload = false,
-  ): Promise<number> {
-    return this.#enqueue(OP_PREADV, offload ? REQ_OFFLOAD : 0, fd, offsetBytes, iovecs, path);
+  /** Vectored read; resolves to the bytes read (short only at end of file). */
+  readv(fd: number, offsetBytes: number, iovecs: IoVec[], path = ""): Promise<number> {
+    return this.#enqueue(OP_PREADV, 0, fd, offsetBytes, iovecs, path);
   }
 
-  /** Vectored write; resolves to the bytes written. `offload` as for {@linkcode readv}. */
+  /**
+   * Vectored write; resolves to the bytes written. `offload`: io_uring hands
+   * it to a kernel worker rather than trying it during submission, so a large
+   * copy into the page cache runs beside this thread instead of inside its
+   * submit (libaio ignores it).
+   */
   writev(
     fd: number,
     offsetBytes: number,

@@ -129,7 +129,7 @@ export class AioFile extends FdImageFile {
     const queue = queueFor(this.direct, write, bytes);
     const offload = write && !this.direct && bytes >= offload_bytes_min;
     if (write) return queue.writev(this.file.fd, offsetBytes, iov, this.path, offload);
-    return queue.readv(this.file.fd, offsetBytes, iov, this.path, offload);
+    return queue.readv(this.file.fd, offsetBytes, iov, this.path);
   }
 
   // The write lock at once when it is free, or nothing to hold: only O_DIRECT
