@@ -1,6 +1,9 @@
-# blktap build. `make` builds the shim and ./blktap; `make check` runs every
-# test; `make demo` serves a demo disk. `make deps` installs the toolchain
-# (Deno and Zig from npm, pinned in .toolchain/) and the Debian packages.
+# blktap build. `make` builds the shim, ./blktap and, where kernel headers
+# are installed, the kernel module kernel/blktap.ko (`make kernel` alone);
+# `make check` runs every test (the VM tests too; `make test-vm` alone);
+# `make demo` serves a demo disk. `make deps` installs the toolchain (Deno and
+# Zig from npm, pinned in .toolchain/), the Debian packages and what the VM
+# tests need (../shared/vm/setup.sh: qemu, the guest kernel and its headers).
 
 TOOLCHAIN := .toolchain/node_modules
 DENO ?= $(TOOLCHAIN)/@deno/linux-x64-glibc/deno
@@ -9,15 +12,34 @@ SHIM := shim/libaio_shim.so
 # What blktap needs at run time, and nothing more.
 PERMISSIONS := --allow-read --allow-write --allow-ffi --allow-env --allow-run --allow-net --allow-sys
 SOURCES := main.ts $(shell find src ffi -name '*.ts' 2>/dev/null)
-APT_PACKAGES := libaio-dev libaio1 qemu-utils nbdkit libnbd-bin fio
+APT_PACKAGES := libaio-dev libaio1 qemu-utils nbdkit libnbd-bin fio gcc-12 make linux-headers-amd64 \
+  libc6-dev libxen-dev e2fsprogs
+# The VM harness shared by the project (boots Debian's 6.1 kernel under qemu).
+VM_DIR ?= $(firstword $(wildcard ../shared/vm /work/shared/vm))
+# The kernel the module is built for: the one the VM boots (the newest
+# /boot/vmlinuz-V with headers in /lib/modules/V/build).
+KVER ?= $(shell for v in $$(ls /boot 2>/dev/null | sed -n 's/^vmlinuz-//p' | sort -V -r); do \
+  [ -f /lib/modules/$$v/build/Makefile ] && { echo $$v; break; }; done)
+KMOD := kernel/blktap.ko
 export DENO_NO_UPDATE_CHECK := 1
 SHELL := /bin/bash
 
-.PHONY: all deps toolchain apt check test lint fmt demo bench clean
+.PHONY: all deps toolchain apt vm-deps kernel check test test-vm lint fmt demo bench clean
 
-all: blktap
+all: blktap $(if $(KVER),kernel)
 
-deps: apt toolchain
+deps: apt toolchain vm-deps
+
+vm-deps:
+	@if [ -n "$(VM_DIR)" ]; then bash $(VM_DIR)/setup.sh >/dev/null; \
+	else echo "WARNING: no VM harness (../shared/vm): the VM tests cannot run" >&2; fi
+
+# kbuild with the compiler the kernel was built with (gcc-12 on Debian 12).
+kernel: $(KMOD)
+
+$(KMOD): kernel/blktap.c kernel/blktap_abi.h kernel/Kbuild
+	@[ -n "$(KVER)" ] || { echo "no kernel headers: run make deps" >&2; exit 1; }
+	$(MAKE) -s -C /lib/modules/$(KVER)/build M=$(CURDIR)/kernel modules
 
 # Installed once per pinned lock file: the stamp names the lock file's hash,
 # so a new pin reinstalls and nothing else does (file times lie in worktrees).
@@ -83,9 +105,13 @@ test: all
 	echo "deno: $${passed:-0} passed, $${failed:-0} failed, $${ignored:-0} skipped"; \
 	exit $$status
 
-# The README's test command: install, build, lint, test.
+# The kernel module's tests inside VMs; prints 'N passed, N failed' last.
+test-vm: all
+	VM_DIR=$(VM_DIR) KVER=$(KVER) bash tests/kernel/vm_test.sh
+
+# The README's test command: install, build, lint, test (host, then VMs).
 check: deps
-	$(MAKE) lint test
+	$(MAKE) lint test test-vm
 
 demo: deps
 	$(MAKE) all
@@ -103,3 +129,5 @@ bench: all
 
 clean:
 	rm -f blktap $(SHIM) .compile.log .test.log
+	rm -rf kernel/*.o kernel/*.ko kernel/*.mod kernel/*.mod.c kernel/.*.cmd kernel/Module.symvers \
+	  kernel/modules.order

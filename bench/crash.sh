@@ -4,9 +4,10 @@
 # tests/_helpers/crash_sim.ts), spread over JOBS worker processes.
 #
 #   usage: bench/crash.sh [FORMAT] [POINTS]
-#          FORMAT: qcow (all qcow layouts), vmdk (all vmdk layouts), or one
-#          layout: qcow-blktap qcow-backed qcow-qemu vmdk-preallocated
-#          vmdk-on-demand (default: qcow); POINTS per layout (default 1000000)
+#          FORMAT: qcow, qcow2 or vmdk (all layouts of the format), or one
+#          layout: qcow-blktap qcow-backed qcow-qemu qcow2-v3 qcow2-small
+#          qcow2-v2 qcow2-backed vmdk-preallocated vmdk-on-demand
+#          (default: qcow); POINTS per layout (default 1000000)
 #   env:   JOBS=$(nproc) SEED=1 QEMU_EVERY=50 (qemu-img check/compare on every
 #          n-th point; 1 for all of them) OUT=bench/results/crash-<date>.txt
 # Exit 1 at the first violation, with the seed that replays it.
@@ -23,6 +24,7 @@ mkdir -p "$repo/bench/results"
 OUT=${OUT:-$repo/bench/results/crash-$(date -u +%Y%m%dT%H%M%SZ).txt}
 case $FORMAT in
   qcow) LAYOUTS=(qcow-blktap qcow-backed qcow-qemu) ;;
+  qcow2) LAYOUTS=(qcow2-v3 qcow2-small qcow2-v2 qcow2-backed) ;;
   vmdk) LAYOUTS=(vmdk-preallocated vmdk-on-demand) ;;
   *) LAYOUTS=("$FORMAT") ;;
 esac

@@ -11,6 +11,12 @@ import { parseArgs } from "node:util";
 import { type CrashFormat, simulateCrashes } from "../tests/_helpers/crash_sim.ts";
 import { QCOW_BACKED, QCOW_BLKTAP, QCOW_QEMU } from "../tests/formats/qcow/_crash_format.ts";
 import { VMDK_ON_DEMAND, VMDK_PREALLOCATED } from "../tests/formats/vmdk/_crash_format.ts";
+import {
+  QCOW2_BACKED,
+  QCOW2_SMALL,
+  QCOW2_V2,
+  QCOW2_V3,
+} from "../tests/formats/qcow2/_crash_format.ts";
 
 const LAYOUTS: Record<string, CrashFormat> = {
   "qcow-blktap": QCOW_BLKTAP,
@@ -18,6 +24,10 @@ const LAYOUTS: Record<string, CrashFormat> = {
   "qcow-qemu": QCOW_QEMU,
   "vmdk-preallocated": VMDK_PREALLOCATED,
   "vmdk-on-demand": VMDK_ON_DEMAND,
+  "qcow2-v3": QCOW2_V3,
+  "qcow2-small": QCOW2_SMALL,
+  "qcow2-v2": QCOW2_V2,
+  "qcow2-backed": QCOW2_BACKED,
 };
 
 const { values } = parseArgs({

@@ -12,6 +12,12 @@
 #     fio-direct            fio libaio O_DIRECT on the bare file (the limit)
 #   O_DIRECT, qcow (v1) image converted from the raw one
 #     blktap-ctrl-qcow-none qemu-nbd-qcow-none-native
+#   qcow2 (O_DIRECT, and page cache with -writeback): the same image under both servers
+#     blktap-ctrl-qcow2-none       qemu-nbd-qcow2-none-native   converted from the raw one
+#     blktap-ctrl-qcow2fresh-none  qemu-nbd-qcow2fresh-none-native   a new empty qcow2 of
+#       QCOW2_FRESH_SIZE (64G) per server start: the writes allocate clusters (4 KiB random
+#       into 64 KiB clusters; 1 MiB sequential); its reads read holes
+#     blktap-ctrl-qcow2-writeback  qemu-nbd-qcow2-writeback  (and the same with qcow2fresh)
 #   page cache (writeback), raw image
 #     blktap-ctrl-writeback blktap-writeback (serve)  qemu-nbd-writeback  nbdkit-file-default
 #
@@ -24,6 +30,7 @@
 #   usage: bench/nbd.sh [CONFIG...]   (default: every config above)
 #   env:   ONLY_WORKLOADS="randwrite seqwrite" (a subset of randread randwrite seqread seqwrite)
 #          REPS=3 RUNTIME=8 RAMP=2 IMG=$WORK/base.raw QCOW=$WORK/base.qcow SIZE=2G
+#          QCOW2=$WORK/base.qcow2 QCOW2_FRESH_SIZE=64G
 #          SERVER_CPUS= CLIENT_CPUS= (taskset lists; default: no pinning, so ctrl and
 #          its disk process may use both cores, as qemu-nbd's threads may)
 #          WORK=/var/tmp/blktap-bench.<checkout> OUT=bench/results/nbd-<date>.txt BLKTAP_EXE=
@@ -46,6 +53,9 @@ REPS=${REPS:-3}
 RUNTIME=${RUNTIME:-8} RAMP=${RAMP:-2}
 IMG=${IMG:-$WORK/base.raw}
 QCOW=${QCOW:-$WORK/base.qcow}
+QCOW2=${QCOW2:-$WORK/base.qcow2}
+QCOW2_FRESH=$WORK/fresh.qcow2
+QCOW2_FRESH_SIZE=${QCOW2_FRESH_SIZE:-64G}
 SIZE=${SIZE:-2G}
 SOCK=$WORK/nbd.sock
 DENO=${DENO:-$repo/.toolchain/node_modules/@deno/linux-x64-glibc/deno}
@@ -54,6 +64,7 @@ OUT=${OUT:-$repo/bench/results/nbd-$(date -u +%Y%m%dT%H%M%SZ).txt}
 CONFIGS=("$@")
 ((${#CONFIGS[@]})) || CONFIGS=(blktap-ctrl-none blktap-none qemu-nbd-none-native nbdkit-file-none fio-direct
   blktap-ctrl-qcow-none qemu-nbd-qcow-none-native
+  blktap-ctrl-qcow2-none qemu-nbd-qcow2-none-native blktap-ctrl-qcow2fresh-none qemu-nbd-qcow2fresh-none-native
   blktap-ctrl-writeback blktap-writeback qemu-nbd-writeback nbdkit-file-default)
 for tool in fio nbdinfo qemu-nbd qemu-img nbdkit; do
   command -v "$tool" >/dev/null || { echo "missing $tool (make deps)" >&2; exit 2; }
@@ -64,7 +75,12 @@ if [[ ! -s $IMG ]]; then
   timeout 600 dd if=/dev/urandom of="$IMG" bs=1M count=$(($(numfmt --from=iec "$SIZE") / 1048576)) status=none
   sync
 fi
-if [[ " ${CONFIGS[*]} " == *qcow* && ! -s $QCOW ]]; then
+if [[ " ${CONFIGS[*]} " == *qcow2-* && ! -s $QCOW2 ]]; then
+  echo "# creating $QCOW2 (qcow2, every cluster allocated, from $IMG)" >&2
+  timeout 900 qemu-img convert -f raw -O qcow2 "$IMG" "$QCOW2"
+  sync
+fi
+if [[ " ${CONFIGS[*]} " == *qcow-* && ! -s $QCOW ]]; then
   echo "# creating $QCOW (qcow v1, every cluster allocated, from $IMG)" >&2
   timeout 900 qemu-img convert -f raw -O qcow "$IMG" "$QCOW"
   sync
@@ -75,10 +91,20 @@ if [[ -n ${BLKTAP_EXE:-} ]]; then BLKTAP=("$BLKTAP_EXE"); else BLKTAP=("$DENO" r
 
 CTRL_RUN=$WORK/blktap-ctrl-run
 start_ctrl() { # CONFIG SPEC CACHE: ctrl (ring + disk process) serving SPEC as export "bench"
-  rm -rf "$CTRL_RUN"; mkdir -m 700 -p "$CTRL_RUN"
+  rm -rf "$CTRL_RUN"; mkdir -m 700 -p "$CTRL_RUN" # ctrl refuses a run dir others can reach
   start_server "$1" "$CTRL_RUN/nbd.sock" "${RUN_BLKTAP[@]}" ctrl --run-dir "$CTRL_RUN" --shm-dir "$CTRL_RUN" --log-level warn
   timeout 60 "${RUN_BLKTAP[@]}" create "$2" --name bench --cache "$3" --run-dir "$CTRL_RUN" >/dev/null
   CFG_SOCK=$CTRL_RUN/nbd.sock CFG_EXPORT=bench
+}
+
+qcow2_image() { # CONFIG -> the qcow2 it serves: a new empty one for *qcow2fresh*
+  if [[ $1 == *qcow2fresh* ]]; then
+    rm -f "$QCOW2_FRESH"
+    qemu-img create -q -f qcow2 "$QCOW2_FRESH" "$QCOW2_FRESH_SIZE"
+    echo "$QCOW2_FRESH"
+  else
+    echo "$QCOW2"
+  fi
 }
 
 start_cfg() { # CONFIG -> sets SERVER_PID (0 for fio-direct), CFG_SOCK, CFG_EXPORT
@@ -95,6 +121,10 @@ start_cfg() { # CONFIG -> sets SERVER_PID (0 for fio-direct), CFG_SOCK, CFG_EXPO
     blktap-ctrl-none)      start_ctrl "$1" "aio:$IMG" none ;;
     blktap-ctrl-qcow-none) start_ctrl "$1" "qcow:$QCOW" none ;;
     blktap-ctrl-writeback) start_ctrl "$1" "aio:$IMG" writeback ;;
+    blktap-ctrl-qcow2*-none)      start_ctrl "$1" "qcow2:$(qcow2_image "$1")" none ;;
+    blktap-ctrl-qcow2*-writeback) start_ctrl "$1" "qcow2:$(qcow2_image "$1")" writeback ;;
+    qemu-nbd-qcow2*-none-native)  start_server "$1" "$SOCK" qemu-nbd -f qcow2 --cache=none --aio=native -t -e 8 -k "$SOCK" "$(qcow2_image "$1")" ;;
+    qemu-nbd-qcow2*-writeback)    start_server "$1" "$SOCK" qemu-nbd -f qcow2 -t -e 8 -k "$SOCK" "$(qcow2_image "$1")" ;;
     blktap-none)          start_server "$1" "$SOCK" "${RUN_BLKTAP[@]}" serve "aio:$IMG" --socket "$SOCK" --cache none ;;
     # Page cache: the sync engine (pread/pwrite on the JavaScript thread).
     blktap-writeback)     start_server "$1" "$SOCK" "${RUN_BLKTAP[@]}" serve "sync:$IMG" --socket "$SOCK" --cache writeback ;;
@@ -148,14 +178,14 @@ run_workload() {
 
 {
   echo "# bench/nbd.sh $(date -u +%FT%TZ) $(uname -r) $(nproc) cpus; load average $(cut -d' ' -f1-3 /proc/loadavg)"
-  echo "# image $IMG ($(stat -c %s "$IMG") bytes); qcow $QCOW; blktap: ${BLKTAP[*]}"
+  echo "# image $IMG ($(stat -c %s "$IMG") bytes); qcow $QCOW; qcow2 $QCOW2, fresh $QCOW2_FRESH_SIZE; blktap: ${BLKTAP[*]}"
   echo "# io engine: ${BLKTAP_IO_ENGINE:-default (io_uring, else libaio)}"
   echo "# method: fio nbd engine, workloads: $(printf "%s " "${WORKLOADS[@]%% *}")RUNTIME=$RUNTIME RAMP=$RAMP REPS=$REPS, server cpus '${SERVER_CPUS}', client cpus '${CLIENT_CPUS}'"
 } | tee "$OUT"
 
 for rep in $(seq 1 "$REPS"); do
   for cfg in "${CONFIGS[@]}"; do
-    f=$IMG; [[ $cfg == *qcow* ]] && f=$QCOW
+    f=$IMG; [[ $cfg == *qcow-* ]] && f=$QCOW; [[ $cfg == *qcow2-* ]] && f=$QCOW2
     sync; timeout 120 cat "$f" >/dev/null # same (warm) page-cache state before every server
     start_cfg "$cfg"; pid=$SERVER_PID
     for w in "${WORKLOADS[@]}"; do

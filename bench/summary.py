@@ -53,6 +53,10 @@ NBD_GOALS = [
     ("ctrl O_DIRECT raw / qemu-nbd none,native", "blktap-ctrl-none", "qemu-nbd-none-native", WORKLOADS, 1.0),
     ("ctrl O_DIRECT raw / nbdkit file cache=none", "blktap-ctrl-none", "nbdkit-file-none", WORKLOADS, None),
     ("ctrl O_DIRECT qcow / qemu-nbd qcow none,native", "blktap-ctrl-qcow-none", "qemu-nbd-qcow-none-native", WORKLOADS, 1.0),
+    ("ctrl O_DIRECT qcow2 / qemu-nbd qcow2 none,native", "blktap-ctrl-qcow2-none", "qemu-nbd-qcow2-none-native", WORKLOADS, 1.0),
+    ("ctrl O_DIRECT new qcow2 (allocating) / qemu-nbd", "blktap-ctrl-qcow2fresh-none", "qemu-nbd-qcow2fresh-none-native", WORKLOADS, 1.0),
+    ("ctrl writeback qcow2 / qemu-nbd qcow2 writeback", "blktap-ctrl-qcow2-writeback", "qemu-nbd-qcow2-writeback", WORKLOADS, 1.0),
+    ("ctrl writeback new qcow2 / qemu-nbd writeback", "blktap-ctrl-qcow2fresh-writeback", "qemu-nbd-qcow2fresh-writeback", WORKLOADS, 1.0),
     ("ctrl writeback / nbdkit file (page cache)", "blktap-ctrl-writeback", "nbdkit-file-default", WORKLOADS, 1.0),
     ("ctrl writeback / qemu-nbd writeback", "blktap-ctrl-writeback", "qemu-nbd-writeback", WORKLOADS, 1.0),
     ("ctrl O_DIRECT raw / fio on the bare file", "blktap-ctrl-none", "fio-direct", ["seqread", "seqwrite"], 0.9),
@@ -95,6 +99,8 @@ def nbd_summary(path):
     print()
     print("%-28s %-10s %s" % ("ctrl CPU per request / qemu-nbd's", "workload", "ratio (lower is cheaper)"))
     for ours, theirs in [("blktap-ctrl-none", "qemu-nbd-none-native"), ("blktap-ctrl-qcow-none", "qemu-nbd-qcow-none-native"),
+                         ("blktap-ctrl-qcow2-none", "qemu-nbd-qcow2-none-native"),
+                         ("blktap-ctrl-qcow2fresh-none", "qemu-nbd-qcow2fresh-none-native"),
                          ("blktap-ctrl-writeback", "qemu-nbd-writeback")]:
         for w in WORKLOADS:
             a, b = median_field(v, ours, w, "cpu_us_per_req"), median_field(v, theirs, w, "cpu_us_per_req")

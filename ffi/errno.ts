@@ -31,6 +31,7 @@ const ERRNO_NAMES: Record<number, [string, string]> = {
   38: ["ENOSYS", "Function not implemented"],
   40: ["ELOOP", "Too many levels of symbolic links"],
   61: ["ENODATA", "No data available"],
+  74: ["EBADMSG", "Bad message"],
   95: ["EOPNOTSUPP", "Operation not supported"],
   110: ["ETIMEDOUT", "Connection timed out"],
   122: ["EDQUOT", "Disk quota exceeded"],

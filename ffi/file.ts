@@ -18,6 +18,10 @@ const SEEK_HOLE = 4;
 const FALLOC_FL_KEEP_SIZE = 0x01;
 const FALLOC_FL_PUNCH_HOLE = 0x02;
 const FALLOC_FL_ZERO_RANGE = 0x10;
+/** poll(2) event bits. */
+export const POLLIN = 0x001;
+export const POLLERR = 0x008;
+export const POLLHUP = 0x010;
 
 /** What an open file is. */
 export type FileKind = "file" | "block-device" | "directory" | "other";
@@ -172,6 +176,14 @@ export class File {
     const result = Number(shim.shim_lseek(this.fd, BigInt(offsetBytes), whence));
     if (result === -6 /* ENXIO: past the last data */) return null;
     return check(result, "lseek", this.path);
+  }
+
+  /**
+   * Waits up to `timeoutMs` (-1: forever) for `events` (POLLIN...) off the
+   * JavaScript thread; resolves to the revents, 0 on timeout.
+   */
+  async poll(events: number, timeoutMs: number): Promise<number> {
+    return check(await shim.shim_poll(this.fd, events, timeoutMs), "poll", this.path);
   }
 
   /** ioctl with a pointer or integer argument. */

@@ -11,7 +11,7 @@
  * @module
  */
 
-const SHIM_ABI_VERSION = 4;
+const SHIM_ABI_VERSION = 5;
 
 const SYMBOLS = {
   shim_abi_version: { parameters: [], result: "i32" },
@@ -27,6 +27,7 @@ const SYMBOLS = {
   shim_fsize: { parameters: ["i32", "buffer"], result: "i64" },
   shim_fallocated: { parameters: ["i32"], result: "i64" },
   shim_ioctl: { parameters: ["i32", "u64", "u64"], result: "i64" },
+  shim_poll: { parameters: ["i32", "i32", "i32"], result: "i64", nonblocking: true },
   shim_ofd_lock: { parameters: ["i32", "i32", "i32", "i64", "i64"], result: "i64" },
   shim_alloc_aligned: { parameters: ["u64"], result: "i64" },
   shim_mmap_shared: { parameters: ["i32", "u64", "i64"], result: "i64" },

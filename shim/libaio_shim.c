@@ -26,7 +26,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define SHIM_ABI_VERSION 4
+#define SHIM_ABI_VERSION 5
 
 int32_t shim_abi_version(void) { return SHIM_ABI_VERSION; }
 
@@ -93,6 +93,19 @@ int64_t shim_fallocated(int32_t fd) {
 int64_t shim_ioctl(int32_t fd, uint64_t request, uint64_t arg) {
   int r = ioctl(fd, (unsigned long)request, (void *)arg);
   return r < 0 ? neg_errno() : r;
+}
+
+// Waits up to timeout_ms (-1 = forever) for `events` on fd; returns the
+// revents (0 on timeout). Called as a non-blocking FFI symbol: the wait runs
+// off the JavaScript thread (a kernel ring device's "requests published").
+int64_t shim_poll(int32_t fd, int32_t events, int32_t timeout_ms) {
+  struct pollfd p = {.fd = fd, .events = (short)events};
+  int r;
+  do {
+    r = poll(&p, 1, timeout_ms);
+  } while (r < 0 && errno == EINTR);
+  if (r < 0) return neg_errno();
+  return r == 0 ? 0 : (int64_t)(uint16_t)p.revents;
 }
 
 // Open file description locks (QEMU's image locking, see ffi/ofd_lock.ts).

@@ -114,6 +114,13 @@ export class CtlApi {
     return minor;
   }
 
+  // The test front end and the fuzzer drive ctrl's own ring.
+  #ringDisk(minor: Minor) {
+    const disk = minor.disk;
+    if (!disk) throw new Error(`minor ${minor.record.minor} is a kernel minor: no ring in ctrl`);
+    return disk;
+  }
+
   /** Runs one request. */
   async dispatch(args: Args): Promise<Args> {
     const ctrl = this.#ctrl;
@@ -158,12 +165,15 @@ export class CtlApi {
       maxIops: number(args, "maxIops"),
       maxBps: number(args, "maxBps"),
       burstMs: number(args, "burstMs"),
+      kernel: args.kernel === true,
     });
     const socket = this.#ctrl.nbdSocketPath;
+    const device = minor.frontend.describe().device;
     return {
       minor: minor.record.minor,
       name: minor.record.name,
-      ...(socket ? { uri: nbdUnixUri(minor.record.name, socket) } : {}),
+      ...(device ? { device } : {}),
+      ...(socket && minor.disk ? { uri: nbdUnixUri(minor.record.name, socket) } : {}),
       ...imageReply(image),
     };
   }
@@ -221,14 +231,15 @@ export class CtlApi {
       returnModel: args.returnModel === true,
       seed: number(args, "seed") ?? Math.floor(Math.random() * 2 ** 31),
     };
-    if (options.depth < 1 || options.depth > minor.disk.ringEntries) {
-      throw new Error(`depth must be 1..${minor.disk.ringEntries}`);
+    const disk = this.#ringDisk(minor);
+    if (options.depth < 1 || options.depth > disk.ringEntries) {
+      throw new Error(`depth must be 1..${disk.ringEntries}`);
     }
     for (const key of Object.keys(options) as (keyof LoadOptions)[]) {
       if (options[key] === undefined) delete options[key];
     }
     const { TestFrontend } = await import("../frontends/exercise/test_frontend.ts");
-    return await new TestFrontend(minor.disk, options).run();
+    return await new TestFrontend(disk, options).run();
   }
 
   async #fuzz(args: Args): Promise<Args> {
@@ -239,7 +250,7 @@ export class CtlApi {
     const seed = number(args, "seed") ?? Math.floor(Math.random() * 2 ** 31);
     const random = prng(seed);
     const result = await fuzzRing(
-      minor.disk,
+      this.#ringDisk(minor),
       number(args, "entries") ?? 10000,
       number(args, "depth") ?? 16,
       random,

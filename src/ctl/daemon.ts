@@ -13,15 +13,19 @@
  * {@linkcode RingDisk} with {@linkcode Ctrl.exportByName}.
  * @module
  */
+import { memoryFence } from "../../ffi/memory.ts";
 import { SysError } from "../../ffi/errno.ts";
 import { ensurePrivateDir, listenPrivateUnix } from "../../ffi/private_path.ts";
 import { type Logger, logger } from "../cli/log.ts";
 import { DISK_SOCKET_NAME } from "../disk/protocol.ts";
+import { ControlDevice } from "../frontends/kernel/control_device.ts";
+import { KernelMinor } from "../frontends/kernel/kernel_minor.ts";
 import { StatsFile, statsPathFor } from "../disk/stats_file.ts";
 import { KickChannel } from "../ring/kick_channel.ts";
 import { defaultShmDir, ShmRingDevice } from "../ring/shm_ring_device.ts";
 import { CtlApi } from "./api.ts";
 import { Minor, type SupervisionPolicy } from "./minor.ts";
+import { KernelFrontend, type MinorFrontend, ShmFrontend } from "./minor_frontend.ts";
 import { loadRegistry, type MinorRecord, type RegistryData, saveRegistry } from "./registry.ts";
 import type { RingDisk } from "../ring/ring_disk.ts";
 import { CTRL_SOCKET_NAME, REGISTRY_NAME } from "../cli/run_dir.ts";
@@ -66,6 +70,8 @@ export interface CreateParams {
   maxIops?: number;
   maxBps?: number;
   burstMs?: number;
+  /** Serve it as the kernel block device /dev/tapdevN (the blktap module) instead of over NBD. */
+  kernel?: boolean;
 }
 
 /** The daemon. */
@@ -80,6 +86,7 @@ export class Ctrl {
   #clients = 0;
   readonly #api: CtlApi;
   readonly #destroyHooks: ((name: string) => Promise<void>)[] = [];
+  #control: ControlDevice | undefined;
   readonly #clientProbes: ClientProbe[] = [];
   readonly #allowPaths: string[];
   /** The NBD front end's Unix socket, once it listens (for URIs in replies). */
@@ -205,6 +212,35 @@ export class Ctrl {
     };
   }
 
+  /** The kernel module's control device, opened on first use. */
+  #kernelControl(): ControlDevice {
+    this.#control ??= ControlDevice.open();
+    return this.#control;
+  }
+
+  // A new front end for `record`: a kernel minor, or a shared-memory ring.
+  #newFrontend(record: MinorRecord, kernel: boolean): MinorFrontend {
+    if (kernel) {
+      const km = KernelMinor.allocate(this.#kernelControl(), record.readOnly);
+      const { geometry } = km.status();
+      Object.assign(record, {
+        kernelMinor: km.minor,
+        ringPages: geometry.ringPages,
+        poolPages: geometry.poolPages,
+      });
+      return new KernelFrontend(km);
+    }
+    return this.#shmFrontend(record, ShmRingDevice.create(record.shmPath, record));
+  }
+
+  #shmFrontend(record: MinorRecord, device: ShmRingDevice): ShmFrontend {
+    return new ShmFrontend(record.name, device, {
+      fence: memoryFence,
+      readOnly: record.readOnly,
+      sizeBytes: record.sizeBytes,
+    });
+  }
+
   /**
    * Attaches a new disk; resolves once its process serves it. A bare path
    * is probed here, once (its first 4 KiB read), and recorded as
@@ -241,9 +277,9 @@ export class Ctrl {
       sizeBytes: 0,
       paused: false,
     };
-    const device = ShmRingDevice.create(record.shmPath, record);
+    const frontend = this.#newFrontend(record, params.kernel ?? false);
     const stats = StatsFile.create(statsPathFor(record.shmPath), 1);
-    const minor = new Minor(record, this.#host(), device, stats);
+    const minor = new Minor(record, this.#host(), frontend, stats);
     this.#minors.set(number, minor);
     try {
       await minor.start();
@@ -308,9 +344,9 @@ export class Ctrl {
 
   async #reattach(record: MinorRecord): Promise<void> {
     if (record.pid) await killStaleDisk(record.pid, record.minor, this.#host().diskSocketPath);
-    let device: ShmRingDevice;
+    let frontend: MinorFrontend;
     try {
-      device = this.#reopenRing(record);
+      frontend = this.#foundFrontend(record);
     } catch (error) {
       this.log.error(`minor ${record.minor}: re-attach failed: ${(error as Error).message}`);
       throw error;
@@ -322,7 +358,7 @@ export class Ctrl {
       record.statsPath ?? statsPathFor(record.shmPath),
       generation,
     );
-    const minor = new Minor(record, this.#host(), device, stats);
+    const minor = new Minor(record, this.#host(), frontend, stats);
     this.#minors.set(record.minor, minor);
     const refusal = await this.#upgradeLegacyImage(record);
     if (refusal) {
@@ -334,6 +370,24 @@ export class Ctrl {
     } catch (error) {
       this.log.error(`minor ${record.minor}: re-attach failed: ${(error as Error).message}`);
     }
+  }
+
+  // The front end of a registered minor: the kernel minor it had (a new one
+  // if the module lost it), or its shared-memory ring (its requests were
+  // lost with the previous ctrl's memory unless the file survived).
+  #foundFrontend(record: MinorRecord): MinorFrontend {
+    if (record.kernelMinor !== undefined) {
+      const control = this.#kernelControl();
+      const found = KernelMinor.find(control, record.kernelMinor, record.readOnly);
+      if (found) return new KernelFrontend(found);
+      const fresh = KernelMinor.allocate(control, record.readOnly);
+      this.log.warn(
+        `minor ${record.minor}: kernel minor ${record.kernelMinor} is gone; now ${fresh.minor}`,
+      );
+      record.kernelMinor = fresh.minor;
+      return new KernelFrontend(fresh);
+    }
+    return this.#shmFrontend(record, this.#reopenRing(record));
   }
 
   // The ring device a previous ctrl left, or a new one where it is gone or

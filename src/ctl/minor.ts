@@ -1,10 +1,12 @@
 /**
- * One minor inside ctrl: its ring device, its front end ({@linkcode RingDisk})
- * and the supervision of its disk process. When the process exits without
- * being asked to, the minor re-arms the ring with every unanswered request
- * and starts a new process on it; a disk that crashes more than
- * `restartLimit` times within `restartWindowMs` is marked failed and its
- * requests are answered with ERROR.
+/**
+ * One minor inside ctrl: its front end (ctrl's shared-memory ring with its
+ * {@linkcode RingDisk}, or a kernel minor: ./minor_frontend.ts) and the
+ * supervision of its disk process. When the process exits without being
+ * asked to, the minor re-arms the ring with every unanswered request and
+ * starts a new process on it; a disk that crashes more than `restartLimit`
+ * times within `restartWindowMs` is marked failed and its requests are
+ * answered with ERROR.
  *
  * Counters: each disk process counts in the minor's stats file (shared
  * memory, so a killed process's counts stay readable); before the next
@@ -12,7 +14,6 @@
  * in the registry, so totals survive disk-process and ctrl restarts.
  * @module
  */
-import { memoryFence } from "../../ffi/memory.ts";
 import { type Logger, logLevel } from "../cli/log.ts";
 import { selfCommandFor } from "../cli/self_command.ts";
 import type { QosSettings } from "../disk/disk_server.ts";
@@ -21,9 +22,9 @@ import type { StatsFile } from "../disk/stats_file.ts";
 import type { AttachConfig } from "../disk/protocol.ts";
 import type { DriverCapabilities } from "../formats/driver.ts";
 import type { KickChannel } from "../ring/kick_channel.ts";
-import { ShmRingDevice } from "../ring/shm_ring_device.ts";
 import type { MinorLifetime, MinorRecord } from "./registry.ts";
-import { RingDisk, type ServedDisk } from "../ring/ring_disk.ts";
+import type { RingDisk, ServedDisk } from "../ring/ring_disk.ts";
+import type { MinorFrontend } from "./minor_frontend.ts";
 
 /** Lifecycle of a minor as `blktap list` shows it. */
 export type MinorState = "starting" | "running" | "paused" | "restarting" | "failed" | "destroyed";
@@ -56,8 +57,7 @@ export interface MinorHost {
 /** An attached disk. */
 export class Minor {
   readonly record: MinorRecord;
-  readonly device: ShmRingDevice;
-  readonly disk: RingDisk;
+  readonly frontend: MinorFrontend;
   /** Where the disk process counts (see the module comment). */
   readonly statsFile: StatsFile;
   state: MinorState = "starting";
@@ -74,18 +74,18 @@ export class Minor {
   #destroying = false;
   failure: string | undefined;
 
-  constructor(record: MinorRecord, host: MinorHost, device: ShmRingDevice, statsFile: StatsFile) {
+  constructor(record: MinorRecord, host: MinorHost, frontend: MinorFrontend, statsFile: StatsFile) {
     this.record = record;
     record.statsPath = statsFile.path;
     record.lifetime ??= { restarts: 0, folded: emptyTotals(), foldedGeneration: 0 };
     this.#host = host;
-    this.device = device;
+    this.frontend = frontend;
     this.statsFile = statsFile;
-    this.disk = new RingDisk(record.name, device, {
-      fence: memoryFence,
-      readOnly: record.readOnly,
-      sizeBytes: record.sizeBytes,
-    });
+  }
+
+  /** The minor as a block device inside ctrl (NBD, the test front end); not for kernel minors. */
+  get disk(): RingDisk | undefined {
+    return this.frontend.disk;
   }
 
   get pid(): number | undefined {
@@ -166,9 +166,7 @@ export class Minor {
     const r = this.record;
     const config: AttachConfig = {
       minor: r.minor,
-      shmPath: r.shmPath,
-      ringPages: r.ringPages,
-      poolPages: r.poolPages,
+      ...this.frontend.ring,
       image: r.image,
       probedRaw: r.probedRaw ?? false,
       allowPaths: [...this.#host.allowPaths, ...(r.allowPaths ?? [])],
@@ -181,7 +179,7 @@ export class Minor {
   }
 
   onKick(): void {
-    this.disk.onKick();
+    this.frontend.onKick();
   }
 
   onMessage(message: Record<string, unknown>): void {
@@ -195,7 +193,7 @@ export class Minor {
   onClose(channel?: KickChannel): void {
     if (channel && channel !== this.#channel) return;
     this.#channel = undefined;
-    this.disk.detach();
+    this.frontend.detach();
     for (const call of this.#calls.values()) call.reject(new Error("disk process went away"));
     this.#calls.clear();
   }
@@ -203,7 +201,13 @@ export class Minor {
   async #ready(served: ServedDisk): Promise<void> {
     const channel = this.#channel!;
     this.record.sizeBytes = served.sizeBytes;
-    this.disk.attach(() => channel.kick(), served);
+    try {
+      this.frontend.attach(() => channel.kick(), served);
+    } catch (error) {
+      this.failure = (error as Error).message;
+      this.#child?.kill("SIGKILL");
+      return;
+    }
     if (this.record.paused) await this.call("pause").catch(() => {});
     this.state = this.record.paused ? "paused" : "running";
     this.failure = undefined;
@@ -243,7 +247,7 @@ export class Minor {
       );
       return;
     }
-    const reissued = this.disk.rearm();
+    const reissued = this.frontend.rearm();
     this.#lifetime.restarts += 1;
     this.state = "restarting";
     this.#host.log.warn(
@@ -262,7 +266,11 @@ export class Minor {
   #markFailed(reason: string): void {
     this.state = "failed";
     this.failure = this.failure ? `${reason}; ${this.failure}` : reason;
-    this.disk.fail();
+    try {
+      this.frontend.fail();
+    } catch (error) {
+      this.#host.log.error(`minor ${this.record.minor}: ${(error as Error).message}`);
+    }
     this.#host.log.error(`minor ${this.record.minor}: failed: ${this.failure}`);
     this.#host.changed();
     this.#settleWaiters(new Error(`minor ${this.record.minor} failed: ${this.failure}`));
@@ -314,7 +322,7 @@ export class Minor {
     }
     const served = servedDisk(reply);
     this.record.sizeBytes = served.sizeBytes;
-    this.disk.attach(() => this.#channel?.kick(), served);
+    this.frontend.attach(() => this.#channel?.kick(), served);
     this.record.paused = false;
     this.state = "running";
     this.#host.changed();
@@ -341,7 +349,7 @@ export class Minor {
     const unfolded = this.statsFile.generation > life.foldedGeneration ? current : emptyTotals();
     return {
       ...this.summary(),
-      outstanding: this.disk.outstanding,
+      outstanding: this.frontend.outstanding,
       ...(this.failure ? { failure: this.failure } : {}),
       diskStartedAt: new Date(this.statsFile.sinceMs).toISOString(),
       disk: withDerived(current, inflight) satisfies DiskStats,
@@ -363,11 +371,17 @@ export class Minor {
       sizeBytes: r.sizeBytes,
       qos: r.qos,
       restarts: this.restarts,
+      ...this.frontend.describe(),
     };
   }
 
-  /** Stops the disk process, answers what is left with ERROR, removes the ring device. */
+  /**
+   * Stops the disk process, answers what is left with ERROR, removes the
+   * ring device. A kernel minor whose block device is open refuses (throws)
+   * before anything changed.
+   */
   async destroy(): Promise<void> {
+    this.frontend.beginDestroy();
     // Let what is in flight finish and reach the image before stopping.
     if (this.#channel) await this.call("pause").catch(() => {});
     this.#destroying = true;
@@ -389,10 +403,8 @@ export class Minor {
       await child.status;
       clearTimeout(timer);
     }
-    this.disk.fail();
     this.#settleWaiters(new Error(`minor ${this.record.minor} destroyed`));
-    this.device.close();
-    this.device.unlink();
+    this.frontend.close();
     this.statsFile.close();
     this.statsFile.unlink();
   }

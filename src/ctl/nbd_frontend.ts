@@ -30,7 +30,8 @@ export const NBD_SOCKET_NAME = "nbd.sock";
 // A minor whose disk process never said what it serves has no export yet:
 // its size and capabilities are unknown until then.
 function exportOf(minor: Minor): NbdExport | undefined {
-  if (minor.state === "destroyed" || !minor.disk.ready) return undefined;
+  // Kernel minors are served by /dev/tapdevN, not over NBD.
+  if (minor.state === "destroyed" || !minor.disk?.ready) return undefined;
   return {
     name: minor.record.name,
     description: `minor ${minor.record.minor}: ${minor.record.image}`,

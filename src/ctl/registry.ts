@@ -41,6 +41,11 @@ export interface MinorRecord {
   readOnly: boolean;
   cache: "none" | "writeback";
   qos: QosSettings;
+  /**
+   * A kernel minor: the module's minor (/dev/blktapN, /dev/tapdevN); `shmPath`
+   * then only names its stats file.
+   */
+  kernelMinor?: number;
   shmPath: string;
   ringPages: number;
   poolPages: number;

@@ -58,16 +58,18 @@ function reportImage(result: Record<string, unknown>): void {
 
 const CREATE: Command = {
   name: "create",
-  summary: "attach an image as a new minor; prints the minor and its NBD URI",
-  usage: `usage: blktap create TYPE:PATH|PATH [--name NAME] [--readonly] [--cache none|writeback]
-                     [--allow-path DIR]... [--max-iops N] [--max-bps N] [--burst-ms MS]
-                     [--json] [--run-dir DIR]
+  summary: "attach an image as a new minor; prints the minor and its NBD URI or /dev/tapdevN",
+  usage: `usage: blktap create TYPE:PATH|PATH [--kernel] [--name NAME] [--readonly]
+                     [--cache none|writeback] [--allow-path DIR]... [--max-iops N]
+                     [--max-bps N] [--burst-ms MS] [--json] [--run-dir DIR]
 
 An image named by PATH alone is probed once, now, and recorded with the
 format found (TYPE:PATH); it is never probed again. A writable image probed
 as raw refuses writes that would make it probe as another format: name the
 format (aio:PATH) to lift that.
 
+  --kernel             serve it as the block device /dev/tapdevN (needs the blktap
+                       kernel module, kernel/blktap.ko) instead of over NBD
   --name NAME          export name (default tapN)
   --readonly           refuse writes
   --cache MODE         none (O_DIRECT, default) or writeback (page cache), as QEMU's cache modes
@@ -76,14 +78,16 @@ ${allowPathHelp(23)}
   --max-bps N          QoS: bytes per second (suffixes K, M, G)
   --burst-ms MS        QoS bucket depth in milliseconds of the rate (default 1000)
   --json               print {"minor", "name", "uri", "image", "format", "probed"} as JSON
+                       ("device" instead of "uri" with --kernel)
 
-Prints the minor, then the NBD URI of the new disk (when ctrl serves NBD);
-on stderr, the format when it was probed. An image another minor writes, or
-one QEMU has open for writing, is refused.
+Prints the minor, then the NBD URI of the new disk (when ctrl serves NBD), or
+with --kernel its block device /dev/tapdevN; on stderr, the format when it was
+probed. An image another minor writes, or one QEMU has open for writing, is refused.
 ${RUN_DIR_HELP}`,
   async run(argv) {
     const { values, positionals } = parseCommandArgs(argv, {
       ...runDirOption,
+      kernel: { type: "boolean" },
       name: { type: "string" },
       readonly: { type: "boolean" },
       cache: { type: "string" },
@@ -102,11 +106,16 @@ ${RUN_DIR_HELP}`,
       name: values.name,
       readOnly: values.readonly ?? false,
       cache,
+      kernel: values.kernel ?? false,
       ...qosRequest(values),
     });
     reportImage(result);
     if (values.json) console.log(JSON.stringify(result));
-    else console.log([result.minor, result.uri].filter((x) => x !== undefined).join("\n"));
+    else {
+      console.log(
+        [result.minor, result.device, result.uri].filter((x) => x !== undefined).join("\n"),
+      );
+    }
     return 0;
   },
 };

@@ -11,8 +11,10 @@ import { waitOnThisThread } from "../../ffi/aio.ts";
 import type { BlockDriver } from "../formats/driver.ts";
 import { openImage, parseImageSpec } from "../formats/open_image.ts";
 import { KickChannel } from "../ring/kick_channel.ts";
+import { KernelRingDevice } from "../ring/kernel_ring_device.ts";
+import type { RingDevice } from "../ring/ring_device.ts";
 import type { ServedDisk } from "../ring/ring_disk.ts";
-import { ShmRingDevice } from "../ring/shm_ring_device.ts";
+import { ShmRingDevice, ShmRingEnd } from "../ring/shm_ring_device.ts";
 import { defaultRunDir } from "../cli/run_dir.ts";
 import { DiskServer } from "./disk_server.ts";
 import { StatsFile } from "./stats_file.ts";
@@ -71,7 +73,9 @@ class DiskProcess {
   readonly #log: Logger;
   readonly #minor: number;
   #channel!: KickChannel;
-  #device: ShmRingDevice | undefined;
+  #device: RingDevice | undefined;
+  /** Where ctrl's kicks go: a shared-memory ring device's "requests published". */
+  #channelKick: () => void = () => {};
   #server: DiskServer | undefined;
   #config: AttachConfig | undefined;
   readonly #done: PromiseWithResolvers<number> = Promise.withResolvers();
@@ -84,7 +88,7 @@ class DiskProcess {
   async run(socketPath: string): Promise<number> {
     const conn = await Deno.connect({ transport: "unix", path: socketPath });
     this.#channel = new KickChannel(conn, {
-      onKick: () => this.#server?.kick(),
+      onKick: () => this.#channelKick(),
       onMessage: (m) => this.#onMessage(m),
       onClose: () => {
         // Hung up on before any configuration: ctrl does not know this minor.
@@ -128,7 +132,7 @@ class DiskProcess {
 
   // Drains what is in flight and flushes before exiting, so a driver with
   // write-back metadata (qcow) loses nothing it acknowledged.
-  async #shutdown(why: string): Promise<void> {
+  async #shutdown(why: string, status = 0): Promise<void> {
     const server = this.#server;
     this.#server = undefined;
     if (server) {
@@ -141,31 +145,62 @@ class DiskProcess {
         this.#log.error(`shutdown: ${(error as Error).message}`);
       }
     }
+    await this.#device?.close().catch(() => {});
     this.#channel.close();
-    this.#done.resolve(0);
+    this.#done.resolve(status);
+  }
+
+  // The front end refused this process (a kernel ring device in its error
+  // state): what it answers from now on would be dropped, so stop at once;
+  // ctrl restarts a process and the requests are published to it again.
+  #ringRefused(error: Error): void {
+    this.#log.error(`${error.message}; exiting`);
+    this.#server?.stop();
+    this.#server = undefined;
+    this.#channel.close();
+    this.#done.resolve(1);
+  }
+
+  async #openRing(config: AttachConfig): Promise<RingDevice> {
+    if (config.kernelMinor !== undefined) return await KernelRingDevice.open(config.kernelMinor);
+    const end = new ShmRingEnd(
+      ShmRingDevice.open(config.shmPath, config),
+      () => this.#channel.kick(),
+    );
+    this.#channelKick = () => end.kicked();
+    return end;
   }
 
   async #attach(config: AttachConfig): Promise<void> {
     this.#config = config;
     const driver = await openDiskImage(config.image, config);
-    this.#device = ShmRingDevice.open(config.shmPath, config);
+    const device = await this.#openRing(config);
+    this.#device = device;
     // Counting in the minor's stats file: ctrl reads it even after this process is killed.
     const stats = config.statsPath ? StatsFile.open(config.statsPath) : undefined;
     if (stats) stats.pid = Deno.pid;
-    this.#server = new DiskServer({
+    const server = new DiskServer({
       counters: stats?.counters,
-      ring: this.#device.ring,
-      pool: this.#device.pool,
+      ring: device.ring,
+      pool: device.pool,
       fence: memoryFence,
       driver,
       readOnly: config.readOnly,
-      notify: () => this.#channel.kick(),
+      notify: () => {
+        try {
+          device.notify();
+        } catch (error) {
+          this.#ringRefused(error as Error);
+        }
+      },
       qos: config.qos,
       log: (m) => this.#log.warn(m),
     });
+    this.#server = server;
+    device.start(() => server.kick(), (error) => this.#ringRefused(error));
     this.#log.info(`serving ${config.image} (${driver.sizeBytes} bytes) pid ${Deno.pid}`);
     this.#channel.send({ t: "ready", ...served(driver) });
-    this.#server.kick();
+    server.kick();
   }
 
   async #call(message: Record<string, unknown>): Promise<Record<string, unknown>> {

@@ -19,7 +19,9 @@ export const DISK_SOCKET_NAME = "disks.sock";
 /** What a disk process serves, sent by ctrl on attach. */
 export interface AttachConfig {
   minor: number;
-  /** The ring device (shared memory file). */
+  /** The ring device is the kernel module's /dev/blktapN of this minor (else `shmPath`). */
+  kernelMinor?: number;
+  /** The ring device (shared memory file), when not a kernel one. */
   shmPath: string;
   ringPages: number;
   poolPages: number;

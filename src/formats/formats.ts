@@ -8,9 +8,11 @@ import { AIO_FORMAT, SYNC_FORMAT } from "./raw/raw.ts";
 import { VMDK_FORMAT } from "./vmdk/format.ts";
 import { RAM_FORMAT } from "./ram/ram.ts";
 import { QCOW_FORMAT } from "./qcow/format.ts";
+import { QCOW2_FORMAT } from "./qcow2/format.ts";
 
 export const FORMATS: FormatEntry[] = [
   QCOW_FORMAT,
+  QCOW2_FORMAT,
   VMDK_FORMAT,
   AIO_FORMAT,
   RAM_FORMAT,

@@ -43,17 +43,40 @@ export class GroupCommit {
   }
 }
 
-/** A file's fdatasync as a group commit: `sync()` returns once everything written before it is durable. */
+/**
+ * A file's fdatasync as a group commit: `sync()` returns once everything
+ * written before it is durable; many writes in flight pay for one barrier.
+ */
 export class GroupSync {
   readonly #commit: GroupCommit;
+  #afterNext: (() => void)[] = [];
 
   constructor(flush: () => Promise<void>) {
-    this.#commit = new GroupCommit(flush);
+    this.#commit = new GroupCommit(async () => {
+      const actions = this.#afterNext;
+      this.#afterNext = [];
+      try {
+        await flush();
+      } catch (error) {
+        this.#afterNext.unshift(...actions); // not covered: wait for the next one
+        throw error;
+      }
+      for (const action of actions) action();
+    });
   }
 
   /** Durable: every write that completed before this call. */
   sync(): Promise<void> {
     return this.#commit.run();
+  }
+
+  /**
+   * Runs `action` once a barrier that starts after this call completes,
+   * without forcing one (qcow2's deferred frees ride on the next natural
+   * barrier).
+   */
+  afterNextSync(action: () => void): void {
+    this.#afterNext.push(action);
   }
 
   /** fdatasync calls made so far. */

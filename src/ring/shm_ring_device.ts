@@ -11,6 +11,7 @@
  */
 import { MappedFile } from "../../ffi/mapped_file.ts";
 import { PAGE_BYTES } from "./blkif.ts";
+import type { RingDevice } from "./ring_device.ts";
 
 /** Page counts of a ring device. */
 export interface RingDeviceLayout {
@@ -80,6 +81,49 @@ export class ShmRingDevice {
   /** Removes the file (mappings stay valid until closed). */
   unlink(): void {
     this.#mapped.unlink();
+  }
+}
+
+/**
+ * A shared-memory ring device as the disk process serves it: "requests
+ * published" arrives as a kick on ctrl's channel (the disk process passes it
+ * to {@linkcode ShmRingEnd.kicked}), "responses published" is a kick back.
+ */
+export class ShmRingEnd implements RingDevice {
+  readonly device: ShmRingDevice;
+  readonly #kickPeer: () => void;
+  #onRequests: (() => void) | undefined;
+
+  constructor(device: ShmRingDevice, kickPeer: () => void) {
+    this.device = device;
+    this.#kickPeer = kickPeer;
+  }
+
+  get ring(): Uint8Array {
+    return this.device.ring;
+  }
+
+  get pool(): Uint8Array {
+    return this.device.pool;
+  }
+
+  start(onRequests: () => void): void {
+    this.#onRequests = onRequests;
+  }
+
+  /** ctrl kicked: requests were published. */
+  kicked(): void {
+    this.#onRequests?.();
+  }
+
+  notify(): void {
+    this.#kickPeer();
+  }
+
+  close(): Promise<void> {
+    this.#onRequests = undefined;
+    this.device.close();
+    return Promise.resolve();
   }
 }
 

@@ -33,9 +33,14 @@ export interface CheckResult {
   status: number;
 }
 
+/** Corruptions found (the count when the list was cut short). */
+export function corruptionCount(report: CheckReport): number {
+  return report.corruptionCount ?? report.corruptions.length;
+}
+
 function statusOf(report: CheckReport): number {
   if (report.unusable !== undefined) return CHECK_UNUSABLE;
-  return report.corruptions.length > 0 ? CHECK_CORRUPT : CHECK_CLEAN;
+  return corruptionCount(report) > 0 || (report.checkErrors ?? 0) > 0 ? CHECK_CORRUPT : CHECK_CLEAN;
 }
 
 /** Checks `spec` (`type:path` or a path); never throws for a bad image. */
@@ -82,6 +87,14 @@ export function checkVerdict(result: CheckResult): string | undefined {
   return undefined;
 }
 
+/** `x` with two decimals as C's printf("%.2f") gives it (exact ties to even: 3.125 -> 3.12). */
+function printfFixed2(x: number): string {
+  const scaled = x * 100;
+  const floor = Math.floor(scaled);
+  if (scaled - floor === 0.5 && floor % 2 === 0) return (floor / 100).toFixed(2);
+  return x.toFixed(2);
+}
+
 /** Text in the spirit of `qemu-img check`. */
 export function formatCheckHuman(result: CheckResult): string {
   const { report } = result;
@@ -92,8 +105,12 @@ export function formatCheckHuman(result: CheckResult): string {
     return lines.join("\n");
   }
   for (const c of report.corruptions) lines.push(`ERROR: ${c}`);
-  if (report.corruptions.length > 0) {
-    lines.push(`\n${report.corruptions.length} errors were found on ${result.filename}.`);
+  const errors = corruptionCount(report);
+  if (report.checkErrors) {
+    lines.push(`\n${report.checkErrors} internal errors have occurred during the check.`);
+  }
+  if (errors > 0) {
+    lines.push(`\n${errors} errors were found on ${result.filename}.`);
   } else {
     lines.push(`No errors were found on ${result.filename}.`);
   }
@@ -101,6 +118,18 @@ export function formatCheckHuman(result: CheckResult): string {
     lines.push(
       `${report.leakedClusters} leaked clusters were found on the image.\n` +
         "This means waste of disk space, but no harm to data.",
+    );
+  }
+  const stats = report.clusterStats;
+  if (stats) {
+    // As qemu-img: fragmented and compressed are shares of the allocated clusters.
+    const pct = (n: number, of: number) => printfFixed2(of > 0 ? (100 * n) / of : 0);
+    const allocated = stats.allocatedClusters;
+    lines.push(
+      `${allocated}/${stats.totalClusters} = ${pct(allocated, stats.totalClusters)}% allocated, ` +
+        `${pct(stats.fragmentedClusters, allocated)}% fragmented, ` +
+        `${pct(stats.compressedClusters, allocated)}% compressed clusters`,
+      `Image end offset: ${stats.imageEndOffsetBytes}`,
     );
   }
   return lines.join("\n");

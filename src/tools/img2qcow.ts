@@ -19,7 +19,7 @@ import { openImage } from "../formats/open_image.ts";
 import { openImageFile } from "../formats/raw/open_file.ts";
 import { planQcow, type QcowLayout, setHeadChecksum } from "../formats/qcow/create.ts";
 import { encodeBlkx } from "../formats/qcow/header.ts";
-import { isZeroBytes } from "../formats/qcow/zero.ts";
+import { isZeroBytes } from "../formats/zero_bytes.ts";
 import { NativeMemory } from "../../ffi/memory.ts";
 import { Progress } from "./progress.ts";
 

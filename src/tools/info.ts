@@ -6,6 +6,7 @@
  * @module
  */
 import { type Command, parseCommandArgs } from "../cli/command.ts";
+import type { SnapshotInfo } from "../formats/inspect.ts";
 import { openImage } from "../formats/open_image.ts";
 import { type ChainLayer, describeChain, isRawFormat } from "./image_chain.ts";
 
@@ -24,6 +25,8 @@ export interface ImageReport {
   backingFile?: string;
   backingFormat?: string;
   details?: Record<string, string | number | boolean>;
+  /** Internal snapshots (qcow2). */
+  snapshots?: SnapshotInfo[];
 }
 
 /** The whole report: the top image, guest allocation, and the chain below it. */
@@ -57,6 +60,7 @@ function layerReport(layer: ChainLayer): ImageReport {
   if (layer.info.backingFile !== undefined) report.backingFile = layer.info.backingFile;
   if (layer.info.backingFormat !== undefined) report.backingFormat = layer.info.backingFormat;
   if (layer.info.details) report.details = layer.info.details;
+  if (layer.info.snapshots) report.snapshots = layer.info.snapshots;
   return report;
 }
 
@@ -96,6 +100,25 @@ function humanSize(bytes: number): string {
   return `${shown} ${units[unit]}`;
 }
 
+/** The snapshot table as `qemu-img info` prints it. */
+function snapshotLines(snapshots: SnapshotInfo[]): string[] {
+  const clock = (ns: number) => {
+    const ms = Math.floor(ns / 1e6);
+    const two = (n: number) => String(n).padStart(2, "0");
+    return `${two(Math.floor(ms / 3_600_000))}:${two(Math.floor(ms / 60_000) % 60)}:` +
+      `${two(Math.floor(ms / 1000) % 60)}.${String(ms % 1000).padStart(3, "0")}`;
+  };
+  const date = (s: number) => new Date(s * 1000).toISOString().replace("T", " ").slice(0, 19);
+  return [
+    "Snapshot list:",
+    "ID        TAG               VM SIZE                DATE     VM CLOCK",
+    ...snapshots.map((s) =>
+      `${s.id.padEnd(10)}${s.name.padEnd(18)}${humanSize(s.vmStateBytes).padStart(7)} ` +
+      `${date(s.dateSeconds)} ${clock(s.vmClockNanoseconds)}`
+    ),
+  ];
+}
+
 function imageLines(r: ImageReport): string[] {
   const lines = [
     `image: ${r.filename}`,
@@ -109,6 +132,7 @@ function imageLines(r: ImageReport): string[] {
     lines.push(`backing file: ${r.backingFile}${format}`);
   }
   for (const [key, value] of Object.entries(r.details ?? {})) lines.push(`${key}: ${value}`);
+  if (r.snapshots?.length) lines.push(...snapshotLines(r.snapshots));
   return lines;
 }
 

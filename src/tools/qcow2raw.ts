@@ -11,7 +11,7 @@ import type { BlockDriver } from "../formats/driver.ts";
 import type { ImageFile } from "../formats/image_file.ts";
 import { openImage } from "../formats/open_image.ts";
 import { openImageFile } from "../formats/raw/open_file.ts";
-import { isZeroBytes } from "../formats/qcow/zero.ts";
+import { isZeroBytes } from "../formats/zero_bytes.ts";
 import { NativeMemory } from "../../ffi/memory.ts";
 import { Progress } from "./progress.ts";
 

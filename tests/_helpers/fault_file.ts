@@ -205,7 +205,8 @@ export class MemoryFile implements ImageFile {
 /** A change to the file's contents, as issued. */
 export type FileOp =
   | { kind: "write"; offset: number; data: Uint8Array }
-  | { kind: "length"; length: number }
+  /** ftruncate; `growOnly`: fallocate past the end, which never shortens the file. */
+  | { kind: "length"; length: number; growOnly?: boolean }
   | { kind: "punch"; offset: number; lengthBytes: number };
 
 /** One entry of the shared log. */
@@ -263,6 +264,13 @@ export class FaultFile extends MemoryFile {
     // The length is visible at once (callers read it back synchronously).
     truncateState(this.state, lengthBytes);
     return this.#io({ kind: "length", length: lengthBytes }, () => {});
+  }
+
+  override allocate(offsetBytes: number, lengthBytes: number): Promise<void> {
+    const end = offsetBytes + lengthBytes;
+    if (end <= this.state.length) return Promise.resolve();
+    truncateState(this.state, end);
+    return this.#io({ kind: "length", length: end, growOnly: true }, () => {});
   }
 
   override punchHole(offsetBytes: number, lengthBytes: number): Promise<void> {
@@ -419,14 +427,14 @@ export class CrashImage implements ImageFile {
         this.#dataBlocks[b >> 3] |= 1 << (b & 7);
       }
     } else if (op.kind === "length") {
-      if (op.length < this.#length) {
+      if (op.length < this.#length && !op.growOnly) {
         this.#layer(op.length, this.#length);
         this.#clearBlocks(
           Math.ceil(op.length / block_bytes),
           Math.ceil(this.#length / block_bytes),
         );
       }
-      this.#length = op.length;
+      this.#length = op.growOnly ? Math.max(this.#length, op.length) : op.length;
     } else {
       const end = Math.min(op.offset + op.lengthBytes, this.#length);
       if (end <= op.offset) return;
@@ -537,6 +545,7 @@ const bucket_bytes = 64 << 10;
 /** Applies one I/O to a file's contents. */
 export function applyOp(state: FileState, op: FileOp): void {
   if (op.kind === "write") writeState(state, op.offset, op.data);
-  else if (op.kind === "length") truncateState(state, op.length);
-  else punchState(state, op.offset, op.lengthBytes);
+  else if (op.kind === "length") {
+    truncateState(state, op.growOnly ? Math.max(state.length, op.length) : op.length);
+  } else punchState(state, op.offset, op.lengthBytes);
 }

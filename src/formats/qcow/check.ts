@@ -9,7 +9,7 @@
  */
 import type { CheckOptions, CheckReport } from "../inspect.ts";
 import type { ImageFile } from "../image_file.ts";
-import { openImageFile } from "../raw/open_file.ts";
+import { checkOnFile } from "../beneath.ts";
 import { QcowFormatError, XEN_FLAG_DIRTY } from "./header.ts";
 import { isDirty, type QcowImage, readQcowImage } from "./qcow_image.ts";
 import { describeSpan, type Span, visitReferences } from "./references.ts";
@@ -32,18 +32,8 @@ class _Findings {
 }
 
 /** Checks `path`; see the module description. */
-export async function checkQcow(path: string, options: CheckOptions): Promise<CheckReport> {
-  let file: ImageFile;
-  try {
-    file = await openImageFile(path, { readOnly: !options.repair, engine: "sync" });
-  } catch (error) {
-    return { corruptions: [], leakedClusters: 0, unusable: (error as Error).message };
-  }
-  try {
-    return await checkQcowFile(file, options);
-  } finally {
-    await file.close();
-  }
+export function checkQcow(path: string, options: CheckOptions): Promise<CheckReport> {
+  return checkOnFile(path, options.repair, (file) => checkQcowFile(file, options));
 }
 
 /** Checks an open image file (writable when repairing). */

@@ -16,7 +16,7 @@ import { createHash } from "node:crypto";
 import type { ImageFile } from "../image_file.ts";
 import { GroupCommit } from "../group_commit.ts";
 import { checksumOfDigest } from "./header.ts";
-import { isZeroBytes } from "./zero.ts";
+import { isZeroBytes } from "../zero_bytes.ts";
 
 /** Bytes of one cached block of the table (512 entries). */
 export const l1_block_bytes = 4096;

@@ -52,10 +52,20 @@ import {
   type QcowGeometry,
   XEN_FLAG_DIRTY,
 } from "./header.ts";
-import { L2Cache, L2Table } from "./l2_cache.ts";
+import { L2Table } from "./l2_cache.ts";
+import { TableCache } from "../table_cache.ts";
 import type { L1Table } from "./l1_table.ts";
-import { inflateCluster } from "./compress.ts";
-import { isZeroBytes } from "./zero.ts";
+import { inflateCluster } from "../cluster_compress.ts";
+import {
+  type MapRun,
+  openLayer,
+  pushExtent,
+  pushMapRun,
+  readBeneath,
+  statusBeneath,
+  zeroBeneath,
+} from "../beneath.ts";
+import { isZeroBytes } from "../zero_bytes.ts";
 import {
   hasExtentLayout,
   isDirty,
@@ -66,14 +76,6 @@ import {
 import { reclaimAtOpen } from "./reclaim.ts";
 
 export { type QcowImage, readQcowImage } from "./qcow_image.ts";
-
-/** One run of {@linkcode QcowDriver.mapRuns}. */
-export interface QcowMapRun {
-  offsetBytes: number;
-  lengthBytes: number;
-  kind: "hole" | "data" | "compressed";
-  hostOffsetBytes?: number;
-}
 
 /** A cluster being allocated by a write: its content and where it goes. */
 interface FreshCluster {
@@ -114,7 +116,7 @@ export class QcowDriver extends BlockDriverBase {
   readonly #image: QcowImage;
   readonly #geo: QcowGeometry;
   readonly #l1: L1Table;
-  readonly #cache: L2Cache;
+  readonly #cache: TableCache<L2Table>;
   /** One allocator per L1 entry: planning an allocation inside an L2 table is serialized. */
   readonly #allocLocks = new RangeLock();
   /** Clusters being allocated (guest cluster number → settles when linked or abandoned). */
@@ -146,7 +148,7 @@ export class QcowDriver extends BlockDriverBase {
     this.#extentMode = hasExtentLayout(image) && parent === undefined;
     this.#extentTablesFrom = image.header.extentTablesFromBytes ?? 0;
     const tablesMax = Math.floor(QcowDriver.l2CacheBytesMax / this.#geo.l2TableBytes);
-    this.#cache = new L2Cache(tablesMax, (i) => this.#loadTable(i));
+    this.#cache = new TableCache<L2Table>(tablesMax, (i) => this.#loadTable(i));
     this.capabilities = imageFormatCapabilities(file.writable);
   }
 
@@ -157,21 +159,16 @@ export class QcowDriver extends BlockDriverBase {
     context: OpenContext,
   ): Promise<QcowDriver> {
     const file = await context.openFile(path, options);
-    let parent: BlockDriver | undefined;
-    try {
+    return await openLayer(file, QcowFormatError, async (adopt) => {
       const image = await readQcowImage(file);
       if (image.l1.whole) await _checkL1(file, image);
-      if (image.backingName !== undefined) {
-        parent = await context.openBacking(image.backingName, path);
-      }
+      const name = image.backingName;
+      const parent = name === undefined
+        ? undefined
+        : await adopt(() => context.openBacking(name, path));
       if (file.writable) await _openForWriting(file, image);
       return new QcowDriver(file, image, parent);
-    } catch (error) {
-      await parent?.close();
-      await file.close();
-      if (error instanceof QcowFormatError) throw new BlockError("EINVAL", error.message);
-      throw error;
-    }
+    });
   }
 
   get path(): string {
@@ -252,7 +249,7 @@ export class QcowDriver extends BlockDriverBase {
     table.markAllDirty(); // written whole: nothing relies on what the space held
     table.unlinked = true;
     table.pins += 1;
-    this.#cache.insert(table);
+    await this.#cache.insert(table);
     await this.#l1.stage(l1Index, offset);
     return table;
   }
@@ -377,11 +374,8 @@ export class QcowDriver extends BlockDriverBase {
   }
 
   /** What lies beneath this image at a range: the parent's bytes or zeros. */
-  async #readBeneath(offsetBytes: number, out: Uint8Array): Promise<void> {
-    const parentSize = this.#parent?.sizeBytes ?? 0;
-    const inParent = Math.max(0, Math.min(out.byteLength, parentSize - offsetBytes));
-    if (inParent > 0) await this.#parent!.read(offsetBytes, out.subarray(0, inParent));
-    out.fill(0, inParent);
+  #readBeneath(offsetBytes: number, out: Uint8Array): Promise<void> {
+    return readBeneath(this.#parent, offsetBytes, [out]);
   }
 
   async #inflate(hostOffset: number, compressedBytes: number, guest: number): Promise<Uint8Array> {
@@ -620,12 +614,8 @@ export class QcowDriver extends BlockDriverBase {
     return (await this.#zeroBeneath(clusterStart, clusterBytes)) ? undefined : bytes;
   }
 
-  async #zeroBeneath(offsetBytes: number, lengthBytes: number): Promise<boolean> {
-    const parentSize = this.#parent?.sizeBytes ?? 0;
-    const inParent = Math.min(lengthBytes, parentSize - offsetBytes);
-    if (inParent <= 0) return true;
-    const extents = await this.#parent!.blockStatus(offsetBytes, inParent);
-    return extents.every((e) => e.zero);
+  #zeroBeneath(offsetBytes: number, lengthBytes: number): Promise<boolean> {
+    return zeroBeneath(this.#parent, offsetBytes, lengthBytes);
   }
 
   /** Writes new clusters, one request per run of adjacent host offsets. */
@@ -656,11 +646,7 @@ export class QcowDriver extends BlockDriverBase {
     lengthBytes: number,
   ): Promise<Extent[]> {
     const extents: Extent[] = [];
-    const push = (e: Extent) => {
-      const last = extents[extents.length - 1];
-      if (last && last.hole === e.hole && last.zero === e.zero) last.lengthBytes += e.lengthBytes;
-      else extents.push({ ...e });
-    };
+    const push = (e: Extent) => pushExtent(extents, e);
     const { clusterBytes, l2Entries, l2SpanBytes } = this.#geo;
     const end = offsetBytes + lengthBytes;
     for (let pos = offsetBytes; pos < end;) {
@@ -695,9 +681,9 @@ export class QcowDriver extends BlockDriverBase {
    * prints them): unallocated runs are holes, plain clusters data at their
    * file offset, compressed clusters data without one.
    */
-  async mapRuns(offsetBytes: number, lengthBytes: number): Promise<QcowMapRun[]> {
+  async mapRuns(offsetBytes: number, lengthBytes: number): Promise<MapRun[]> {
     this.checkRange(offsetBytes, lengthBytes);
-    const runs: QcowMapRun[] = [];
+    const runs: MapRun[] = [];
     const { clusterBytes, l2Entries, l2SpanBytes, clusterBits } = this.#geo;
     const end = offsetBytes + lengthBytes;
     let table: L2Table | undefined;
@@ -711,37 +697,20 @@ export class QcowDriver extends BlockDriverBase {
       const clusterEnd = Math.min(end, pos - (pos % clusterBytes) + clusterBytes);
       const index = Math.floor(pos / clusterBytes) % l2Entries;
       const entry = table ? decodeEntry(table.hi(index), table.lo(index), clusterBits) : undefined;
-      const run: QcowMapRun = { offsetBytes: pos, lengthBytes: clusterEnd - pos, kind: "hole" };
+      const run: MapRun = { offsetBytes: pos, lengthBytes: clusterEnd - pos, kind: "hole" };
       if (entry?.compressed) run.kind = "compressed";
       else if (entry && entry.offsetBytes !== 0) {
         run.kind = "data";
         run.hostOffsetBytes = entry.offsetBytes + (pos % clusterBytes);
       }
-      const last = runs[runs.length - 1];
-      const joins = last && last.kind === run.kind &&
-        (last.hostOffsetBytes === undefined
-          ? run.hostOffsetBytes === undefined
-          : last.hostOffsetBytes + last.lengthBytes === run.hostOffsetBytes);
-      if (joins) last.lengthBytes += run.lengthBytes;
-      else runs.push(run);
+      pushMapRun(runs, run);
       pos = clusterEnd;
     }
     return runs;
   }
 
-  async #statusBeneath(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
-    const parentSize = this.#parent?.sizeBytes ?? 0;
-    const inParent = Math.max(0, Math.min(lengthBytes, parentSize - offsetBytes));
-    const extents = inParent > 0 ? await this.#parent!.blockStatus(offsetBytes, inParent) : [];
-    if (inParent < lengthBytes) {
-      extents.push({
-        offsetBytes: offsetBytes + inParent,
-        lengthBytes: lengthBytes - inParent,
-        hole: true,
-        zero: true,
-      });
-    }
-    return extents;
+  #statusBeneath(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
+    return statusBeneath(this.#parent, offsetBytes, lengthBytes);
   }
 
   /**

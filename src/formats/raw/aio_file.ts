@@ -98,8 +98,11 @@ export class AioFile extends FdImageFile {
     const iov: IoVec[] = [{ address: addressOf(buffer), lengthBytes: buffer.byteLength }];
     const got = await this.#submit(false, offsetBytes, iov, buffer.byteLength);
     if (got < buffer.byteLength) {
-      if (got > 0 && offsetBytes + got < this.length) {
+      const resumable = (offsetBytes + got) % this.#alignment === 0;
+      if (got > 0 && offsetBytes + got < this.length && resumable) {
         // A short read inside the file: finish it (possible for buffered I/O).
+        // Under O_DIRECT a short read ends at the kernel's end of file, which
+        // lags `length` while extending writes are in flight: the rest is zeros.
         return this.#readFull(offsetBytes + got, buffer.subarray(got));
       }
       buffer.fill(0, got);

@@ -14,25 +14,11 @@ import { createQcow } from "../../../src/formats/qcow/create.ts";
 import { checkQcow } from "../../../src/formats/qcow/check.ts";
 import { testSeed } from "../../_helpers/random.ts";
 import { afterKill, assertAnsweredWrites } from "../../_helpers/acked_writes.ts";
+import { killWriterAfter } from "../../_helpers/kill_writer.ts";
 import { assertQemuSees, readAll } from "./_util.ts";
 
 const disk_bytes = 4 << 20;
 const writer = new URL("./_crash_writer.ts", import.meta.url).pathname;
-
-async function waitForReady(log: string, child: Deno.ChildProcess): Promise<void> {
-  const deadline = Date.now() + 20_000;
-  let exited = false;
-  child.status.then(() => (exited = true));
-  while (Date.now() < deadline && !exited) {
-    try {
-      if ((await Deno.readTextFile(log)).startsWith("ready")) return;
-    } catch {
-      // not created yet
-    }
-    await new Promise((r) => setTimeout(r, 5));
-  }
-  throw new Error(`crash writer did not start (exited: ${exited})`);
-}
 
 /** What a kill loop verified. */
 export interface KillLoopResult {
@@ -76,22 +62,7 @@ export async function killLoop(
   for (let i = 0; i < iterations; i += 1) {
     const seed = rng.int(0, 2 ** 31);
     const log = `${dir}/${name}-${i}.log`;
-    const child = new Deno.Command(Deno.execPath(), {
-      args: ["run", "--quiet", "-A", writer, image, log, String(seed)],
-      stdout: "null",
-      stderr: "piped",
-    }).spawn();
-    try {
-      await waitForReady(log, child);
-      await new Promise((r) => setTimeout(r, rng.int(0, 120)));
-    } finally {
-      try {
-        child.kill("SIGKILL");
-      } catch {
-        // already gone
-      }
-      await child.output();
-    }
+    await killWriterAfter(writer, [image, log, String(seed)], log, rng.int(0, 120));
     const expected = afterKill(model, seed, await Deno.readTextFile(log));
     result.answered += expected.answered;
     result.answeredUnflushed += expected.answeredUnflushed;

@@ -6,13 +6,9 @@
  * leaks, and a share of them pass `qemu-img check` and read in QEMU as we
  * read them.
  */
-import assert from "node:assert/strict";
-import { simulateCrashes } from "../../_helpers/crash_sim.ts";
+import { runCrashSimulation } from "../../_helpers/crash_sim_run.ts";
 import { VMDK_ON_DEMAND, VMDK_PREALLOCATED } from "./_crash_format.ts";
-import { testSeed } from "../../_helpers/random.ts";
-import { HAVE_QEMU } from "./_vmdk_helpers.ts";
 
-const size_bytes = 4 << 20;
 const points_per_layout = 5000;
 const qemu_every = 50;
 
@@ -23,23 +19,6 @@ for (
   ] as const
 ) {
   Deno.test(`vmdk crash simulation: every crash point (${layout})`, async () => {
-    const rng = testSeed(`vmdk crash sim (${layout})`);
-    const dir = await Deno.makeTempDir({ prefix: "vmdk-crash-sim-" });
-    try {
-      const result = await simulateCrashes(format, {
-        seed: rng.seed,
-        dir,
-        sizeBytes: size_bytes,
-        ios: points_per_layout,
-        reopenEvery: 10,
-        qemuEvery: HAVE_QEMU ? qemu_every : 0,
-      });
-      console.log(`vmdk crash sim (${layout}): ${JSON.stringify(result)}`);
-      assert.ok(result.points >= points_per_layout, `${result.points} crash points`);
-      assert.ok(result.guestFlushes >= 5 && result.volatileMax > 10, JSON.stringify(result));
-      if (HAVE_QEMU) assert.ok(result.qemuChecked >= result.points / qemu_every - 1);
-    } finally {
-      await Deno.remove(dir, { recursive: true });
-    }
+    await runCrashSimulation(format, `vmdk crash sim (${layout})`, points_per_layout, qemu_every);
   });
 }

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# bench/kernel.sh - the kernel front end against the loop device, inside a
+# VM (../shared/vm, Debian's 6.1 under qemu TCG): fio on /dev/tapdevN (blktap
+# aio raw and qcow, each served by a Deno disk process) and on loop devices
+# over the same raw file (direct I/O, and buffered as in 2006), alternated
+# within each repetition: 4 KiB random read/write at depth 32, 1 MiB
+# sequential read/write at depth 8. tap-c is the same raw file served by
+# tests/kernel/tapctl.c (synchronous C, O_DIRECT): what the module and ring
+# cost without the Deno disk process. Prints the median of per-repetition
+# ratios against loop; under emulation absolute numbers mean nothing.
+#   usage: bench/kernel.sh        env: REPS=3 RUNTIME=8 REGION_MIB=256
+#   BLKTAP_DISK_WAIT_US, when set, goes to the guest's disk processes.
+set -uo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+REPS=${REPS:-3} RUNTIME=${RUNTIME:-8} REGION_MIB=${REGION_MIB:-256}
+work=$(mktemp -d "${TMPDIR:-/tmp}/blktap-bench-kernel.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+stage_fail() { echo "bench/kernel.sh: $*" >&2; exit 2; }
+# shellcheck source=tests/kernel/_vm_stage.sh
+. "$repo/tests/kernel/_vm_stage.sh"
+command -v fio >/dev/null || stage_fail "fio is not installed (make deps)"
+stage_module
+stage_app
+
+vol=$work/vol
+mkdir -p "$vol"
+head -c "${REGION_MIB}M" /dev/urandom >"$vol/r.raw"
+"$deno" run --quiet -A "$repo/main.ts" qcow-create "$REGION_MIB" "$vol/q.qcow" >/dev/null ||
+	stage_fail "qcow-create"
+mkfs.ext4 -q -F -d "$vol" "$work/volume.img" $((REGION_MIB * 2 + 256))M || stage_fail "mkfs.ext4"
+
+disk_env=()
+[ -z "${BLKTAP_DISK_WAIT_US:-}" ] || disk_env=(--env BLKTAP_DISK_WAIT_US="$BLKTAP_DISK_WAIT_US")
+bash "$vm" --timeout 3600 "${disk_env[@]}" --mem 3G --module loop "${guest_app_args[@]}" --exe fio \
+	--exe /sbin/losetup --file "$work/blktap.ko:/t/blktap.ko" --file "$work/tapctl:/t/tapctl" \
+	--disk "$work/volume.img" \
+	--env REPS="$REPS" --env RUNTIME="$RUNTIME" --env REGION_MIB="$REGION_MIB" \
+	--log "$work/console.log" "$repo/bench/kernel.guest.sh" /t >/dev/null ||
+	stage_fail "the guest run failed (status $?): $(tail -n 20 "$work/console.log")"
+grep '^# devices' "$work/console.log"
+grep '^RESULT ' "$work/console.log" | tee "$work/results" | awk 'NF != 6 { print "# incomplete: " $0 }'
+python3 -c '
+import statistics, sys
+runs = {}
+for line in sys.stdin:
+    if len(line.split()) != 6:
+        continue
+    _, rep, config, workload, iops, mbps = line.split()
+    runs.setdefault(workload, {}).setdefault(rep, {})[config] = (float(iops), float(mbps))
+print("| workload | config | IOPS (median) | MB/s (median) | ratio to loop-dio | ratio to loop-buffered |")
+print("|---|---|---|---|---|---|")
+for workload, reps in runs.items():
+    for config in ("loop-dio", "loop-buffered", "tap-raw", "tap-qcow", "tap-c"):
+        rows = [r for r in reps.values() if config in r]
+        if not rows:
+            continue
+        iops = statistics.median(r[config][0] for r in rows)
+        mbps = statistics.median(r[config][1] for r in rows)
+        dio, buf = (statistics.median([r[config][0] / r[ref][0] for r in rows if r.get(ref, (0,))[0]] or [0])
+                    for ref in ("loop-dio", "loop-buffered"))
+        print(f"| {workload} | {config} | {iops:.0f} | {mbps:.1f} | {dio:.2f} | {buf:.2f} |")
+' <"$work/results"
