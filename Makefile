@@ -13,7 +13,7 @@ SHIM := shim/libaio_shim.so
 PERMISSIONS := --allow-read --allow-write --allow-ffi --allow-env --allow-run --allow-net --allow-sys
 SOURCES := main.ts $(shell find src ffi -name '*.ts' 2>/dev/null)
 APT_PACKAGES := libaio-dev libaio1 qemu-utils nbdkit libnbd-bin fio gcc-12 make linux-headers-amd64 \
-  libc6-dev libxen-dev e2fsprogs
+  libc6-dev libxen-dev e2fsprogs libvhdi-utils
 # The VM harness shared by the project (boots Debian's 6.1 kernel under qemu).
 VM_DIR ?= $(firstword $(wildcard ../shared/vm /work/shared/vm))
 # The kernel the module is built for: the one the VM boots (the newest

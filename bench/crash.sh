@@ -4,10 +4,11 @@
 # tests/_helpers/crash_sim.ts), spread over JOBS worker processes.
 #
 #   usage: bench/crash.sh [FORMAT] [POINTS]
-#          FORMAT: qcow, qcow2 or vmdk (all layouts of the format), or one
-#          layout: qcow-blktap qcow-backed qcow-qemu qcow2-v3 qcow2-small
-#          qcow2-v2 qcow2-backed vmdk-preallocated vmdk-on-demand
-#          (default: qcow); POINTS per layout (default 1000000)
+#          FORMAT: qcow, qcow2, vmdk or vhd (all layouts of the format), or
+#          one layout: qcow-blktap qcow-backed qcow-qemu qcow2-v3 qcow2-small
+#          qcow2-v2 qcow2-backed vmdk-preallocated vmdk-on-demand vhd-dynamic
+#          vhd-dynamic-small vhd-diff-raw vhd-diff-vhd vhd-fixed (default:
+#          qcow); POINTS per layout (default 1000000)
 #   env:   JOBS=$(nproc) SEED=1 QEMU_EVERY=50 (qemu-img check/compare on every
 #          n-th point; 1 for all of them) OUT=bench/results/crash-<date>.txt
 # Exit 1 at the first violation, with the seed that replays it.
@@ -26,6 +27,7 @@ case $FORMAT in
   qcow) LAYOUTS=(qcow-blktap qcow-backed qcow-qemu) ;;
   qcow2) LAYOUTS=(qcow2-v3 qcow2-small qcow2-v2 qcow2-backed) ;;
   vmdk) LAYOUTS=(vmdk-preallocated vmdk-on-demand) ;;
+  vhd) LAYOUTS=(vhd-dynamic-small vhd-diff-raw vhd-diff-vhd vhd-dynamic vhd-fixed) ;;
   *) LAYOUTS=("$FORMAT") ;;
 esac
 echo "# bench/crash.sh $FORMAT $POINTS points per layout, $JOBS jobs, seeds from $SEED, qemu every $QEMU_EVERY; load $(cut -d' ' -f1-3 /proc/loadavg)" | tee "$OUT"

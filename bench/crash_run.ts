@@ -17,6 +17,7 @@ import {
   QCOW2_V2,
   QCOW2_V3,
 } from "../tests/formats/qcow2/_crash_format.ts";
+import { VHD_LAYOUTS } from "../tests/formats/vhd/_crash_format.ts";
 
 const LAYOUTS: Record<string, CrashFormat> = {
   "qcow-blktap": QCOW_BLKTAP,
@@ -28,6 +29,7 @@ const LAYOUTS: Record<string, CrashFormat> = {
   "qcow2-small": QCOW2_SMALL,
   "qcow2-v2": QCOW2_V2,
   "qcow2-backed": QCOW2_BACKED,
+  ...VHD_LAYOUTS,
 };
 
 const { values } = parseArgs({

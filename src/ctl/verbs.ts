@@ -56,7 +56,8 @@ function reportImage(result: Record<string, unknown>): void {
   if (typeof result.warning === "string") console.error(`blktap: WARNING: ${result.warning}`);
 }
 
-const CREATE: Command = {
+/** `blktap create TYPE:PATH`: attach an image as a new minor (see src/cli/create_command.ts). */
+export const ATTACH_VERB: Command = {
   name: "create",
   summary: "attach an image as a new minor; prints the minor and its NBD URI or /dev/tapdevN",
   usage: `usage: blktap create TYPE:PATH|PATH [--kernel] [--name NAME] [--readonly]
@@ -374,9 +375,8 @@ ${RUN_DIR_HELP}`,
   },
 };
 
-/** Every client verb, in help order. */
+/** Every client verb but `create` (which shares its name with image creation), in help order. */
 export const CLIENT_VERBS: Command[] = [
-  CREATE,
   LIST,
   STATS,
   simpleVerb("pause", "quiesce a minor: in-flight requests drain, new ones wait"),

@@ -36,8 +36,13 @@ export interface FormatEntry {
   aliases?: string[];
   /** What follows `type:` is not a file path (ram: `NAME,size=...`). */
   fileless?: boolean;
-  /** True when the first bytes of a file (up to 4 KiB) are this format. */
-  probe?(head: Uint8Array): boolean;
+  /**
+   * True when the first bytes of a file (up to 4 KiB) are this format, or,
+   * when `probeFormat` passes them, its last 512 bytes (`tail`, where a
+   * fixed VHD keeps its footer). The probe guard of raw images asks about
+   * the head alone.
+   */
+  probe?(head: Uint8Array, tail?: Uint8Array): boolean;
   /** Opens `path` (the part after `type:`). */
   open(path: string, options: ImageOpenOptions, context: OpenContext): Promise<BlockDriver>;
   /** Header facts for `blktap info` (without opening the chain). */

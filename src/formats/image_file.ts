@@ -56,6 +56,13 @@ export interface ImageOpenOptions {
   /** `none` = O_DIRECT (default), `writeback` = page cache, as QEMU's cache modes. */
   cache?: "none" | "writeback";
   /**
+   * A tool is filling a new image it deletes on failure (`convert`): the
+   * format may skip the barriers that order its metadata and keep metadata
+   * until `flush`, which still makes everything durable. A crash or a kill
+   * before that flush may leave the image unreadable. Never for served disks.
+   */
+  unordered?: boolean;
+  /**
    * Hold QEMU's image locks while open (src/formats/raw/image_lock.ts): as
    * a writer when read-write, as a reader when read-only. Default: lock
    * read-write opens only, so readers that do not serve (`info`, `map`)

@@ -26,6 +26,8 @@ export function formatEntry(name: string): FormatEntry | undefined {
 }
 
 const backing_chain_depth_max = 64;
+/** The last bytes probed too: a fixed VHD's footer (QEMU opens a VHD by it only when fixed). */
+const probe_tail_bytes = 512;
 
 /** Splits `type:path`; a spec without a known type is a bare path. */
 export function parseImageSpec(spec: string): { format?: string; path: string } {
@@ -64,9 +66,12 @@ export function probeHead(head: Uint8Array): string | undefined {
 export async function probeFormat(path: string): Promise<string> {
   const file = await openImageFile(path, { readOnly: true, cache: "writeback", lock: false });
   try {
-    const head = new Uint8Array(Math.min(probe_head_bytes, file.lengthBytes()));
+    const length = file.lengthBytes();
+    const head = new Uint8Array(Math.min(probe_head_bytes, length));
     await file.read(0, head);
-    return probeHead(head) ?? "aio";
+    const tail = new Uint8Array(Math.min(probe_tail_bytes, length));
+    await file.read(length - tail.byteLength, tail);
+    return probeHead(head) ?? FORMATS.find((f) => f.probe?.(head, tail))?.name ?? "aio";
   } finally {
     await file.close();
   }

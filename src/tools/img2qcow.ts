@@ -22,6 +22,7 @@ import { encodeBlkx } from "../formats/qcow/header.ts";
 import { isZeroBytes } from "../formats/zero_bytes.ts";
 import { NativeMemory } from "../../ffi/memory.ts";
 import { Progress } from "./progress.ts";
+import { clearTarget } from "./target_file.ts";
 
 const USAGE = `usage: blktap img2qcow [-r] [--force] [-t CACHE] QCOW IMAGE
 
@@ -285,17 +286,6 @@ function _setU64(view: DataView, offset: number, value: number): void {
   view.setUint32(offset + 4, value >>> 0);
 }
 
-function _removeIfForced(path: string, force: boolean): void {
-  let exists = false;
-  try {
-    exists = Deno.lstatSync(path).isFile;
-  } catch {
-    return;
-  }
-  if (!force) throw new Error(`${path} already exists; use --force to overwrite it`);
-  if (exists) Deno.removeSync(path);
-}
-
 async function run(argv: string[]): Promise<number> {
   const { values, positionals } = parseCommandArgs(argv, {
     reserve: { type: "boolean", short: "r" },
@@ -309,7 +299,7 @@ async function run(argv: string[]): Promise<number> {
   }
   const source = await openImage(imageSpec, { readOnly: true, cache: "writeback" });
   try {
-    _removeIfForced(qcowPath, values.force ?? false);
+    clearTarget(qcowPath, values.force ?? false);
     const progress = new Progress("img2qcow", source.sizeBytes);
     await imageToQcow(source, qcowPath, { reserve: values.reserve, progress, cache });
     progress.finish();

@@ -9,6 +9,7 @@ import { type Command, parseCommandArgs, parseSize, UsageError } from "../cli/co
 import { openImage } from "../formats/open_image.ts";
 import { createQcow } from "../formats/qcow/create.ts";
 import { resolveStoredName } from "../formats/chain_policy.ts";
+import { exists } from "../formats/paths.ts";
 
 const USAGE = `usage: blktap qcow-create [-r] SIZE FILE [BACKING]
 
@@ -22,21 +23,12 @@ Creates FILE as a qcow (version 1) image in blktap's layout.
               an absolute path.
   -r, --reserve   preallocate every cluster (no backing file)`;
 
-function _exists(path: string): boolean {
-  try {
-    Deno.statSync(path);
-    return true;
-  } catch {
-    return false;
-  }
-}
-
 /** The name to store for `backing`, and the path to open it by now. */
 export function resolveBackingForCreate(backing: string, imagePath: string) {
   if (backing.startsWith("/")) return { stored: backing, path: backing };
   const fromImage = resolveStoredName(backing, imagePath);
-  if (_exists(fromImage)) return { stored: backing, path: fromImage };
-  if (_exists(backing)) {
+  if (exists(fromImage)) return { stored: backing, path: fromImage };
+  if (exists(backing)) {
     const absolute = Deno.realPathSync(backing);
     return { stored: absolute, path: absolute };
   }
@@ -52,7 +44,7 @@ async function run(argv: string[]): Promise<number> {
   if (backing !== undefined && values.reserve) {
     throw new UsageError("-r cannot be combined with a backing file");
   }
-  if (_exists(file)) throw new Error(`${file} already exists; refusing to overwrite it`);
+  if (exists(file)) throw new Error(`${file} already exists; refusing to overwrite it`);
   let backingName: string | undefined;
   let backingMtime: number | undefined;
   if (backing !== undefined) {

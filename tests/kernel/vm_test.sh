@@ -53,7 +53,8 @@ test_module() {
 }
 
 # The volume the guest keeps its images on: ext4 holding a blktap-layout
-# qcows and two raw files (O_DIRECT needs a real file system).
+# qcows, a vmdk (QEMU's monolithicSparse) and two raw files (O_DIRECT needs a
+# real file system).
 make_volume() {
 	local vol=$work/vol
 	mkdir -p "$vol"
@@ -61,6 +62,7 @@ make_volume() {
 		stage_fail "qcow-create"
 	"$deno" run --quiet -A "$repo/main.ts" qcow-create 64 "$vol/fq.qcow" >/dev/null ||
 		stage_fail "qcow-create"
+	qemu-img create -q -f vmdk "$vol/fv.vmdk" 64M || stage_fail "qemu-img create -f vmdk"
 	truncate -s 128M "$vol/r.raw"
 	truncate -s 64M "$vol/f.raw"
 	mkfs.ext4 -q -F -d "$vol" "$work/volume.img" 1G || stage_fail "mkfs.ext4 of the volume"
@@ -78,6 +80,8 @@ verify_images() { # LOG
 	check_host "host: qemu-img reads the qcow" qemu-img convert -f qcow -O raw "$x/q.qcow" "$x/q.img"
 	check_host "host: e2fsck -fn of the qcow's file system" e2fsck -fn "$x/q.img"
 	check_host "host: e2fsck -fn of the raw image's file system" e2fsck -fn "$x/r.img"
+	debugfs -R "dump /fv.vmdk $x/fv.vmdk" "$work/volume.img" 2>/dev/null
+	check_host "host: qemu-img check of the vmdk written through SIGKILLs" qemu-img check "$x/fv.vmdk"
 	local n=0 bad=0
 	while read -r _ tag sum path; do
 		debugfs -R "dump $path $x/file" "$x/$tag.img" 2>/dev/null

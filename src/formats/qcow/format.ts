@@ -4,7 +4,10 @@
  * @module
  */
 import type { ImageInfo } from "../inspect.ts";
-import type { FormatEntry } from "../format_entry.ts";
+import type { CreateOptions, FormatEntry } from "../format_entry.ts";
+import { CreateOptionError, readCreateOptions } from "../create_options.ts";
+import { resolveStoredName } from "../chain_policy.ts";
+import { createQcow } from "./create.ts";
 import { openImageFile } from "../raw/open_file.ts";
 import { isQcowHeader, XEN_FLAG_L1_BIG_ENDIAN, XEN_FLAG_SPARSE } from "./header.ts";
 import { QcowDriver } from "./qcow.ts";
@@ -54,11 +57,36 @@ export async function qcowInfo(path: string): Promise<ImageInfo> {
   }
 }
 
+/**
+ * `blktap create -f qcow`: blktap's layout (as `qcow-create`), the size in
+ * whole sectors; `-o preallocation=full` reserves every cluster (the
+ * seed's `-r`). qcow cannot record a backing format.
+ */
+/** The `-o` options qcow takes (create and convert). */
+export const QCOW_CREATE_OPTIONS = { preallocation: ["off", "full"] } as const;
+
+async function createHook(path: string, options: CreateOptions): Promise<void> {
+  const values = readCreateOptions("qcow", options.options, QCOW_CREATE_OPTIONS);
+  const reserve = values.preallocation === "full";
+  if (reserve && options.backingName !== undefined) {
+    throw new CreateOptionError("qcow: preallocation=full cannot be combined with a backing file");
+  }
+  let backingMtime: number | undefined;
+  if (options.backingName !== undefined) {
+    const stat = Deno.statSync(resolveStoredName(options.backingName, path));
+    backingMtime = Math.floor((stat.mtime?.getTime() ?? 0) / 1000);
+  }
+  const sizeBytes = Math.ceil(options.sizeBytes / 512) * 512;
+  if (sizeBytes < 512) throw new CreateOptionError("qcow: size must be at least 512 bytes");
+  await createQcow(path, { sizeBytes, backingName: options.backingName, backingMtime, reserve });
+}
+
 /** `qcow:PATH`: QEMU's qcow version 1, with blktap's Xen extension. */
 export const QCOW_FORMAT: FormatEntry = {
   name: "qcow",
   probe: isQcowHeader,
   open: (path, options, context) => QcowDriver.open(path, options, context),
   info: qcowInfo,
+  create: createHook,
   check: checkQcow,
 };

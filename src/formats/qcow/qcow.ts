@@ -66,6 +66,7 @@ import {
   zeroBeneath,
 } from "../beneath.ts";
 import { isZeroBytes } from "../zero_bytes.ts";
+import { perUnit } from "../per_unit.ts";
 import {
   hasExtentLayout,
   isDirty,
@@ -295,25 +296,8 @@ export class QcowDriver extends BlockDriverBase {
   // ---- read ---------------------------------------------------------------
 
   protected _read(offsetBytes: number, buffer: Uint8Array): Promise<void> {
-    return this.#perTable(offsetBytes, buffer, (l1, pos, out) => this.#readInTable(l1, pos, out));
-  }
-
-  // Splits a request at L2-table boundaries and runs the pieces concurrently.
-  async #perTable(
-    offsetBytes: number,
-    bytes: Uint8Array,
-    piece: (l1Index: number, offsetBytes: number, bytes: Uint8Array) => Promise<void>,
-  ): Promise<void> {
-    const tasks: Promise<void>[] = [];
     const span = this.#geo.l2SpanBytes;
-    const end = offsetBytes + bytes.byteLength;
-    for (let pos = offsetBytes; pos < end;) {
-      const l1Index = Math.floor(pos / span);
-      const pieceEnd = Math.min(end, (l1Index + 1) * span);
-      tasks.push(piece(l1Index, pos, bytes.subarray(pos - offsetBytes, pieceEnd - offsetBytes)));
-      pos = pieceEnd;
-    }
-    await Promise.all(tasks);
+    return perUnit(offsetBytes, buffer, span, (l1, pos, out) => this.#readInTable(l1, pos, out));
   }
 
   async #readInTable(l1Index: number, offsetBytes: number, out: Uint8Array): Promise<void> {
@@ -401,11 +385,8 @@ export class QcowDriver extends BlockDriverBase {
   // ---- write --------------------------------------------------------------
 
   protected _write(offsetBytes: number, data: Uint8Array): Promise<void> {
-    return this.#perTable(
-      offsetBytes,
-      data,
-      (l1, pos, piece) => this.#writeInTable(l1, pos, piece),
-    );
+    const span = this.#geo.l2SpanBytes;
+    return perUnit(offsetBytes, data, span, (l1, pos, piece) => this.#writeInTable(l1, pos, piece));
   }
 
   async #writeInTable(l1Index: number, offsetBytes: number, data: Uint8Array): Promise<void> {

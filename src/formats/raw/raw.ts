@@ -15,7 +15,8 @@ import {
   type ZeroOptions,
 } from "../driver.ts";
 import type { ImageFile, ImageOpenOptions } from "../image_file.ts";
-import type { FormatEntry, OpenContext } from "../format_entry.ts";
+import type { CreateOptions, FormatEntry, OpenContext } from "../format_entry.ts";
+import { CreateOptionError, readCreateOptions } from "../create_options.ts";
 import { ProbeGuard } from "./probe_guard.ts";
 import { type FileEngine, openImageFile } from "./open_file.ts";
 import type { FdImageFile } from "./fd_image_file.ts";
@@ -32,12 +33,21 @@ export class RawDriver extends BlockDriverBase {
   readonly #file: ImageFile;
   readonly #guard: ProbeGuard | undefined;
 
-  constructor(format: string, file: ImageFile, guard?: ProbeGuard) {
+  /**
+   * `guard`: the probe guard of a probed raw image. `sizeBytes`: the disk is
+   * the file's first bytes (a fixed VHD keeps its footer behind them).
+   */
+  constructor(
+    format: string,
+    file: ImageFile,
+    guard?: ProbeGuard,
+    sizeBytes = file.lengthBytes(),
+  ) {
     super();
     this.format = format;
     this.#file = file;
     this.#guard = guard;
-    this.sizeBytes = file.lengthBytes();
+    this.sizeBytes = sizeBytes;
     this.capabilities = {
       canWrite: file.writable,
       canFlush: true,
@@ -151,6 +161,26 @@ export class RawDriver extends BlockDriverBase {
   }
 }
 
+/**
+ * `blktap create -f raw`: a sparse file of the size, or with
+ * `-o preallocation=falloc` its space reserved (as `qemu-img create`).
+ */
+async function createRaw(path: string, options: CreateOptions): Promise<void> {
+  const values = readCreateOptions("raw", options.options, { preallocation: ["off", "falloc"] });
+  if (options.backingName !== undefined) {
+    throw new CreateOptionError("raw images cannot have a backing file");
+  }
+  const file = await openImageFile(path, { createNew: true, engine: "sync" });
+  try {
+    if (values.preallocation === "falloc" && options.sizeBytes > 0) {
+      await file.allocate(0, options.sizeBytes);
+    } else await file.truncate(options.sizeBytes);
+    await file.flush();
+  } finally {
+    await file.close();
+  }
+}
+
 function rawFormat(name: string, engine: FileEngine, aliases: string[] = []): FormatEntry {
   return {
     name,
@@ -164,6 +194,7 @@ function rawFormat(name: string, engine: FileEngine, aliases: string[] = []): Fo
       }
       return new RawDriver(name, file, new ProbeGuard(file, context.probeHead));
     },
+    create: createRaw,
   };
 }
 

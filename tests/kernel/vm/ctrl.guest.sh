@@ -1,7 +1,7 @@
 #!/bin/sh
 # Runs in the VM (tests/kernel/vm_test.sh ctrl): blktap ctrl serving kernel
 # minors. /dev/vda is an ext4 volume holding q.qcow and fq.qcow (blktap's
-# qcow layout), r.raw and f.raw. Checks print "ok - NAME" / "not ok - NAME"; the checksums
+# qcow layout), fv.vmdk, r.raw and f.raw. Checks print "ok - NAME" / "not ok - NAME"; the checksums
 # of the files written through /dev/tapdevN print as "SUM IMAGE SHA256 PATH"
 # for the host to verify in the images afterwards.
 #   $1: directory with blktap.ko, tapctl, guest_lib.sh
@@ -42,6 +42,9 @@ check "a third kernel minor" [ -b "$f_dev" ]
 blktap create --kernel --name fioq qcow:/img/fq.qcow >/root/create_fq.out 2>&1
 fq_dev=$(sed -n 2p /root/create_fq.out)
 check "a fourth kernel minor (qcow)" [ -b "$fq_dev" ]
+blktap create --kernel --name fiov vmdk:/img/fv.vmdk >/root/create_fv.out 2>&1
+fv_dev=$(sed -n 2p /root/create_fv.out)
+check "a fifth kernel minor (vmdk)" [ -b "$fv_dev" ]
 kminor() { echo "${1#/dev/tapdev}"; } # /dev/tapdevN -> the module's minor N
 
 # ---- a file system on each: tree, checksums, e2fsck --------------------------
@@ -139,6 +142,7 @@ fio_kills() { # TAG CTRL_MINOR DEVICE
 }
 fio_kills raw 2 "$f_dev"
 fio_kills qcow 3 "$fq_dev"
+fio_kills vmdk 4 "$fv_dev"
 
 # Buffered writes on the mounted raw file system while its disk process dies.
 buffered_kills() { # MINOR-OF-CTRL DEVICE MOUNTPOINT TAG
@@ -173,11 +177,12 @@ stats_reissued() { # CTRL_MINOR: `stats` counts the restarts and the module's re
 	blktap stats "$1" --json --run-dir "$run_dir" >/root/stats.json &&
 		grep -q '"restarts": [3-9]' /root/stats.json && grep -q '"reissued": [1-9]' /root/stats.json
 }
-for m in 2 3; do check "stats of minor $m: restarts and re-issued requests" stats_reissued $m; done
+for m in 2 3 4; do check "stats of minor $m: restarts and re-issued requests" stats_reissued $m; done
 
 # ---- ctrl restarts and finds its kernel minors -------------------------------
 blktap destroy 2 --run-dir "$run_dir"
 blktap destroy 3 --run-dir "$run_dir"
+blktap destroy 4 --run-dir "$run_dir"
 kill -KILL "$ctrl_pid"
 wait "$ctrl_pid" 2>/dev/null
 rm -f "$run_dir/ctrl.sock" # the killed ctrl's; the new one listens when ready
