@@ -16,16 +16,21 @@ const IMAGE_USAGE =
 
 Makes a new image FILE, as qemu-img create does (FILE is never overwritten).
 
-  -f FMT          raw (default), qcow, vmdk, vhd (alias vpc)
+  -f FMT          raw (default), qcow, qcow2, vmdk, vhd (alias vpc)
   -o OPTIONS      KEY=VALUE[,KEY=VALUE...], per format (may repeat):
                     raw:  preallocation=off|falloc
                     qcow: preallocation=off|full
+                    qcow2: compat=0.10|1.1, cluster_size=SIZE (512 to 2M,
+                          default 64K), refcount_bits=1..64 (default 16),
+                          lazy_refcounts=on|off, preallocation=off|metadata|
+                          falloc|full
                     vmdk: subformat=monolithicSparse
                     vhd:  subformat=dynamic|fixed, block_size=SIZE (default 2M),
                           force_size=on|off (keep SIZE exactly instead of
                           rounding it up to a CHS geometry, as qemu-img)
-  -b BACKING      backing file (qcow, vhd); a relative name is stored as given
-                  when it resolves from FILE's folder, else as an absolute path
+  -b BACKING      backing file (qcow, qcow2, vhd); a relative name is stored
+                  as given when it resolves from FILE's folder, else as an
+                  absolute path
   -F BACKING_FMT  the backing file's format (default: read from its header);
                   vhd records only vhd or raw parents
   -q              do not print the 'Formatting ...' line

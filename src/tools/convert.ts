@@ -35,7 +35,7 @@ as qemu-img convert does. Holes and blocks of zeros stay unallocated in DST.
 DST is durable (fdatasync) when convert exits 0, and removed when it fails.
 
   -f FMT       SRC's format (default: read from its header)
-  -O FMT       DST's format: raw, qcow, vmdk, vhd (alias vpc)
+  -O FMT       DST's format: raw, qcow, qcow2, vmdk, vhd (alias vpc)
   -c           compress DST's data (formats with compressed clusters only)
   -p           show progress (shown anyway on a terminal)
   -o OPTIONS   DST creation options, as for blktap create -o
