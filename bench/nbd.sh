@@ -28,11 +28,15 @@
 # workload), and the load average.
 #
 #   usage: bench/nbd.sh [CONFIG...]   (default: every config above)
-#   env:   REPS=3 RUNTIME=8 RAMP=2 IMG=$WORK/base.raw QCOW=$WORK/base.qcow SIZE=2G
+#   env:   ONLY_WORKLOADS="randwrite seqwrite" (a subset of randread randwrite seqread seqwrite)
+#          REPS=3 RUNTIME=8 RAMP=2 IMG=$WORK/base.raw QCOW=$WORK/base.qcow SIZE=2G
 #          QCOW2=$WORK/base.qcow2 QCOW2_FRESH_SIZE=64G
 #          SERVER_CPUS= CLIENT_CPUS= (taskset lists; default: no pinning, so ctrl and
 #          its disk process may use both cores, as qemu-nbd's threads may)
 #          WORK=/var/tmp/blktap-bench.<checkout> OUT=bench/results/nbd-<date>.txt BLKTAP_EXE=
+#          BASE=/path/to/another/checkout: a config named base-CONFIG runs CONFIG on BASE's
+#          sources, so a change is measured against its base in the same run (the summary
+#          prints this tree / BASE per cell)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
@@ -88,8 +92,8 @@ if [[ -n ${BLKTAP_EXE:-} ]]; then BLKTAP=("$BLKTAP_EXE"); else BLKTAP=("$DENO" r
 CTRL_RUN=$WORK/blktap-ctrl-run
 start_ctrl() { # CONFIG SPEC CACHE: ctrl (ring + disk process) serving SPEC as export "bench"
   rm -rf "$CTRL_RUN"; mkdir -m 700 -p "$CTRL_RUN" # ctrl refuses a run dir others can reach
-  start_server "$1" "$CTRL_RUN/nbd.sock" "${BLKTAP[@]}" ctrl --run-dir "$CTRL_RUN" --shm-dir "$CTRL_RUN" --log-level warn
-  timeout 60 "${BLKTAP[@]}" create "$2" --name bench --cache "$3" --run-dir "$CTRL_RUN" >/dev/null
+  start_server "$1" "$CTRL_RUN/nbd.sock" "${RUN_BLKTAP[@]}" ctrl --run-dir "$CTRL_RUN" --shm-dir "$CTRL_RUN" --log-level warn
+  timeout 60 "${RUN_BLKTAP[@]}" create "$2" --name bench --cache "$3" --run-dir "$CTRL_RUN" >/dev/null
   CFG_SOCK=$CTRL_RUN/nbd.sock CFG_EXPORT=bench
 }
 
@@ -105,7 +109,14 @@ qcow2_image() { # CONFIG -> the qcow2 it serves: a new empty one for *qcow2fresh
 
 start_cfg() { # CONFIG -> sets SERVER_PID (0 for fio-direct), CFG_SOCK, CFG_EXPORT
   CFG_SOCK=$SOCK CFG_EXPORT=""
-  case $1 in
+  local cfg=$1
+  RUN_BLKTAP=("${BLKTAP[@]}")
+  if [[ $cfg == base-* ]]; then
+    [[ -f ${BASE:-}/main.ts ]] || { echo "$cfg: BASE=${BASE:-} is not a checkout" >&2; return 1; }
+    RUN_BLKTAP=("$DENO" run --quiet --allow-all "$BASE/main.ts")
+    cfg=${cfg#base-}
+  fi
+  case $cfg in
     fio-direct) SERVER_PID=0 ;;
     blktap-ctrl-none)      start_ctrl "$1" "aio:$IMG" none ;;
     blktap-ctrl-qcow-none) start_ctrl "$1" "qcow:$QCOW" none ;;
@@ -114,9 +125,9 @@ start_cfg() { # CONFIG -> sets SERVER_PID (0 for fio-direct), CFG_SOCK, CFG_EXPO
     blktap-ctrl-qcow2*-writeback) start_ctrl "$1" "qcow2:$(qcow2_image "$1")" writeback ;;
     qemu-nbd-qcow2*-none-native)  start_server "$1" "$SOCK" qemu-nbd -f qcow2 --cache=none --aio=native -t -e 8 -k "$SOCK" "$(qcow2_image "$1")" ;;
     qemu-nbd-qcow2*-writeback)    start_server "$1" "$SOCK" qemu-nbd -f qcow2 -t -e 8 -k "$SOCK" "$(qcow2_image "$1")" ;;
-    blktap-none)          start_server "$1" "$SOCK" "${BLKTAP[@]}" serve "aio:$IMG" --socket "$SOCK" --cache none ;;
+    blktap-none)          start_server "$1" "$SOCK" "${RUN_BLKTAP[@]}" serve "aio:$IMG" --socket "$SOCK" --cache none ;;
     # Page cache: the sync engine (pread/pwrite on the JavaScript thread).
-    blktap-writeback)     start_server "$1" "$SOCK" "${BLKTAP[@]}" serve "sync:$IMG" --socket "$SOCK" --cache writeback ;;
+    blktap-writeback)     start_server "$1" "$SOCK" "${RUN_BLKTAP[@]}" serve "sync:$IMG" --socket "$SOCK" --cache writeback ;;
     qemu-nbd-none-native) start_server "$1" "$SOCK" qemu-nbd -f raw --cache=none --aio=native -t -e 8 -k "$SOCK" "$IMG" ;;
     qemu-nbd-qcow-none-native) start_server "$1" "$SOCK" qemu-nbd -f qcow --cache=none --aio=native -t -e 8 -k "$SOCK" "$QCOW" ;;
     qemu-nbd-writeback)   start_server "$1" "$SOCK" qemu-nbd -f raw -t -e 8 -k "$SOCK" "$IMG" ;;
@@ -133,6 +144,12 @@ WORKLOADS=(
   "seqread   read      1M 8  read"
   "seqwrite  write     1M 8  write"
 )
+if [[ -n ${ONLY_WORKLOADS:-} ]]; then
+  chosen=()
+  for w in "${WORKLOADS[@]}"; do [[ " $ONLY_WORKLOADS " == *" ${w%% *} "* ]] && chosen+=("$w"); done
+  ((${#chosen[@]})) || { echo "ONLY_WORKLOADS=$ONLY_WORKLOADS: none of randread randwrite seqread seqwrite" >&2; exit 2; }
+  WORKLOADS=("${chosen[@]}")
+fi
 
 # run_workload LABEL ROOT_PID name rw bs qd dir: one fio run, CPU of the server tree after the ramp.
 run_workload() {
@@ -163,7 +180,7 @@ run_workload() {
   echo "# bench/nbd.sh $(date -u +%FT%TZ) $(uname -r) $(nproc) cpus; load average $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "# image $IMG ($(stat -c %s "$IMG") bytes); qcow $QCOW; qcow2 $QCOW2, fresh $QCOW2_FRESH_SIZE; blktap: ${BLKTAP[*]}"
   echo "# io engine: ${BLKTAP_IO_ENGINE:-default (io_uring, else libaio)}"
-  echo "# method: fio nbd engine, RUNTIME=$RUNTIME RAMP=$RAMP REPS=$REPS, server cpus '${SERVER_CPUS}', client cpus '${CLIENT_CPUS}'"
+  echo "# method: fio nbd engine, workloads: $(printf "%s " "${WORKLOADS[@]%% *}")RUNTIME=$RUNTIME RAMP=$RAMP REPS=$REPS, server cpus '${SERVER_CPUS}', client cpus '${CLIENT_CPUS}'"
 } | tee "$OUT"
 
 for rep in $(seq 1 "$REPS"); do

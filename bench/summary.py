@@ -106,9 +106,24 @@ def nbd_summary(path):
             a, b = median_field(v, ours, w, "cpu_us_per_req"), median_field(v, theirs, w, "cpu_us_per_req")
             if a is not None and b:
                 print("%-28s %-10s %.2fx (%.1f vs %.1f us)" % (ours, w, a / b, a, b))
+    base_summary(v)
     loads = [float(kv["load1"]) for reps in v.values() for kv in reps.values() if "load1" in kv]
     if loads:
         print("\nload average (1 min) during the run: median %.2f, min %.2f, max %.2f" % (st.median(loads), min(loads), max(loads)))
+
+
+def base_summary(v):
+    """This tree / BASE (bench/nbd.sh's base-CONFIG), where both were measured."""
+    pairs = sorted({k[0][len("base-"):] for k in v if k[0].startswith("base-")})
+    if not pairs:
+        return
+    print()
+    print("%-28s %-10s %s" % ("this tree / BASE", "workload", "ratio of MB/s (higher is faster)"))
+    for label in pairs:
+        for w in WORKLOADS:
+            r = ratio(v, label, "base-" + label, w)
+            if r is not None:
+                print("%-28s %-10s %.2fx" % (label, w, r))
 
 
 def ring_summary(path):

@@ -30,6 +30,8 @@ const ENGINE_KIND: Record<IoEngine, number> = { libaio: 0, io_uring: 1 };
 const OP_PREADV = 0;
 const OP_PWRITEV = 1;
 const OP_FDSYNC = 2;
+/** Record flag: io_uring runs the request in a kernel worker (shim's SHIM_REQ_OFFLOAD). */
+const REQ_OFFLOAD = 1;
 const REQUEST_RECORD_BYTES = 40;
 const IOVEC_BYTES = 16;
 const EVENT_BYTES = 16;
@@ -60,6 +62,7 @@ const TWO_32 = 2 ** 32;
 /** A request that found no free slot yet. */
 interface Queued {
   opcode: number;
+  flags: number;
   fd: number;
   offsetBytes: number;
   iovecs: IoVec[];
@@ -125,27 +128,45 @@ export class AioQueue {
 
   /** Vectored read; resolves to the bytes read (short only at end of file). */
   readv(fd: number, offsetBytes: number, iovecs: IoVec[], path = ""): Promise<number> {
-    return this.#enqueue(OP_PREADV, fd, offsetBytes, iovecs, path);
+    return this.#enqueue(OP_PREADV, 0, fd, offsetBytes, iovecs, path);
   }
 
-  /** Vectored write; resolves to the bytes written. */
-  writev(fd: number, offsetBytes: number, iovecs: IoVec[], path = ""): Promise<number> {
-    return this.#enqueue(OP_PWRITEV, fd, offsetBytes, iovecs, path);
+  /**
+   * Vectored write; resolves to the bytes written. `offload`: io_uring hands
+   * it to a kernel worker rather than trying it during submission, so a large
+   * copy into the page cache runs beside this thread instead of inside its
+   * submit (libaio ignores it).
+   */
+  writev(
+    fd: number,
+    offsetBytes: number,
+    iovecs: IoVec[],
+    path = "",
+    offload = false,
+  ): Promise<number> {
+    return this.#enqueue(OP_PWRITEV, offload ? REQ_OFFLOAD : 0, fd, offsetBytes, iovecs, path);
   }
 
   /** fdatasync through the queue. */
   fdsync(fd: number, path = ""): Promise<number> {
-    return this.#enqueue(OP_FDSYNC, fd, 0, [], path);
+    return this.#enqueue(OP_FDSYNC, 0, fd, 0, [], path);
   }
 
-  #enqueue(opcode: number, fd: number, offsetBytes: number, iovecs: IoVec[], path: string) {
+  #enqueue(
+    opcode: number,
+    flags: number,
+    fd: number,
+    offsetBytes: number,
+    iovecs: IoVec[],
+    path: string,
+  ) {
     if (this.#closed) return Promise.reject(new Error("AioQueue used after close"));
     if (this.#broken) return Promise.reject(this.#broken);
     if (iovecs.length > iovecs_per_batch_max) {
       return Promise.reject(new SysError(SYSCALL_NAMES[opcode], 22, path));
     }
     return new Promise<number>((resolve, reject) => {
-      const request = { opcode, fd, offsetBytes, iovecs, path, resolve, reject };
+      const request = { opcode, flags, fd, offsetBytes, iovecs, path, resolve, reject };
       if (this.#overflow.length > 0 || !this.#addToBatch(request)) this.#overflow.push(request);
       this.#scheduleFlush();
     });
@@ -174,6 +195,7 @@ export class AioQueue {
     setU64(v, at + 8, r.offsetBytes);
     setU64(v, at + 16, this.#iovecsAddress + this.#batchIovecs * IOVEC_BYTES);
     v.setUint32(at + 24, r.iovecs.length, true);
+    v.setUint32(at + 28, r.flags, true);
     setU64(v, at + 32, slot);
     const iv = this.#iovecView;
     for (const iov of r.iovecs) {

@@ -171,7 +171,11 @@ struct shim_event {
 
 // A request record is 40 bytes, little-endian:
 //   u32 opcode (0 preadv, 1 pwritev, 2 fdatasync), i32 fd,
-//   u64 offset_bytes, u64 iovec_addr, u32 iovec_count, u32 pad, u64 tag.
+//   u64 offset_bytes, u64 iovec_addr, u32 iovec_count, u32 flags, u64 tag.
+// flags bit 0 (SHIM_REQ_OFFLOAD): io_uring runs the request in a kernel
+// worker (IOSQE_ASYNC) instead of trying it inside the submission, so a
+// large page-cache copy happens beside the submitting thread; libaio ignores
+// it. flags 0 is the behaviour of every earlier record.
 // iovec_addr points at iovec_count {u64 base, u64 len} pairs; both engines
 // copy iocbs/SQEs and iovecs during submission, so they may be reused after.
 struct shim_request {
@@ -180,11 +184,12 @@ struct shim_request {
   uint64_t offset;
   uint64_t iov;
   uint32_t iovcnt;
-  uint32_t pad;
+  uint32_t flags;
   uint64_t tag;
 };
 
 #define SHIM_SUBMIT_MAX 256
+#define SHIM_REQ_OFFLOAD 1u
 #define SHIM_IO_LIBAIO 0
 #define SHIM_IO_URING 1
 
@@ -368,6 +373,7 @@ static int64_t uring_submit_records(struct shim_uring *u, const struct shim_requ
       sqe->len = r->iovcnt;
       sqe->off = r->offset;
     }
+    if (r->flags & SHIM_REQ_OFFLOAD) sqe->flags |= IOSQE_ASYNC;
     u->sq_array[index] = index;
     tail++;
   }

@@ -135,20 +135,26 @@ engineTest(
 );
 
 engineTest(
-  "page-cache writes, fdsync and reads round-trip (more requests than slots)",
+  "page-cache writes, fdsync and reads round-trip (more requests than slots, every other write offloaded)",
   { slots: 8, pages: 64, direct: false },
   async ({ file, queue, memory }) => {
     for (let i = 0; i < 64; i += 1) memory.bytes.fill(i + 1, i * 4096, (i + 1) * 4096);
     // Unaligned offsets and lengths are fine without O_DIRECT.
     const iov = (i: number) => [{ address: memory.address + i * 4096, lengthBytes: 4000 }];
     const wrote = await Promise.all(
-      Array.from({ length: 64 }, (_, i) => queue.writev(file.fd, i * 4000 + 7, iov(i))),
+      Array.from(
+        { length: 64 },
+        (_, i) => queue.writev(file.fd, i * 4000 + 7, iov(i), "", i % 2 === 1),
+      ),
     );
     assert.deepEqual(wrote, new Array(64).fill(4000));
     assert.equal(await queue.fdsync(file.fd), 0);
     memory.bytes.fill(0);
     await Promise.all(
-      Array.from({ length: 64 }, (_, i) => queue.readv(file.fd, i * 4000 + 7, iov(i))),
+      Array.from(
+        { length: 64 },
+        (_, i) => queue.readv(file.fd, i * 4000 + 7, iov(i)),
+      ),
     );
     for (let i = 0; i < 64; i += 1) {
       const piece = memory.bytes.subarray(i * 4096, i * 4096 + 4000);

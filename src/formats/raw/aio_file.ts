@@ -17,25 +17,36 @@ import { RangeLock } from "./range_lock.ts";
 export const direct_alignment_bytes = 4096;
 const max_inflight_requests = 256;
 
+/** Page-cache writes from this size on are copied by a kernel worker, beside this thread. */
+export const offload_bytes_min = 128 << 10;
+
 let directQueue: AioQueue | undefined;
-let pageCacheReads: AioQueue | undefined;
-let pageCacheWrites: AioQueue | undefined;
+let pageCacheQueue: AioQueue | undefined;
+let smallPageCacheWrites: AioQueue | undefined;
 
 /**
  * One kernel I/O queue per process and kind of request, so requests to all
  * files batch together. O_DIRECT: libaio (completions come from the
- * interrupt). Page cache: reads through io_uring, which copies cached pages
- * during submission and sends misses to its workers (libaio would read a miss
- * synchronously, one request at a time); writes through libaio, whose
- * submission copies into the page cache and completes at once (io_uring, on
- * file systems without non-blocking buffered writes, hands every write to a
- * worker thread).
+ * interrupt). Page cache, as measured through ctrl side by side with the
+ * previous choice (bench/results/nbd-writeback-ab-*): io_uring for reads,
+ * which copies cached pages during submission and sends misses to its
+ * workers (libaio would read a miss synchronously; offloading hits to the
+ * workers cost more CPU than the copy: 1 MiB reads 0.81x). Large writes
+ * through io_uring offloaded to its workers, so the copy runs beside this
+ * thread rather than inside a blocking io_submit (1 MiB writes 1.20-1.27x).
+ * Small writes stay on libaio: its io_submit copies 4 KiB faster than a
+ * hand-off to an io_uring worker, where ext4 (no non-blocking buffered
+ * writes) sends every buffered write (4 KiB writes 0.86x on io_uring).
  */
-function queueFor(direct: boolean, write: boolean): AioQueue {
+function queueFor(direct: boolean, write: boolean, bytes: number): AioQueue {
   if (direct) return directQueue ??= openQueue(max_inflight_requests, "libaio");
-  if (write) return pageCacheWrites ??= openQueue(max_inflight_requests, "libaio");
-  return pageCacheReads ??= openQueue(max_inflight_requests, "io_uring");
+  if (write && bytes < offload_bytes_min) {
+    return smallPageCacheWrites ??= openQueue(max_inflight_requests, "libaio");
+  }
+  return pageCacheQueue ??= openQueue(max_inflight_requests, "io_uring");
 }
+
+const noLock = () => {};
 
 function isAligned(value: number, alignment: number): boolean {
   return value % alignment === 0;
@@ -50,16 +61,12 @@ export class AioFile extends FdImageFile {
   readonly direct: boolean;
   readonly #alignment: number;
   readonly #writeLocks = new RangeLock();
-  readonly #reads: AioQueue;
-  readonly #writes: AioQueue;
   #fdsyncWorks = true;
 
   constructor(file: File, writable: boolean) {
     super(file, writable);
     this.direct = file.direct;
     this.#alignment = file.direct ? direct_alignment_bytes : 1;
-    this.#reads = queueFor(file.direct, false);
-    this.#writes = queueFor(file.direct, true);
   }
 
   #aligned(offsetBytes: number, bytes: Uint8Array): boolean {
@@ -89,7 +96,7 @@ export class AioFile extends FdImageFile {
   // Reads all of `buffer`; a short read means end of file: the rest is zeros.
   async #readFull(offsetBytes: number, buffer: Uint8Array): Promise<void> {
     const iov: IoVec[] = [{ address: addressOf(buffer), lengthBytes: buffer.byteLength }];
-    const got = await this.#reads.readv(this.file.fd, offsetBytes, iov, this.path);
+    const got = await this.#submit(false, offsetBytes, iov, buffer.byteLength);
     if (got < buffer.byteLength) {
       const resumable = (offsetBytes + got) % this.#alignment === 0;
       if (got > 0 && offsetBytes + got < this.length && resumable) {
@@ -107,7 +114,7 @@ export class AioFile extends FdImageFile {
     const start = offsetBytes - (offsetBytes % a);
     const end = Math.ceil((offsetBytes + data.byteLength) / a) * a;
     this.length = Math.max(this.length, offsetBytes + data.byteLength);
-    const release = await this.#writeLocks.acquire(start, end);
+    const release = this.#lockFor(start, end) ?? await this.#writeLocks.acquire(start, end);
     try {
       if (this.#aligned(offsetBytes, data)) {
         await this.#writeFull(offsetBytes, data);
@@ -119,6 +126,19 @@ export class AioFile extends FdImageFile {
     } finally {
       release();
     }
+  }
+
+  #submit(write: boolean, offsetBytes: number, iov: IoVec[], bytes: number): Promise<number> {
+    const queue = queueFor(this.direct, write, bytes);
+    const offload = write && !this.direct && bytes >= offload_bytes_min;
+    if (write) return queue.writev(this.file.fd, offsetBytes, iov, this.path, offload);
+    return queue.readv(this.file.fd, offsetBytes, iov, this.path);
+  }
+
+  // The write lock at once when it is free, or nothing to hold: only O_DIRECT
+  // read-modify-writes blocks, so only it needs writes kept apart.
+  #lockFor(start: number, end: number): (() => void) | undefined {
+    return this.#alignment === 1 ? noLock : this.#writeLocks.tryAcquire(start, end);
   }
 
   async #readModifyWrite(start: number, end: number, offsetBytes: number, data: Uint8Array) {
@@ -146,7 +166,7 @@ export class AioFile extends FdImageFile {
         address: addressOf(data) + done,
         lengthBytes: data.byteLength - done,
       }];
-      const wrote = await this.#writes.writev(this.file.fd, offsetBytes + done, iov, this.path);
+      const wrote = await this.#submit(true, offsetBytes + done, iov, data.byteLength - done);
       if (wrote === 0) throw new SysError("pwritev", 28, this.path);
       done += wrote;
     }
@@ -159,7 +179,7 @@ export class AioFile extends FdImageFile {
       return;
     }
     const total = buffers.reduce((sum, b) => sum + b.byteLength, 0);
-    const got = await this.#reads.readv(this.file.fd, offsetBytes, toIovecs(buffers), this.path);
+    const got = await this.#submit(false, offsetBytes, toIovecs(buffers), total);
     if (got >= total) return;
     // Short only at end of file (or a buffered short read): finish piece by piece.
     let position = 0;
@@ -181,14 +201,11 @@ export class AioFile extends FdImageFile {
     }
     const total = buffers.reduce((sum, b) => sum + b.byteLength, 0);
     this.length = Math.max(this.length, offsetBytes + total);
-    const release = await this.#writeLocks.acquire(offsetBytes, offsetBytes + total);
+    const end = offsetBytes + total;
+    const release = this.#lockFor(offsetBytes, end) ??
+      await this.#writeLocks.acquire(offsetBytes, end);
     try {
-      const wrote = await this.#writes.writev(
-        this.file.fd,
-        offsetBytes,
-        toIovecs(buffers),
-        this.path,
-      );
+      const wrote = await this.#submit(true, offsetBytes, toIovecs(buffers), total);
       let position = 0;
       for (const buffer of buffers) {
         const end = position + buffer.byteLength;
@@ -225,7 +242,7 @@ export class AioFile extends FdImageFile {
     if (!this.writable) return;
     if (this.#fdsyncWorks) {
       try {
-        await this.#writes.fdsync(this.file.fd, this.path);
+        await queueFor(this.direct, true, 0).fdsync(this.file.fd, this.path);
         return;
       } catch (error) {
         if (!(error instanceof SysError && error.code === "EINVAL")) throw error;

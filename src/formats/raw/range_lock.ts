@@ -19,10 +19,15 @@ export class RangeLock {
   /** Waits for `[start, end)` to be free, holds it, returns the release function. */
   async acquire(start: number, end: number): Promise<() => void> {
     for (;;) {
-      const blocker = this.#held.find((h) => h.start < end && start < h.end);
-      if (!blocker) break;
-      await blocker.released;
+      const release = this.tryAcquire(start, end);
+      if (release) return release;
+      await this.#blocker(start, end)!.released;
     }
+  }
+
+  /** Holds `[start, end)` at once if it is free (no promise turn); else undefined. */
+  tryAcquire(start: number, end: number): (() => void) | undefined {
+    if (this.#blocker(start, end)) return undefined;
     let release!: () => void;
     const released = new Promise<void>((resolve) => (release = resolve));
     const held: Held = { start, end, released, release };
@@ -31,5 +36,9 @@ export class RangeLock {
       this.#held.splice(this.#held.indexOf(held), 1);
       held.release();
     };
+  }
+
+  #blocker(start: number, end: number): Held | undefined {
+    return this.#held.find((h) => h.start < end && start < h.end);
   }
 }
