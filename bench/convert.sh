@@ -27,6 +27,8 @@
 #          SKIP_QCOW=1 (leave out the slow qemu-img -O qcow, ~11 s a run)
 #          SECTIONS="img2qcow pairs" PAIRS="raw:qcow2 qcow2:raw raw:vhd vhd:qcow2 ..."
 #          OUT=bench/results/convert-<date>.txt
+#          BASE=/path/to/another/checkout (pairs: its blktap convert runs beside this
+#          tree's in every repetition; prints its ratio to qemu and this tree / BASE)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
@@ -40,6 +42,8 @@ REPS=${REPS:-5}
 SECTIONS=${SECTIONS:-img2qcow pairs}
 PAIRS=${PAIRS:-raw:qcow2 qcow2:raw raw:vhd vhd:qcow2 vhd:raw raw:vmdk}
 BLKTAP=${BLKTAP:-$repo/blktap}
+BASE=${BASE:-}
+[[ -z $BASE || -x $BASE/blktap ]] || { echo "BASE=$BASE has no ./blktap (make there first)" >&2; exit 2; }
 OUT=${OUT:-$repo/bench/results/convert-$(date -u +%Y%m%dT%H%M%S).txt}
 mkdir -p "$(dirname "$OUT")"
 [[ -x $BLKTAP ]] || { echo "build ./blktap first (make)" >&2; exit 2; }
@@ -106,10 +110,19 @@ qfmt() { case $1 in vhd) echo vpc ;; *) echo "$1" ;; esac; }
 can_create() { rm -f "$WORK/probe.$1"; "$BLKTAP" create -q -f "$1" "$WORK/probe.$1" 1M >/dev/null 2>&1 && rm -f "$WORK/probe.$1"; }
 src_of() { if [[ $1 == raw ]]; then echo "$SRC"; else echo "$WORK/pair-src.$1"; fi; }
 
+# Median of per-repetition ratios and ratio of medians of tools $1 / $2 (pair in $pair).
+ratios() {
+  local r
+  r=$(paste -d' ' <(echo "${PT[$pair.$1]}" | tr ' ' '\n' | grep -v '^$') \
+    <(echo "${PT[$pair.$2]}" | tr ' ' '\n' | grep -v '^$') | awk '{ printf "%.6f ", $1 / $2 }' | median)
+  echo "ratio_median_of_reps=$(divide "$r" 1) ratio_of_medians=$(divide "$(echo "${PT[$pair.$1]}" | median)" "$(echo "${PT[$pair.$2]}" | median)")"
+}
+
 section_pairs() {
   local -A PT
-  local pair from to name rep out t0 t1 b q r same
-  local -a RUN=()
+  local pair from to name rep out t0 t1 b q same tool
+  local -a RUN=() TOOLS=(blktap qemu)
+  [[ -n $BASE ]] && TOOLS+=(base)
   for pair in $PAIRS; do
     from=${pair%%:*} to=${pair##*:}
     if ! can_create "$from" || ! can_create "$to"; then
@@ -124,13 +137,15 @@ section_pairs() {
   for ((rep = 0; rep < REPS; rep++)); do
     for pair in "${RUN[@]}"; do
       from=${pair%%:*} to=${pair##*:}
-      for name in blktap qemu; do
+      for name in "${TOOLS[@]}"; do
         out=$WORK/conv.pair.$name.$from-$to
         rm -f "$out"
         sync
         t0=$EPOCHREALTIME
-        if [[ $name == blktap ]]; then
-          pin_client timeout 600 "$BLKTAP" convert -f "$from" -O "$to" "$(src_of "$from")" "$out" >/dev/null
+        if [[ $name != qemu ]]; then
+          tool=$BLKTAP
+          [[ $name == base ]] && tool=$BASE/blktap
+          pin_client timeout 600 "$tool" convert -f "$from" -O "$to" "$(src_of "$from")" "$out" >/dev/null
         else
           pin_client timeout 600 qemu-img convert -f "$(qfmt "$from")" -O "$(qfmt "$to")" "$(src_of "$from")" "$out"
           pin_client timeout 600 sync -d "$out"
@@ -144,11 +159,10 @@ section_pairs() {
     from=${pair%%:*} to=${pair##*:}
     b=$(echo "${PT[$pair.blktap]}" | median)
     q=$(echo "${PT[$pair.qemu]}" | median)
-    r=$(paste -d' ' <(echo "${PT[$pair.blktap]}" | tr ' ' '\n' | grep -v '^$') \
-      <(echo "${PT[$pair.qemu]}" | tr ' ' '\n' | grep -v '^$') | awk '{ printf "%.6f ", $1 / $2 }' | median)
     same=differ
     timeout 300 qemu-img compare -q -f raw -F "$(qfmt "$to")" "$SRC" "$WORK/conv.pair.blktap.$from-$to" && same=identical
-    echo "pair $from->$to ratio_median_of_reps=$(divide "$r" 1) ratio_of_medians=$(divide "$b" "$q") blktap_median_s=$b qemu_sync_median_s=$q blktap_runs=\"${PT[$pair.blktap]% }\" qemu_runs=\"${PT[$pair.qemu]% }\" du_blktap=$(du -B1 "$WORK/conv.pair.blktap.$from-$to" | cut -f1) du_qemu=$(du -B1 "$WORK/conv.pair.qemu.$from-$to" | cut -f1) compare=$same (goal ratio <= 1.0)"
+    [[ -n $BASE ]] && echo "pair $from->$to base=$BASE $(ratios base qemu) $(ratios blktap base | sed 's/ratio_/tree_over_base_/g') base_runs=\"${PT[$pair.base]% }\""
+    echo "pair $from->$to $(ratios blktap qemu) blktap_median_s=$b qemu_sync_median_s=$q blktap_runs=\"${PT[$pair.blktap]% }\" qemu_runs=\"${PT[$pair.qemu]% }\" du_blktap=$(du -B1 "$WORK/conv.pair.blktap.$from-$to" | cut -f1) du_qemu=$(du -B1 "$WORK/conv.pair.qemu.$from-$to" | cut -f1) compare=$same (goal ratio <= 1.0)"
   done
 }
 

@@ -21,6 +21,12 @@
  *    beneath) reads as before or as the unanswered write left it whatever
  *    a crash keeps of the data, so data and entries go out together.
  * 3. FLUSH is one more barrier: everything answered is then durable.
+ * Opened `unordered` (a tool filling a new image it deletes on failure,
+ * `convert`), the ordering barriers of 2. are skipped (no fdatasync: the
+ * deferred frees riding on them still run in order); FLUSH and close
+ * still fdatasync, so everything is durable when they complete. A crash
+ * before that may leave the image unreadable, which is why only such tools
+ * may ask for it.
  * Writes into allocated clusters whose refcount is one (COPIED) go in
  * place with no metadata; requests to different clusters run concurrently
  * ({@linkcode ClusterLocks}).
@@ -112,7 +118,10 @@ export class Qcow2Driver extends BlockDriverBase {
   readonly #tables: MappingTables;
   readonly #refcounts: RefcountStore;
   readonly #allocator: ClusterAllocator;
+  /** Ordering barriers (rule 2); fdatasync unless opened `unordered`. */
   readonly #sync: GroupSync;
+  /** Durability (FLUSH, close): always fdatasync. */
+  readonly #durable: GroupSync;
   readonly #writer: MetadataWriter;
   readonly #locks = new ClusterLocks();
   readonly #preps: TablePreps;
@@ -137,7 +146,8 @@ export class Qcow2Driver extends BlockDriverBase {
     this.#g = g;
     this.sizeBytes = h.sizeBytes;
     this.#writer = new MetadataWriter(file);
-    this.#sync = new GroupSync(() => file.flush());
+    this.#durable = new GroupSync(() => file.flush());
+    this.#sync = options.unordered ? new GroupSync(() => Promise.resolve()) : this.#durable;
     this.#tables = new MappingTables(file, g, this.#writer, {
       offsetBytes: h.l1TableOffset,
       size: h.l1Size,
@@ -154,7 +164,8 @@ export class Qcow2Driver extends BlockDriverBase {
       writeReftableFields: (offset, clusters) => this.#header.setReftable(offset, clusters),
       minimumFrontier: () => this.#minimumFrontier(),
       growsWithHoles: _growsWithHoles(file),
-      reservationBytes: options.cache === "writeback"
+      // Without barriers a reservation costs no fdatasync: reserve as much as through the page cache.
+      reservationBytes: options.cache === "writeback" || options.unordered
         ? reservation_bytes_page_cache
         : reservation_bytes,
     });
@@ -207,9 +218,9 @@ export class Qcow2Driver extends BlockDriverBase {
     return this.#g.clusterBytes;
   }
 
-  /** Barriers (fdatasync) completed so far (for tests and benchmarks). */
+  /** fdatasync calls completed so far, barriers and flushes (for tests and benchmarks). */
   get barriers(): number {
-    return this.#sync.syncs;
+    return this.#durable.syncs;
   }
 
   /** Cached metadata (L2 and refcount slices), for tests of the memory bound. */
@@ -882,7 +893,9 @@ export class Qcow2Driver extends BlockDriverBase {
 
   protected _flush(): Promise<void> {
     if (!this.#file.writable) return Promise.resolve();
-    return this.#sync.sync();
+    if (this.#sync === this.#durable) return this.#durable.sync();
+    // Unordered: the skipped barrier first (the deferred frees it releases), then fdatasync.
+    return this.#sync.sync().then(() => this.#durable.sync());
   }
 
   /**
@@ -997,6 +1010,8 @@ export class Qcow2Driver extends BlockDriverBase {
     await this.#allocator.drain();
     await this.#sync.sync();
     if (this.#allocator.freeErrors.length === 0) await this.#header.markClean();
+    // Unordered: the drain's refcounts and the clean header are not yet durable.
+    if (this.#sync !== this.#durable) await this.#durable.sync();
   }
 }
 

@@ -257,6 +257,51 @@ Deno.test({
 });
 
 Deno.test({
+  name:
+    "qcow2 opened unordered (convert's output): no fdatasync until flush; ordered opens keep their barriers",
+  ignore: !hasQemu,
+  fn: async () => {
+    await inTempDir(async (dir) => {
+      const size = 96 << 20;
+      const rng = testSeed("qcow2 unordered barriers");
+      // Plain data over many L2 tables and refcount blocks (4 KiB clusters), overwrites
+      // in place, zeroed ranges and compressed clusters: every allocating path.
+      const plan: { offset: number; data: Uint8Array; compressed: boolean }[] = [];
+      for (let i = 0; i < 120; i += 1) {
+        const offset = rng.int(0, size / 4096 - 64) * 4096;
+        plan.push({ offset, data: rng.bytes(rng.int(1, 64) * 4096), compressed: false });
+      }
+      const text = new TextEncoder().encode("compress me ".repeat(400)).subarray(0, 4096);
+      for (let i = 0; i < 16; i += 1) {
+        plan.push({ offset: (size - (i + 1) * 4096) & ~4095, data: text, compressed: true });
+      }
+      for (const unordered of [true, false]) {
+        const path = `${dir}/${unordered ? "unordered" : "ordered"}.qcow2`;
+        await createQcow2(path, { sizeBytes: size, options: { cluster_size: "4K" } });
+        const driver = await openImage(path, { unordered }) as Qcow2Driver;
+        const model = new Uint8Array(size);
+        for (const op of plan) {
+          model.set(op.data, op.offset);
+          if (op.compressed) await driver.writeCompressed!(op.offset, op.data);
+          else await driver.write(op.offset, op.data);
+        }
+        await driver.writeZeroes(8 << 20, 1 << 20, { mayTrim: true });
+        model.fill(0, 8 << 20, 9 << 20);
+        const before = driver.barriers;
+        if (unordered) assert.equal(before, 0, "unordered: no barrier before the flush");
+        else assert.ok(before > 0, "ordered: allocations are ordered by barriers");
+        await driver.flush();
+        assert.equal(driver.barriers, before + 1, "a flush is one fdatasync");
+        await assertReads(driver, model, unordered ? "unordered" : "ordered");
+        await driver.close();
+        await assertQemuClean(path);
+        await assertQemuReads(dir, path, model);
+      }
+    });
+  },
+});
+
+Deno.test({
   name: "qcow2: metadata caches stay within their configured bounds on a large image",
   ignore: !hasQemu,
   fn: async () => {

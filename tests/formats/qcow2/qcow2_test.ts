@@ -2,7 +2,8 @@
  * The qcow2 driver against a model: seeded random writes, write-zeroes and
  * discards issued concurrently, on images of every layout we write (v2,
  * v3, cluster sizes 512 B to 2 MiB, every refcount width, backed or not,
- * caches small enough to evict); afterwards the driver reads the model,
+ * caches small enough to evict, opened `unordered` as convert opens its
+ * output: no ordering barriers); afterwards the driver reads the model,
  * `qemu-img check` finds nothing (no leak either) and `qemu-img compare`
  * reads the model too.
  */
@@ -28,6 +29,8 @@ interface Case {
   ops: number;
   backed?: boolean;
   smallCaches?: boolean;
+  /** Opened as `convert` opens its output (no ordering barriers, durable at flush and close). */
+  unordered?: boolean;
 }
 
 const CASES: Case[] = [
@@ -97,6 +100,22 @@ const CASES: Case[] = [
     options: { preallocation: "metadata" },
     ops: 500,
   },
+  {
+    name: "unordered, 512-byte clusters (tables grow), tiny caches",
+    size: 6 << 20,
+    options: { cluster_size: "512" },
+    ops: 600,
+    smallCaches: true,
+    unordered: true,
+  },
+  {
+    name: "unordered, v2 backed by raw",
+    size: 16 << 20,
+    options: { compat: "0.10", cluster_size: "8K" },
+    ops: 500,
+    backed: true,
+    unordered: true,
+  },
 ];
 
 for (const c of CASES) {
@@ -124,7 +143,7 @@ for (const c of CASES) {
           [Qcow2Driver.l2CacheBytesMax, Qcow2Driver.refcountCacheBytesMax] = [8192, 8192];
         }
         try {
-          const driver = await openImage(image);
+          const driver = await openImage(image, { unordered: c.unordered });
           try {
             const clusterBytes = (driver as Qcow2Driver).clusterBytes;
             await randomOps(driver, model, rng, c.ops, clusterBytes);
