@@ -8,7 +8,7 @@
  * @module
  */
 import type { ImageFile } from "../image_file.ts";
-import { openImageFile } from "../raw/open_file.ts";
+import { createImageFile } from "../raw/open_file.ts";
 import {
   backing_name_bytes_max,
   encodeBlkx,
@@ -104,8 +104,7 @@ export async function createQcow(path: string, options: QcowCreateOptions): Prom
     throw new Error("a reserved image cannot have a backing file");
   }
   const layout = planQcow(options);
-  const file = await openImageFile(path, { createNew: true, engine: "sync" });
-  try {
+  await createImageFile(path, async (file) => {
     const l1Bytes = new Uint8Array(layout.l1RegionBytes);
     let end = layout.dataStart;
     if (options.reserve) end = await _reserveAll(file, layout, options.sizeBytes, l1Bytes);
@@ -115,9 +114,7 @@ export async function createQcow(path: string, options: QcowCreateOptions): Prom
     setHeadChecksum(layout.head, l1Bytes.subarray(0, layout.l1Entries * 8));
     await file.write(0, layout.head);
     await file.flush();
-  } finally {
-    await file.close();
-  }
+  });
 }
 
 /**

@@ -15,7 +15,7 @@
  * @module
  */
 import type { CreateOptions } from "../format_entry.ts";
-import { openImageFile } from "../raw/open_file.ts";
+import { createImageFile, openImageFile } from "../raw/open_file.ts";
 import { parseSizeBytes } from "../size.ts";
 import { standardEntry } from "./entries.ts";
 import {
@@ -197,8 +197,7 @@ export async function createQcow2(path: string, options: CreateOptions): Promise
     backingName,
     backingFormat,
   });
-  const file = await openImageFile(path, { createNew: true, engine: "sync" });
-  try {
+  await createImageFile(path, async (file) => {
     await _writeRefcounts(file, s, layout, reftableAt, refblocksAt);
     await _writeTables(file, s, layout, l1At, tablesAt, dataAt);
     const end = dataAt + layout.dataClusters * c;
@@ -209,12 +208,7 @@ export async function createQcow2(path: string, options: CreateOptions): Promise
     await file.flush();
     await file.write(0, head);
     await file.flush();
-  } catch (error) {
-    await file.close();
-    await Deno.remove(path).catch(() => {});
-    throw error;
-  }
-  await file.close();
+  });
 }
 
 async function _writeRefcounts(

@@ -70,3 +70,23 @@ export async function openImageFile(
   const Engine = options.engine === "sync" ? SyncFile : AioFile;
   return new Engine(file, !options.readOnly);
 }
+
+/**
+ * Creates `path` as a new image file (never over an existing one) and lets
+ * `fill` write it through the sync engine; when `fill` fails the file is
+ * removed, so no half-made image is left to be opened later.
+ */
+export async function createImageFile(
+  path: string,
+  fill: (file: ImageFile) => Promise<void>,
+): Promise<void> {
+  const file = await openImageFile(path, { createNew: true, engine: "sync" });
+  try {
+    await fill(file);
+  } catch (error) {
+    await file.close();
+    await Deno.remove(path).catch(() => {});
+    throw error;
+  }
+  await file.close();
+}

@@ -18,7 +18,7 @@ import type { ImageFile, ImageOpenOptions } from "../image_file.ts";
 import type { CreateOptions, FormatEntry, OpenContext } from "../format_entry.ts";
 import { CreateOptionError, readCreateOptions } from "../create_options.ts";
 import { ProbeGuard } from "./probe_guard.ts";
-import { type FileEngine, openImageFile } from "./open_file.ts";
+import { createImageFile, type FileEngine, openImageFile } from "./open_file.ts";
 import type { FdImageFile } from "./fd_image_file.ts";
 
 /**
@@ -170,15 +170,12 @@ async function createRaw(path: string, options: CreateOptions): Promise<void> {
   if (options.backingName !== undefined) {
     throw new CreateOptionError("raw images cannot have a backing file");
   }
-  const file = await openImageFile(path, { createNew: true, engine: "sync" });
-  try {
+  await createImageFile(path, async (file) => {
     if (values.preallocation === "falloc" && options.sizeBytes > 0) {
       await file.allocate(0, options.sizeBytes);
     } else await file.truncate(options.sizeBytes);
     await file.flush();
-  } finally {
-    await file.close();
-  }
+  });
 }
 
 function rawFormat(name: string, engine: FileEngine, aliases: string[] = []): FormatEntry {

@@ -12,7 +12,7 @@
  * by default). Written, then fdatasync; a failure removes the file.
  * @module
  */
-import { openImageFile } from "../raw/open_file.ts";
+import { createImageFile } from "../raw/open_file.ts";
 import type { ImageFile } from "../image_file.ts";
 import {
   DISK_DIFFERENCING,
@@ -111,19 +111,13 @@ export async function createVhd(path: string, options: VhdCreateOptions): Promis
     timestamp: vhdTimestamp(new Date()),
   };
   const footer = encodeFooter(fields);
-  const file = await openImageFile(path, { createNew: true, engine: "sync" });
-  try {
+  await createImageFile(path, async (file) => {
     if (options.subformat === "fixed") {
       await file.truncate(sizeBytes);
       await file.write(sizeBytes, footer);
     } else await _writeDynamic(file, footer, sizeBytes, blockBytes, options.parent);
     await file.flush();
-  } catch (error) {
-    await file.close();
-    await Deno.remove(path).catch(() => {});
-    throw error;
-  }
-  await file.close();
+  });
 }
 
 async function _writeDynamic(
