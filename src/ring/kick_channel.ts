@@ -5,6 +5,7 @@
  * is not queued twice, as Xen event channels coalesce.
  * @module
  */
+import { joinBytes } from "../formats/join_bytes.ts";
 
 const KICK = 0x01;
 const NEWLINE = 0x0a;
@@ -83,7 +84,7 @@ export class KickChannel {
     this.#writing = true;
     try {
       while (this.#outbox.length > 0 && !this.#closed) {
-        const chunk = concat(this.#outbox);
+        const chunk = joinBytes(this.#outbox);
         this.#outbox = [];
         this.#kickQueued = false;
         await writeAll(this.#conn, chunk);
@@ -139,7 +140,7 @@ export class KickChannel {
   }
 
   #deliverLine(): void {
-    const text = decoder.decode(concat(this.#line));
+    const text = decoder.decode(joinBytes(this.#line));
     this.#line = [];
     this.#lineBytes = 0;
     const message = JSON.parse(text);
@@ -154,18 +155,6 @@ export class KickChannel {
     this.close();
     this.#handlers.onClose(error);
   }
-}
-
-function concat(chunks: Uint8Array[]): Uint8Array {
-  if (chunks.length === 1) return chunks[0];
-  const total = chunks.reduce((n, c) => n + c.length, 0);
-  const out = new Uint8Array(total);
-  let at = 0;
-  for (const c of chunks) {
-    out.set(c, at);
-    at += c.length;
-  }
-  return out;
 }
 
 async function writeAll(conn: Deno.Conn, bytes: Uint8Array): Promise<void> {

@@ -66,6 +66,7 @@ import {
   zeroBeneath,
 } from "../beneath.ts";
 import { isZeroBytes } from "../zero_bytes.ts";
+import { joinBytes } from "../join_bytes.ts";
 import { perUnit } from "../per_unit.ts";
 import {
   hasExtentLayout,
@@ -606,7 +607,7 @@ export class QcowDriver extends BlockDriverBase {
     for (let i = 0; i < fresh.length;) {
       let j = i + 1;
       while (j < fresh.length && fresh[j].host === fresh[j - 1].host + clusterBytes) j += 1;
-      tasks.push(this.#file.write(fresh[i].host, _joined(fresh.slice(i, j).map((f) => f.bytes))));
+      tasks.push(this.#file.write(fresh[i].host, joinBytes(fresh.slice(i, j).map((f) => f.bytes))));
       i = j;
     }
     await Promise.all(tasks);
@@ -769,25 +770,4 @@ async function _openForWriting(file: ImageFile, image: QcowImage): Promise<void>
     }
   }
   await file.flush();
-}
-
-function _joined(parts: Uint8Array[]): Uint8Array {
-  if (parts.length === 1) return parts[0];
-  const first = parts[0];
-  // Consecutive slices of one caller buffer need no copy.
-  let contiguous = true;
-  for (let i = 1; i < parts.length && contiguous; i += 1) {
-    const prev = parts[i - 1];
-    contiguous = parts[i].buffer === first.buffer &&
-      parts[i].byteOffset === prev.byteOffset + prev.byteLength;
-  }
-  const total = parts.reduce((n, p) => n + p.byteLength, 0);
-  if (contiguous) return new Uint8Array(first.buffer, first.byteOffset, total);
-  const out = new Uint8Array(total);
-  let at = 0;
-  for (const p of parts) {
-    out.set(p, at);
-    at += p.byteLength;
-  }
-  return out;
 }

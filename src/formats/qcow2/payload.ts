@@ -78,15 +78,3 @@ export class Payload {
     return this.slice(start, end).every(isZeroBytes);
   }
 }
-
-/** One buffer for `parts` (the first itself when there is only one). */
-export function joined(parts: Uint8Array[]): Uint8Array {
-  if (parts.length === 1) return parts[0];
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.byteLength, 0));
-  let at = 0;
-  for (const p of parts) {
-    out.set(p, at);
-    at += p.byteLength;
-  }
-  return out;
-}

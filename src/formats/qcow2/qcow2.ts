@@ -57,6 +57,7 @@ import {
   zeroBeneath,
 } from "../beneath.ts";
 import { isZeroBytes } from "../zero_bytes.ts";
+import { joinBytes } from "../join_bytes.ts";
 import {
   ClusterAllocator,
   type ClusterRun,
@@ -78,7 +79,7 @@ import { type Qcow2Image, readQcow2Image } from "./image.ts";
 import { MappingTables } from "./mapping.ts";
 import { MetadataWriter } from "./metadata_writer.ts";
 import { observed } from "./observed.ts";
-import { joined, Payload } from "./payload.ts";
+import { Payload } from "./payload.ts";
 import { RefcountStore } from "./refcounts.ts";
 import { HeaderFields } from "./header_fields.ts";
 import { type TablePrep, TablePreps } from "./table_preps.ts";
@@ -520,7 +521,7 @@ export class Qcow2Driver extends BlockDriverBase {
   #writeFile(hostOffset: number, parts: Uint8Array[]): Promise<void> {
     if (parts.length === 1) return observed(this.#file.write(hostOffset, parts[0]));
     if (this.#file.writev) return observed(this.#file.writev(hostOffset, parts));
-    return observed(this.#file.write(hostOffset, joined(parts)));
+    return observed(this.#file.write(hostOffset, joinBytes(parts)));
   }
 
   /**

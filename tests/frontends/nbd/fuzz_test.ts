@@ -22,6 +22,7 @@ import { CtrlHarness, rawImage } from "../../_helpers/ctrl_harness.ts";
 import { infoData, metaContextData, RawNbdClient } from "../../_helpers/nbd_client.ts";
 import { Random, testSeed } from "../../_helpers/random.ts";
 import { sha256File } from "../../_helpers/tools.ts";
+import { joinBytes } from "../../../src/formats/join_bytes.ts";
 
 const MiB = 1 << 20;
 const size_bytes = 16 * MiB;
@@ -51,23 +52,13 @@ interface Case {
   refusal: Refusal;
 }
 
-function concat(...parts: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.byteLength, 0));
-  let at = 0;
-  for (const p of parts) {
-    out.set(p, at);
-    at += p.byteLength;
-  }
-  return out;
-}
-
 function option(code: number, data: Uint8Array, lengthField = data.byteLength): Uint8Array {
   const head = new Uint8Array(16);
   const view = new DataView(head.buffer);
   view.setBigUint64(0, P.IHAVEOPT);
   view.setUint32(8, code);
   view.setUint32(12, lengthField);
-  return concat(head, data);
+  return joinBytes([head, data]);
 }
 
 function optionError(what: string, code: number, data: Uint8Array, types?: number[]): Case {
@@ -144,7 +135,7 @@ function malformedOption(r: Random, structured: boolean): Case {
       return optionError(
         "INFO/GO with trailing bytes",
         infoGo,
-        concat(good, r.bytes(r.int(1, 8))),
+        joinBytes([good, r.bytes(r.int(1, 8))]),
         INVALID,
       );
     case 5: {
@@ -181,7 +172,7 @@ function malformedOption(r: Random, structured: boolean): Case {
       const code = r.pick([P.NBD_OPT_LIST_META_CONTEXT, P.NBD_OPT_SET_META_CONTEXT]);
       const broken = r.int(0, 1) === 0
         ? meta.subarray(0, r.int(0, meta.byteLength - 1))
-        : concat(meta, r.bytes(r.int(1, 8)));
+        : joinBytes([meta, r.bytes(r.int(1, 8))]);
       return optionError("META_CONTEXT data of the wrong length", code, broken, INVALID);
     }
   }
@@ -211,7 +202,7 @@ function request(
   view.setBigUint64(8, handle);
   view.setBigUint64(16, offset);
   view.setUint32(24, length);
-  return concat(head, payload);
+  return joinBytes([head, payload]);
 }
 
 /** Flags proto.md documents per command (FUA is valid on every command). */
