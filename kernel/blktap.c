@@ -911,7 +911,12 @@ static int device_create_disk(struct tap_minor *m, const struct blktap_device_pa
 	set->nr_hw_queues = 1;
 	set->queue_depth = m->geo.queue_depth;
 	set->numa_node = NUMA_NO_NODE;
-	set->flags = BLK_MQ_F_SHOULD_MERGE;
+	/*
+	 * Like loop: a device stacked on files whose own queues schedule;
+	 * an elevator here only adds a lock and a sort per request.
+	 * `echo mq-deadline >/sys/block/tapdevN/queue/scheduler` still works.
+	 */
+	set->flags = BLK_MQ_F_SHOULD_MERGE | BLK_MQ_F_NO_SCHED_BY_DEFAULT;
 	set->driver_data = m;
 	ret = blk_mq_alloc_tag_set(set);
 	if (ret)

@@ -40,6 +40,11 @@ minor=$($tapctl alloc 0 256 32)
 check "alloc gives minor 0 and /dev/blktap0" [ "$minor" = 0 ] && [ -c /dev/blktap0 ]
 check "create /dev/tapdev0 (64 MiB)" $tapctl create 0 131072 flush discard
 check "tapdev0 size" [ "$(cat /sys/block/tapdev0/size)" = 131072 ]
+# The queue a 1 MiB request needs whole, and no elevator by default (as loop).
+q=/sys/block/tapdev0/queue
+check "tapdev0 takes 1 MiB requests whole" \
+	sh -c "[ \$(cat $q/max_hw_sectors_kb) = 1024 ] && [ \$(cat $q/max_segments) = 256 ]"
+check "tapdev0 has no I/O scheduler by default" grep -q '\[none\]' "$q/scheduler"
 check "rmmod refused while a minor exists" sh -c '! rmmod blktap 2>/dev/null'
 
 # A good disk process: writes of 4 KiB (direct requests) and 1 MiB (indirect).
