@@ -33,6 +33,7 @@ export class SliceCache {
     this.cache = new TableCache(
       Math.floor(cacheBytesMax / this.sliceBytes),
       (key) => this.#load(key),
+      // Full of pinned slices: write them (deferred: the whole backlog, sorted).
       () => this.#writer.idle(),
     );
   }
@@ -56,9 +57,23 @@ export class SliceCache {
   /**
    * Writes `slice` whole (an aligned block: no read-modify-write under
    * O_DIRECT; unchanged sectors rewritten with the same bytes are harmless
-   * if torn); pins it until the write completes.
+   * if torn); pins it until the write completes. Deferred (unordered
+   * opens): resolves at once; the slice stays dirty, so pinned, until a
+   * write-back captures it, and pinned until that write ends.
    */
   persist(slice: CachedTable): Promise<void> {
+    if (this.#writer.deferred) {
+      // Dirty, so pinned in the cache, until the write-back captures it
+      // (refcount changes write the view directly: mark it here).
+      slice.markDirty(0);
+      return this.#writer.persist(slice.offsetBytes, () => {
+        slice.dirtyBlocks.clear();
+        slice.writesInFlight += 1;
+        return slice.bytes.slice();
+      }, () => {
+        slice.writesInFlight -= 1;
+      });
+    }
     slice.dirtyBlocks.clear(); // written through, not at a commit
     slice.writesInFlight += 1;
     return observed(
