@@ -46,6 +46,7 @@ export class MetadataWriter {
   #pending = new Map<number, PendingBlock>();
   /** The write-back running or last run: write-backs never overlap (a later one carries newer bytes). */
   #writingBack: Promise<void> = Promise.resolve();
+  #failure?: Error;
   /** Blocks are written at {@linkcode writeBack}, not at once. */
   readonly deferred: boolean;
   /** Block writes issued (for tests and stats); a joined run of deferred blocks counts once. */
@@ -93,7 +94,11 @@ export class MetadataWriter {
    * blocks deferred meanwhile wait for the next write-back.
    */
   writeBack(): Promise<void> {
-    const run = this.#writingBack.catch(() => {}).then(() => this.#writePending());
+    const run = this.#writingBack.catch(() => {}).then(() => {
+      // A failed write-back lost blocks: every later one (the final flush) fails too.
+      if (this.#failure) throw this.#failure;
+      return this.#writePending();
+    });
     this.#writingBack = run;
     return run;
   }
@@ -121,6 +126,9 @@ export class MetadataWriter {
     }
     try {
       await Promise.all(writes);
+    } catch (error) {
+      this.#failure ??= error as Error;
+      throw error;
     } finally {
       await Promise.allSettled(writes);
       for (const [, b] of blocks) b.settled?.();

@@ -20,6 +20,8 @@ export class SliceCache {
   readonly #file: ImageFile;
   readonly #writer: MetadataWriter;
   readonly cache: TableCache;
+  /** Slices changed and waiting for a deferred write-back (pinned: dirty). */
+  readonly #deferred = new Set<CachedTable>();
 
   constructor(
     file: ImageFile,
@@ -66,13 +68,19 @@ export class SliceCache {
       // Dirty, so pinned in the cache, until the write-back captures it
       // (refcount changes write the view directly: mark it here).
       slice.markDirty(0);
-      return this.#writer.persist(slice.offsetBytes, () => {
+      this.#deferred.add(slice);
+      const deferred = this.#writer.persist(slice.offsetBytes, () => {
+        this.#deferred.delete(slice);
         slice.dirtyBlocks.clear();
         slice.writesInFlight += 1;
         return slice.bytes.slice();
       }, () => {
         slice.writesInFlight -= 1;
       });
+      // At most half the cache pinned dirty: the rest keeps serving loads
+      // (a cache full of pinned slices makes concurrent loads evict each other).
+      if (this.#deferred.size < this.cache.tablesMax / 2) return deferred;
+      return this.#writer.writeBack();
     }
     slice.dirtyBlocks.clear(); // written through, not at a commit
     slice.writesInFlight += 1;
