@@ -11,11 +11,15 @@
  * changed blocks are only remembered, and {@linkcode MetadataWriter.writeBack}
  * writes them all at once, sorted by offset, adjacent blocks joined into
  * writes of up to `writeback_run_bytes_max` — at FLUSH and close (before
- * their fdatasync), when a slice cache is full of dirty slices, and before
+ * their fdatasync), when half a slice cache holds dirty slices, and before
  * a cluster holding a pending block is freed or read raw. Memory stays
  * bounded: a pending block is either a dirty slice, pinned in its bounded
- * cache until written back, or a block of the L1 or refcount table, which
- * are in memory anyway; it is copied only while its write runs.
+ * cache until written back (at most half of each cache: 16 MiB of L2 and
+ * 2 MiB of refcount slices by default), or a block of the L1 or refcount
+ * table, which are in memory anyway; it is copied only while its write runs.
+ * Nothing orders these writes against the data they map: an unordered
+ * image is consistent only after its final flush; a crash before that
+ * leaves an image its tool removes (convert does so on any failure).
  * @module
  */
 import type { ImageFile } from "../image_file.ts";

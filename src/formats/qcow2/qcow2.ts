@@ -23,8 +23,10 @@
  * 3. FLUSH is one more barrier: everything answered is then durable.
  * Opened `unordered` (a tool filling a new image it deletes on failure,
  * `convert`), the ordering barriers of 2. are skipped (no fdatasync: the
- * deferred frees riding on them still run in order); FLUSH and close
- * still fdatasync, so everything is durable when they complete. A crash
+ * deferred frees riding on them still run in order), and L2, refcount
+ * and L1 changes are kept in memory and written sorted, in large writes,
+ * before each fdatasync ({@linkcode MetadataWriter}, deferred); FLUSH and
+ * close still fdatasync, so everything is durable when they complete. A crash
  * before that may leave the image unreadable, which is why only such tools
  * may ask for it.
  * Writes into allocated clusters whose refcount is one (COPIED) go in
