@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { blktap } from "../_helpers/tools.ts";
+import { moduleGraph } from "../_helpers/module_graph.ts";
 import { COMMAND_NAMES, loadCommand, loadCommands } from "../../src/cli/commands.ts";
 
 Deno.test("blktap --help lists every command and exits 0", async () => {
@@ -22,36 +23,8 @@ Deno.test("the command table names exactly the commands its modules define, in h
   assert.equal(await loadCommand("no-such-command"), undefined);
 });
 
-/** Modules `root` loads before any dynamic `import()` runs (deno info's graph, static edges only). */
-async function staticGraph(root: string): Promise<Set<string>> {
-  const out = await new Deno.Command(Deno.execPath(), {
-    args: ["info", "--json", new URL(root, import.meta.url).pathname],
-    stdout: "piped",
-  }).output();
-  assert.equal(out.code, 0, "deno info");
-  const graph = JSON.parse(new TextDecoder().decode(out.stdout)) as {
-    modules: {
-      specifier: string;
-      dependencies?: { code?: { specifier: string }; isDynamic?: boolean }[];
-    }[];
-  };
-  const edges = new Map(graph.modules.map((m) => [
-    m.specifier,
-    (m.dependencies ?? []).filter((d) => !d.isDynamic && d.code).map((d) => d.code!.specifier),
-  ]));
-  const seen = new Set<string>();
-  const stack = [new URL(root, import.meta.url).href];
-  while (stack.length > 0) {
-    const next = stack.pop()!;
-    if (seen.has(next)) continue;
-    seen.add(next);
-    stack.push(...(edges.get(next) ?? []));
-  }
-  return seen;
-}
-
 Deno.test("blktap loads a command's module only when it runs: convert needs neither ctrl, disk nor NBD", async () => {
-  const main = await staticGraph("../../main.ts");
+  const main = (await moduleGraph("../../main.ts", import.meta.url)).statics;
   assert.ok([...main].some((m) => m.endsWith("/src/cli/commands.ts")), "the graph was read");
   // Helpers such as src/formats/size.ts are fine; no command, daemon, driver or FFI module.
   const daemon = /\/src\/(ctl|ring|frontends|disk|tools)\/|\/src\/formats\/[^/]+\/|\/ffi\//;
@@ -60,7 +33,7 @@ Deno.test("blktap loads a command's module only when it runs: convert needs neit
     [],
     "main.ts loads no command module up front",
   );
-  const convert = await staticGraph("../../src/tools/convert.ts");
+  const convert = (await moduleGraph("../../src/tools/convert.ts", import.meta.url)).statics;
   for (
     const m of ["ctl/ctrl_command.ts", "disk/disk_command.ts", "frontends/nbd/serve_command.ts"]
   ) {
