@@ -3,14 +3,16 @@
  * per-disk server, image tools).
  * @module
  */
-import { COMMANDS } from "./src/cli/commands.ts";
+import { loadCommand, loadCommands } from "./src/cli/commands.ts";
 import { HelpRequested, UsageError } from "./src/cli/command.ts";
 
 const VERSION = "0.1.0";
 
-function mainUsage(): string {
-  const width = Math.max(...COMMANDS.map((c) => c.name.length), 4);
-  const lines = COMMANDS.map((c) => `  ${c.name.padEnd(width)}  ${c.summary}`);
+/** The overall usage: every command with its summary (loads every command's module). */
+async function mainUsage(): Promise<string> {
+  const commands = await loadCommands();
+  const width = Math.max(...commands.map((c) => c.name.length), 4);
+  const lines = commands.map((c) => `  ${c.name.padEnd(width)}  ${c.summary}`);
   return [
     "usage: blktap COMMAND [OPTIONS] [ARGS]",
     "",
@@ -31,16 +33,17 @@ function errorMessage(error: unknown): string {
 export async function main(argv: string[]): Promise<number> {
   const [name, ...rest] = argv;
   if (name === undefined || name === "--help" || name === "-h" || name === "help") {
-    (name === undefined ? console.error : console.log)(mainUsage());
+    (name === undefined ? console.error : console.log)(await mainUsage());
     return name === undefined ? 2 : 0;
   }
   if (name === "--version" || name === "-V") {
     console.log(`blktap ${VERSION}`);
     return 0;
   }
-  const command = COMMANDS.find((c) => c.name === name);
+  // Only this command's module is loaded (startup of a tool stays short).
+  const command = await loadCommand(name);
   if (!command) {
-    console.error(`blktap: unknown command '${name}'\n\n${mainUsage()}`);
+    console.error(`blktap: unknown command '${name}'\n\n${await mainUsage()}`);
     return 2;
   }
   try {

@@ -137,14 +137,18 @@ class _QcowWriter {
     table: Uint8Array,
   ): Promise<void> {
     const base = region.index * this.#spanBytes;
+    const cluster = this.#clusterBytes;
     const regionBytes = Math.min(this.#spanBytes, this.#sizeBytes - base);
-    buffer.fill(0, 0, regionBytes);
+    let zeroFrom = 0;
     await Promise.all(region.ranges.map(([start, end]) => {
-      const readEnd = Math.min(end, source.sizeBytes);
+      const readEnd = Math.max(start, Math.min(end, source.sizeBytes));
+      _zeroClusterEdges(buffer, zeroFrom, start - base, cluster);
+      zeroFrom = readEnd - base;
       if (readEnd <= start) return Promise.resolve();
       return source.read(start, buffer.subarray(start - base, readEnd - base));
     }));
-    const cluster = this.#clusterBytes;
+    const clustersEnd = Math.min(buffer.byteLength, Math.ceil(regionBytes / cluster) * cluster);
+    _zeroClusterEdges(buffer, zeroFrom, clustersEnd, cluster);
     const present = new Uint8Array(this.#l2Entries);
     let any = false;
     for (const [start, end] of region.ranges) {
@@ -279,6 +283,19 @@ function _regionsWithData(extents: Extent[], spanBytes: number): _Region[] {
     }
   }
   return regions;
+}
+
+/**
+ * Zeros the bytes of a gap `[from, to)` of `buffer` (nothing read there)
+ * that share a cluster with data: clusters wholly inside the gap are never
+ * examined nor written, so they keep whatever the buffer held (a 2 MiB
+ * memset per region cost a fifth of the conversion's CPU time).
+ */
+function _zeroClusterEdges(buffer: Uint8Array, from: number, to: number, clusterBytes: number) {
+  if (to <= from) return;
+  const headEnd = Math.min(to, Math.ceil(from / clusterBytes) * clusterBytes);
+  buffer.fill(0, from, headEnd);
+  buffer.fill(0, Math.max(headEnd, Math.floor(to / clusterBytes) * clusterBytes), to);
 }
 
 function _setU64(view: DataView, offset: number, value: number): void {

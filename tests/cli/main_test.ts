@@ -1,12 +1,44 @@
 import assert from "node:assert/strict";
 import { blktap } from "../_helpers/tools.ts";
-import { COMMANDS } from "../../src/cli/commands.ts";
+import { moduleGraph } from "../_helpers/module_graph.ts";
+import { COMMAND_NAMES, loadCommand, loadCommands } from "../../src/cli/commands.ts";
 
 Deno.test("blktap --help lists every command and exits 0", async () => {
   const result = await blktap(["--help"]);
   assert.equal(result.code, 0);
   assert.match(result.stdout, /usage: blktap COMMAND/);
-  for (const command of COMMANDS) assert.match(result.stdout, new RegExp(`\\b${command.name}\\b`));
+  for (const command of await loadCommands()) {
+    assert.match(result.stdout, new RegExp(`\\b${command.name}\\b.*${escape(command.summary)}`));
+  }
+});
+
+function escape(text: string): string {
+  return text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+}
+
+Deno.test("the command table names exactly the commands its modules define, in help order", async () => {
+  const commands = await loadCommands();
+  assert.deepEqual(commands.map((c) => c.name), COMMAND_NAMES);
+  for (const name of COMMAND_NAMES) assert.equal((await loadCommand(name))?.name, name);
+  assert.equal(await loadCommand("no-such-command"), undefined);
+});
+
+Deno.test("blktap loads a command's module only when it runs: convert needs neither ctrl, disk nor NBD", async () => {
+  const main = (await moduleGraph("../../main.ts", import.meta.url)).statics;
+  assert.ok([...main].some((m) => m.endsWith("/src/cli/commands.ts")), "the graph was read");
+  // Helpers such as src/formats/size.ts are fine; no command, daemon, driver or FFI module.
+  const daemon = /\/src\/(ctl|ring|frontends|disk|tools)\/|\/src\/formats\/[^/]+\/|\/ffi\//;
+  assert.deepEqual(
+    [...main].filter((m) => daemon.test(m)),
+    [],
+    "main.ts loads no command module up front",
+  );
+  const convert = (await moduleGraph("../../src/tools/convert.ts", import.meta.url)).statics;
+  for (
+    const m of ["ctl/ctrl_command.ts", "disk/disk_command.ts", "frontends/nbd/serve_command.ts"]
+  ) {
+    assert.ok(![...convert].some((s) => s.endsWith(m)), `convert loads ${m}`);
+  }
 });
 
 Deno.test("blktap with no command or an unknown one prints usage to stderr and exits 2", async () => {
@@ -19,7 +51,8 @@ Deno.test("blktap with no command or an unknown one prints usage to stderr and e
 });
 
 Deno.test("every command answers --help with exit 0 and a bad option with exit 2", async () => {
-  await Promise.all(COMMANDS.map(async (command) => {
+  await Promise.all(COMMAND_NAMES.map(async (name) => {
+    const command = { name };
     const help = await blktap([command.name, "--help"]);
     assert.equal(help.code, 0, `${command.name} --help`);
     assert.match(help.stdout, /usage:/i, `${command.name} --help shows usage`);

@@ -11,6 +11,8 @@
 import assert from "node:assert/strict";
 import { formatEntry, formatNames, openImage } from "../../src/formats/open_image.ts";
 import { checkImage } from "../../src/tools/check.ts";
+import { convertImage } from "../../src/tools/convert.ts";
+import { Qcow2Driver } from "../../src/formats/qcow2/qcow2.ts";
 import { testSeed } from "../_helpers/random.ts";
 import { blktap, hasTool, MAIN_TS, run, runOk } from "../_helpers/tools.ts";
 
@@ -363,6 +365,41 @@ Deno.test({
         const target = `${dir}/flat.${to}`;
         await convert(["-O", to, `${dir}/child.vhd`, target]);
         await assertQemuSame(`${dir}/model.raw`, "raw", target, to, `vhd child -> ${to}`);
+      }
+    }),
+});
+
+Deno.test({
+  name:
+    "convert to qcow2 with tiny metadata caches (512-byte clusters): deferred tables evicted mid-copy, output sound and identical",
+  ignore: !hasQemu,
+  fn: () =>
+    inDir(async (dir) => {
+      const source = `${dir}/source.raw`;
+      const content = await makeSource(source, "convert-qcow2-tiny-cache");
+      const limits = [Qcow2Driver.l2CacheBytesMax, Qcow2Driver.refcountCacheBytesMax];
+      // 4 slices each: the ~54 L2 slices and the refcount blocks of this copy
+      // cannot all stay cached, so dirty ones are written back mid-copy.
+      [Qcow2Driver.l2CacheBytesMax, Qcow2Driver.refcountCacheBytesMax] = [2048, 2048];
+      try {
+        for (const cache of ["none", "writeback"] as const) {
+          const target = `${dir}/out-${cache}.qcow2`;
+          await convertImage({
+            source,
+            sourceFormat: "raw",
+            target,
+            targetFormat: "qcow2",
+            compress: false,
+            progress: false,
+            options: { cluster_size: "512" },
+            cache,
+            force: false,
+          });
+          await assertQemuSame(source, "raw", target, "qcow2", `tiny caches, -t ${cache}`);
+          assert.equal(await qemuDataBytes(target, "qcow2"), unitsWithData(content, 512));
+        }
+      } finally {
+        [Qcow2Driver.l2CacheBytesMax, Qcow2Driver.refcountCacheBytesMax] = limits;
       }
     }),
 });

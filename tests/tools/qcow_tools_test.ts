@@ -170,6 +170,26 @@ Deno.test({
 });
 
 Deno.test({
+  name:
+    "img2qcow: a buffer reused across regions leaks nothing: a zero tail past a partial cluster stays unallocated",
+  ignore: noQemu,
+  fn: async () => {
+    await inTempDir(async (dir) => {
+      // 12 regions of random data (more than the workers: buffers are reused),
+      // then a last, partial cluster of written zeros (data to SEEK_DATA).
+      const size = (24 << 20) + 1536;
+      const content = testSeed("img2qcow-tail").bytes(size);
+      content.fill(0, size - 1536);
+      content.fill(0, 5 << 20, (5 << 20) + 4096); // and one zero cluster inside the data
+      await Deno.writeFile(`${dir}/src.raw`, content);
+      await ok(["img2qcow", `${dir}/out.qcow`, `${dir}/src.raw`]);
+      await assertQemuSame(`${dir}/src.raw`, `${dir}/out.qcow`);
+      assert.deepEqual(await qemuDataRanges(`${dir}/out.qcow`), nonZeroClusters(content));
+    });
+  },
+});
+
+Deno.test({
   name: "qcow2raw: images QEMU wrote (plain, backed, compressed) become identical sparse raws",
   ignore: noQemu,
   fn: async () => {

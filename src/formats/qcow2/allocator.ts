@@ -412,6 +412,7 @@ export class ClusterAllocator {
   }
 
   async #free1(start: number, count: number, compressed: boolean): Promise<void> {
+    if (this.#store.deferred) await this.#store.settleClusters(start, count);
     for (let c = start; c < start + count; c += 1) {
       if (this.#tail?.cluster === c) this.#tail = undefined;
       const old = await this.#store.get(c);

@@ -48,6 +48,11 @@ export class MappingTables {
     this.#l1View = new DataView(l1.bytes.buffer, l1.bytes.byteOffset, l1.bytes.byteLength);
   }
 
+  /** Metadata writes are deferred (an unordered open). */
+  get deferred(): boolean {
+    return this.#writer.deferred;
+  }
+
   /** Bytes of L2 slices cached now. */
   get cachedBytes(): number {
     return this.#slices.cachedBytes;
@@ -151,6 +156,13 @@ export class MappingTables {
     written.catch(() => {}).finally(() => {
       for (const slice of slices) slice.writesInFlight -= 1;
     });
+  }
+
+  /** Writes deferred changes of the table at `tableOffset` first, so the file holds it whole (before it is read raw). */
+  async settleTable(tableOffset: number): Promise<void> {
+    if (this.#writer.pendingWithin(tableOffset, tableOffset + this.g.clusterBytes)) {
+      await this.#writer.writeBack();
+    }
   }
 
   /** Points L1 entry `index` at the table at `tableOffset` (refcount 1) and writes its block. */

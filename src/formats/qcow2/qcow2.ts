@@ -23,8 +23,10 @@
  * 3. FLUSH is one more barrier: everything answered is then durable.
  * Opened `unordered` (a tool filling a new image it deletes on failure,
  * `convert`), the ordering barriers of 2. are skipped (no fdatasync: the
- * deferred frees riding on them still run in order); FLUSH and close
- * still fdatasync, so everything is durable when they complete. A crash
+ * deferred frees riding on them still run in order), and L2, refcount
+ * and L1 changes are kept in memory and written sorted, in large writes,
+ * before each fdatasync ({@linkcode MetadataWriter}, deferred); FLUSH and
+ * close still fdatasync, so everything is durable when they complete. A crash
  * before that may leave the image unreadable, which is why only such tools
  * may ask for it.
  * Writes into allocated clusters whose refcount is one (COPIED) go in
@@ -146,8 +148,14 @@ export class Qcow2Driver extends BlockDriverBase {
     const g = image.geometry;
     this.#g = g;
     this.sizeBytes = h.sizeBytes;
-    this.#writer = new MetadataWriter(file);
-    this.#durable = new GroupSync(() => file.flush());
+    // Unordered: L2, refcount and L1 changes stay in memory (bounded by the
+    // caches) and go out sorted in large writes just before each fdatasync.
+    this.#writer = new MetadataWriter(file, { deferred: options.unordered ?? false });
+    this.#durable = new GroupSync(
+      options.unordered
+        ? () => this.#writer.writeBack().then(() => file.flush())
+        : () => file.flush(),
+    );
     this.#sync = options.unordered ? new GroupSync(() => Promise.resolve()) : this.#durable;
     this.#tables = new MappingTables(file, g, this.#writer, {
       offsetBytes: h.l1TableOffset,
@@ -222,6 +230,11 @@ export class Qcow2Driver extends BlockDriverBase {
   /** fdatasync calls completed so far, barriers and flushes (for tests and benchmarks). */
   get barriers(): number {
     return this.#durable.syncs;
+  }
+
+  /** Metadata block writes issued so far (joined deferred blocks count once), for tests. */
+  get metadataWrites(): number {
+    return this.#writer.writes;
   }
 
   /** Cached metadata (L2 and refcount slices), for tests of the memory bound. */

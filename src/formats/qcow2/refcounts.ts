@@ -51,6 +51,11 @@ export class RefcountStore {
     this.#tableView = new DataView(table.bytes.buffer, table.bytes.byteOffset);
   }
 
+  /** Metadata writes are deferred (an unordered open). */
+  get deferred(): boolean {
+    return this.#writer.deferred;
+  }
+
   /** Bytes of refcount slices cached now. */
   get cachedBytes(): number {
     return this.#slices.cachedBytes;
@@ -170,9 +175,20 @@ export class RefcountStore {
     const block = Math.min(this.g.clusterBytes, table_block_bytes);
     const start = Math.floor((index * 8) / block) * block;
     const end = Math.min(start + block, this.#table.byteLength);
+    const table = this.#table; // a deferred capture must not see a table that replaced it
     return observed(
-      this.#writer.persist(this.tableOffsetBytes + start, () => this.#table.slice(start, end)),
+      this.#writer.persist(this.tableOffsetBytes + start, () => table.slice(start, end)),
     );
+  }
+
+  /**
+   * Writes deferred metadata first when any lies in clusters
+   * `[first, first + count)` (before they are freed: a late write-back
+   * would land on whatever reuses them). Nothing to do when not deferred.
+   */
+  async settleClusters(first: number, count: number): Promise<void> {
+    const c = this.g.clusterBytes;
+    if (this.#writer.pendingWithin(first * c, (first + count) * c)) await this.#writer.writeBack();
   }
 
   /** Switches to a new refcount table (already written and made durable by the caller). */

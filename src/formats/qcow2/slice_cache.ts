@@ -20,6 +20,8 @@ export class SliceCache {
   readonly #file: ImageFile;
   readonly #writer: MetadataWriter;
   readonly cache: TableCache;
+  /** Slices changed and waiting for a deferred write-back (pinned: dirty). */
+  readonly #deferred = new Set<CachedTable>();
 
   constructor(
     file: ImageFile,
@@ -33,6 +35,7 @@ export class SliceCache {
     this.cache = new TableCache(
       Math.floor(cacheBytesMax / this.sliceBytes),
       (key) => this.#load(key),
+      // Full of pinned slices: write them (deferred: the whole backlog, sorted).
       () => this.#writer.idle(),
     );
   }
@@ -56,9 +59,29 @@ export class SliceCache {
   /**
    * Writes `slice` whole (an aligned block: no read-modify-write under
    * O_DIRECT; unchanged sectors rewritten with the same bytes are harmless
-   * if torn); pins it until the write completes.
+   * if torn); pins it until the write completes. Deferred (unordered
+   * opens): resolves at once; the slice stays dirty, so pinned, until a
+   * write-back captures it, and pinned until that write ends.
    */
   persist(slice: CachedTable): Promise<void> {
+    if (this.#writer.deferred) {
+      // Dirty, so pinned in the cache, until the write-back captures it
+      // (refcount changes write the view directly: mark it here).
+      slice.markDirty(0);
+      this.#deferred.add(slice);
+      const deferred = this.#writer.persist(slice.offsetBytes, () => {
+        this.#deferred.delete(slice);
+        slice.dirtyBlocks.clear();
+        slice.writesInFlight += 1;
+        return slice.bytes.slice();
+      }, () => {
+        slice.writesInFlight -= 1;
+      });
+      // At most half the cache pinned dirty: the rest keeps serving loads
+      // (a cache full of pinned slices makes concurrent loads evict each other).
+      if (this.#deferred.size < this.cache.tablesMax / 2) return deferred;
+      return this.#writer.writeBack();
+    }
     slice.dirtyBlocks.clear(); // written through, not at a commit
     slice.writesInFlight += 1;
     return observed(

@@ -72,7 +72,10 @@ export class TablePreps {
     const [run] = await this.#allocator.allocate(1);
     const offsetBytes = run.start * c;
     const content = new Uint8Array(c);
-    if (oldOffset !== 0) await this.#file.read(oldOffset, content);
+    if (oldOffset !== 0) {
+      if (this.#tables.deferred) await this.#tables.settleTable(oldOffset);
+      await this.#file.read(oldOffset, content);
+    }
     const write = observed(this.#file.write(offsetBytes, content));
     const ready = observed(Promise.all([write, run.ready]).then(() => {}));
     await this.#tables.installTable(offsetBytes, content, ready);
