@@ -24,6 +24,8 @@
 import type { ImageFile } from "../image_file.ts";
 import type { GroupSync } from "../group_commit.ts";
 import { observed } from "./observed.ts";
+import { BlockError } from "../driver.ts";
+import { refcount_table_bytes_max } from "./header.ts";
 import type { RefcountStore } from "./refcounts.ts";
 import { setRefcount } from "./refcount_width.ts";
 
@@ -296,9 +298,11 @@ export class ClusterAllocator {
     let plan: { blocks: number[]; end: number; tableClusters: number };
     for (;;) {
       tableEntries = Math.ceil((tableEntries * 8) / g.clusterBytes) * (g.clusterBytes / 8);
+      this.#refuseTableOf(tableEntries, start);
       plan = this.#planCoverage(start, grow ? (tableEntries * 8) / g.clusterBytes : 0);
-      if (Math.max(...plan.blocks) < tableEntries) break;
-      tableEntries = Math.max(...plan.blocks) + 1;
+      const highestBlock = plan.blocks[plan.blocks.length - 1]; // ascending
+      if (highestBlock < tableEntries) break;
+      tableEntries = highestBlock + 1;
     }
     const blockAt = new Map(plan.blocks.map((b, j) => [b, (start + j) * g.clusterBytes]));
     await this.#writeNewBlocks(start, plan.end, blockAt);
@@ -307,6 +311,17 @@ export class ClusterAllocator {
     if (grow) await this.#switchTable(start + plan.blocks.length, plan.tableClusters, blockAt);
     else await Promise.all([...blockAt].map(([b, at]) => this.#store.setTableEntry(b, at)));
     this.#frontier = plan.end;
+  }
+
+  // QEMU's limit too: past it the image is full, or (a corrupt image) its
+  // tables point far beyond its end; either way no allocation there.
+  #refuseTableOf(tableEntries: number, frontier: number): void {
+    if (tableEntries * 8 <= refcount_table_bytes_max) return;
+    throw new BlockError(
+      "ENOSPC",
+      `${this.#file.path}: allocating at host offset ${frontier * this.#clusterBytes} needs a ` +
+        `refcount table of ${tableEntries * 8} bytes (at most ${refcount_table_bytes_max})`,
+    );
   }
 
   /** Which block indexes need a new block to cover `[start, start + k + tableClusters)`. */

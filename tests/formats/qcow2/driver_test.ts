@@ -426,3 +426,37 @@ Deno.test({
     });
   },
 });
+
+Deno.test("qcow2: a refcount table offset far past the end fails a write with ENOSPC naming it, and close returns", async () => {
+  await inTempDir(async (dir) => {
+    // Found by the fuzz test (SEED=622763803): the allocation frontier
+    // followed the table to 2^52, planning a 1.5 TB refcount table overflowed
+    // the stack, and the allocator's lock then kept close waiting forever.
+    const path = `${dir}/far.qcow2`;
+    await createQcow2(path, {
+      sizeBytes: 1 << 20,
+      options: { cluster_size: "512", refcount_bits: "64" },
+    });
+    const header = 48; // refcount_table_offset
+    const file = await Deno.open(path, { read: true, write: true });
+    const offset = new Uint8Array(8);
+    new DataView(offset.buffer).setBigUint64(0, 0x0017000000000200n);
+    await file.seek(header, Deno.SeekMode.Start);
+    await file.write(offset);
+    file.close();
+    const driver = await openImage(`qcow2:${path}`);
+    await assert.rejects(
+      () => driver.write(0, new Uint8Array(4096).fill(1)),
+      (e: Error & { code?: string }) =>
+        e.name === "BlockError" && e.code === "ENOSPC" && e.message.includes(path) &&
+        /refcount table of \d+ bytes \(at most 8388608\)/.test(e.message),
+    );
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const closed = await Promise.race([
+      driver.close().then(() => true),
+      new Promise((r) => timer = setTimeout(() => r(false), 10_000)),
+    ]);
+    clearTimeout(timer);
+    assert.ok(closed, "close did not return");
+  });
+});
