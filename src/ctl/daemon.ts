@@ -25,7 +25,12 @@ import { KickChannel } from "../ring/kick_channel.ts";
 import { defaultShmDir, ShmRingDevice } from "../ring/shm_ring_device.ts";
 import { CtlApi } from "./api.ts";
 import { Minor, type SupervisionPolicy } from "./minor.ts";
-import { KernelFrontend, type MinorFrontend, ShmFrontend } from "./minor_frontend.ts";
+import {
+  KernelFrontend,
+  type MinorFrontend,
+  ShmFrontend,
+  UnavailableFrontend,
+} from "./minor_frontend.ts";
 import { loadRegistry, type MinorRecord, type RegistryData, saveRegistry } from "./registry.ts";
 import type { RingDisk } from "../ring/ring_disk.ts";
 import { CTRL_SOCKET_NAME, REGISTRY_NAME } from "../cli/run_dir.ts";
@@ -337,19 +342,31 @@ export class Ctrl {
     throw new Error(`all ${minors_max} minors are in use`);
   }
 
+  // Every registered minor is back in the table before any of them starts:
+  // a start saves the registry, which must never lose a minor not yet seen.
   async #reattachAll(): Promise<void> {
     const records = this.#registry.minors;
-    await Promise.allSettled(records.map((r) => this.#reattach(r)));
+    await Promise.all(
+      records.map((r) => r.pid && killStaleDisk(r.pid, r.minor, this.#host().diskSocketPath)),
+    );
+    const found = records.map((record) => this.#registered(record));
+    for (const { minor, failure } of found) if (failure) minor.refuse(failure);
+    await Promise.allSettled(
+      found.filter((f) => !f.failure).map(({ minor }) => this.#restart(minor)),
+    );
   }
 
-  async #reattach(record: MinorRecord): Promise<void> {
-    if (record.pid) await killStaleDisk(record.pid, record.minor, this.#host().diskSocketPath);
+  // `record`'s minor, on the front end it had; one whose front end is gone
+  // for good comes back failed, with the reason.
+  #registered(record: MinorRecord): { minor: Minor; failure?: string } {
     let frontend: MinorFrontend;
+    let failure: string | undefined;
     try {
       frontend = this.#foundFrontend(record);
     } catch (error) {
-      this.log.error(`minor ${record.minor}: re-attach failed: ${(error as Error).message}`);
-      throw error;
+      failure = `re-attach failed: ${(error as Error).message}`;
+      const { ringPages, poolPages, shmPath, kernelMinor } = record;
+      frontend = new UnavailableFrontend(failure, { ringPages, poolPages, shmPath, kernelMinor });
     }
     // The stats file outlives ctrl like the ring device: what the previous
     // processes counted is still there (folded in before the next one starts).
@@ -360,7 +377,11 @@ export class Ctrl {
     );
     const minor = new Minor(record, this.#host(), frontend, stats);
     this.#minors.set(record.minor, minor);
-    const refusal = await this.#upgradeLegacyImage(record);
+    return { minor, failure };
+  }
+
+  async #restart(minor: Minor): Promise<void> {
+    const refusal = await this.#upgradeLegacyImage(minor.record);
     if (refusal) {
       minor.refuse(refusal);
       return;
@@ -368,7 +389,7 @@ export class Ctrl {
     try {
       await minor.start();
     } catch (error) {
-      this.log.error(`minor ${record.minor}: re-attach failed: ${(error as Error).message}`);
+      this.log.error(`minor ${minor.record.minor}: re-attach failed: ${(error as Error).message}`);
     }
   }
 

@@ -170,3 +170,49 @@ export class KernelFrontend implements MinorFrontend {
     };
   }
 }
+
+/**
+ * A registered minor whose front end could not be found again on restart
+ * (say a kernel minor while the module is not loaded): it stays listed as
+ * failed and in the registry, keeping its number, until destroyed.
+ */
+export class UnavailableFrontend implements MinorFrontend {
+  readonly disk = undefined;
+  readonly #reason: string;
+  readonly #ring: MinorFrontend["ring"];
+
+  constructor(reason: string, ring: MinorFrontend["ring"]) {
+    this.#reason = reason;
+    this.#ring = ring;
+  }
+
+  get ring() {
+    return this.#ring;
+  }
+
+  attach(): void {
+    throw new Error(this.#reason);
+  }
+
+  detach(): void {}
+
+  rearm(): number {
+    return 0;
+  }
+
+  fail(): void {}
+
+  onKick(): void {}
+
+  get outstanding(): number {
+    return 0;
+  }
+
+  beginDestroy(): void {}
+
+  close(): void {}
+
+  describe(): Record<string, unknown> {
+    return { unavailable: this.#reason };
+  }
+}

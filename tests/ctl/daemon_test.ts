@@ -7,7 +7,8 @@ import assert from "node:assert/strict";
 import { selfCommand, selfCommandFor } from "../../src/cli/self_command.ts";
 import { ctlRequest } from "../../src/ctl/client.ts";
 import { sha256File } from "../_helpers/tools.ts";
-import { assertExportIs, CtrlHarness, rawImage } from "../_helpers/ctrl_harness.ts";
+import { assertExportIs, CtrlHarness, rawImage, waitRunning } from "../_helpers/ctrl_harness.ts";
+import { existsSync } from "node:fs";
 
 const MiB = 1 << 20;
 
@@ -135,4 +136,46 @@ Deno.test("ctrl: a symbolic link found at a disk's ring device on restart is not
   } finally {
     await h.close();
   }
+});
+
+Deno.test({
+  name:
+    "ctrl: a minor whose front end is gone on restart stays registered, listed as failed, keeping its number",
+  // With the module loaded the kernel minor would simply be found again.
+  ignore: existsSync("/dev/blktap-control"),
+  fn: async () => {
+    const h = await CtrlHarness.start();
+    try {
+      const kept = await rawImage(h.dir, "kept.raw", 4 * MiB);
+      const lost = await rawImage(h.dir, "lost.raw", 4 * MiB);
+      await h.request({ op: "create", image: `aio:${kept}`, name: "kept" });
+      const { minor } = await h.request({ op: "create", image: `aio:${lost}`, name: "lost" });
+      await h.killCtrl();
+      const registryPath = `${h.runDir}/registry.json`;
+      const rewrite = async (edit: (record: Record<string, unknown>) => void) => {
+        const registry = JSON.parse(await Deno.readTextFile(registryPath));
+        edit(registry.minors.find((r: { minor: number }) => r.minor === minor));
+        await Deno.writeTextFile(registryPath, JSON.stringify(registry));
+      };
+      // As if it were a kernel minor and the module is not loaded now.
+      await rewrite((record) => record.kernelMinor = 3);
+      await h.startCtrl();
+      const lostNow = (await h.list()).find((m) => m.minor === minor)!;
+      assert.equal(lostNow?.state, "failed");
+      assert.match(String(lostNow.unavailable), /re-attach failed: .*blktap-control/);
+      const created = await h.request({ op: "create", image: "null:4M", name: "new" });
+      assert.notEqual(created.minor, minor, "a new disk took the number of a registered one");
+      const saved = JSON.parse(await Deno.readTextFile(registryPath)).minors;
+      assert.deepEqual(saved.map((r: { name: string }) => r.name).sort(), ["kept", "lost", "new"]);
+      await h.killCtrl();
+      await rewrite((record) => delete record.kernelMinor);
+      await h.startCtrl();
+      await waitRunning(h.runDir);
+      const load = await h.request({ op: "exercise", minor, requests: 200, seed: 3 });
+      assert.equal(load.errors, 0);
+      assert.equal(load.mismatches, 0);
+    } finally {
+      await h.close();
+    }
+  },
 });
