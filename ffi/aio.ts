@@ -59,6 +59,37 @@ export function waitOnThisThread(us: number): void {
 }
 const TWO_32 = 2 ** 32;
 
+/** Longest spin allowed on a watched ring index before sleeping, in µs. */
+export const ring_spin_us_max = 100;
+
+/** A shared ring index a thread wait also watches ({@linkcode watchRingWhileWaiting}). */
+export interface RingWatch {
+  /** Native address of the u32 another process advances (a blkif ring's req_prod). */
+  address: number;
+  /** The value already dealt with: a different one means news. */
+  seen(): number;
+  /** The index moved: called on the JavaScript thread, before continuations run. */
+  moved(): void;
+  /** How long to spin on the index (and on completions) before sleeping, µs. */
+  spinUs: number;
+}
+let ring_watch: RingWatch | undefined;
+
+/**
+ * While waiting on this thread ({@linkcode waitOnThisThread}), also return as
+ * soon as `watch`'s index moves: requests a front end publishes without a
+ * kick (it is not asked for one while the disk is busy) are then taken at
+ * once, not at the next completion. The spin is bounded by
+ * {@linkcode ring_spin_us_max}; after it the wait sleeps for completions
+ * only. `undefined` stops watching.
+ */
+export function watchRingWhileWaiting(watch: RingWatch | undefined): void {
+  if (watch && !(watch.spinUs >= 0 && watch.spinUs <= ring_spin_us_max)) {
+    throw new RangeError(`ring spin ${watch.spinUs} µs outside 0..${ring_spin_us_max}`);
+  }
+  ring_watch = watch;
+}
+
 /** A request that found no free slot yet. */
 interface Queued {
   opcode: number;
@@ -292,8 +323,8 @@ export class AioQueue {
           continue;
         }
         if (thread_wait_us > 0n) {
-          shim.shim_io_wait_here(this.#handle, thread_wait_us);
-          if (this.#reap() > 0) {
+          const moved = this.#waitHere();
+          if (this.#reap() > 0 || moved) {
             await continuations();
             continue;
           }
@@ -311,6 +342,29 @@ export class AioQueue {
       this.#reaping = false;
       this.#waiting = false;
     }
+  }
+
+  // Sleeps on this thread until completions may be there (or the watched
+  // ring moved: then true, after telling the watcher).
+  #waitHere(): boolean {
+    const watch = ring_watch;
+    if (!watch) {
+      shim.shim_io_wait_here(this.#handle, thread_wait_us);
+      return false;
+    }
+    const result = Number(
+      shim.shim_io_wait_ring(
+        this.#handle,
+        thread_wait_us,
+        BigInt(watch.address),
+        watch.seen() >>> 0,
+        BigInt(watch.spinUs),
+      ),
+    );
+    if (result < 0) throw new SysError(`${this.engine} wait`, -result);
+    if (result === 0) return false;
+    watch.moved();
+    return true;
   }
 
   #destroy(): void {

@@ -11,7 +11,7 @@
  * @module
  */
 
-const SHIM_ABI_VERSION = 5;
+const SHIM_ABI_VERSION = 6;
 
 const SYMBOLS = {
   shim_abi_version: { parameters: [], result: "i32" },
@@ -43,6 +43,8 @@ const SYMBOLS = {
   shim_io_wait: { parameters: ["u64", "i64"], result: "i64", nonblocking: true },
   // The same wait on the JavaScript thread (a process with nothing else to do while it waits).
   shim_io_wait_here: { name: "shim_io_wait", parameters: ["u64", "i64"], result: "i64" },
+  // The same, also returning when a shared ring's index moves (on the JavaScript thread).
+  shim_io_wait_ring: { parameters: ["u64", "i64", "u64", "u32", "i64"], result: "i64" },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 /** The shim's symbols, typed. */

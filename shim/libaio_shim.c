@@ -26,7 +26,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define SHIM_ABI_VERSION 5
+#define SHIM_ABI_VERSION 6
 
 int32_t shim_abi_version(void) { return SHIM_ABI_VERSION; }
 
@@ -475,4 +475,53 @@ int64_t shim_io_wait(uint64_t handle, int64_t timeout_us) {
   uint64_t count;
   if (r > 0 && read(q->efd, &count, sizeof count) < 0 && errno != EAGAIN) return -errno;
   return 0;
+}
+
+// ---- waiting for completions or a shared ring's requests -----------------
+//
+// The disk process waits for its I/O on its own thread; meanwhile the front
+// end may publish requests on the shared ring without a kick (it is not
+// asked for one while the disk is busy). shim_io_wait_ring watches both.
+
+// Whether completions are there to reap (no system call; false when the
+// kernel's libaio ring cannot be read directly: the sleep catches them).
+static int io_has_completions(struct shim_io *q) {
+  if (q->kind == SHIM_IO_URING) {
+    return __atomic_load_n(q->u.cq_tail, __ATOMIC_ACQUIRE) != *q->u.cq_head;
+  }
+  struct aio_ring *ring = (struct aio_ring *)q->ctx;
+  if (ring->magic != AIO_RING_MAGIC) return 0;
+  return __atomic_load_n(&ring->tail, __ATOMIC_ACQUIRE) != ring->head;
+}
+
+static int64_t monotonic_us(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (int64_t)t.tv_sec * 1000000 + t.tv_nsec / 1000;
+}
+
+// Like shim_io_wait, but returns 1 as soon as the u32 at watch_addr (a blkif
+// ring's req_prod, written by another process) differs from `seen`. It spins
+// first, for at most spin_us (bounded by the caller; no system call), looking
+// at the index and at the completion ring, then sleeps for completions alone
+// for the rest of timeout_us (a front end that wants this process awake
+// kicks it through its ring device). Returns 0 when completions may be there
+// or the time passed, 1 when the watched index moved, or -errno.
+int64_t shim_io_wait_ring(uint64_t handle, int64_t timeout_us, uint64_t watch_addr, uint32_t seen,
+                          int64_t spin_us) {
+  struct shim_io *q = (struct shim_io *)handle;
+  const uint32_t *watch = (const uint32_t *)(uintptr_t)watch_addr;
+  if (spin_us > timeout_us) spin_us = timeout_us;
+  int64_t start = monotonic_us();
+  int moved = 0;
+  for (int64_t now = start; now - start < spin_us; now = monotonic_us()) {
+    // Requests that arrived are taken together with the next completions
+    // (or at the end of the spin), so both travel in one batch.
+    moved = moved || __atomic_load_n(watch, __ATOMIC_ACQUIRE) != seen;
+    if (io_has_completions(q)) return moved;
+    for (int i = 0; i < 32; i++) __builtin_ia32_pause();
+  }
+  if (moved || __atomic_load_n(watch, __ATOMIC_ACQUIRE) != seen) return 1;
+  int64_t left = timeout_us - (monotonic_us() - start);
+  return shim_io_wait(handle, left > 0 ? left : 0);
 }

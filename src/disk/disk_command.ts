@@ -7,7 +7,9 @@
 import { type Command, parseCommandArgs, parseCount, UsageError } from "../cli/command.ts";
 import { type Logger, logger } from "../cli/log.ts";
 import { memoryFence } from "../../ffi/memory.ts";
-import { waitOnThisThread } from "../../ffi/aio.ts";
+import { waitOnThisThread, watchRingWhileWaiting } from "../../ffi/aio.ts";
+import { addressOf } from "../../ffi/memory.ts";
+import { SRING_REQ_PROD } from "../ring/blkif.ts";
 import type { BlockDriver } from "../formats/driver.ts";
 import { openImage, parseImageSpec } from "../formats/open_image.ts";
 import { KickChannel } from "../ring/kick_channel.ts";
@@ -37,6 +39,18 @@ Options:
  * nothing else needs the thread meanwhile. BLKTAP_DISK_WAIT_US=0 turns it off.
  */
 const io_wait_on_thread_us = Number(Deno.env.get("BLKTAP_DISK_WAIT_US") ?? "200");
+
+/**
+ * How long that wait first spins on the ring's req_prod (and on completions)
+ * before sleeping, so a request published meanwhile starts at once rather
+ * than at the next completion (at most ffi/aio.ts `ring_spin_us_max`). Off
+ * by default: on two shared cores a 20–30 µs spin doubled the disk
+ * process's CPU per 4 KiB write for no throughput (bench/results/
+ * ring-spin-ab-*); the wait still looks at req_prod once before it sleeps.
+ * BLKTAP_DISK_SPIN_US=N turns it on where cores are dedicated. An idle disk
+ * never spins (nothing in flight, nothing waited for).
+ */
+const ring_spin_us = Number(Deno.env.get("BLKTAP_DISK_SPIN_US") ?? "0");
 
 /**
  * Opens an image spec as the disk process serves it: by its recorded type
@@ -145,6 +159,7 @@ class DiskProcess {
         this.#log.error(`shutdown: ${(error as Error).message}`);
       }
     }
+    watchRingWhileWaiting(undefined); // the mapping goes away
     await this.#device?.close().catch(() => {});
     this.#channel.close();
     this.#done.resolve(status);
@@ -197,6 +212,12 @@ class DiskProcess {
       log: (m) => this.#log.warn(m),
     });
     this.#server = server;
+    watchRingWhileWaiting({
+      address: addressOf(device.ring) + SRING_REQ_PROD,
+      seen: () => server.seenRequestIndex,
+      moved: () => server.kick(),
+      spinUs: ring_spin_us,
+    });
     device.start(() => server.kick(), (error) => this.#ringRefused(error));
     this.#log.info(`serving ${config.image} (${driver.sizeBytes} bytes) pid ${Deno.pid}`);
     this.#channel.send({ t: "ready", ...served(driver) });

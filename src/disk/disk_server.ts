@@ -15,6 +15,11 @@
  * completion looks at the ring anyway, soon enough to keep the disk busy,
  * and the front end saves a wake-up of this process per batch. Below that
  * it arms req_event as blkback does when it goes idle.
+ *
+ * Responses: published with Xen's rsp_event rule, and always notified when
+ * nothing is left running — a front end may ask to be told only after a
+ * batch of responses (src/ring/ring_producer.ts), which a disk holding
+ * requests back (QoS, pause) would otherwise never complete.
  * @module
  */
 import * as B from "../ring/blkif.ts";
@@ -246,7 +251,10 @@ export class DiskServer {
     this.#pushScheduled = true;
     queueMicrotask(() => {
       this.#pushScheduled = false;
-      if (this.#back.pushResponsesAndCheckNotify()) this.#options.notify();
+      // Nothing left running: no later push may reach a front end's batched
+      // rsp_event (requests held for QoS or a pause), so tell it now.
+      const idle = this.#inflight === 0;
+      if (this.#back.pushResponsesAndCheckNotify() || idle) this.#options.notify();
     });
   }
 
@@ -255,6 +263,17 @@ export class DiskServer {
     const waiters = this.#idleWaiters;
     this.#idleWaiters = [];
     for (const w of waiters) w();
+  }
+
+  /**
+   * The req_prod value this server has dealt with: its req_cons while it can
+   * take requests (a different req_prod means requests to take), else the
+   * current req_prod (what it cannot take yet need not wake it; a
+   * completion or resume looks again). For a waiter watching the ring.
+   */
+  get seenRequestIndex(): number {
+    if (this.#canStart() && !this.#held) return this.#back.reqCons;
+    return this.#back.sring.reqProd;
   }
 
   /** Number of requests running. */

@@ -178,10 +178,24 @@ export class FrontRing {
     };
   }
 
-  /** RING_FINAL_CHECK_FOR_RESPONSES: arms rsp_event; true if work arrived meanwhile. */
-  finalCheckForResponses(): boolean {
+  /** Requests published and not yet answered (rsp_cons to req_prod). */
+  awaitedResponses(): number {
+    return u32(this.sring.reqProd - this.rspCons);
+  }
+
+  /**
+   * RING_FINAL_CHECK_FOR_RESPONSES: arms rsp_event; true if work arrived
+   * meanwhile. `batch` > 1 asks to be notified only once that many more
+   * responses are published, not at the next one (Xen's rsp_event is
+   * exactly this hold-off); it must not exceed the published requests
+   * still unanswered, so the notification surely comes.
+   */
+  finalCheckForResponses(batch = 1): boolean {
     if (this.unconsumedResponses() > 0) return true;
-    this.sring.rspEvent = u32(this.rspCons + 1);
+    if (!(batch >= 1 && (batch === 1 || batch <= this.awaitedResponses()))) {
+      throw new RangeError(`response batch ${batch} of ${this.awaitedResponses()} awaited`);
+    }
+    this.sring.rspEvent = u32(this.rspCons + batch);
     this.sring.fence();
     return this.unconsumedResponses() > 0;
   }

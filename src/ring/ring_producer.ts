@@ -43,6 +43,14 @@ interface Pending {
   indirect?: { first: number; count: number };
 }
 
+/**
+ * The front end asks to be kicked once 1/this of the responses it awaits
+ * are published, not at every one (rsp_event hold-off): with 32 awaited, a
+ * busy ring wakes ctrl once per 8 responses. The rest keep the disk busy
+ * meanwhile; a lone request (fewer than this awaited) is answered at once.
+ */
+export const response_batch_divisor = 4;
+
 /** Issues requests on one ring and keeps them until they are answered. */
 export class RingProducer {
   readonly pool: Uint8Array;
@@ -135,8 +143,15 @@ export class RingProducer {
         this.#complete(pending, response.status);
         progressed = true;
       }
-    } while (this.#front.finalCheckForResponses());
+    } while (this.#front.finalCheckForResponses(this.#responseBatch()));
     if (progressed) this.#wakeSlotWaiters();
+  }
+
+  // How many responses to wait for before being kicked: a share of those
+  // awaited, so a busy ring wakes this side once per batch, not per
+  // response; 1 when few are awaited (a lone request is answered at once).
+  #responseBatch(): number {
+    return Math.max(1, Math.floor(this.#front.awaitedResponses() / response_batch_divisor));
   }
 
   #complete(pending: Pending, status: number): void {

@@ -153,3 +153,57 @@ Deno.test("disk server: busy, it takes new requests without kicks; idle, it asks
   assert.equal(kicks, 2, "after going idle the server asks to be kicked again");
   assert.equal(disk.outstanding, 0);
 });
+
+Deno.test("disk server: under load the front end is kicked once per batch of responses, not per response", async () => {
+  const size = 1 << 20;
+  const driver = new MemoryDriver(size, { delayMs: 8, randomDelay: true });
+  const { disk, serve } = ringPair("batch", driver, size);
+  const server = serve();
+  let kicks = 0;
+  // Count the kicks the server sends by wrapping the front end's onKick.
+  const onKick = disk.onKick.bind(disk);
+  disk.onKick = () => (kicks += 1, onKick());
+  disk.attach(() => server.kick(), { sizeBytes: size, capabilities: driver.capabilities });
+  let answered = 0;
+  const lane = async (first: number) => {
+    for (let i = first; i < 1024; i += 32) {
+      await disk.read((i % 256) * 4096, new Uint8Array(4096));
+      answered += 1;
+    }
+  };
+  await Promise.all(Array.from({ length: 32 }, (_, i) => lane(i)));
+  assert.equal(answered, 1024);
+  assert.equal(disk.outstanding, 0);
+  // 32 awaited: a kick per 8 responses while the ring is full (more as it drains).
+  assert.ok(kicks <= 1024 / 4, `${kicks} kicks for 1024 responses`);
+});
+
+Deno.test("disk server: a response is delivered at once when the server holds the rest back (QoS)", async () => {
+  const size = 1 << 20;
+  const driver = new MemoryDriver(size);
+  // A burst of 4, then 2 per second: the front end awaits 28 when it last looked.
+  const { disk, serve } = ringPair("held", driver, size, {
+    qos: { maxIops: 2, maxBps: 0, burstMs: 2000 },
+  });
+  const server = serve();
+  disk.attach(() => server.kick(), { sizeBytes: size, capabilities: driver.capabilities });
+  const started = performance.now();
+  const answeredAt: number[] = [];
+  const reads = Array.from(
+    { length: 32 },
+    (_, i) =>
+      disk.read(i * 4096, new Uint8Array(4096)).then(
+        () => answeredAt.push(performance.now() - started),
+        () => {},
+      ),
+  );
+  while (answeredAt.length < 5 && performance.now() - started < 3000) {
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+  server.stop();
+  disk.fail();
+  await Promise.all(reads);
+  // The 5th waits for a token (500 ms), not for a batch of 7 more (3.5 s).
+  assert.ok(answeredAt.length >= 5, `answered ${answeredAt.length} in 3 s`);
+  assert.ok(answeredAt[4] < 1500, `5th answered after ${answeredAt[4]} ms`);
+});

@@ -1,5 +1,11 @@
 import assert from "node:assert/strict";
-import { AioQueue, type IoEngine, openQueue, waitOnThisThread } from "../../ffi/aio.ts";
+import {
+  AioQueue,
+  type IoEngine,
+  openQueue,
+  waitOnThisThread,
+  watchRingWhileWaiting,
+} from "../../ffi/aio.ts";
 import { SysError } from "../../ffi/errno.ts";
 import { File } from "../../ffi/file.ts";
 import { NativeMemory } from "../../ffi/memory.ts";
@@ -184,4 +190,75 @@ Deno.test("file: holes, punch and zero range are visible through SEEK_DATA/SEEK_
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
+});
+
+engineTest(
+  "a thread wait watching an unchanged ring index ends on completions alone",
+  { slots: 4, pages: 2, direct: true },
+  async ({ file, queue, memory }) => {
+    let moves = 0;
+    const iov = [{ address: memory.address, lengthBytes: 4096 }];
+    waitOnThisThread(1_000_000);
+    assert.throws(
+      () => watchRingWhileWaiting({ address: 0, seen: () => 0, moved() {}, spinUs: 1e6 }),
+      /ring spin 1000000 µs outside 0\.\.100/,
+    );
+    try {
+      // The watched word is the second page's first u32 (a ring's req_prod), 0 as seen.
+      watchRingWhileWaiting({
+        address: memory.address + 4096,
+        seen: () => 0,
+        moved: () => moves += 1,
+        spinUs: 50,
+      });
+      for (let i = 0; i < 32; i += 1) assert.equal(await queue.readv(file.fd, i * 4096, iov), 4096);
+      assert.equal(moves, 0);
+    } finally {
+      watchRingWhileWaiting(undefined);
+      waitOnThisThread(0);
+    }
+  },
+);
+
+Deno.test({
+  name: "io_uring: a ring index moved while I/O is in flight is seen at once, without a kick, once",
+  ignore: !engineAvailable("io_uring"),
+  fn: async () => {
+    const dir = await Deno.makeTempDir({ prefix: "blktap-aio-" });
+    const fifo = `${dir}/fifo`;
+    assert.equal((await new Deno.Command("mkfifo", { args: [fifo] }).output()).code, 0);
+    // Read and write ends in one descriptor: a read waits for data, in the kernel.
+    const file = File.open(fifo, { write: true });
+    const queue = new AioQueue(4, "io_uring");
+    const memory = NativeMemory.allocate(2 * 4096);
+    const word = new Uint32Array(memory.bytes.buffer, memory.bytes.byteOffset + 4096, 1);
+    let seen = 0;
+    const movedAt: number[] = [];
+    waitOnThisThread(20_000);
+    try {
+      watchRingWhileWaiting({
+        address: memory.address + 4096,
+        seen: () => seen,
+        moved: () => (movedAt.push(performance.now()), seen = word[0]),
+        spinUs: 50,
+      });
+      const started = performance.now();
+      const read = queue.readv(file.fd, 0, [{ address: memory.address, lengthBytes: 4096 }]);
+      word[0] = 7; // published after the pump looked, before the queue waits
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      assert.equal(movedAt.length, 1, "seen once, not again while unchanged");
+      assert.ok(movedAt[0] - started < 20, `seen after ${movedAt[0] - started} ms`);
+      await Deno.writeFile(fifo, new Uint8Array(4096).fill(1));
+      assert.equal(await read, 4096);
+      assert.equal(memory.bytes[0], 1);
+      assert.equal(movedAt.length, 1);
+    } finally {
+      watchRingWhileWaiting(undefined);
+      waitOnThisThread(0);
+      queue.close();
+      memory.release();
+      file.close();
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
 });

@@ -91,7 +91,29 @@ Deno.test("ring: randomized interleaving loses, duplicates and double-answers no
   }
 });
 
-function interleave(random: () => number, start: number, total: number): void {
+Deno.test("ring: a front end asking for a batch of responses is kicked at the batch's last one", () => {
+  const { front, back } = ringAt(0xffffffff - 3); // the batch spans the 2^32 wrap
+  for (let id = 0n; id < 8n; id += 1n) produce(front, id);
+  front.pushRequestsAndCheckNotify();
+  assert.equal(front.awaitedResponses(), 8);
+  assert.throws(() => front.finalCheckForResponses(9), /batch 9 of 8 awaited/);
+  assert.equal(front.finalCheckForResponses(4), false);
+  const kicks: boolean[] = [];
+  while (back.unconsumedRequests() > 0) {
+    back.putResponse(consume(back), 0, 0);
+    kicks.push(back.pushResponsesAndCheckNotify());
+  }
+  assert.deepEqual(kicks, [false, false, false, true, false, false, false, false]);
+});
+
+Deno.test("ring: randomized interleaving with batched response kicks leaves nobody waiting", () => {
+  const rng = testSeed("ring randomized batched");
+  const random = () => rng.next();
+  for (const start of [0, 0xffffffff - 1000]) interleave(random, start, 20_000, true);
+});
+
+// `batched`: the front end asks for a random batch of the responses it awaits.
+function interleave(random: () => number, start: number, total: number, batched = false): void {
   const { front, back } = ringAt(start, 2 * PAGE_BYTES);
   const outstanding = new Set<bigint>();
   const backQueue: bigint[] = [];
@@ -102,7 +124,7 @@ function interleave(random: () => number, start: number, total: number): void {
   let steps = 0;
   while (answered < total) {
     assert.ok(steps++ < total * 200, "no progress");
-    const action = Math.floor(random() * 6);
+    const action = Math.floor(random() * (batched ? 7 : 6));
     if (action === 0 && produced < BigInt(total)) {
       const n = Math.floor(random() * 8);
       for (let i = 0; i < n && front.freeRequests() > 0 && produced < BigInt(total); i += 1) {
@@ -132,11 +154,30 @@ function interleave(random: () => number, start: number, total: number): void {
         assert.ok(outstanding.delete(id), `response ${id} not outstanding (duplicate or unknown)`);
         answered += 1;
       }
-      if (random() < 0.5) frontKicked = front.finalCheckForResponses();
+      if (random() < 0.5) {
+        const awaited = front.awaitedResponses();
+        const batch = batched && awaited > 1 ? 1 + Math.floor(random() * awaited) : 1;
+        frontKicked = front.finalCheckForResponses(batch);
+      }
+    } else if (action === 6 && backQueue.length === 0 && back.unconsumedRequests() === 0) {
+      // A back end with nothing left running notifies whatever it pushed (disk_server.ts).
+      if (back.pushResponsesAndCheckNotify() || front.unconsumedResponses() > 0) frontKicked = true;
     }
-    checkNoLostWakeup(front, back, backKicked, frontKicked);
+    checkNoLostWakeup(front, back, backKicked, frontKicked || batched);
+    if (batched && !frontKicked) checkKickStillComing(front);
   }
   assert.equal(outstanding.size, 0);
+}
+
+// A front end that asked for a batch may have responses waiting unseen, but
+// only while its rsp_event lies among responses still to come.
+function checkKickStillComing(front: FrontRing): void {
+  const s = front.sring;
+  const published = (s.rspProd - front.rspCons) >>> 0;
+  if (published === 0) return;
+  const ahead = (s.rspEvent - s.rspProd) >>> 0;
+  const toCome = (s.reqProd - s.rspProd) >>> 0;
+  assert.ok(ahead >= 1 && ahead <= toCome, `rsp_event ${ahead} ahead, ${toCome} to come`);
 }
 
 // Suppression must never leave work pending with nobody woken: if the back
