@@ -6,9 +6,8 @@
  */
 import { type Command, parseCommandArgs, parseCount, UsageError } from "../cli/command.ts";
 import { type Logger, logger } from "../cli/log.ts";
-import { memoryFence } from "../../ffi/memory.ts";
+import { addressOf, memoryFence } from "../../ffi/memory.ts";
 import { waitOnThisThread, watchRingWhileWaiting } from "../../ffi/aio.ts";
-import { addressOf } from "../../ffi/memory.ts";
 import { SRING_REQ_PROD } from "../ring/blkif.ts";
 import type { BlockDriver } from "../formats/driver.ts";
 import { openImage, parseImageSpec } from "../formats/open_image.ts";
