@@ -15,9 +15,12 @@
 #   usage: bench/kernel.sh        env: REPS=3 RUNTIME=8 REGION_MIB=256
 #   CONFIGS="loop-dio tap-raw ..." runs only those (default all).
 #   BLKTAP_DISK_WAIT_US, when set, goes to the guest's disk processes.
+#   SMP=1: the guest's vCPUs (TCG runs one host thread per vCPU; 2 is the
+#   smallest machine where a disk process and the program using its device
+#   do not take turns on one CPU).
 set -uo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-REPS=${REPS:-3} RUNTIME=${RUNTIME:-8} REGION_MIB=${REGION_MIB:-256} CONFIGS=${CONFIGS:-all}
+REPS=${REPS:-3} RUNTIME=${RUNTIME:-8} REGION_MIB=${REGION_MIB:-256} CONFIGS=${CONFIGS:-all} SMP=${SMP:-1}
 work=$(mktemp -d "${TMPDIR:-/tmp}/blktap-bench-kernel.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 stage_fail() { echo "bench/kernel.sh: $*" >&2; exit 2; }
@@ -39,7 +42,8 @@ mkfs.ext4 -q -F -d "$vol" "$work/volume.img" $((REGION_MIB * 4 + 256))M || stage
 
 disk_env=()
 [ -z "${BLKTAP_DISK_WAIT_US:-}" ] || disk_env=(--env BLKTAP_DISK_WAIT_US="$BLKTAP_DISK_WAIT_US")
-bash "$vm" --timeout 3600 "${disk_env[@]}" --mem 3G --module loop "${guest_app_args[@]}" --exe fio \
+echo "# guest: $SMP vCPU(s)"
+bash "$vm" --timeout 3600 "${disk_env[@]}" --smp "$SMP" --mem 3G --module loop "${guest_app_args[@]}" --exe fio \
 	--exe /sbin/losetup --file "$work/blktap.ko:/t/blktap.ko" --file "$work/tapctl:/t/tapctl" \
 	--disk "$work/volume.img" \
 	--env REPS="$REPS" --env RUNTIME="$RUNTIME" --env REGION_MIB="$REGION_MIB" --env CONFIGS="$CONFIGS" \
