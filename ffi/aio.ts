@@ -431,10 +431,14 @@ function setU64(view: DataView, at: number, value: number): void {
 
 /**
  * A queue on `preferred`, else on the other engine where the kernel refuses
- * it; `BLKTAP_IO_ENGINE=libaio|io_uring` overrides the preference.
+ * it; `forced` (by default `BLKTAP_IO_ENGINE`: libaio or io_uring)
+ * overrides the preference.
  */
-export function openQueue(maxInflight: number, preferred: IoEngine): AioQueue {
-  const forced = Deno.env.get("BLKTAP_IO_ENGINE");
+export function openQueue(
+  maxInflight: number,
+  preferred: IoEngine,
+  forced = Deno.env.get("BLKTAP_IO_ENGINE"),
+): AioQueue {
   if (forced === "libaio" || forced === "io_uring") return new AioQueue(maxInflight, forced);
   if (forced) throw new Error(`BLKTAP_IO_ENGINE=${forced}: expected libaio or io_uring`);
   try {
