@@ -21,7 +21,7 @@ import { servedRing } from "../_helpers/ring_pair.ts";
 import { rawImage } from "../_helpers/ctrl_harness.ts";
 
 /** Longest a control round trip to a busy disk may take. */
-const call_round_trip_ms_max = 300;
+const call_round_trip_ms_max = 500;
 /** The load stops after this long at most (a starved call returns then). */
 const load_ms_max = 4000;
 const depth = 16;
