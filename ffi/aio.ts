@@ -45,6 +45,34 @@ const SYSCALL_NAMES = ["preadv", "pwritev", "fdsync"];
 const continuation_turns_max = 64;
 /** See {@linkcode waitOnThisThread}: 0 = off (the default). */
 let thread_wait_us = 0n;
+/**
+ * Longest the event loop may go without a turn while queues wait on the
+ * JavaScript thread: under a steady load completions never stop (each one
+ * starts the next request in promise continuations), and what arrives on
+ * sockets (ctrl's calls to a disk process) is read only in a turn.
+ */
+export const event_loop_turn_wait_ms_max = 10;
+/** Since when a marker timer waits for the event loop's next turn; undefined: none waits. */
+let turn_marker_set_ms: number | undefined;
+
+// Whether the event loop is owed a turn: a marker timer set on the first
+// call runs at its next turn; while it has not run there was none.
+function eventLoopOwedTurn(): boolean {
+  if (thread_wait_us === 0n) return false; // every wait goes off the thread
+  const now = performance.now();
+  if (turn_marker_set_ms === undefined) {
+    turn_marker_set_ms = now;
+    setTimeout(() => turn_marker_set_ms = undefined, 0);
+  }
+  return now - turn_marker_set_ms >= event_loop_turn_wait_ms_max;
+}
+
+// A turn of the event loop in which it polls its sockets: a wait for a
+// timer. (A wait off the thread that returns at once, completions being
+// there already, may end without one.) The marker timer runs first.
+function eventLoopTurn(): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, 0));
+}
 
 /**
  * Lets queues wait for completions on the JavaScript thread, up to `us`
@@ -243,7 +271,7 @@ export class AioQueue {
   #flush(): void {
     this.#flushScheduled = false;
     while (this.#batchCount > 0 && this.#submitBatch()) this.#refill();
-    this.#reap();
+    if (!eventLoopOwedTurn()) this.#reap();
     if (this.#submitted > 0) this.#startReaping();
     else if (this.#overflow.length > 0 && !this.#closed) {
       // The kernel refused for now (EAGAIN) with nothing in flight to wait for.
@@ -312,11 +340,17 @@ export class AioQueue {
 
   // While requests are in the kernel: reap what is there, else let a waiter
   // sleep off the JavaScript thread until completions may have arrived.
+  // Completions wait while the event loop is owed a turn (a load that never
+  // stops would otherwise keep it from ever having one).
   async #startReaping(): Promise<void> {
     if (this.#reaping) return;
     this.#reaping = true;
     try {
       while (this.#submitted > 0 && !this.#closed) {
+        if (eventLoopOwedTurn()) {
+          await eventLoopTurn();
+          continue;
+        }
         if (this.#reap() > 0) {
           // Let what the completions started (responses, new requests) run first.
           if (thread_wait_us > 0n) await continuations();
@@ -397,10 +431,14 @@ function setU64(view: DataView, at: number, value: number): void {
 
 /**
  * A queue on `preferred`, else on the other engine where the kernel refuses
- * it; `BLKTAP_IO_ENGINE=libaio|io_uring` overrides the preference.
+ * it; `forced` (by default `BLKTAP_IO_ENGINE`: libaio or io_uring)
+ * overrides the preference.
  */
-export function openQueue(maxInflight: number, preferred: IoEngine): AioQueue {
-  const forced = Deno.env.get("BLKTAP_IO_ENGINE");
+export function openQueue(
+  maxInflight: number,
+  preferred: IoEngine,
+  forced = Deno.env.get("BLKTAP_IO_ENGINE"),
+): AioQueue {
   if (forced === "libaio" || forced === "io_uring") return new AioQueue(maxInflight, forced);
   if (forced) throw new Error(`BLKTAP_IO_ENGINE=${forced}: expected libaio or io_uring`);
   try {

@@ -547,15 +547,8 @@ export const stale_disk_grace_ms = 10_000;
  * have been reused by anything, another ctrl's disk included.
  */
 async function killStaleDisk(pid: number, minor: number, diskSocketPath: string): Promise<void> {
-  let cmdline: string;
-  try {
-    cmdline = Deno.readTextFileSync(`/proc/${pid}/cmdline`).split("\0").join(" ");
-  } catch {
-    return; // gone
-  }
-  const ours = cmdline.includes(` disk --minor ${minor} `) && cmdline.includes(diskSocketPath);
   const started = startTime(pid);
-  if (!ours || started === undefined) return;
+  if (started === undefined || !isDiskOf(pid, minor, diskSocketPath)) return;
   if (await exited(pid, started, stale_disk_grace_ms)) return;
   try {
     Deno.kill(pid, "SIGKILL");
@@ -563,6 +556,36 @@ async function killStaleDisk(pid: number, minor: number, diskSocketPath: string)
     return;
   }
   await exited(pid, started, 5000);
+}
+
+/**
+ * Whether `pid` runs `disk --minor MINOR --socket PATH` (as ctrl spawns it)
+ * with PATH naming `diskSocketPath`: compared as real paths, PATH taken
+ * from the process's own working directory where relative, so a run dir
+ * spelled otherwise on this start (`run/`, `./run`, through a link) still
+ * finds the disk processes of the last one.
+ */
+function isDiskOf(pid: number, minor: number, diskSocketPath: string): boolean {
+  try {
+    const argv = Deno.readTextFileSync(`/proc/${pid}/cmdline`).split("\0");
+    const at = argv.indexOf("disk");
+    if (at < 0 || argv[at + 1] !== "--minor" || argv[at + 2] !== String(minor)) return false;
+    if (argv[at + 3] !== "--socket" || !argv[at + 4]) return false;
+    const socket = argv[at + 4];
+    const absolute = socket.startsWith("/")
+      ? socket
+      : `${Deno.readLinkSync(`/proc/${pid}/cwd`)}/${socket}`;
+    return realSocketPath(absolute) === realSocketPath(diskSocketPath);
+  } catch {
+    return false; // gone, or not readable: not one of ours
+  }
+}
+
+// A socket path with its folder resolved (the socket itself may be gone).
+function realSocketPath(path: string): string {
+  const slash = path.lastIndexOf("/");
+  const folder = slash < 0 ? "." : path.slice(0, slash) || "/";
+  return `${Deno.realPathSync(folder)}/${path.slice(slash + 1)}`;
 }
 
 /** A process's start time (field 22 of /proc/PID/stat): with the pid, its identity. */

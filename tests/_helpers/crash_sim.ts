@@ -80,8 +80,15 @@ export interface CrashSimOptions {
   ios: number;
   /** Concurrent writers. */
   writers?: number;
-  /** Share of guest operations that are flushes. */
+  /** Share of guest operations that are flushes (besides those `flushesMin` forces). */
   flushShare?: number;
+  /**
+   * Guest flushes the workload makes whatever its random draws: one starts
+   * whenever a writer finds none started in the last `ios / flushesMin`
+   * I/Os (default 10; the tests assert 5, leaving room for the I/Os of
+   * writes still in flight past that mark).
+   */
+  flushesMin?: number;
   /** Largest write, in sectors. */
   writeSectorsMax?: number;
   /** Every n-th point is also opened read-write and checked again (0: never). */
@@ -157,12 +164,16 @@ async function runWorkload(
   let guestWrites = 0;
   let guestFlushes = 0;
   let ops = 0;
+  const flushEveryIos = Math.max(1, Math.floor(options.ios / (options.flushesMin ?? 10)));
+  let lastFlushIos = 0;
   const writer = async () => {
     while (file.ios < options.ios && ops < options.ios * 8) {
       ops += 1;
       const id = nextId++;
-      if (rng.next() < (options.flushShare ?? 0.04)) {
+      const flushDue = file.ios - lastFlushIos >= flushEveryIos;
+      if (rng.next() < (options.flushShare ?? 0.04) || flushDue) {
         guestFlushes += 1;
+        lastFlushIos = file.ios;
         file.note({ g: "flush", id } satisfies GuestNote);
         await driver.flush();
         file.note({ g: "flushed", id } satisfies GuestNote);

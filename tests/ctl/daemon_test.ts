@@ -1,7 +1,9 @@
 /**
  * What ctrl exposes on the host: its run dir must be private, its sockets
- * are 0600 from the moment they exist, and a ring device path it finds
- * replaced by a symbolic link on re-attach is never followed.
+ * are 0600 from the moment they exist, a ring device path it finds
+ * replaced by a symbolic link on re-attach is never followed, and a
+ * restarted ctrl serves a ring only once the last ctrl's disk process on it
+ * is gone.
  */
 import assert from "node:assert/strict";
 import { selfCommand, selfCommandFor } from "../../src/cli/self_command.ts";
@@ -178,4 +180,62 @@ Deno.test({
       await h.close();
     }
   },
+});
+
+/** Pids of live disk processes of `minor` under `runDir`, by their command lines. */
+function diskProcesses(runDir: string, minor: number): number[] {
+  const pids: number[] = [];
+  for (const entry of Deno.readDirSync("/proc")) {
+    if (!/^\d+$/.test(entry.name)) continue;
+    try {
+      const argv = Deno.readTextFileSync(`/proc/${entry.name}/cmdline`).split("\0");
+      const at = argv.indexOf("disk");
+      const state = Deno.readTextFileSync(`/proc/${entry.name}/stat`).split(") ")[1];
+      if (state.startsWith("Z")) continue;
+      if (at >= 0 && argv[at + 2] === String(minor) && argv[at + 4]?.startsWith(runDir)) {
+        pids.push(Number(entry.name));
+      }
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return pids;
+}
+
+Deno.test("ctrl: a restart, with the run dir spelled otherwise, lets the old disk process drain before it serves the ring", async () => {
+  const h = await CtrlHarness.start();
+  let old: number | undefined;
+  try {
+    const image = await rawImage(h.dir, "a.raw", 16 * MiB);
+    const { minor } = await h.request({ op: "create", image: `aio:${image}`, name: "a" });
+    old = await h.diskPid(minor as number);
+    const load = h.request({ op: "exercise", minor, durationMs: 20_000, depth: 32, seed: 3 })
+      .catch(() => {});
+    await new Promise((r) => setTimeout(r, 1000));
+    // A disk process slow to drain (stopped, with requests in flight) when ctrl dies.
+    Deno.kill(old, "SIGSTOP");
+    await h.killCtrl();
+    await load;
+    const restarted = h.startCtrl(["--run-dir", `${h.runDir}/`]);
+    await new Promise((r) => setTimeout(r, 4000));
+    const serving = diskProcesses(h.runDir, minor as number);
+    Deno.kill(old, "SIGCONT");
+    assert.deepEqual(serving, [old], "a second disk process served the ring beside the old one");
+    await restarted;
+    await waitRunning(h.runDir, { replacing: [old] });
+    const again = await h.request({ op: "exercise", minor, requests: 2000, depth: 32, seed: 4 });
+    assert.equal(again.errors, 0, String(again.firstError));
+    assert.equal(again.mismatches, 0, String(again.firstError));
+    const [m] = await h.list();
+    assert.deepEqual([m.state, m.restarts], ["running", 0]);
+  } finally {
+    if (old !== undefined) {
+      try {
+        Deno.kill(old, "SIGCONT");
+      } catch {
+        // gone
+      }
+    }
+    await h.close();
+  }
 });
