@@ -79,7 +79,10 @@ blktap: $(SHIM) $(SOURCES) deno.json
 	  rm -f $@; \
 	  { echo '#!/bin/sh'; \
 	    echo '# blktap launcher: no denort runtime was available for deno compile.'; \
-	    echo 'here=$$(dirname "$$(readlink -f "$$0")")'; \
+	    echo '# Shell built-ins only, readlink for a symlink (each exec costs start-up time).'; \
+	    echo 'self=$$0; [ -L "$$self" ] && self=$$(readlink -f "$$self")'; \
+	    echo 'case $$self in */*) here=$${self%/*} ;; *) here=. ;; esac'; \
+	    echo 'case $$here in /*) ;; .) here=$$PWD ;; *) here=$$PWD/$$here ;; esac'; \
 	    echo 'export BLKTAP_EXE="$$here/blktap"'; \
 	    echo 'exec "$$here/$(DENO)" run --quiet --no-prompt --cached-only $(PERMISSIONS) "$$here/main.ts" "$$@"'; \
 	  } >$@; chmod +x $@; \

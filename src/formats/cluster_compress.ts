@@ -1,17 +1,22 @@
 /**
  * Compressed clusters of qcow and qcow2: raw deflate (no zlib header) with
  * a 4 KiB window, as QEMU's `qemu-img convert -c` writes them. A cluster
- * inflates to exactly one cluster; anything else is corruption.
+ * inflates to exactly one cluster; anything else is corruption. node:zlib
+ * is imported on first use: loading it costs every process about 30 ms of
+ * start-up, and most never meet a compressed cluster.
  * @module
  */
-import { constants, deflateRawSync, inflateRawSync } from "node:zlib";
 
 /** QEMU's deflateInit2 parameters: window 2^12, memLevel 9. */
 const deflate_window_bits = 12;
 const deflate_mem_level = 9;
 
 /** The cluster in `packed`, or undefined when it does not inflate to `clusterBytes`. */
-export function inflateCluster(packed: Uint8Array, clusterBytes: number): Uint8Array | undefined {
+export async function inflateCluster(
+  packed: Uint8Array,
+  clusterBytes: number,
+): Promise<Uint8Array | undefined> {
+  const { constants, inflateRawSync } = await import("node:zlib");
   try {
     // QEMU accepts a stream that fills the cluster without its end marker.
     const out = inflateRawSync(packed, {
@@ -29,7 +34,11 @@ export function inflateCluster(packed: Uint8Array, clusterBytes: number): Uint8A
  * `cluster` deflated as QEMU does, or undefined when the result would not
  * be smaller than `limitBytes` (QEMU stores such a cluster uncompressed).
  */
-export function deflateCluster(cluster: Uint8Array, limitBytes: number): Uint8Array | undefined {
+export async function deflateCluster(
+  cluster: Uint8Array,
+  limitBytes: number,
+): Promise<Uint8Array | undefined> {
+  const { constants, deflateRawSync } = await import("node:zlib");
   const out = deflateRawSync(cluster, {
     windowBits: deflate_window_bits,
     memLevel: deflate_mem_level,

@@ -22,7 +22,7 @@
  * the bits just below it (QEMU: `entry >> (63 - cluster_bits)`).
  * @module
  */
-import { createHash } from "node:crypto";
+import { Md5 } from "./md5.ts";
 
 export const QCOW_MAGIC = 0x514649fb;
 export const XEN_MAGIC = 0x58454efb;
@@ -286,7 +286,7 @@ export function encodeXen(xen: XenHeader, out: Uint8Array): void {
  * little-endian) u32; the header stores that value big-endian.
  */
 export function l1Checksum(l1Bytes: Uint8Array): number {
-  return checksumOfDigest(createHash("md5").update(l1Bytes).digest());
+  return checksumOfDigest(new Md5().update(l1Bytes).digest());
 }
 
 /** The checksum value of an MD5 digest of the L1 table (see {@linkcode l1Checksum}). */

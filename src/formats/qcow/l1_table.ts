@@ -12,7 +12,7 @@
  * once what it points at may be referenced (DESIGN.md §4).
  * @module
  */
-import { createHash } from "node:crypto";
+import { Md5 } from "./md5.ts";
 import type { ImageFile } from "../image_file.ts";
 import { GroupCommit } from "../group_commit.ts";
 import { checksumOfDigest } from "./header.ts";
@@ -205,7 +205,7 @@ export class L1Table {
 
   /** blktap's Xen checksum of the table as stored (see `l1Checksum`). */
   async checksum(): Promise<number> {
-    const md5 = createHash("md5");
+    const md5 = new Md5();
     await this.#chunks((_, view) => {
       md5.update(new Uint8Array(view.buffer, view.byteOffset, view.byteLength));
     });

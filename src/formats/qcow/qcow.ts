@@ -370,7 +370,7 @@ export class QcowDriver extends BlockDriverBase {
     }
     const packed = new Uint8Array(compressedBytes);
     await this.#file.read(hostOffset, packed);
-    const data = inflateCluster(packed, this.#geo.clusterBytes);
+    const data = await inflateCluster(packed, this.#geo.clusterBytes);
     if (!data) throw this.#entryError(guest, `compressed cluster at ${hostOffset} is corrupt`);
     this.#inflated = { offsetBytes: hostOffset, data };
     return data;

@@ -441,7 +441,7 @@ export class Qcow2Driver extends BlockDriverBase {
     if (length <= 0) throw this.#corrupt(guestStart, "compressed cluster past the end of the file");
     const packed = new Uint8Array(length);
     await this.#file.read(entry.offsetBytes, packed);
-    const data = inflateCluster(packed, c);
+    const data = await inflateCluster(packed, c);
     if (!data) throw this.#corrupt(guestStart, "compressed cluster does not inflate");
     this.#inflated = { offsetBytes: entry.offsetBytes, data };
     return data;
@@ -890,7 +890,7 @@ export class Qcow2Driver extends BlockDriverBase {
     if (isZeroBytes(data) && await this.#zeroBeneath(offsetBytes, data.byteLength)) return true;
     const cluster = new Uint8Array(c);
     cluster.set(data);
-    const packed = deflateCluster(cluster, c - 1);
+    const packed = await deflateCluster(cluster, c - 1);
     if (!packed) return false;
     const prep = await this.#preps.forWrite(l1Index, this.#tableOf(l1Index));
     const { offsetBytes: host, ready } = await this.#allocator.allocateBytes(packed.byteLength);

@@ -61,6 +61,8 @@ import { openParent } from "./parent.ts";
 
 /** Memory for cached bitmaps of partly written blocks. */
 const bitmap_cache_bytes_max = 32 << 20;
+/** Bitmaps read at once when mapping (bounded: each takes a request and a cache slot). */
+const bitmap_reads_in_flight_max = 64;
 /** New data is made present in units of this size (whole pages, as Hyper-V). */
 const present_unit_bytes = 4096;
 /** BAT entries per 512-byte sector: the unit BAT updates are written in. */
@@ -594,6 +596,10 @@ export class DynamicVhdDriver extends BlockDriverBase {
     const runs: MapRun[] = [];
     const push = (run: MapRun) => pushMapRun(runs, run);
     const end = offsetBytes + lengthBytes;
+    await this.#learnStates(
+      Math.floor(offsetBytes / this.#blockBytes),
+      Math.ceil(end / this.#blockBytes),
+    );
     for (let pos = offsetBytes; pos < end;) {
       const block = Math.floor(pos / this.#blockBytes);
       const blockEnd = Math.min(end, (block + 1) * this.#blockBytes);
@@ -601,6 +607,27 @@ export class DynamicVhdDriver extends BlockDriverBase {
       pos = blockEnd;
     }
     return runs;
+  }
+
+  /**
+   * Reads the bitmaps of the allocated blocks in `[first, end)` whose state
+   * is not known yet, many at a time (one after the other, a map of a large
+   * disk waited ~100 ms before convert's first read); full blocks keep none.
+   */
+  async #learnStates(first: number, end: number): Promise<void> {
+    const unknown: number[] = [];
+    for (let block = first; block < end; block += 1) {
+      if (this.#bat[block] !== BAT_UNUSED && this.#state[block] === 0) unknown.push(block);
+    }
+    for (let at = 0; at < unknown.length; at += bitmap_reads_in_flight_max) {
+      await Promise.all(
+        unknown.slice(at, at + bitmap_reads_in_flight_max).map(async (block) => {
+          await this.#bitmaps.acquire(block);
+          this.#bitmaps.release(block);
+          if (this.#state[block] === STATE_FULL) this.#bitmaps.drop(block);
+        }),
+      );
+    }
   }
 
   async #mapBlock(block: number, pos: number, end: number, push: (run: MapRun) => void) {
