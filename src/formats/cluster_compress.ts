@@ -11,12 +11,19 @@
 const deflate_window_bits = 12;
 const deflate_mem_level = 9;
 
+let zlib_module: Promise<typeof import("node:zlib")> | undefined;
+
+/** node:zlib, loaded on the first call (every reader of compressed data comes here). */
+export function zlib(): Promise<typeof import("node:zlib")> {
+  return zlib_module ??= import("node:zlib");
+}
+
 /** The cluster in `packed`, or undefined when it does not inflate to `clusterBytes`. */
 export async function inflateCluster(
   packed: Uint8Array,
   clusterBytes: number,
 ): Promise<Uint8Array | undefined> {
-  const { constants, inflateRawSync } = await import("node:zlib");
+  const { constants, inflateRawSync } = await zlib();
   try {
     // QEMU accepts a stream that fills the cluster without its end marker.
     const out = inflateRawSync(packed, {
@@ -38,7 +45,7 @@ export async function deflateCluster(
   cluster: Uint8Array,
   limitBytes: number,
 ): Promise<Uint8Array | undefined> {
-  const { constants, deflateRawSync } = await import("node:zlib");
+  const { constants, deflateRawSync } = await zlib();
   const out = deflateRawSync(cluster, {
     windowBits: deflate_window_bits,
     memLevel: deflate_mem_level,

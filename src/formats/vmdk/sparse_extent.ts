@@ -32,6 +32,7 @@
  * stale copy.
  * @module
  */
+import { zlib } from "../cluster_compress.ts";
 import { BlockError } from "../driver.ts";
 import type { ImageFile } from "../image_file.ts";
 import { giveBounce, takeBounce } from "../raw/bounce_pool.ts";
@@ -352,8 +353,7 @@ export class SparseExtent {
     }
     const compressed = new Uint8Array(dataBytes);
     await this.file.read(dataStart, compressed);
-    // node:zlib on first use (its load is dear, see cluster_compress.ts).
-    const { inflateSync } = await import("node:zlib");
+    const { inflateSync } = await zlib();
     let grain: Uint8Array;
     try {
       grain = new Uint8Array(inflateSync(compressed, { maxOutputLength: grainBytes }));
