@@ -208,7 +208,7 @@ export class Minor {
       this.#child?.kill("SIGKILL");
       return;
     }
-    if (this.record.paused) await this.call("pause").catch(() => {});
+    if (this.record.paused) await this.#holdRequests().catch(() => {});
     this.state = this.record.paused ? "paused" : "running";
     this.failure = undefined;
     this.#host.changed();
@@ -304,7 +304,7 @@ export class Minor {
 
   /** Quiesces the disk: in-flight requests drain, new ones wait in the ring. */
   async pause(): Promise<void> {
-    await this.call("pause");
+    await this.#holdRequests();
     this.record.paused = true;
     this.state = "paused";
     this.#host.changed();
@@ -326,6 +326,13 @@ export class Minor {
     this.record.paused = false;
     this.state = "running";
     this.#host.changed();
+  }
+
+  // Nothing is answered until resume: not by the disk process, nor from
+  // what ctrl's ring disk knows reads as zeros.
+  async #holdRequests(): Promise<void> {
+    this.frontend.disk?.paused();
+    await this.call("pause");
   }
 
   /** Changes QoS limits. */
@@ -383,7 +390,7 @@ export class Minor {
   async destroy(): Promise<void> {
     this.frontend.beginDestroy();
     // Let what is in flight finish and reach the image before stopping.
-    if (this.#channel) await this.call("pause").catch(() => {});
+    if (this.#channel) await this.#holdRequests().catch(() => {});
     this.#destroying = true;
     this.state = "destroyed";
     const child = this.#child;

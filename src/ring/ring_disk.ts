@@ -7,7 +7,8 @@
  *
  * Block status goes to the disk process too (src/ring/ring_block_status.ts):
  * only it knows the image's allocation, and ctrl must not open the image
- * behind its back.
+ * behind its back. What it answers as unallocated zeros is remembered
+ * ({@linkcode KnownZeros}), so reads there are answered here.
  *
  * Its capabilities are those of the driver the disk process serves (sent
  * in its `ready` message), minus what the ring cannot carry: there is no
@@ -22,6 +23,7 @@ import {
   type Extent,
 } from "../formats/driver.ts";
 import * as B from "./blkif.ts";
+import { KnownZeros, type ZeroQuery } from "./known_zeros.ts";
 import { blockStatusRounds, BlockStatusUnsupported } from "./ring_block_status.ts";
 import type { Fence } from "./ring.ts";
 import type { PagePool } from "./page_pool.ts";
@@ -52,6 +54,7 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
   /** The served driver's capabilities; undefined until a disk process first said ready. */
   #served: DriverCapabilities | undefined;
   #rmwLock: Promise<void> = Promise.resolve();
+  readonly #zeros: KnownZeros;
 
   constructor(
     name: string,
@@ -63,6 +66,7 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
     this.producer = new RingProducer(memory, options.fence);
     this.#readOnly = options.readOnly;
     this.#sizeBytes = options.sizeBytes;
+    this.#zeros = new KnownZeros(options.sizeBytes);
   }
 
   get sizeBytes(): number {
@@ -115,10 +119,17 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
   attach(kick: () => void, served: ServedDisk): void {
     this.#sizeBytes = served.sizeBytes;
     this.#served = served.capabilities;
+    this.#zeros.reset(served.sizeBytes);
     this.producer.attach(kick);
   }
 
+  /** The disk process is asked to hold requests: reads stop being answered here too. */
+  paused(): void {
+    this.#zeros.reset(this.#sizeBytes);
+  }
+
   detach(): void {
+    this.#zeros.reset(this.#sizeBytes);
     this.producer.detach();
   }
 
@@ -167,6 +178,15 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
   // ---- BlockDriver ------------------------------------------------------
 
   protected async _read(offsetBytes: number, buffer: Uint8Array): Promise<void> {
+    // A failed minor answers nothing, zeros included.
+    if (!this.producer.failed && this.#zeros.covers(offsetBytes, buffer.byteLength)) {
+      buffer.fill(0);
+      return;
+    }
+    if (this.capabilities.canExtents) {
+      const query = this.#zeros.missed(offsetBytes);
+      if (query) this.#learnZeros(query);
+    }
     if (!isSectorAligned(offsetBytes, buffer.byteLength)) {
       return await this.#readUnaligned(offsetBytes, buffer);
     }
@@ -174,10 +194,15 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
   }
 
   protected async _write(offsetBytes: number, data: Uint8Array): Promise<void> {
-    if (!isSectorAligned(offsetBytes, data.byteLength)) {
-      return await this.#writeUnaligned(offsetBytes, data);
+    const done = this.#zeros.modify(offsetBytes, data.byteLength);
+    try {
+      if (!isSectorAligned(offsetBytes, data.byteLength)) {
+        return await this.#writeUnaligned(offsetBytes, data);
+      }
+      await this.#transfer(B.BLKIF_OP_WRITE, offsetBytes, data);
+    } finally {
+      done();
     }
-    await this.#transfer(B.BLKIF_OP_WRITE, offsetBytes, data);
   }
 
   protected async _flush(): Promise<void> {
@@ -189,7 +214,12 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
     const first = Math.ceil(offsetBytes / B.SECTOR_BYTES);
     const end = Math.floor((offsetBytes + lengthBytes) / B.SECTOR_BYTES);
     if (end <= first) return;
-    throwForStatus(await this.producer.submitDiscard(first, end - first), "discard", this.path);
+    const done = this.#zeros.modify(offsetBytes, lengthBytes);
+    try {
+      throwForStatus(await this.producer.submitDiscard(first, end - first), "discard", this.path);
+    } finally {
+      done();
+    }
   }
 
   protected override async _blockStatus(
@@ -198,6 +228,31 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
   ): Promise<Extent[]> {
     // A driver without extents: everything is data, no need to ask.
     if (!this.capabilities.canExtents) return await super._blockStatus(offsetBytes, lengthBytes);
+    if (this.#zeros.covers(offsetBytes, lengthBytes)) {
+      return [{ offsetBytes, lengthBytes, hole: true, zero: true }];
+    }
+    const query = this.#zeros.asking(offsetBytes, lengthBytes);
+    let extents: Extent[] | undefined;
+    try {
+      return extents = await this.#askBlockStatus(offsetBytes, lengthBytes);
+    } finally {
+      if (query) this.#zeros.learn(query, extents);
+    }
+  }
+
+  // Learns in the background what the disk process says reads as zeros.
+  async #learnZeros(query: ZeroQuery): Promise<void> {
+    let extents: Extent[] | undefined;
+    try {
+      extents = await this.#askBlockStatus(query.offsetBytes, query.lengthBytes);
+    } catch {
+      // Nothing learned; the read that asked goes its own way.
+    } finally {
+      this.#zeros.learn(query, extents);
+    }
+  }
+
+  async #askBlockStatus(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
     const gref = await this.pages.allocateWait(1);
     const asker = {
       page: this.pool.subarray(gref * B.PAGE_BYTES, (gref + 1) * B.PAGE_BYTES),
