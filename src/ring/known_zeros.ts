@@ -9,12 +9,12 @@
  * can change bytes clears the bits it touches before it is issued, so a
  * read issued after a write was answered never sees the zeros it replaced.
  *
- * Learning is only trusted when nothing could have changed under the
- * answer: no modifying request was in flight when the query was issued and
- * none was issued before its answer (an epoch that every modification
- * moves). Otherwise the answer is dropped, and queries are spaced out so a
- * busy writer costs at most one extra round trip per
- * `misses_per_retry` reads.
+ * An answer is not trusted where a modification could have overtaken it:
+ * the ranges of modifications in flight when the query was issued, or
+ * issued before its answer came, are left unknown. A query that saw more
+ * of them than it can hold is dropped, and queries are then spaced out so
+ * a busy writer costs at most one extra round trip per `misses_per_retry`
+ * reads.
  * @module
  */
 import type { Extent } from "../formats/driver.ts";
@@ -27,15 +27,21 @@ const granule_bytes_min = 4096;
 export const learn_window_bytes = 1 << 30;
 /** After an answer was dropped, reads that miss before the next query. */
 export const misses_per_retry = 64;
+/** Overtaking modifications one query remembers; past that its answer is dropped. */
+export const overtaking_ranges_max = 256;
 
 /** A block-status question the caller should ask the disk process. */
 export interface ZeroQuery {
   offsetBytes: number;
   lengthBytes: number;
-  /** The epoch it was issued in: an answer from an older one is dropped. */
-  epoch: number;
+  /** The generation it was issued in: an answer from before a reset is dropped. */
+  generation: number;
   /** The learning window it asks about (queries made by {@linkcode KnownZeros.missed}). */
   window?: number;
+  /** Ranges (offset, length pairs) modifications may have changed under the answer. */
+  overtaken: number[];
+  /** More than `overtaking_ranges_max` of them: the answer is dropped. */
+  overflow: boolean;
 }
 
 /** Known-zero granules of one disk, and when to learn more. */
@@ -45,11 +51,12 @@ export class KnownZeros {
   #bits: Uint32Array | undefined;
   /** Windows learned since the last reset. */
   #askedWindows = new Set<number>();
-  /** Moves at every modification and reset: an answer from an older epoch may be stale. */
-  #epoch = 0;
-  /** Modifying requests issued and not yet answered; survives resets (they are replayed). */
-  #modifying = 0;
-  #queriesInFlight = 0;
+  /** Moves at every reset: an answer from an older generation is stale. */
+  #generation = 0;
+  /** Ranges of modifications issued and not yet answered; survive resets (they are replayed). */
+  readonly #modifying = new Map<number, [offset: number, length: number]>();
+  #nextModification = 0;
+  readonly #queries = new Set<ZeroQuery>();
   #missesUntilQuery = 0;
 
   constructor(sizeBytes: number) {
@@ -78,19 +85,11 @@ export class KnownZeros {
    * or failed.
    */
   modify(offsetBytes: number, lengthBytes: number): () => void {
-    this.#epoch++;
-    this.#modifying++;
-    if (this.#bits && lengthBytes > 0) {
-      const first = Math.floor(offsetBytes / this.#granuleBytes);
-      const last = Math.floor((offsetBytes + lengthBytes - 1) / this.#granuleBytes);
-      this.#setRange(first, last + 1, false);
-    }
-    let done = false;
-    return () => {
-      if (done) return;
-      done = true;
-      this.#modifying--;
-    };
+    const id = this.#nextModification++;
+    this.#modifying.set(id, [offsetBytes, lengthBytes]);
+    this.#forget(offsetBytes, lengthBytes);
+    for (const query of this.#queries) overtake(query, offsetBytes, lengthBytes);
+    return () => this.#modifying.delete(id);
   }
 
   /**
@@ -100,7 +99,7 @@ export class KnownZeros {
    */
   missed(offsetBytes: number): ZeroQuery | undefined {
     if (this.#missesUntilQuery > 0) this.#missesUntilQuery--;
-    if (this.#queriesInFlight > 0 || this.#missesUntilQuery > 0) return undefined;
+    if (this.#queries.size > 0 || this.#missesUntilQuery > 0) return undefined;
     const window = Math.floor(offsetBytes / learn_window_bytes);
     if (this.#askedWindows.has(window)) return undefined;
     const start = window * learn_window_bytes;
@@ -112,21 +111,30 @@ export class KnownZeros {
   /**
    * A block status query for the range is about to be issued (by
    * {@linkcode missed} or for a client): give its answer to
-   * {@linkcode learn}. Undefined when no answer could be trusted.
+   * {@linkcode learn}. Undefined when too many modifications are in
+   * flight for its answer to be of use.
    */
   asking(offsetBytes: number, lengthBytes: number): ZeroQuery | undefined {
-    if (this.#modifying > 0) return undefined;
-    this.#queriesInFlight++;
-    return { offsetBytes, lengthBytes, epoch: this.#epoch };
+    if (this.#modifying.size > overtaking_ranges_max) return undefined;
+    const query: ZeroQuery = {
+      offsetBytes,
+      lengthBytes,
+      generation: this.#generation,
+      overtaken: [],
+      overflow: false,
+    };
+    for (const [offset, length] of this.#modifying.values()) overtake(query, offset, length);
+    this.#queries.add(query);
+    return query;
   }
 
   /**
    * The answer to `query` arrived (`extents` undefined: it failed).
-   * Learned only if nothing was modified since the query was issued.
+   * Learned except where a modification may have overtaken it.
    */
   learn(query: ZeroQuery, extents: Extent[] | undefined): void {
-    this.#queriesInFlight--;
-    if (!extents || query.epoch !== this.#epoch) {
+    this.#queries.delete(query);
+    if (!extents || query.generation !== this.#generation || query.overflow) {
       if (query.window !== undefined) this.#missesUntilQuery = misses_per_retry;
       return;
     }
@@ -139,6 +147,8 @@ export class KnownZeros {
       const stop = end >= this.#sizeBytes ? granules : Math.floor(end / this.#granuleBytes);
       if (stop > first) this.#setRange(first, stop, true);
     }
+    const overtaken = query.overtaken;
+    for (let i = 0; i < overtaken.length; i += 2) this.#forget(overtaken[i], overtaken[i + 1]);
     if (query.window !== undefined) this.#askedWindows.add(query.window);
   }
 
@@ -147,7 +157,7 @@ export class KnownZeros {
    * behind the ring now); modifications in flight stay counted.
    */
   reset(sizeBytes: number): void {
-    this.#epoch++;
+    this.#generation++;
     this.#sizeBytes = sizeBytes;
     let granule = granule_bytes_min;
     while (Math.ceil(sizeBytes / granule) > known_zero_granules_max) granule *= 2;
@@ -155,6 +165,14 @@ export class KnownZeros {
     this.#bits = undefined;
     this.#askedWindows.clear();
     this.#missesUntilQuery = 0;
+  }
+
+  // Granules touching the range are no longer known.
+  #forget(offsetBytes: number, lengthBytes: number): void {
+    if (!this.#bits || lengthBytes === 0) return;
+    const first = Math.floor(offsetBytes / this.#granuleBytes);
+    const last = Math.floor((offsetBytes + lengthBytes - 1) / this.#granuleBytes);
+    this.#setRange(first, last + 1, false);
   }
 
   #setRange(first: number, end: number, value: boolean): void {
@@ -172,4 +190,9 @@ export class KnownZeros {
     if (value) bits[g >>> 5] |= 1 << (g & 31);
     else bits[g >>> 5] &= ~(1 << (g & 31));
   }
+}
+
+function overtake(query: ZeroQuery, offsetBytes: number, lengthBytes: number): void {
+  if (query.overtaken.length >= 2 * overtaking_ranges_max) query.overflow = true;
+  else query.overtaken.push(offsetBytes, lengthBytes);
 }

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import type { Extent } from "../../src/formats/driver.ts";
-import { KnownZeros, misses_per_retry } from "../../src/ring/known_zeros.ts";
+import { KnownZeros, misses_per_retry, overtaking_ranges_max } from "../../src/ring/known_zeros.ts";
 import { MemoryDriver } from "../_helpers/memory_driver.ts";
 import { testSeed } from "../_helpers/random.ts";
 import { servedRing } from "../_helpers/ring_pair.ts";
@@ -50,23 +50,28 @@ Deno.test("known zeros: a modification forgets its granules before it is issued"
   assert.equal(zeros.covers(8192, 4096), false);
 });
 
-Deno.test("known zeros: answers that a modification may have overtaken are dropped", () => {
+Deno.test("known zeros: where a modification may have overtaken an answer, it is not learned", () => {
   const zeros = new KnownZeros(1 << 20);
-  // A modification in flight when asking: not even asked.
-  const done = zeros.modify(0, 4096);
-  assert.equal(zeros.missed(0), undefined);
-  assert.equal(zeros.asking(0, 4096), undefined);
-  done();
-  // One issued before the answer: dropped, and the next query waits for more misses.
+  // In flight when asked, and issued before the answer came: those ranges stay unknown.
+  const inFlight = zeros.modify(0, 4096);
   const query = zeros.missed(0)!;
   zeros.modify(8192, 4096)();
+  inFlight();
   zeros.learn(query, [hole(0, 1 << 20)]);
   assert.equal(zeros.covers(0, 4096), false);
+  assert.equal(zeros.covers(8192, 4096), false);
+  assert.equal(zeros.covers(4096, 4096), true);
+  assert.equal(zeros.covers(12288, 4096), true);
+  // Too many to remember: dropped, and the next query waits for more misses.
+  zeros.reset(1 << 20);
+  const crowded = zeros.missed(0)!;
+  for (let i = 0; i <= overtaking_ranges_max; i++) zeros.modify(i * 4096, 512)();
+  zeros.learn(crowded, [hole(0, 1 << 20)]);
+  assert.equal(zeros.covers(1 << 19, 4096), false);
   for (let i = 1; i < misses_per_retry; i++) assert.equal(zeros.missed(0), undefined);
   const again = zeros.missed(0)!;
-  assert.ok(again);
   zeros.learn(again, [hole(0, 1 << 20)]);
-  assert.equal(zeros.covers(0, 4096), true);
+  assert.equal(zeros.covers(1 << 19, 4096), true);
   // A reset (another disk process, maybe another image) drops what was known and asked.
   const stale = zeros.asking(0, 4096)!;
   zeros.reset(1 << 20);
