@@ -63,6 +63,14 @@ export interface ImageOpenOptions {
    */
   unordered?: boolean;
   /**
+   * A tool writes the file through and flushes once at the end (img2qcow,
+   * convert): keep a background fdatasync going while it writes, so the
+   * disk (and a hypervisor's cache beneath a virtual one) drains during
+   * the copy instead of all in the final flush. Durability is unchanged:
+   * only the final flush vouches for the data. The `aio` file layer only.
+   */
+  flushBehind?: boolean;
+  /**
    * Hold QEMU's image locks while open (src/formats/raw/image_lock.ts): as
    * a writer when read-write, as a reader when read-only. Default: lock
    * read-write opens only, so readers that do not serve (`info`, `map`)
