@@ -88,7 +88,7 @@ async function _convertGeneric(source: BlockDriver, request: ConvertRequest, pro
   const target = await openImage(`${entry.name}:${request.target}`, {
     cache: request.cache,
     unordered: true,
-    flushBehind: true,
+    filling: true,
   });
   try {
     if (target.sizeBytes < source.sizeBytes) {

@@ -52,7 +52,7 @@ export async function imageToQcow(
   const file = await openImageFile(path, {
     createNew: true,
     cache: options.cache ?? "writeback",
-    flushBehind: true,
+    filling: true,
   });
   try {
     const writer = new _QcowWriter(file, layout, sizeBytes, options.reserve ?? false);

@@ -68,7 +68,7 @@ export async function openImageFile(
     throw error;
   }
   if (options.engine === "sync") return new SyncFile(file, !options.readOnly);
-  return new AioFile(file, !options.readOnly, options.flushBehind);
+  return new AioFile(file, !options.readOnly, options.filling);
 }
 
 /**

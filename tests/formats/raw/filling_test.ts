@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { FlushBehind } from "../../../src/formats/raw/flush_behind.ts";
+import { InFlightLimit } from "../../../src/formats/raw/in_flight_limit.ts";
 import { openImageFile } from "../../../src/formats/raw/open_file.ts";
 import { flush_behind_bytes } from "../../../src/formats/raw/aio_file.ts";
 import { testSeed } from "../../_helpers/random.ts";
@@ -13,7 +14,7 @@ function manualSync() {
   };
 }
 
-Deno.test("flush-behind: one background flush per threshold written, never two at once", async () => {
+Deno.test("filling, flush-behind: one background flush per threshold written, never two at once", async () => {
   const { pending, sync } = manualSync();
   const behind = new FlushBehind(sync, 100);
   behind.wrote(60);
@@ -30,7 +31,7 @@ Deno.test("flush-behind: one background flush per threshold written, never two a
   await behind.settle();
 });
 
-Deno.test("flush-behind: a failed background flush fails every later settle", async () => {
+Deno.test("filling, flush-behind: a failed background flush fails every later settle", async () => {
   const { pending, sync } = manualSync();
   const behind = new FlushBehind(sync, 10);
   behind.wrote(10);
@@ -44,7 +45,7 @@ Deno.test("flush-behind: a failed background flush fails every later settle", as
 });
 
 for (const cache of ["writeback", "none"] as const) {
-  Deno.test(`flush-behind: a file written past several thresholds (cache=${cache}) reads back`, async () => {
+  Deno.test(`filling: a file written past several thresholds (cache=${cache}) reads back`, async () => {
     const dir = await Deno.makeTempDir({ prefix: "blktap-flush-behind-" });
     try {
       const path = `${dir}/out.img`;
@@ -52,7 +53,7 @@ for (const cache of ["writeback", "none"] as const) {
       const piece = 1 << 20;
       const rng = testSeed(`flush-behind-${cache}`);
       const data = rng.bytes(total);
-      const file = await openImageFile(path, { createNew: true, cache, flushBehind: true });
+      const file = await openImageFile(path, { createNew: true, cache, filling: true });
       try {
         // Eight writes in flight, as the tools issue them.
         let next = 0;
@@ -74,3 +75,29 @@ for (const cache of ["writeback", "none"] as const) {
     }
   });
 }
+
+Deno.test("filling, in-flight limit: never more than max at once, started in arrival order", async () => {
+  const limit = new InFlightLimit(2);
+  const started: number[] = [];
+  const finish: (() => void)[] = [];
+  let peak = 0;
+  const runs = Array.from({ length: 6 }, (_, i) =>
+    limit.run(async () => {
+      started.push(i);
+      peak = Math.max(peak, limit.running);
+      await new Promise<void>((resolve) => finish[i] = resolve);
+      return i;
+    }));
+  await Promise.resolve();
+  assert.deepEqual(started, [0, 1], "two start at once");
+  for (let i = 0; i < 6; i += 1) {
+    while (!finish[i]) await new Promise((r) => setTimeout(r, 0));
+    finish[i]();
+  }
+  assert.deepEqual(await Promise.all(runs), [0, 1, 2, 3, 4, 5]);
+  assert.deepEqual(started, [0, 1, 2, 3, 4, 5]);
+  assert.equal(peak, 2);
+  assert.equal(limit.running, 0);
+  await assert.rejects(limit.run(() => Promise.reject(new Error("EIO"))), /EIO/);
+  assert.equal(limit.running, 0, "a failed operation gives its slot back");
+});
