@@ -63,6 +63,16 @@ export interface ImageOpenOptions {
    */
   unordered?: boolean;
   /**
+   * A tool fills the file with large writes and flushes once at the end
+   * (img2qcow, convert), and the file layer tunes for that: flush-behind
+   * (a background fdatasync as writes add up, so the disk drains during the
+   * copy; raw/flush_behind.ts) and, through the page cache, at most
+   * two (raw/aio_file.ts) large writes in flight. Durability
+   * is unchanged: only the final flush vouches for the data. The `aio` file
+   * layer only.
+   */
+  filling?: boolean;
+  /**
    * Hold QEMU's image locks while open (src/formats/raw/image_lock.ts): as
    * a writer when read-write, as a reader when read-only. Default: lock
    * read-write opens only, so readers that do not serve (`info`, `map`)

@@ -17,6 +17,7 @@ import type { BlockDriver, Extent } from "../formats/driver.ts";
 import type { ImageFile } from "../formats/image_file.ts";
 import { openImage } from "../formats/open_image.ts";
 import { openImageFile } from "../formats/raw/open_file.ts";
+import { useIoUringOnly } from "../formats/raw/aio_file.ts";
 import { planQcow, type QcowLayout, setHeadChecksum } from "../formats/qcow/create.ts";
 import { encodeBlkx } from "../formats/qcow/header.ts";
 import { isZeroBytes } from "../formats/zero_bytes.ts";
@@ -48,7 +49,11 @@ export async function imageToQcow(
 ): Promise<void> {
   const sizeBytes = Math.ceil(source.sizeBytes / 512) * 512;
   const layout = planQcow({ sizeBytes, reserve: options.reserve });
-  const file = await openImageFile(path, { createNew: true, cache: options.cache ?? "writeback" });
+  const file = await openImageFile(path, {
+    createNew: true,
+    cache: options.cache ?? "writeback",
+    filling: true,
+  });
   try {
     const writer = new _QcowWriter(file, layout, sizeBytes, options.reserve ?? false);
     await writer.start();
@@ -314,6 +319,7 @@ async function run(argv: string[]): Promise<number> {
   if (cache !== "none" && cache !== "writeback") {
     throw new UsageError(`--cache must be none or writeback, not '${cache}'`);
   }
+  useIoUringOnly();
   const source = await openImage(imageSpec, { readOnly: true, cache: "writeback" });
   try {
     clearTarget(qcowPath, values.force ?? false);

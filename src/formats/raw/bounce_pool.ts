@@ -8,6 +8,13 @@ import { NativeMemory, PAGE_BYTES } from "../../../ffi/memory.ts";
 
 const pooled_buffer_bytes_max = 8 << 20;
 const pooled_buffers_per_class_max = 8;
+/**
+ * Small classes keep up to this many bytes instead: a tool has hundreds of
+ * 64 KiB vmdk grains in flight, and every buffer past the pool was an
+ * mmap and a munmap (with io_uring's workers in the process, each munmap
+ * shoots down TLBs on every core: raw->vmdk spent 6.7 s in munmap).
+ */
+const pooled_class_bytes_max = 16 << 20;
 
 const freeLists = new Map<number, NativeMemory[]>();
 
@@ -28,7 +35,8 @@ export function takeBounce(lengthBytes: number): NativeMemory {
 export function giveBounce(memory: NativeMemory): void {
   const size = memory.bytes.byteLength;
   const list = freeLists.get(size) ?? [];
-  if (size > pooled_buffer_bytes_max || list.length >= pooled_buffers_per_class_max) {
+  const keep = Math.max(pooled_buffers_per_class_max, pooled_class_bytes_max / size);
+  if (size > pooled_buffer_bytes_max || list.length >= keep) {
     memory.release();
     return;
   }

@@ -67,8 +67,8 @@ export async function openImageFile(
     file.close();
     throw error;
   }
-  const Engine = options.engine === "sync" ? SyncFile : AioFile;
-  return new Engine(file, !options.readOnly);
+  if (options.engine === "sync") return new SyncFile(file, !options.readOnly);
+  return new AioFile(file, !options.readOnly, options.filling);
 }
 
 /**
