@@ -51,7 +51,10 @@ export function ringPair(
 }
 
 /** Options of {@linkcode servedRing}. */
-export type ServedRingOptions = RingPairOptions;
+export interface ServedRingOptions extends RingPairOptions {
+  /** false: the front end is told the disk has no block status, so every read crosses the ring. */
+  extents?: boolean;
+}
 
 /**
  * A ring pair already served and attached. `restart()` is what ctrl does
@@ -64,7 +67,10 @@ export function servedRing(driver: BlockDriver, options: ServedRingOptions = {})
   const { disk, ring, pool, serve } = ringPair("test", driver, sizeBytes, options);
   const start = (serving: BlockDriver) => {
     const server = serve(serving);
-    disk.attach(() => server.kick(), { sizeBytes, capabilities: serving.capabilities });
+    const capabilities = options.extents === false
+      ? { ...serving.capabilities, canExtents: false }
+      : serving.capabilities;
+    disk.attach(() => server.kick(), { sizeBytes, capabilities });
     return server;
   };
   let server = start(driver);
