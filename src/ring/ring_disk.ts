@@ -183,7 +183,8 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
       buffer.fill(0);
       return;
     }
-    if (this.capabilities.canExtents) {
+    // #served, not `capabilities`: that getter builds an object per call.
+    if (this.#served?.canExtents) {
       const query = this.#zeros.missed(offsetBytes);
       if (query) this.#learnZeros(query);
     }
