@@ -13,6 +13,7 @@ const O_CREAT = 0o100;
 const O_EXCL = 0o200;
 const O_DIRECT = 0o40000;
 const O_NOFOLLOW = 0o400000;
+const EAGAIN = 11;
 const SEEK_DATA = 3;
 const SEEK_HOLE = 4;
 const FALLOC_FL_KEEP_SIZE = 0x01;
@@ -44,6 +45,13 @@ const encoder = new TextEncoder();
 
 function cString(text: string): Uint8Array<ArrayBuffer> {
   return encoder.encode(`${text}\0`);
+}
+
+/** A stretch of a file that is all data or all hole. */
+export interface FileRun {
+  offsetBytes: number;
+  lengthBytes: number;
+  data: boolean;
 }
 
 /** An open file descriptor with the path it was opened by. */
@@ -95,6 +103,32 @@ export class File {
       "pread",
       this.path,
     );
+  }
+
+  /**
+   * Reads what the page cache holds of `bytes.length` bytes at `offsetBytes`
+   * without waiting for the device (RWF_NOWAIT): the bytes read, 0 where
+   * nothing could be read without waiting, possibly short where part is
+   * cached or at the end of the file.
+   */
+  preadCached(bytes: Uint8Array, offsetBytes: number): number {
+    const n = Number(shim.shim_pread_cached(this.fd, bytes, bytes.byteLength, BigInt(offsetBytes)));
+    return this.#cachedBytes(n);
+  }
+
+  /** {@linkcode preadCached} on another thread: `bytes` must stay put until it settles. */
+  async preadCachedBeside(bytes: Uint8Array, offsetBytes: number): Promise<number> {
+    const n = await shim.shim_pread_cached_beside(
+      this.fd,
+      bytes,
+      bytes.byteLength,
+      BigInt(offsetBytes),
+    );
+    return this.#cachedBytes(Number(n));
+  }
+
+  #cachedBytes(result: number): number {
+    return result === -EAGAIN ? 0 : check(result, "preadv2", this.path);
   }
 
   /** Blocking positional write of all of `bytes`. */
@@ -170,6 +204,26 @@ export class File {
   /** Next offset >= `offsetBytes` in a hole (end of file counts as a hole). */
   seekHole(offsetBytes: number): number | null {
     return this.#seek(offsetBytes, SEEK_HOLE);
+  }
+
+  /**
+   * The data and holes of [offsetBytes, endBytes) in order, from
+   * SEEK_DATA/SEEK_HOLE (a page-cached write counts as data).
+   */
+  runs(offsetBytes: number, endBytes: number): FileRun[] {
+    const runs: FileRun[] = [];
+    let position = offsetBytes;
+    while (position < endBytes) {
+      const dataStart = Math.min(this.seekData(position) ?? endBytes, endBytes);
+      if (dataStart > position) {
+        runs.push({ offsetBytes: position, lengthBytes: dataStart - position, data: false });
+      }
+      if (dataStart >= endBytes) break;
+      const holeStart = Math.min(this.seekHole(dataStart) ?? endBytes, endBytes);
+      runs.push({ offsetBytes: dataStart, lengthBytes: holeStart - dataStart, data: true });
+      position = holeStart;
+    }
+    return runs;
   }
 
   #seek(offsetBytes: number, whence: number): number | null {

@@ -11,13 +11,21 @@
  * @module
  */
 
-const SHIM_ABI_VERSION = 6;
+const SHIM_ABI_VERSION = 7;
 
 const SYMBOLS = {
   shim_abi_version: { parameters: [], result: "i32" },
   shim_open: { parameters: ["buffer", "i32", "i32"], result: "i64" },
   shim_close: { parameters: ["i32"], result: "i64" },
   shim_pread: { parameters: ["i32", "u64", "u64", "i64"], result: "i64" },
+  shim_pread_cached: { parameters: ["i32", "buffer", "u32", "i64"], result: "i64" },
+  // The same off the JavaScript thread: a large copy runs beside it.
+  shim_pread_cached_beside: {
+    name: "shim_pread_cached",
+    parameters: ["i32", "buffer", "u32", "i64"],
+    result: "i64",
+    nonblocking: true,
+  },
   shim_pwrite: { parameters: ["i32", "u64", "u64", "i64"], result: "i64" },
   shim_fdatasync: { parameters: ["i32"], result: "i64" },
   shim_fsync: { parameters: ["i32"], result: "i64" },

@@ -24,6 +24,8 @@ import type { DriverCapabilities } from "../formats/driver.ts";
 import type { KickChannel } from "../ring/kick_channel.ts";
 import type { MinorLifetime, MinorRecord } from "./registry.ts";
 import type { RingDisk, ServedDisk } from "../ring/ring_disk.ts";
+import { CachedReads } from "../ring/cached_reads.ts";
+import { parseImageSpec } from "../formats/open_image.ts";
 import type { MinorFrontend } from "./minor_frontend.ts";
 
 /** Lifecycle of a minor as `blktap list` shows it. */
@@ -71,6 +73,8 @@ export class Minor {
     { resolve: (m: Record<string, unknown>) => void; reject: (e: Error) => void }
   >();
   #readyWaiters: PromiseWithResolvers<void>[] = [];
+  /** What the current disk process said it serves. */
+  #served: ServedDisk | undefined;
   #destroying = false;
   failure: string | undefined;
 
@@ -203,12 +207,14 @@ export class Minor {
     this.record.sizeBytes = served.sizeBytes;
     try {
       this.frontend.attach(() => channel.kick(), served);
+      this.#served = served;
     } catch (error) {
       this.failure = (error as Error).message;
       this.#child?.kill("SIGKILL");
       return;
     }
     if (this.record.paused) await this.#holdRequests().catch(() => {});
+    else this.#readCached();
     this.state = this.record.paused ? "paused" : "running";
     this.failure = undefined;
     this.#host.changed();
@@ -323,9 +329,35 @@ export class Minor {
     const served = servedDisk(reply);
     this.record.sizeBytes = served.sizeBytes;
     this.frontend.attach(() => this.#channel?.kick(), served);
+    this.#served = served;
+    this.#readCached();
     this.record.paused = false;
     this.state = "running";
     this.#host.changed();
+  }
+
+  // Lets ctrl's ring disk read the page cache of a raw image itself, unless
+  // a QoS limit is set: only the disk process enforces it.
+  #readCached(): void {
+    const disk = this.frontend.disk;
+    const fd = this.#served?.pageCacheFd;
+    const pid = this.#child?.pid;
+    if (!disk) return;
+    if (
+      fd === undefined || pid === undefined || this.record.qos.maxIops || this.record.qos.maxBps
+    ) {
+      disk.readCachedFrom(undefined);
+      return;
+    }
+    try {
+      const path = parseImageSpec(this.record.image).path;
+      disk.readCachedFrom(CachedReads.open(`/proc/${pid}/fd/${fd}`, path));
+    } catch (error) {
+      disk.readCachedFrom(undefined);
+      this.#host.log.warn(
+        `minor ${this.record.minor}: reads go over the ring: ${(error as Error).message}`,
+      );
+    }
   }
 
   // Nothing is answered until resume: not by the disk process, nor from
@@ -339,6 +371,7 @@ export class Minor {
   async setQos(qos: QosSettings): Promise<void> {
     await this.call("qos", { qos });
     this.record.qos = qos;
+    if (this.state === "running") this.#readCached();
     this.#host.changed();
   }
 
@@ -423,8 +456,13 @@ function servedDisk(message: Record<string, unknown>): ServedDisk {
   if (typeof message.sizeBytes !== "number" || typeof capabilities !== "object" || !capabilities) {
     throw new Error(`disk process sent an incomplete ready message: ${JSON.stringify(message)}`);
   }
+  const fd = message.pageCacheFd;
+  if (fd !== undefined && !(Number.isSafeInteger(fd) && (fd as number) >= 0)) {
+    throw new Error(`disk process sent a bad pageCacheFd: ${JSON.stringify(fd)}`);
+  }
   return {
     sizeBytes: message.sizeBytes,
     capabilities,
+    ...(fd === undefined ? {} : { pageCacheFd: fd as number }),
   };
 }

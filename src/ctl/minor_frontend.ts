@@ -89,7 +89,7 @@ export class ShmFrontend implements MinorFrontend {
   }
 
   describe(): Record<string, unknown> {
-    return {};
+    return { answeredInCtrl: this.disk.answeredHere() };
   }
 }
 

@@ -78,7 +78,12 @@ export function openDiskImage(
  * this process's death (src/formats/driver.ts, `write`): ctrl keeps no copies.
  */
 function served(driver: BlockDriver): ServedDisk {
-  return { sizeBytes: driver.sizeBytes, capabilities: { ...driver.capabilities } };
+  const fd = driver.pageCacheFd;
+  return {
+    sizeBytes: driver.sizeBytes,
+    capabilities: { ...driver.capabilities },
+    ...(fd === undefined ? {} : { pageCacheFd: fd }),
+  };
 }
 
 /** One disk process's state. */

@@ -123,6 +123,13 @@ export interface BlockDriver {
   readonly sizeBytes: number;
   readonly capabilities: DriverCapabilities;
   /**
+   * Optional: the descriptor of a file whose bytes are the disk's at the
+   * same offsets, read and written through the page cache (no O_DIRECT), so
+   * that another reader of the file sees every answered write. ctrl reads
+   * cached bytes there itself (src/ring/cached_reads.ts).
+   */
+  readonly pageCacheFd?: number;
+  /**
    * Fills `buffer` with the guest bytes at `offsetBytes`. Any alignment is
    * accepted; unallocated ranges read from the parent or as zeros.
    */

@@ -6,12 +6,10 @@
  * @module
  */
 
+import type { FileRun } from "../../ffi/file.ts";
+
 /** A run of file bytes that is either allocated data or a hole. */
-export interface FileExtent {
-  offsetBytes: number;
-  lengthBytes: number;
-  data: boolean;
-}
+export type FileExtent = FileRun;
 
 /** Byte-addressed storage with explicit durability. */
 export interface ImageFile {
@@ -21,6 +19,8 @@ export interface ImageFile {
   readonly writable: boolean;
   /** Current length of the file. */
   lengthBytes(): number;
+  /** The descriptor, when the file is read and written through the page cache. */
+  readonly pageCacheFd?: number;
   /** Fills `buffer` from `offsetBytes`; bytes past the end read as zeros. Any alignment. */
   read(offsetBytes: number, buffer: Uint8Array): Promise<void>;
   /** Writes all of `data`; extends the file when writing past its end. Any alignment. */

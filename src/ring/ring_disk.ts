@@ -5,9 +5,14 @@
  * image. It is also a {@linkcode BufferLender}: borrowed buffers are
  * data-pool pages, so payloads land in the ring's memory without a copy.
  *
+ * A raw image read through the page cache may be read here too
+ * ({@linkcode CachedReads}): what is cached is copied in place, the rest goes
+ * over the ring.
+ *
  * Block status goes to the disk process too (src/ring/ring_block_status.ts):
- * only it knows the image's allocation, and ctrl must not open the image
- * behind its back. What it answers as unallocated zeros is remembered
+ * only it knows the image's allocation, and ctrl opens no image by name (a
+ * raw image's file, named by the disk process, answers it as the raw
+ * driver would). What it answers as unallocated zeros is remembered
  * ({@linkcode KnownZeros}), so reads there are answered here.
  *
  * Its capabilities are those of the driver the disk process serves (sent
@@ -23,6 +28,7 @@ import {
   type Extent,
 } from "../formats/driver.ts";
 import * as B from "./blkif.ts";
+import type { CachedReads } from "./cached_reads.ts";
 import { KnownZeros, type ZeroQuery } from "./known_zeros.ts";
 import { blockStatusRounds, BlockStatusUnsupported } from "./ring_block_status.ts";
 import type { Fence } from "./ring.ts";
@@ -33,6 +39,9 @@ export type { RingMemory } from "./ring_producer.ts";
 export { poolSegments } from "./ring_producer.ts";
 export { block_status_requests_per_call_max } from "./ring_block_status.ts";
 
+/** Cached reads this long copy on another thread (a thread hop costs more than a small copy). */
+const cached_read_beside_bytes_min = 64 << 10;
+
 /** Largest payload of one ring request: an indirect request's segments. */
 export const request_bytes_max = B.indirect_segments_max * B.PAGE_BYTES;
 
@@ -41,6 +50,12 @@ export interface ServedDisk {
   sizeBytes: number;
   /** Its driver's capabilities. */
   capabilities: DriverCapabilities;
+  /**
+   * The disk process's descriptor of a file whose bytes are the disk's at
+   * the same offsets, read and written through the page cache (raw images
+   * without O_DIRECT): see {@linkcode CachedReads}.
+   */
+  pageCacheFd?: number;
 }
 
 /** A minor seen as a block device. */
@@ -55,6 +70,9 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
   #served: DriverCapabilities | undefined;
   #rmwLock: Promise<void> = Promise.resolve();
   readonly #zeros: KnownZeros;
+  #cached: CachedReads | undefined;
+  /** Reads answered without the ring: from known zeros, from the page cache. */
+  readonly #answeredHere = { zeroReads: 0, cachedReads: 0, cachedMisses: 0 };
 
   constructor(
     name: string,
@@ -120,16 +138,28 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
     this.#sizeBytes = served.sizeBytes;
     this.#served = served.capabilities;
     this.#zeros.reset(served.sizeBytes);
+    this.readCachedFrom(undefined);
     this.producer.attach(kick);
+  }
+
+  /**
+   * Reads are tried in `cached` first (undefined: none are). Valid only
+   * while the disk process that named it serves, not paused.
+   */
+  readCachedFrom(cached: CachedReads | undefined): void {
+    this.#cached?.close();
+    this.#cached = cached;
   }
 
   /** The disk process is asked to hold requests: reads stop being answered here too. */
   paused(): void {
     this.#zeros.reset(this.#sizeBytes);
+    this.readCachedFrom(undefined);
   }
 
   detach(): void {
     this.#zeros.reset(this.#sizeBytes);
+    this.readCachedFrom(undefined);
     this.producer.detach();
   }
 
@@ -138,7 +168,13 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
   }
 
   fail(): void {
+    this.readCachedFrom(undefined);
     this.producer.fail();
+  }
+
+  /** Reads answered in ctrl, without the ring (for `stats`). */
+  answeredHere(): Readonly<Record<"zeroReads" | "cachedReads" | "cachedMisses", number>> {
+    return { ...this.#answeredHere };
   }
 
   onKick(): void {
@@ -180,9 +216,11 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
   protected async _read(offsetBytes: number, buffer: Uint8Array): Promise<void> {
     // A failed minor answers nothing, zeros included.
     if (!this.producer.failed && this.#zeros.covers(offsetBytes, buffer.byteLength)) {
+      this.#answeredHere.zeroReads += 1;
       buffer.fill(0);
       return;
     }
+    if (this.#cached && await this.#readCached(offsetBytes, buffer)) return;
     // #served, not `capabilities`: that getter builds an object per call.
     if (this.#served?.canExtents) {
       const query = this.#zeros.missed(offsetBytes);
@@ -241,6 +279,31 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
     }
   }
 
+  async #readCached(offsetBytes: number, buffer: Uint8Array): Promise<boolean> {
+    const cached = this.#cached!;
+    try {
+      const hit = buffer.byteLength < cached_read_beside_bytes_min
+        ? cached.read(offsetBytes, buffer)
+        : await cached.readBeside(offsetBytes, buffer);
+      hit ? this.#answeredHere.cachedReads++ : this.#answeredHere.cachedMisses++;
+      return hit;
+    } catch {
+      // The disk process reports I/O errors; it gets every read from now on.
+      if (this.#cached === cached) this.readCachedFrom(undefined);
+      return false;
+    }
+  }
+
+  #cachedBlockStatus(offsetBytes: number, lengthBytes: number): Extent[] | undefined {
+    if (!this.#cached) return undefined;
+    try {
+      return this.#cached.blockStatus(offsetBytes, lengthBytes);
+    } catch {
+      this.readCachedFrom(undefined);
+      return undefined;
+    }
+  }
+
   // Learns in the background what the disk process says reads as zeros.
   async #learnZeros(query: ZeroQuery): Promise<void> {
     let extents: Extent[] | undefined;
@@ -254,6 +317,8 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
   }
 
   async #askBlockStatus(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
+    const answered = this.#cachedBlockStatus(offsetBytes, lengthBytes);
+    if (answered) return answered;
     const gref = await this.pages.allocateWait(1);
     const asker = {
       page: this.pool.subarray(gref * B.PAGE_BYTES, (gref + 1) * B.PAGE_BYTES),

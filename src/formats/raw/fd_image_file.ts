@@ -38,6 +38,10 @@ export abstract class FdImageFile implements ImageFile {
     return this.length;
   }
 
+  get pageCacheFd(): number | undefined {
+    return this.file.direct ? undefined : this.file.fd;
+  }
+
   abstract read(offsetBytes: number, buffer: Uint8Array): Promise<void>;
   abstract write(offsetBytes: number, data: Uint8Array): Promise<void>;
   abstract flush(): Promise<void>;
@@ -80,19 +84,7 @@ export abstract class FdImageFile implements ImageFile {
         end > offsetBytes ? [{ offsetBytes, lengthBytes: end - offsetBytes, data: true }] : [],
       );
     }
-    const extents: FileExtent[] = [];
-    let position = offsetBytes;
-    while (position < end) {
-      const dataStart = Math.min(this.file.seekData(position) ?? end, end);
-      if (dataStart > position) {
-        extents.push({ offsetBytes: position, lengthBytes: dataStart - position, data: false });
-      }
-      if (dataStart >= end) break;
-      const holeStart = Math.min(this.file.seekHole(dataStart) ?? end, end);
-      extents.push({ offsetBytes: dataStart, lengthBytes: holeStart - dataStart, data: true });
-      position = holeStart;
-    }
-    return Promise.resolve(extents);
+    return Promise.resolve(this.file.runs(offsetBytes, end));
   }
 
   allocatedBytes(): number {

@@ -14,7 +14,7 @@ import {
   writeZeroChunks,
   type ZeroOptions,
 } from "../driver.ts";
-import type { ImageFile, ImageOpenOptions } from "../image_file.ts";
+import type { FileExtent, ImageFile, ImageOpenOptions } from "../image_file.ts";
 import type { CreateOptions, FormatEntry, OpenContext } from "../format_entry.ts";
 import { CreateOptionError, readCreateOptions } from "../create_options.ts";
 import { ProbeGuard } from "./probe_guard.ts";
@@ -60,6 +60,10 @@ export class RawDriver extends BlockDriverBase {
 
   get path(): string {
     return this.#file.path;
+  }
+
+  get pageCacheFd(): number | undefined {
+    return this.#file.pageCacheFd;
   }
 
   protected _read(offsetBytes: number, buffer: Uint8Array): Promise<void> {
@@ -147,18 +151,22 @@ export class RawDriver extends BlockDriverBase {
     offsetBytes: number,
     lengthBytes: number,
   ): Promise<Extent[]> {
-    const fileExtents = await this.#file.extents(offsetBytes, lengthBytes);
-    return fileExtents.map((e) => ({
-      offsetBytes: e.offsetBytes,
-      lengthBytes: e.lengthBytes,
-      hole: !e.data,
-      zero: !e.data,
-    }));
+    return asDiskExtents(await this.#file.extents(offsetBytes, lengthBytes));
   }
 
   close(): Promise<void> {
     return this.#file.close();
   }
+}
+
+/** A raw disk's extents: its file's, a hole reading as zeros. */
+export function asDiskExtents(runs: FileExtent[]): Extent[] {
+  return runs.map((run) => ({
+    offsetBytes: run.offsetBytes,
+    lengthBytes: run.lengthBytes,
+    hole: !run.data,
+    zero: !run.data,
+  }));
 }
 
 /**

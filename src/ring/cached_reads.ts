@@ -1,0 +1,96 @@
+/**
+ * Reads ctrl answers from the page cache of a raw image, so a read of
+ * cached bytes does not cross the ring: two processes and four wakeups for
+ * a copy the kernel can make in place (nbdkit's file plugin answers such a
+ * read with one `pread`).
+ *
+ * Only where the disk's bytes are the file's bytes at the same offsets and
+ * the disk process reads and writes them through the page cache (a raw
+ * image without O_DIRECT): then every write it answered is in the page
+ * cache, and a discard it answered dropped the pages. Its `ready` message
+ * names the descriptor ({@linkcode ServedDisk.pageCacheFd}); ctrl opens that
+ * very file through `/proc/PID/fd/N` of the child it started, read-only,
+ * and keeps it only if it is the image the minor's record names. Reads use
+ * RWF_NOWAIT: what is not cached goes over the ring as before, so ctrl
+ * never waits for a device.
+ * @module
+ */
+import { File } from "../../ffi/file.ts";
+import type { Extent } from "../formats/driver.ts";
+import { asDiskExtents } from "../formats/raw/raw.ts";
+
+/** The page cache of one raw image, read without waiting. */
+export class CachedReads {
+  readonly #file: File;
+  readonly #isBlockDevice: boolean;
+  /** Reads running on another thread: the descriptor stays open (its number unused) until they end. */
+  #beside = 0;
+  #closing = false;
+
+  private constructor(file: File, isBlockDevice: boolean) {
+    this.#file = file;
+    this.#isBlockDevice = isBlockDevice;
+  }
+
+  /**
+   * Opens `servedPath` (the disk process's descriptor, `/proc/PID/fd/N`)
+   * read-only; throws unless it is the same file as `imagePath` (the
+   * disk process is less trusted than ctrl: it parses guest data).
+   */
+  static open(servedPath: string, imagePath: string): CachedReads {
+    const file = File.open(servedPath);
+    let isBlockDevice: boolean;
+    try {
+      const opened = Deno.statSync(`/proc/self/fd/${file.fd}`);
+      const image = Deno.statSync(imagePath);
+      if (opened.dev !== image.dev || opened.ino !== image.ino) {
+        throw new Error(`${servedPath} is not ${imagePath}`);
+      }
+      if (!opened.isFile && !opened.isBlockDevice) {
+        throw new Error(`${imagePath} is not a file or block device`);
+      }
+      isBlockDevice = opened.isBlockDevice === true;
+    } catch (error) {
+      file.close();
+      throw error;
+    }
+    return new CachedReads(file, isBlockDevice);
+  }
+
+  /**
+   * Fills `buffer` from `offsetBytes` if all of it is cached; false (its
+   * contents unspecified) otherwise. Throws on an I/O error.
+   */
+  read(offsetBytes: number, buffer: Uint8Array): boolean {
+    return this.#file.preadCached(buffer, offsetBytes) === buffer.byteLength;
+  }
+
+  /**
+   * {@linkcode read} on another thread, so the copy of a large read runs
+   * beside the event loop (which copies the previous one into the socket).
+   */
+  async readBeside(offsetBytes: number, buffer: Uint8Array): Promise<boolean> {
+    this.#beside += 1;
+    try {
+      return await this.#file.preadCachedBeside(buffer, offsetBytes) === buffer.byteLength;
+    } finally {
+      this.#beside -= 1;
+      if (this.#closing && this.#beside === 0) this.#file.close();
+    }
+  }
+
+  /**
+   * The disk's extents in the range, as its raw driver reports them (the
+   * file's data and holes; a block device is all data).
+   */
+  blockStatus(offsetBytes: number, lengthBytes: number): Extent[] {
+    if (this.#isBlockDevice) return [{ offsetBytes, lengthBytes, hole: false, zero: false }];
+    return asDiskExtents(this.#file.runs(offsetBytes, offsetBytes + lengthBytes));
+  }
+
+  /** Closes the file once reads running beside have ended; no read may start after. */
+  close(): void {
+    this.#closing = true;
+    if (this.#beside === 0) this.#file.close();
+  }
+}

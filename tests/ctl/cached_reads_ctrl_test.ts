@@ -1,0 +1,110 @@
+/**
+ * `blktap ctrl --cache writeback` on a raw image answers reads of cached
+ * bytes itself (src/ring/cached_reads.ts). qemu-io, the client, must see
+ * every answered write and discard, across disk-process restarts; nothing
+ * is answered while the minor is paused; a QoS limit sends every read to
+ * the disk process, which enforces it.
+ */
+import assert from "node:assert/strict";
+import { assertExportIs, CtrlHarness, waitRunning } from "../_helpers/ctrl_harness.ts";
+import { missingTools, runOk } from "../_helpers/tools.ts";
+
+const MiB = 1 << 20;
+const ignore = missingTools("qemu-io", "qemu-img").length > 0;
+
+async function cachedReads(h: CtrlHarness): Promise<number> {
+  const stats = await h.request({ op: "stats", minor: 0 });
+  return (stats.answeredInCtrl as { cachedReads: number }).cachedReads;
+}
+
+function qemuIo(h: CtrlHarness, ...commands: string[]): Promise<string> {
+  return runOk("qemu-io", ["-f", "raw", ...commands.flatMap((c) => ["-c", c]), h.nbdUri("tap0")]);
+}
+
+async function settlesWithin(promise: Promise<unknown>, ms: number): Promise<boolean> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<false>((resolve) => timer = setTimeout(() => resolve(false), ms));
+  const settled = promise.then(() => true, () => true);
+  try {
+    return await Promise.race([settled, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+Deno.test({
+  name: "ctrl writeback: cached reads see every answered write and discard, across restarts",
+  ignore,
+  fn: async () => {
+    const h = await CtrlHarness.start(["--restart-limit", "10"]);
+    try {
+      const image = `${h.dir}/disk.raw`;
+      await Deno.writeFile(image, new Uint8Array(16 * MiB).fill(0x5a));
+      await h.request({ op: "create", image: `aio:${image}`, cache: "writeback" });
+      await qemuIo(h, "read -P 0x5a 0 4M", "read -P 0x5a 8M 4k");
+      const before = await cachedReads(h);
+      assert.ok(before > 0, "bytes in the page cache are read by ctrl");
+
+      await qemuIo(
+        h,
+        "write -P 0x11 64k 64k",
+        "read -P 0x11 64k 64k",
+        "read -P 0x5a 0 64k",
+        "discard 1M 1M",
+        "read -P 0 1M 1M",
+        "read -P 0x5a 2M 2M",
+      );
+      assert.ok(await cachedReads(h) > before);
+
+      const killed = await h.diskPid(0);
+      Deno.kill(killed, "SIGKILL");
+      // Read while the disk process is gone: answered once a new one serves.
+      await qemuIo(h, "read -P 0x11 64k 64k", "read -P 0 1M 1M");
+      await waitRunning(h.runDir, { replacing: [killed] });
+      const afterRestart = await cachedReads(h);
+      await qemuIo(h, "write -P 0x22 3M 4k", "read -P 0x22 3M 4k", "read -P 0x11 64k 64k");
+      assert.ok(await cachedReads(h) > afterRestart, "the new disk process's file is read too");
+      await assertExportIs(h, "tap0", image);
+    } finally {
+      await h.close();
+    }
+  },
+});
+
+Deno.test({
+  name: "ctrl writeback: a paused minor answers no cached read; a QoS limit turns them off",
+  ignore,
+  fn: async () => {
+    const h = await CtrlHarness.start();
+    try {
+      const image = `${h.dir}/disk.raw`;
+      await Deno.writeFile(image, new Uint8Array(4 * MiB).fill(0x33));
+      await h.request({ op: "create", image: `aio:${image}`, cache: "writeback" });
+      await qemuIo(h, "read -P 0x33 0 1M");
+
+      await h.request({ op: "pause", minor: 0 });
+      // Read-only: a read-write client would wait for its flush at exit anyway.
+      const held = runOk("qemu-io", [
+        "-r",
+        "-f",
+        "raw",
+        "-c",
+        "read -P 0x33 0 64k",
+        h.nbdUri("tap0"),
+      ]);
+      assert.equal(await settlesWithin(held, 500), false, "a read is held while paused");
+      await h.request({ op: "resume", minor: 0 });
+      await held;
+
+      await h.request({ op: "qos", minor: 0, maxIops: 100_000 });
+      const limited = await cachedReads(h);
+      await qemuIo(h, "read -P 0x33 0 1M", "read -P 0x33 64k 4k");
+      assert.equal(await cachedReads(h), limited, "with a limit, the disk process reads");
+      await h.request({ op: "qos", minor: 0, maxIops: 0 });
+      await qemuIo(h, "read -P 0x33 0 1M");
+      assert.ok(await cachedReads(h) > limited, "without one, ctrl reads again");
+    } finally {
+      await h.close();
+    }
+  },
+});
