@@ -121,6 +121,19 @@ export function missingTools(...tools: string[]): string[] {
 export const haveQemu = hasTool("qemu-img") && hasTool("qemu-io");
 
 /** Absolute path of the repository's main.ts. */
+/** Runs `fn` in a fresh temp folder (named `prefix`...), removed afterwards. */
+export async function inTempDir(
+  fn: (dir: string) => Promise<void>,
+  prefix = "blktap-test-",
+): Promise<void> {
+  const dir = await Deno.makeTempDir({ prefix });
+  try {
+    await fn(dir);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
 export const MAIN_TS = new URL("../../main.ts", import.meta.url).pathname;
 
 /** Runs `blktap ARGS` from source (the same code ./blktap runs). */

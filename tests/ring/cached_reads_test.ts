@@ -6,17 +6,12 @@
 import assert from "node:assert/strict";
 import { CachedReads } from "../../src/ring/cached_reads.ts";
 import { openImage } from "../../src/formats/open_image.ts";
-import { blktap } from "../_helpers/tools.ts";
+import { blktap, inTempDir } from "../_helpers/tools.ts";
 
 const MiB = 1 << 20;
 
-async function withDir(body: (dir: string) => Promise<void>): Promise<void> {
-  const dir = await Deno.makeTempDir({ prefix: "blktap-cached-" });
-  try {
-    await body(dir);
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
+function withDir(fn: (dir: string) => Promise<void>): Promise<void> {
+  return inTempDir(fn, "blktap-cached-");
 }
 
 Deno.test("cached reads: a descriptor that is not the minor's image is refused", async () => {

@@ -5,18 +5,13 @@
 import assert from "node:assert/strict";
 import { ShmRingDevice } from "../../src/ring/shm_ring_device.ts";
 import { PAGE_BYTES } from "../../src/ring/blkif.ts";
-import { sha256File } from "../_helpers/tools.ts";
+import { inTempDir, sha256File } from "../_helpers/tools.ts";
 
 const LAYOUT = { ringPages: 1, poolPages: 3 };
 const DEVICE_BYTES = (LAYOUT.ringPages + LAYOUT.poolPages) * PAGE_BYTES;
 
-async function withDir(fn: (dir: string) => Promise<void>): Promise<void> {
-  const dir = await Deno.makeTempDir({ prefix: "blktap-ring-dev-" });
-  try {
-    await fn(dir);
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
+function withDir(fn: (dir: string) => Promise<void>): Promise<void> {
+  return inTempDir(fn, "blktap-ring-dev-");
 }
 
 /** A file of exactly a ring device's size, full of non-zero bytes: what a planted link points at. */

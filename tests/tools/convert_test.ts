@@ -14,7 +14,7 @@ import { checkImage } from "../../src/tools/check.ts";
 import { convertImage } from "../../src/tools/convert.ts";
 import { Qcow2Driver } from "../../src/formats/qcow2/qcow2.ts";
 import { testSeed } from "../_helpers/random.ts";
-import { blktap, hasTool, MAIN_TS, run, runOk } from "../_helpers/tools.ts";
+import { blktap, hasTool, inTempDir, MAIN_TS, run, runOk } from "../_helpers/tools.ts";
 
 const hasQemu = hasTool("qemu-img");
 const CREATABLE = formatNames().filter((name) => formatEntry(name)?.create && name !== "sync");
@@ -48,13 +48,8 @@ const COMPRESSING = await (async () => {
   return found;
 })();
 
-async function inDir(fn: (dir: string) => Promise<void>): Promise<void> {
-  const dir = await Deno.makeTempDir({ prefix: "blktap-convert-" });
-  try {
-    await fn(dir);
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
+function inDir(fn: (dir: string) => Promise<void>): Promise<void> {
+  return inTempDir(fn, "blktap-convert-");
 }
 
 /** A raw source: random data, written zeros and holes, in runs of many sizes. */

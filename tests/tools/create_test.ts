@@ -9,7 +9,7 @@ import assert from "node:assert/strict";
 import { formatEntry, formatNames, openImage } from "../../src/formats/open_image.ts";
 import { isImageCreation } from "../../src/cli/create_command.ts";
 import { checkImage } from "../../src/tools/check.ts";
-import { blktap, hasTool, run, runOk } from "../_helpers/tools.ts";
+import { blktap, hasTool, inTempDir, run, runOk } from "../_helpers/tools.ts";
 
 const hasQemu = hasTool("qemu-img");
 /** Every registered format that can create images (qcow2 joins when it has a hook). */
@@ -19,13 +19,8 @@ const QEMU_NAME: Record<string, string> = { aio: "raw", vhd: "vpc" };
 /** Formats `qemu-img check` checks (the others say "does not support checks"). */
 const QEMU_CHECKS = new Set(["vmdk", "qcow2"]);
 
-async function inDir(fn: (dir: string) => Promise<void>): Promise<void> {
-  const dir = await Deno.makeTempDir({ prefix: "blktap-create-" });
-  try {
-    await fn(dir);
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
+function inDir(fn: (dir: string) => Promise<void>): Promise<void> {
+  return inTempDir(fn, "blktap-create-");
 }
 
 async function qemuVirtualSize(path: string, format: string): Promise<number> {

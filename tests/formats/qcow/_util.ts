@@ -13,15 +13,7 @@ export { randomWrite, writeData } from "../../_helpers/acked_writes.ts";
 export const hasQemu = hasTool("qemu-img") && hasTool("qemu-io");
 export const noQemu = !hasQemu;
 
-/** Runs `fn` in a fresh temp folder, removed afterwards. */
-export async function inTempDir(fn: (dir: string) => Promise<void>): Promise<void> {
-  const dir = await Deno.makeTempDir({ prefix: "blktap-qcow-" });
-  try {
-    await fn(dir);
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
-}
+export { inTempDir } from "../../_helpers/tools.ts";
 
 /** `count` random writes of random bytes, one after another, through `driver` and into `model`. */
 export async function writeRandomly(
