@@ -3,10 +3,13 @@
  * produces requests and consumes responses, the back end the reverse.
  * Indexes are free-running u32 (they wrap at 2^32); a slot is `index & (n-1)`.
  *
- * The memory may be shared with another process through an mmap, where
- * JavaScript has no Atomics; the caller injects a full fence
- * (`memoryFence` from ffi/memory.ts, or a no-op for tests over one
- * ArrayBuffer). It is called where io/ring.h puts wmb(), rmb() and mb().
+ * The memory may be shared with another process through an mmap; the
+ * caller injects a full fence (`memoryFence` from ffi/memory.ts, or a no-op
+ * for tests over one ArrayBuffer), called where io/ring.h puts wmb(), rmb()
+ * and mb(). The four indexes are read and written with `Atomics` (whole
+ * aligned u32 accesses): a DataView may move them a byte at a time, and a
+ * peer then reads a torn index (255 -> 256 read as 511: a ring protocol
+ * error, the disk stopped).
  * @module
  */
 import {
@@ -49,9 +52,13 @@ export class SharedRing {
   readonly view: DataView;
   readonly entries: number;
   readonly fence: Fence;
+  /** The header as u32s (host order: x86_64 is little-endian, as the ABI). */
+  readonly #indexes: Uint32Array;
 
   constructor(bytes: Uint8Array, fence: Fence) {
     this.view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    if (bytes.byteOffset % 4 !== 0) throw new RangeError("shared ring not 4-byte aligned");
+    this.#indexes = new Uint32Array(bytes.buffer, bytes.byteOffset, SRING_HEADER_BYTES / 4);
     this.entries = ringEntries(bytes.byteLength);
     this.fence = fence;
   }
@@ -70,28 +77,28 @@ export class SharedRing {
   }
 
   get reqProd(): number {
-    return this.view.getUint32(SRING_REQ_PROD, true);
+    return Atomics.load(this.#indexes, SRING_REQ_PROD / 4);
   }
   set reqProd(v: number) {
-    this.view.setUint32(SRING_REQ_PROD, v, true);
+    Atomics.store(this.#indexes, SRING_REQ_PROD / 4, v);
   }
   get reqEvent(): number {
-    return this.view.getUint32(SRING_REQ_EVENT, true);
+    return Atomics.load(this.#indexes, SRING_REQ_EVENT / 4);
   }
   set reqEvent(v: number) {
-    this.view.setUint32(SRING_REQ_EVENT, v, true);
+    Atomics.store(this.#indexes, SRING_REQ_EVENT / 4, v);
   }
   get rspProd(): number {
-    return this.view.getUint32(SRING_RSP_PROD, true);
+    return Atomics.load(this.#indexes, SRING_RSP_PROD / 4);
   }
   set rspProd(v: number) {
-    this.view.setUint32(SRING_RSP_PROD, v, true);
+    Atomics.store(this.#indexes, SRING_RSP_PROD / 4, v);
   }
   get rspEvent(): number {
-    return this.view.getUint32(SRING_RSP_EVENT, true);
+    return Atomics.load(this.#indexes, SRING_RSP_EVENT / 4);
   }
   set rspEvent(v: number) {
-    this.view.setUint32(SRING_RSP_EVENT, v, true);
+    Atomics.store(this.#indexes, SRING_RSP_EVENT / 4, v);
   }
 }
 

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { ENTRY_BYTES, PAGE_BYTES, SRING_HEADER_BYTES } from "../../src/ring/blkif.ts";
-import { BackRing, eventInWindow, FrontRing, type SharedRing } from "../../src/ring/ring.ts";
+import { BackRing, eventInWindow, FrontRing, SharedRing } from "../../src/ring/ring.ts";
 import { testSeed } from "../_helpers/random.ts";
 
 const noFence = () => {};
@@ -205,3 +205,35 @@ function checkNoLostWakeup(
     );
   }
 }
+
+Deno.test("ring: an index written by another thread is never read torn", async () => {
+  // A byte-wise write or read lets 255 -> 256 be seen as 511 (or 0): the
+  // peer then finds req_prod racing ahead, or going back.
+  const buffer = new SharedArrayBuffer(4096 + 64);
+  const ring = new SharedRing(new Uint8Array(buffer).subarray(0, 4096), noFence);
+  const stop = new Int32Array(buffer, 4096, 1);
+  const worker = new Worker(new URL("./_index_writer.ts", import.meta.url), { type: "module" });
+  const finished = new Promise<number>((resolve) => worker.onmessage = (e) => resolve(e.data));
+  worker.postMessage({ buffer });
+  let last = 0;
+  let backwards = 0;
+  let reads = 0;
+  const endMs = performance.now() + 1500;
+  try {
+    while (performance.now() < endMs) {
+      for (let i = 0; i < 10_000; i++) {
+        const seen = ring.reqProd;
+        // Monotonic writer, no wrap within the test: a smaller value is torn.
+        if (seen < last) backwards++;
+        last = seen;
+      }
+      reads += 10_000;
+    }
+  } finally {
+    Atomics.store(stop, 0, 1);
+    const written = await finished;
+    worker.terminate();
+    assert.ok(written > 1000, `the writer published only ${written} indexes`);
+  }
+  assert.equal(backwards, 0, `${backwards} of ${reads} reads of req_prod went backwards`);
+});

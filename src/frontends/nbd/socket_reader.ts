@@ -45,13 +45,17 @@ export class SocketReader {
    * Makes at least `count` (≤ buffer size) bytes available from `start`.
    * Resolves false on a clean end of stream before any of them arrived;
    * throws {@linkcode ShortReadError} when the stream ends mid-message.
+   * `exact`: read no more than `count` — the bytes behind are likely a
+   * large payload, cheaper read straight into its destination than copied
+   * out of this buffer.
    */
-  async fill(count: number): Promise<boolean> {
+  async fill(count: number, exact = false): Promise<boolean> {
     if (this.end - this.start >= count) return true;
     if (this.start === this.end) this.start = this.end = 0;
     else if (this.start + count > this.buffer.byteLength) this.#compact();
     while (this.end - this.start < count) {
-      const got = await this.#source.read(this.buffer.subarray(this.end));
+      const limit = exact ? this.start + count : this.buffer.byteLength;
+      const got = await this.#source.read(this.buffer.subarray(this.end, limit));
       if (got === null || got === 0) {
         if (this.end === this.start) return false;
         throw new ShortReadError(count - (this.end - this.start));
