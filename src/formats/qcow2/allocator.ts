@@ -180,7 +180,7 @@ export class ClusterAllocator {
   #reserve(count: number): Promise<void> {
     return this.#locked(async () => {
       await this.#initFrontier();
-      // A new refcount block is named by a table entry this barrier must cover too.
+      // A new refcount block is named by a table entry: its barrier covers the table too.
       let extended = false;
       while (!this.#store.covered(this.#frontier!)) {
         await this.#extendCoverage();
@@ -197,12 +197,12 @@ export class ClusterAllocator {
       // (a hole: its clusters read as zeros until written). Only their
       // refcount block needs writing out: a full barrier through the page
       // cache would also write back every dirty data page of the image.
-      const blockBytes = this.#store.g.clusterBytes;
-      const blockAt = this.#store.blockOffset(block);
+      const c = this.#clusterBytes;
+      const ranges: [number, number][] = [[this.#store.blockOffset(block), c]];
+      if (extended) ranges.push([this.#store.tableOffsetBytes, this.#store.tableClusters * c]);
       const ready = observed(written.then(async () => {
-        if (fresh) await this.#extendFile(start * this.#clusterBytes, end);
-        if (extended) await this.#sync.sync();
-        else await this.#hooks.syncRange(blockAt, blockBytes);
+        if (fresh) await this.#extendFile(start * c, end);
+        await this.#syncRanges(ranges);
       }));
       if (this.#scanCursor >= start) this.#scanCursor = start + n;
       this.#frontier = start + n;
@@ -324,11 +324,25 @@ export class ClusterAllocator {
     }
     const blockAt = new Map(plan.blocks.map((b, j) => [b, (start + j) * g.clusterBytes]));
     await this.#writeNewBlocks(start, plan.end, blockAt);
-    // The new blocks are durable before anything points at them.
-    await this.#sync.sync();
+    // The new blocks are durable before anything points at them (only the
+    // blocks written, unless the table moves: that path has full barriers).
+    if (grow) await this.#sync.sync();
+    else {
+      const ranges: [number, number][] = [];
+      const last = Math.floor((plan.end - 1) / g.refblockEntries);
+      for (let b = Math.floor(start / g.refblockEntries); b <= last; b += 1) {
+        ranges.push([blockAt.get(b) ?? this.#store.blockOffset(b), g.clusterBytes]);
+      }
+      await this.#syncRanges(ranges);
+    }
     if (grow) await this.#switchTable(start + plan.blocks.length, plan.tableClusters, blockAt);
     else await Promise.all([...blockAt].map(([b, at]) => this.#store.setTableEntry(b, at)));
     this.#frontier = plan.end;
+  }
+
+  /** A barrier over refcount blocks (and the table) only: see `AllocatorHooks.syncRange`. */
+  async #syncRanges(ranges: [number, number][]): Promise<void> {
+    await Promise.all(ranges.map(([offset, length]) => this.#hooks.syncRange(offset, length)));
   }
 
   // QEMU's limit too: past it the image is full, or (a corrupt image) its
