@@ -30,6 +30,10 @@ const ENGINE_KIND: Record<IoEngine, number> = { libaio: 0, io_uring: 1 };
 const OP_PREADV = 0;
 const OP_PWRITEV = 1;
 const OP_FDSYNC = 2;
+/** fdatasync of a byte range (shim opcode 3); its length travels in the iovec count field. */
+const OP_FDSYNC_RANGE = 3;
+/** Longest range one ranged fdatasync names (the field is a u32). */
+export const fdsync_range_bytes_max = 0xffff_f000;
 /** Record flag: io_uring runs the request in a kernel worker (shim's SHIM_REQ_OFFLOAD). */
 const REQ_OFFLOAD = 1;
 const REQUEST_RECORD_BYTES = 40;
@@ -40,7 +44,7 @@ const submit_batch_max = 256;
 const iovecs_per_batch_max = 8192;
 /** A waiter returns at least this often, so a closed queue is noticed. */
 const wait_timeout_us = 1_000_000n;
-const SYSCALL_NAMES = ["preadv", "pwritev", "fdsync"];
+const SYSCALL_NAMES = ["preadv", "pwritev", "fdsync", "fdsync"];
 /** Promise turns allowed to the completions' continuations before the thread may block. */
 const continuation_turns_max = 64;
 /** See {@linkcode waitOnThisThread}: 0 = off (the default). */
@@ -125,6 +129,8 @@ interface Queued {
   fd: number;
   offsetBytes: number;
   iovecs: IoVec[];
+  /** OP_FDSYNC_RANGE: bytes from `offsetBytes`. */
+  rangeBytes?: number;
   path: string;
   resolve: (bytes: number) => void;
   reject: (error: Error) => void;
@@ -211,6 +217,19 @@ export class AioQueue {
     return this.#enqueue(OP_FDSYNC, 0, fd, 0, [], path);
   }
 
+  /**
+   * fdatasync of `[offsetBytes, offsetBytes + lengthBytes)`: those bytes and
+   * the metadata needed to read them become durable; other dirty pages of
+   * the file are not written back. io_uring only: libaio syncs the whole
+   * file (stronger, and slower through the page cache).
+   */
+  fdsyncRange(fd: number, offsetBytes: number, lengthBytes: number, path = ""): Promise<number> {
+    if (!(lengthBytes > 0 && lengthBytes <= fdsync_range_bytes_max)) {
+      return Promise.reject(new SysError("fdsync", 22, path));
+    }
+    return this.#enqueue(OP_FDSYNC_RANGE, 0, fd, offsetBytes, [], path, lengthBytes);
+  }
+
   #enqueue(
     opcode: number,
     flags: number,
@@ -218,6 +237,7 @@ export class AioQueue {
     offsetBytes: number,
     iovecs: IoVec[],
     path: string,
+    rangeBytes?: number,
   ) {
     if (this.#closed) return Promise.reject(new Error("AioQueue used after close"));
     if (this.#broken) return Promise.reject(this.#broken);
@@ -225,7 +245,7 @@ export class AioQueue {
       return Promise.reject(new SysError(SYSCALL_NAMES[opcode], 22, path));
     }
     return new Promise<number>((resolve, reject) => {
-      const request = { opcode, flags, fd, offsetBytes, iovecs, path, resolve, reject };
+      const request = { opcode, flags, fd, offsetBytes, iovecs, rangeBytes, path, resolve, reject };
       if (this.#overflow.length > 0 || !this.#addToBatch(request)) this.#overflow.push(request);
       this.#scheduleFlush();
     });
@@ -253,7 +273,7 @@ export class AioQueue {
     v.setInt32(at + 4, r.fd, true);
     setU64(v, at + 8, r.offsetBytes);
     setU64(v, at + 16, this.#iovecsAddress + this.#batchIovecs * IOVEC_BYTES);
-    v.setUint32(at + 24, r.iovecs.length, true);
+    v.setUint32(at + 24, r.rangeBytes ?? r.iovecs.length, true);
     v.setUint32(at + 28, r.flags, true);
     setU64(v, at + 32, slot);
     const iv = this.#iovecView;

@@ -185,8 +185,12 @@ struct shim_event {
 };
 
 // A request record is 40 bytes, little-endian:
-//   u32 opcode (0 preadv, 1 pwritev, 2 fdatasync), i32 fd,
+//   u32 opcode (0 preadv, 1 pwritev, 2 fdatasync, 3 fdatasync of a range), i32 fd,
 //   u64 offset_bytes, u64 iovec_addr, u32 iovec_count, u32 flags, u64 tag.
+// Opcode 3 makes `iovec_count` bytes from `offset_bytes` durable, with the
+// metadata needed to read them (file size, allocation), and writes back no
+// other dirty page of the file (io_uring: vfs_fsync_range); libaio has no
+// range and syncs the whole file, which is stronger.
 // flags bit 0 (SHIM_REQ_OFFLOAD): io_uring runs the request in a kernel
 // worker (IOSQE_ASYNC) instead of trying it inside the submission, so a
 // large page-cache copy happens beside the submitting thread; libaio ignores
@@ -348,7 +352,8 @@ static int64_t aio_submit_records(struct shim_io *q, const struct shim_request *
     switch (r->opcode) {
     case 0: io_prep_preadv(cb, r->fd, (const struct iovec *)r->iov, (int)r->iovcnt, (long long)r->offset); break;
     case 1: io_prep_pwritev(cb, r->fd, (const struct iovec *)r->iov, (int)r->iovcnt, (long long)r->offset); break;
-    case 2: io_prep_fdsync(cb, r->fd); break;
+    case 2:
+    case 3: io_prep_fdsync(cb, r->fd); break;
     default: return -EINVAL;
     }
     io_set_eventfd(cb, q->efd);
@@ -381,9 +386,15 @@ static int64_t uring_submit_records(struct shim_uring *u, const struct shim_requ
     case 0: sqe->opcode = IORING_OP_READV; break;
     case 1: sqe->opcode = IORING_OP_WRITEV; break;
     case 2: sqe->opcode = IORING_OP_FSYNC; sqe->fsync_flags = IORING_FSYNC_DATASYNC; break;
+    case 3:
+      sqe->opcode = IORING_OP_FSYNC;
+      sqe->fsync_flags = IORING_FSYNC_DATASYNC;
+      sqe->off = r->offset;
+      sqe->len = r->iovcnt; // 0 would mean "to the end of the file"
+      break;
     default: return -EINVAL; // nothing published yet: the tail is stored below
     }
-    if (r->opcode != 2) {
+    if (r->opcode < 2) {
       sqe->addr = r->iov;
       sqe->len = r->iovcnt;
       sqe->off = r->offset;

@@ -34,6 +34,13 @@ export interface ImageFile {
   writev?(offsetBytes: number, buffers: Uint8Array[]): Promise<void>;
   /** Makes every completed write durable (fdatasync). */
   flush(): Promise<void>;
+  /**
+   * Makes the completed writes inside `[offset, offset+length)` durable,
+   * with the metadata needed to read them (size, allocation), without
+   * writing back the file's other dirty pages (a ranged fdatasync). Absent:
+   * use `flush`, which is stronger.
+   */
+  flushRange?(offsetBytes: number, lengthBytes: number): Promise<void>;
   /** Sets the length; growing leaves a hole. */
   truncate(lengthBytes: number): Promise<void>;
   /** Deallocates a range inside the file; it reads as zeros afterwards. */

@@ -215,7 +215,8 @@ export type LogEvent =
   | { kind: "io"; id: number; op: FileOp }
   /** That I/O completed: a flush started after this covers it. */
   | { kind: "io-done"; id: number }
-  | { kind: "flush"; id: number }
+  /** `range`: a ranged flush (`flushRange`), covering less; see {@linkcode FileSweep}. */
+  | { kind: "flush"; id: number; range?: [number, number] }
   | { kind: "flush-done"; id: number }
   /** Written by the test through {@linkcode FaultFile.note} (the guest's view). */
   | { kind: "note"; note: unknown };
@@ -281,8 +282,17 @@ export class FaultFile extends MemoryFile {
   }
 
   override async flush(): Promise<void> {
+    await this.#flush();
+  }
+
+  /** A ranged fdatasync: see how {@linkcode FileSweep} treats it. */
+  async flushRange(offsetBytes: number, lengthBytes: number): Promise<void> {
+    await this.#flush([offsetBytes, offsetBytes + lengthBytes]);
+  }
+
+  async #flush(range?: [number, number]): Promise<void> {
     const id = this.#nextId++;
-    this.log.push({ kind: "flush", id });
+    this.log.push({ kind: "flush", id, range });
     await Promise.resolve();
     await this.#turns();
     this.log.push({ kind: "flush-done", id });
@@ -299,6 +309,20 @@ export class FaultFile extends MemoryFile {
     for (const event of this.log) sweep.apply(event);
     return stateBytes(sweep.crashImage(this.path, rng).toState());
   }
+}
+
+/**
+ * Whether a flush makes `op` durable: a full one every completed I/O; a
+ * ranged one (fdatasync of a range) the writes and punches lying wholly in
+ * its range, and length changes (the size is metadata it commits). Writes
+ * reaching past the range stay volatile, the weaker assumption.
+ */
+function _covers(range: [number, number] | undefined, op: FileOp): boolean {
+  if (!range) return true;
+  if (op.kind === "length") return true;
+  const start = op.offset;
+  const end = op.kind === "write" ? op.offset + op.data.byteLength : op.offset + op.lengthBytes;
+  return start >= range[0] && end <= range[1];
 }
 
 /** How a crash treats the I/Os no completed flush covers. */
@@ -340,7 +364,8 @@ export class FileSweep {
       case "flush":
         this.#flushCovers.set(
           event.id,
-          [...this.#volatile].filter(([, v]) => v.done).map(([id]) => id),
+          [...this.#volatile].filter(([, v]) => v.done && _covers(event.range, v.op))
+            .map(([id]) => id),
         );
         break;
       case "flush-done":

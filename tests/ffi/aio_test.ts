@@ -257,3 +257,22 @@ Deno.test({
     }
   },
 });
+
+engineTest(
+  "fdsyncRange: a ranged fdatasync of written pages completes; a length of 0 is refused",
+  { slots: 4, pages: 4, direct: false },
+  async ({ path, file, queue, memory }) => {
+    memory.bytes.fill(9, 0, 4 * 4096);
+    const iov = [{ address: memory.address, lengthBytes: 4 * 4096 }];
+    assert.equal(await queue.writev(file.fd, 1 << 19, iov), 4 * 4096);
+    assert.equal(await queue.fdsyncRange(file.fd, 1 << 19, 4 * 4096, path), 0);
+    await assert.rejects(queue.fdsyncRange(file.fd, 0, 0, path), (error: SysError) => {
+      assert.equal(error.code, "EINVAL");
+      assert.match(error.message, /fdsync/);
+      return true;
+    });
+    memory.bytes.fill(0);
+    assert.equal(await queue.readv(file.fd, 1 << 19, iov), 4 * 4096);
+    assert.ok(memory.bytes.subarray(0, 4 * 4096).every((b) => b === 9));
+  },
+);

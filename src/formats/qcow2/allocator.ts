@@ -7,8 +7,10 @@
  * - Otherwise clusters come from reservations at the frontier (past the
  *   end of everything the image uses): a reservation sets the refcounts of
  *   a run of clusters to 1 and extends the file over them (holes), made
- *   durable by one barrier, ahead of need (the next one starts while the
- *   current one lasts). Most allocations then write no refcount and need
+ *   durable by one barrier ahead of need (the next one starts while the
+ *   current one lasts): a ranged fdatasync of its refcount block, which
+ *   also commits the file's size and allocation but leaves the image's
+ *   other dirty pages in the page cache. Most allocations then write no refcount and need
  *   no barrier of their own. A crash leaks what was reserved and unused;
  *   the dirty bit makes the next writable open reclaim it, and close
  *   releases it.
@@ -75,6 +77,12 @@ export interface AllocatorHooks {
   growsWithHoles: boolean;
   /** Bytes reserved at once ({@linkcode reservation_bytes} or the page-cache size). */
   reservationBytes: number;
+  /**
+   * The barrier of a reservation: durable, the completed writes in
+   * `[offset, offset+length)` (its refcount block) and the file's size and
+   * allocation; no other dirty data needs to go out with them.
+   */
+  syncRange(offsetBytes: number, lengthBytes: number): Promise<void>;
 }
 
 /** The allocator; see the module description. */
@@ -172,7 +180,12 @@ export class ClusterAllocator {
   #reserve(count: number): Promise<void> {
     return this.#locked(async () => {
       await this.#initFrontier();
-      while (!this.#store.covered(this.#frontier!)) await this.#extendCoverage();
+      // A new refcount block is named by a table entry: its barrier covers the table too.
+      let extended = false;
+      while (!this.#store.covered(this.#frontier!)) {
+        await this.#extendCoverage();
+        extended = true;
+      }
       const start = this.#frontier!;
       const block = Math.floor(start / this.#store.g.refblockEntries);
       const n = Math.min(count, (block + 1) * this.#store.g.refblockEntries - start);
@@ -181,10 +194,15 @@ export class ClusterAllocator {
         start * this.#clusterBytes >= this.#file.lengthBytes();
       const written = (await this.#store.change(start, n, () => 1)).written;
       // Durable ahead of use: the refcounts, and the file covering the run
-      // (a hole: its clusters read as zeros until written).
+      // (a hole: its clusters read as zeros until written). Only their
+      // refcount block needs writing out: a full barrier through the page
+      // cache would also write back every dirty data page of the image.
+      const c = this.#clusterBytes;
+      const ranges: [number, number][] = [[this.#store.blockOffset(block), c]];
+      if (extended) ranges.push([this.#store.tableOffsetBytes, this.#store.tableClusters * c]);
       const ready = observed(written.then(async () => {
-        if (fresh) await this.#extendFile(start * this.#clusterBytes, end);
-        await this.#sync.sync();
+        if (fresh) await this.#extendFile(start * c, end);
+        await this.#syncRanges(ranges);
       }));
       if (this.#scanCursor >= start) this.#scanCursor = start + n;
       this.#frontier = start + n;
@@ -306,11 +324,25 @@ export class ClusterAllocator {
     }
     const blockAt = new Map(plan.blocks.map((b, j) => [b, (start + j) * g.clusterBytes]));
     await this.#writeNewBlocks(start, plan.end, blockAt);
-    // The new blocks are durable before anything points at them.
-    await this.#sync.sync();
+    // The new blocks are durable before anything points at them (only the
+    // blocks written, unless the table moves: that path has full barriers).
+    if (grow) await this.#sync.sync();
+    else {
+      const ranges: [number, number][] = [];
+      const last = Math.floor((plan.end - 1) / g.refblockEntries);
+      for (let b = Math.floor(start / g.refblockEntries); b <= last; b += 1) {
+        ranges.push([blockAt.get(b) ?? this.#store.blockOffset(b), g.clusterBytes]);
+      }
+      await this.#syncRanges(ranges);
+    }
     if (grow) await this.#switchTable(start + plan.blocks.length, plan.tableClusters, blockAt);
     else await Promise.all([...blockAt].map(([b, at]) => this.#store.setTableEntry(b, at)));
     this.#frontier = plan.end;
+  }
+
+  /** A barrier over refcount blocks (and the table) only: see `AllocatorHooks.syncRange`. */
+  async #syncRanges(ranges: [number, number][]): Promise<void> {
+    await Promise.all(ranges.map(([offset, length]) => this.#hooks.syncRange(offset, length)));
   }
 
   // QEMU's limit too: past it the image is full, or (a corrupt image) its

@@ -177,6 +177,13 @@ export class Qcow2Driver extends BlockDriverBase {
       reservationBytes: options.cache === "writeback" || options.unordered
         ? reservation_bytes_page_cache
         : reservation_bytes,
+      // Unordered: no barriers at all (as #sync).
+      syncRange: (offset, length) =>
+        options.unordered
+          ? Promise.resolve()
+          : file.flushRange
+          ? file.flushRange(offset, length)
+          : this.#sync.sync(),
     });
     this.#preps = new TablePreps(file, this.#tables, this.#allocator);
     const writable = file.writable;

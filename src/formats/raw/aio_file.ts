@@ -5,7 +5,7 @@
  * blocks are read-modify-written under a range lock.
  * @module
  */
-import { type AioQueue, type IoVec, openQueue } from "../../../ffi/aio.ts";
+import { type AioQueue, fdsync_range_bytes_max, type IoVec, openQueue } from "../../../ffi/aio.ts";
 import { SysError } from "../../../ffi/errno.ts";
 import { File } from "../../../ffi/file.ts";
 import { addressOf } from "../../../ffi/memory.ts";
@@ -281,6 +281,26 @@ export class AioFile extends FdImageFile {
     if (!this.writable) return;
     await this.#flushBehind?.settle();
     await this.#fdatasync();
+  }
+
+  /**
+   * A ranged fdatasync through io_uring (page cache: dirty pages outside
+   * the range stay in the cache); libaio, or O_DIRECT where nothing waits in
+   * the page cache, syncs the whole file.
+   */
+  async flushRange(offsetBytes: number, lengthBytes: number): Promise<void> {
+    if (!this.writable) return;
+    const queue = this.direct ? undefined : queueFor(false, false, 0);
+    if (queue?.engine !== "io_uring" || lengthBytes > fdsync_range_bytes_max) {
+      return await this.flush();
+    }
+    await this.#flushBehind?.settle();
+    try {
+      await queue.fdsyncRange(this.file.fd, offsetBytes, lengthBytes, this.path);
+    } catch (error) {
+      if (!(error instanceof SysError && error.code === "EINVAL")) throw error;
+      await this.flush(); // a file system without a ranged sync
+    }
   }
 
   async #fdatasync(): Promise<void> {
