@@ -213,13 +213,20 @@ Deno.test("ring: an index written by another thread is never read torn", async (
   const ring = new SharedRing(new Uint8Array(buffer).subarray(0, 4096), noFence);
   const stop = new Int32Array(buffer, 4096, 1);
   const worker = new Worker(new URL("./_index_writer.ts", import.meta.url), { type: "module" });
-  const finished = new Promise<number>((resolve) => worker.onmessage = (e) => resolve(e.data));
+  const started = Promise.withResolvers<void>();
+  const finished = Promise.withResolvers<number>();
+  worker.onmessage = (e) => e.data === "started" ? started.resolve() : finished.resolve(e.data);
+  worker.onerror = (e) => {
+    started.reject(e);
+    finished.reject(e);
+  };
   worker.postMessage({ buffer });
   let last = 0;
   let backwards = 0;
   let reads = 0;
-  const endMs = performance.now() + 1500;
   try {
+    await started.promise;
+    const endMs = performance.now() + 1500;
     while (performance.now() < endMs) {
       for (let i = 0; i < 10_000; i++) {
         const seen = ring.reqProd;
@@ -231,7 +238,7 @@ Deno.test("ring: an index written by another thread is never read torn", async (
     }
   } finally {
     Atomics.store(stop, 0, 1);
-    const written = await finished;
+    const written = await finished.promise;
     worker.terminate();
     assert.ok(written > 1000, `the writer published only ${written} indexes`);
   }
