@@ -220,7 +220,10 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
       buffer.fill(0);
       return;
     }
-    if (this.#cached && await this.#readCached(offsetBytes, buffer)) return;
+    if (this.#cached) {
+      const hit = this.#readCached(offsetBytes, buffer);
+      if (hit === true || (hit !== false && await hit)) return;
+    }
     // #served, not `capabilities`: that getter builds an object per call.
     if (this.#served?.canExtents) {
       const query = this.#zeros.missed(offsetBytes);
@@ -279,19 +282,31 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
     }
   }
 
-  async #readCached(offsetBytes: number, buffer: Uint8Array): Promise<boolean> {
+  // Small reads copy here and now (no promise on the hot path), large ones beside.
+  #readCached(offsetBytes: number, buffer: Uint8Array): boolean | Promise<boolean> {
     const cached = this.#cached!;
-    try {
-      const hit = buffer.byteLength < cached_read_beside_bytes_min
-        ? cached.read(offsetBytes, buffer)
-        : await cached.readBeside(offsetBytes, buffer);
-      hit ? this.#answeredHere.cachedReads++ : this.#answeredHere.cachedMisses++;
-      return hit;
-    } catch {
-      // The disk process reports I/O errors; it gets every read from now on.
-      if (this.#cached === cached) this.readCachedFrom(undefined);
-      return false;
+    if (buffer.byteLength >= cached_read_beside_bytes_min) {
+      return cached.readBeside(offsetBytes, buffer).then(
+        (hit) => this.#countCached(hit),
+        () => this.#cachedFailed(cached),
+      );
     }
+    try {
+      return this.#countCached(cached.read(offsetBytes, buffer));
+    } catch {
+      return this.#cachedFailed(cached);
+    }
+  }
+
+  #countCached(hit: boolean): boolean {
+    hit ? this.#answeredHere.cachedReads++ : this.#answeredHere.cachedMisses++;
+    return hit;
+  }
+
+  // The disk process reports I/O errors; it gets every read from now on.
+  #cachedFailed(cached: CachedReads): false {
+    if (this.#cached === cached) this.readCachedFrom(undefined);
+    return false;
   }
 
   #cachedBlockStatus(offsetBytes: number, lengthBytes: number): Extent[] | undefined {
