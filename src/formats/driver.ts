@@ -95,6 +95,21 @@ export interface BufferLender {
   returnBuffer(buffer: Uint8Array): void;
 }
 
+/**
+ * Optional, for drivers that know without I/O where the disk reads as zeros
+ * (the ring client remembers what its disk process called unallocated): a
+ * front end answers such a read without a buffer or a driver call (NBD: one
+ * hole chunk, as QEMU's server answers reads of unallocated clusters).
+ */
+export interface ZeroReader {
+  /**
+   * True when every byte of the range is known to read as zeros: the read
+   * is then answered (and counted) as zeros. False: read it with `read`.
+   * Never waits; the range must lie inside the disk.
+   */
+  readAsZeros(offsetBytes: number, lengthBytes: number): boolean;
+}
+
 export type BlockErrorCode =
   | "EINVAL"
   | "EIO"

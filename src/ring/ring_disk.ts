@@ -26,6 +26,7 @@ import {
   type BufferLender,
   type DriverCapabilities,
   type Extent,
+  type ZeroReader,
 } from "../formats/driver.ts";
 import * as B from "./blkif.ts";
 import type { CachedReads } from "./cached_reads.ts";
@@ -59,7 +60,7 @@ export interface ServedDisk {
 }
 
 /** A minor seen as a block device. */
-export class RingDisk extends BlockDriverBase implements BufferLender {
+export class RingDisk extends BlockDriverBase implements BufferLender, ZeroReader {
   readonly format = "ring";
   readonly path: string;
   /** The requests on the ring, held until answered (supervision's handle). */
@@ -211,12 +212,19 @@ export class RingDisk extends BlockDriverBase implements BufferLender {
     return offset;
   }
 
+  // ---- ZeroReader -------------------------------------------------------
+
+  readAsZeros(offsetBytes: number, lengthBytes: number): boolean {
+    // A failed minor answers nothing, zeros included.
+    if (this.producer.failed || !this.#zeros.covers(offsetBytes, lengthBytes)) return false;
+    this.#answeredHere.zeroReads += 1;
+    return true;
+  }
+
   // ---- BlockDriver ------------------------------------------------------
 
   protected async _read(offsetBytes: number, buffer: Uint8Array): Promise<void> {
-    // A failed minor answers nothing, zeros included.
-    if (!this.producer.failed && this.#zeros.covers(offsetBytes, buffer.byteLength)) {
-      this.#answeredHere.zeroReads += 1;
+    if (this.readAsZeros(offsetBytes, buffer.byteLength)) {
       buffer.fill(0);
       return;
     }

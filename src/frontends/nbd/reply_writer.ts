@@ -86,6 +86,18 @@ export class ReplyWriter {
     this.#kick();
   }
 
+  /** Queues `length` zero bytes (at most `copy_payload_bytes_max`): a read of known zeros. */
+  pushZeros(length: number): void {
+    if (length > copy_payload_bytes_max) throw new Error(`pushZeros: ${length} bytes is too long`);
+    if (this.#failure !== undefined) return;
+    if (this.#stagingLength + length > this.#staging.byteLength) this.#seal();
+    // The staging buffer is reused: its bytes are those of earlier replies.
+    this.#staging.fill(0, this.#stagingLength, this.#stagingLength + length);
+    this.#stagingLength += length;
+    this.#pendingBytes += length;
+    this.#kick();
+  }
+
   /**
    * Queues `bytes` without copying when large; `release` runs once they
    * (or their copy) have been written, or dropped on failure.

@@ -15,13 +15,13 @@
  * memory stays bounded.
  * @module
  */
-import type { BlockDriver, BufferLender, Extent } from "../../formats/driver.ts";
+import type { BlockDriver, BufferLender, Extent, ZeroReader } from "../../formats/driver.ts";
 import type { Session } from "./handshake.ts";
 import type { NbdLimits } from "./limits.ts";
 import type { NbdServerStats } from "./stats.ts";
 import { type Payload, payload_headroom_bytes, type PayloadAccount } from "./payload_pool.ts";
 import * as P from "./protocol.ts";
-import type { ReplyWriter } from "./reply_writer.ts";
+import { copy_payload_bytes_max, type ReplyWriter } from "./reply_writer.ts";
 import type { SocketReader } from "./socket_reader.ts";
 
 /** What a connection's transmission phase shares with its server. */
@@ -84,6 +84,10 @@ function lenderOf(driver: BlockDriver): BufferLender | undefined {
   return "borrowBuffer" in driver ? driver as unknown as BufferLender : undefined;
 }
 
+function zeroReaderOf(driver: BlockDriver): ZeroReader | undefined {
+  return "readAsZeros" in driver ? driver as unknown as ZeroReader : undefined;
+}
+
 /** One connection in the transmission phase. */
 export class Transmission {
   readonly #reader: SocketReader;
@@ -91,6 +95,7 @@ export class Transmission {
   readonly #context: TransmissionContext;
   readonly #driver: BlockDriver;
   readonly #lender: BufferLender | undefined;
+  readonly #zeroReader: ZeroReader | undefined;
   readonly #structured: boolean;
   readonly #baseAllocation: boolean;
   readonly #readOnly: boolean;
@@ -112,6 +117,7 @@ export class Transmission {
     this.#context = context;
     this.#driver = session.nbdExport.driver;
     this.#lender = lenderOf(this.#driver);
+    this.#zeroReader = zeroReaderOf(this.#driver);
     this.#structured = session.structuredReplies;
     this.#baseAllocation = session.baseAllocation;
     this.#readOnly = (session.transmissionFlags & P.NBD_FLAG_READ_ONLY) !== 0;
@@ -156,8 +162,14 @@ export class Transmission {
       if (this.#writer.pendingCopiedBytes > limits.pending_reply_bytes_max) {
         await this.#writer.idle();
       }
-      this.#inflight++;
       headerAlone = type === P.NBD_CMD_WRITE && length >= header_alone_after_bytes;
+      if (
+        type === P.NBD_CMD_READ &&
+        this.#readKnownZeros(flags, handleHigh, handleLow, offset, length)
+      ) {
+        continue;
+      }
+      this.#inflight++;
       if (type === P.NBD_CMD_WRITE) {
         await this.#receiveWrite(flags, handleHigh, handleLow, offset, length);
       } else {
@@ -350,6 +362,55 @@ export class Transmission {
     this.#sendData(hi, lo, offset, length, data, payload);
   }
 
+  // A read the driver knows reads as zeros, answered in this turn without a
+  // buffer or a promise: one hole chunk, or zeros written into the reply
+  // writer's staging buffer. False: the read takes the ordinary way (which
+  // also answers a request that fails validation).
+  #readKnownZeros(flags: number, hi: number, lo: number, offset: number, length: number): boolean {
+    const zeros = this.#zeroReader;
+    if (zeros === undefined || length === 0) return false;
+    const hole = this.#structured && (flags & P.NBD_CMD_FLAG_DF) === 0;
+    if (!hole && length > copy_payload_bytes_max) return false;
+    try {
+      this.#validate(P.NBD_CMD_READ, flags, offset, length);
+    } catch {
+      return false;
+    }
+    if (!zeros.readAsZeros(offset, length)) return false;
+    if (hole) {
+      this.#pushHole(P.NBD_REPLY_FLAG_DONE, hi, lo, offset, length);
+    } else {
+      this.#writer.pushCopy(
+        this.#header.subarray(0, this.#buildDataHeader(hi, lo, offset, length)),
+      );
+      this.#writer.pushZeros(length);
+    }
+    return true;
+  }
+
+  // The header of a whole READ's data (a DONE data chunk, or a simple
+  // reply) in the scratch header; returns its length.
+  #buildDataHeader(hi: number, lo: number, offset: number, length: number): number {
+    if (!this.#structured) {
+      this.#buildSimple(hi, lo, 0);
+      return P.SIMPLE_REPLY_BYTES;
+    }
+    this.#buildChunkHeader(P.NBD_REPLY_FLAG_DONE, P.NBD_REPLY_TYPE_OFFSET_DATA, hi, lo, 8 + length);
+    this.#headerView.setUint32(20, Math.floor(offset / 2 ** 32));
+    this.#headerView.setUint32(24, offset >>> 0);
+    return P.STRUCTURED_REPLY_BYTES + 8;
+  }
+
+  // proto.md: OFFSET_HOLE, payload length 12: the offset and the hole's size.
+  #pushHole(flags: number, hi: number, lo: number, offset: number, length: number): void {
+    const v = this.#headerView;
+    this.#buildChunkHeader(flags, P.NBD_REPLY_TYPE_OFFSET_HOLE, hi, lo, 12);
+    v.setUint32(20, Math.floor(offset / 2 ** 32));
+    v.setUint32(24, offset >>> 0);
+    v.setUint32(28, length);
+    this.#writer.pushCopy(this.#header.subarray(0, 32));
+  }
+
   // One data chunk (or simple reply) from a filled buffer: the pool payload
   // (header written in its headroom) or a lent buffer, returned once sent.
   #sendData(
@@ -360,20 +421,7 @@ export class Transmission {
     data: Uint8Array,
     payload: Payload | undefined,
   ) {
-    const headerBytes = this.#structured ? P.STRUCTURED_REPLY_BYTES + 8 : P.SIMPLE_REPLY_BYTES;
-    if (this.#structured) {
-      this.#buildChunkHeader(
-        P.NBD_REPLY_FLAG_DONE,
-        P.NBD_REPLY_TYPE_OFFSET_DATA,
-        hi,
-        lo,
-        8 + length,
-      );
-      this.#headerView.setUint32(20, Math.floor(offset / 2 ** 32));
-      this.#headerView.setUint32(24, offset >>> 0);
-    } else {
-      this.#buildSimple(hi, lo, 0);
-    }
+    const headerBytes = this.#buildDataHeader(hi, lo, offset, length);
     if (payload) {
       const start = payload_headroom_bytes - headerBytes;
       payload.frame.set(this.#header.subarray(0, headerBytes), start);
@@ -444,11 +492,7 @@ export class Transmission {
       const flags = i === chunks.length - 1 ? P.NBD_REPLY_FLAG_DONE : 0;
       const v = this.#headerView;
       if (c.zero) {
-        this.#buildChunkHeader(flags, P.NBD_REPLY_TYPE_OFFSET_HOLE, hi, lo, 12);
-        v.setUint32(20, Math.floor(c.offsetBytes / 2 ** 32));
-        v.setUint32(24, c.offsetBytes >>> 0);
-        v.setUint32(28, c.lengthBytes);
-        this.#writer.pushCopy(this.#header.subarray(0, 32));
+        this.#pushHole(flags, hi, lo, c.offsetBytes, c.lengthBytes);
       } else {
         this.#buildChunkHeader(flags, P.NBD_REPLY_TYPE_OFFSET_DATA, hi, lo, 8 + c.lengthBytes);
         v.setUint32(20, Math.floor(c.offsetBytes / 2 ** 32));

@@ -348,3 +348,73 @@ Deno.test("nbd transmission: pipelined sparse and dense reads never share a buff
     }
   });
 });
+
+// A driver that knows where it reads as zeros (as the ring client does):
+// every 64 KiB chunk never written. Counts the reads that reach it.
+class ZeroKnowingDriver extends MemoryDriver {
+  reads = 0;
+  zeroAnswers = 0;
+
+  readAsZeros(offsetBytes: number, lengthBytes: number): boolean {
+    const first = Math.floor(offsetBytes / (64 * KiB));
+    const last = Math.floor((offsetBytes + lengthBytes - 1) / (64 * KiB));
+    for (let i = first; i <= last; i++) if (this.chunks.has(i)) return false;
+    this.zeroAnswers++;
+    return true;
+  }
+
+  protected override _read(offsetBytes: number, buffer: Uint8Array): Promise<void> {
+    this.reads++;
+    return super._read(offsetBytes, buffer);
+  }
+}
+
+Deno.test("nbd transmission: reads of known zeros are one hole chunk, zeros with DF or simple replies", async () => {
+  const driver = new ZeroKnowingDriver(4 * MiB);
+  await withNbdServer([{ name: "d", driver }], async (h) => {
+    const s = await connected(h.socket, "d", { structured: true });
+    const simple = await connected(h.socket, "d");
+    try {
+      const data = pattern(4 * KiB, 5);
+      assert.equal(await s.command(P.NBD_CMD_WRITE, 0, MiB, data.length, data), 0);
+      const reads = driver.reads;
+      // proto.md: one OFFSET_HOLE chunk, DONE, covering the whole read; no data.
+      for (const [handle, offset, length] of [[21n, 3 * MiB, 4 * KiB], [22n, 2 * MiB, MiB]]) {
+        await s.request(P.NBD_CMD_READ, 0, handle as bigint, offset as number, length as number);
+        const chunks = await s.readChunks();
+        assert.deepEqual(chunks.map((c) => [c.type, c.flags, c.handle]), [
+          [P.NBD_REPLY_TYPE_OFFSET_HOLE, P.NBD_REPLY_FLAG_DONE, handle],
+        ]);
+        const view = new DataView(chunks[0].data.buffer, chunks[0].data.byteOffset);
+        assert.equal(chunks[0].data.byteLength, 12);
+        assert.equal(Number(view.getBigUint64(0)), offset);
+        assert.equal(view.getUint32(8), length);
+      }
+      // DF: one data chunk of zeros; a simple reply carries the zeros too.
+      await s.request(P.NBD_CMD_READ, P.NBD_CMD_FLAG_DF, 23n, 3 * MiB + 512, 8 * KiB);
+      const df = await s.readChunks();
+      assert.deepEqual(df.map((c) => [c.type, c.handle]), [[P.NBD_REPLY_TYPE_OFFSET_DATA, 23n]]);
+      assert.deepEqual(df[0].data.subarray(8), new Uint8Array(8 * KiB));
+      assert.equal(Number(new DataView(df[0].data.buffer).getBigUint64(0)), 3 * MiB + 512);
+      // Pipelined behind a non-zero read, so staging bytes of other replies are about.
+      await simple.request(P.NBD_CMD_READ, 0, 24n, MiB, 4 * KiB);
+      await simple.request(P.NBD_CMD_READ, 0, 25n, 3 * MiB, 4 * KiB);
+      const replies = [await simple.readReply(4 * KiB), await simple.readReply(4 * KiB)];
+      const byHandle = new Map(replies.map((r) => [r.handle, r.data]));
+      assert.deepEqual(byHandle.get(24n), data);
+      assert.deepEqual(byHandle.get(25n), new Uint8Array(4 * KiB));
+      assert.equal(driver.reads, reads + 1, "only the read of written data reached the driver");
+      // A bad read is refused as before, known zeros or not.
+      assert.equal(await s.command(P.NBD_CMD_READ, 0, 4 * MiB - 4 * KiB, 8 * KiB), P.NBD_EINVAL);
+      assert.equal(await simple.command(P.NBD_CMD_READ, 0x40, 3 * MiB, 4 * KiB), P.NBD_EINVAL);
+      // Once written, the range is read from the driver.
+      assert.equal(await s.command(P.NBD_CMD_WRITE, 0, 3 * MiB, data.length, data), 0);
+      assert.deepEqual(await s.read(3 * MiB, 4 * KiB), data);
+      assert.deepEqual(await simple.read(3 * MiB, 4 * KiB), data);
+      assert.ok(driver.zeroAnswers >= 4);
+    } finally {
+      s.close();
+      simple.close();
+    }
+  });
+});
