@@ -290,6 +290,7 @@ class Server implements NbdServer {
         payloads: this.#pool.account(),
         stats: this.stats,
         limits: this.limits,
+        socket: connection.socket,
         shuttingDown: () => this.#closing,
         log,
       });

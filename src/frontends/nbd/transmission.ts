@@ -13,9 +13,21 @@
  * payload does not fit the connection's share or the server's budget is
  * not read from the socket until it does: the client waits, the host's
  * memory stays bounded.
+ *
+ * A large READ of bytes the driver finds in a page cache it can name
+ * ({@linkcode CachedSpanSource}) is sent from there with sendfile on the
+ * connection's own socket descriptor, in its turn among the replies: the
+ * data never passes through this process's memory.
  * @module
  */
-import type { BlockDriver, BufferLender, Extent } from "../../formats/driver.ts";
+import type { SocketFd } from "../../../ffi/socket.ts";
+import type {
+  BlockDriver,
+  BufferLender,
+  CachedSpan,
+  CachedSpanSource,
+  Extent,
+} from "../../formats/driver.ts";
 import type { Session } from "./handshake.ts";
 import type { NbdLimits } from "./limits.ts";
 import type { NbdServerStats } from "./stats.ts";
@@ -30,6 +42,8 @@ export interface TransmissionContext {
   payloads: PayloadAccount;
   stats: NbdServerStats;
   limits: NbdLimits;
+  /** Our own descriptor of the connection's socket, when it was found (see own_socket.ts). */
+  socket?: SocketFd;
   shuttingDown(): boolean;
   log(level: "debug" | "info" | "warn", message: string): void;
 }
@@ -43,6 +57,8 @@ const sparse_read_bytes_min = 64 << 10;
 const hole_chunk_bytes_min = 4096;
 /** More extents than this in one read: send it as one data chunk. */
 const read_chunks_max = 64;
+/** Reads at least this long are sent from the page cache when they can (a thread hop per reply). */
+const send_cached_bytes_min = 64 << 10;
 const error_message_bytes_max = 1024;
 /**
  * After a WRITE payload at least this long, the next header is read alone:
@@ -84,6 +100,10 @@ function lenderOf(driver: BlockDriver): BufferLender | undefined {
   return "borrowBuffer" in driver ? driver as unknown as BufferLender : undefined;
 }
 
+function spanSourceOf(driver: BlockDriver): CachedSpanSource | undefined {
+  return "leaseCached" in driver ? driver as unknown as CachedSpanSource : undefined;
+}
+
 /** One connection in the transmission phase. */
 export class Transmission {
   readonly #reader: SocketReader;
@@ -91,6 +111,8 @@ export class Transmission {
   readonly #context: TransmissionContext;
   readonly #driver: BlockDriver;
   readonly #lender: BufferLender | undefined;
+  /** Where large reads may be sent from with sendfile: only with the socket's own descriptor. */
+  readonly #spans: CachedSpanSource | undefined;
   readonly #structured: boolean;
   readonly #baseAllocation: boolean;
   readonly #readOnly: boolean;
@@ -112,6 +134,7 @@ export class Transmission {
     this.#context = context;
     this.#driver = session.nbdExport.driver;
     this.#lender = lenderOf(this.#driver);
+    this.#spans = context.socket ? spanSourceOf(this.#driver) : undefined;
     this.#structured = session.structuredReplies;
     this.#baseAllocation = session.baseAllocation;
     this.#readOnly = (session.transmissionFlags & P.NBD_FLAG_READ_ONLY) !== 0;
@@ -337,6 +360,17 @@ export class Transmission {
     }
     const sparse = this.#structured && (flags & P.NBD_CMD_FLAG_DF) === 0 &&
       length >= sparse_read_bytes_min && this.#driver.capabilities.canExtents;
+    const span = length >= send_cached_bytes_min
+      ? this.#spans?.leaseCached(offset, length)
+      : undefined;
+    if (span) {
+      // Holes are sent as holes: a span goes out only as one data chunk.
+      const chunks = sparse
+        ? await this.#readChunks(offset, length).catch(() => undefined)
+        : undefined;
+      if (chunks) span.drop();
+      else if (await this.#sendSpan(hi, lo, offset, span)) return;
+    }
     if (sparse) return this.#readSparse(hi, lo, offset, length);
     const borrowed = this.#lender?.borrowBuffer(length);
     const payload = borrowed ? undefined : await this.#context.payloads.take(length);
@@ -360,20 +394,7 @@ export class Transmission {
     data: Uint8Array,
     payload: Payload | undefined,
   ) {
-    const headerBytes = this.#structured ? P.STRUCTURED_REPLY_BYTES + 8 : P.SIMPLE_REPLY_BYTES;
-    if (this.#structured) {
-      this.#buildChunkHeader(
-        P.NBD_REPLY_FLAG_DONE,
-        P.NBD_REPLY_TYPE_OFFSET_DATA,
-        hi,
-        lo,
-        8 + length,
-      );
-      this.#headerView.setUint32(20, Math.floor(offset / 2 ** 32));
-      this.#headerView.setUint32(24, offset >>> 0);
-    } else {
-      this.#buildSimple(hi, lo, 0);
-    }
+    const headerBytes = this.#buildDataHeader(hi, lo, offset, length);
     if (payload) {
       const start = payload_headroom_bytes - headerBytes;
       payload.frame.set(this.#header.subarray(0, headerBytes), start);
@@ -385,6 +406,32 @@ export class Transmission {
       this.#writer.pushCopy(this.#header.subarray(0, headerBytes));
       this.#writer.pushOwned(data, () => this.#lender!.returnBuffer(data));
     }
+  }
+
+  // Resolves once the reply is on the wire: true; false when the lease was
+  // refused before any of it was written (the read must go the usual way).
+  #sendSpan(hi: number, lo: number, offset: number, span: CachedSpan): Promise<boolean> {
+    const headerBytes = this.#buildDataHeader(hi, lo, offset, span.lengthBytes);
+    const head = this.#header.slice(0, headerBytes);
+    const socket = this.#context.socket!;
+    const waitMs = this.#context.limits.reply_stall_timeout_ms;
+    return new Promise((resolve, reject) => {
+      this.#writer.pushSend(
+        headerBytes + span.lengthBytes,
+        async () => {
+          try {
+            resolve(await span.send(socket, head, waitMs));
+          } catch (error) {
+            reject(error);
+            throw error;
+          }
+        },
+        () => {
+          span.drop();
+          resolve(false);
+        },
+      );
+    });
   }
 
   // The data and the allocation map are fetched at once, so a sparse read
@@ -497,6 +544,19 @@ export class Transmission {
       view.setUint32(28 + 8 * i, states[i]);
     }
     this.#writer.pushOwned(body);
+  }
+
+  // The header of a reply carrying `length` bytes read at `offset` as one
+  // data chunk (or a simple reply); returns its length.
+  #buildDataHeader(hi: number, lo: number, offset: number, length: number): number {
+    if (!this.#structured) {
+      this.#buildSimple(hi, lo, 0);
+      return P.SIMPLE_REPLY_BYTES;
+    }
+    this.#buildChunkHeader(P.NBD_REPLY_FLAG_DONE, P.NBD_REPLY_TYPE_OFFSET_DATA, hi, lo, 8 + length);
+    this.#headerView.setUint32(20, Math.floor(offset / 2 ** 32));
+    this.#headerView.setUint32(24, offset >>> 0);
+    return P.STRUCTURED_REPLY_BYTES + 8;
   }
 
   #buildSimple(hi: number, lo: number, error: number): void {
