@@ -408,27 +408,29 @@ export class Transmission {
     }
   }
 
-  // Resolves once the reply is on the wire: true; false when the lease was
-  // refused before any of it was written (the read must go the usual way).
+  // Resolves once the reply is on the wire, or the socket failed (the
+  // writer's failure, not the request's: nothing more to send): true; false
+  // when the lease was refused before any of it was written (the read must
+  // go the usual way).
   #sendSpan(hi: number, lo: number, offset: number, span: CachedSpan): Promise<boolean> {
     const headerBytes = this.#buildDataHeader(hi, lo, offset, span.lengthBytes);
     const head = this.#header.slice(0, headerBytes);
     const socket = this.#context.socket!;
     const waitMs = this.#context.limits.reply_stall_timeout_ms;
-    return new Promise((resolve, reject) => {
+    return new Promise((resolve) => {
       this.#writer.pushSend(
         headerBytes + span.lengthBytes,
         async () => {
           try {
             resolve(await span.send(socket, head, waitMs));
           } catch (error) {
-            reject(error);
+            resolve(true);
             throw error;
           }
         },
         () => {
           span.drop();
-          resolve(false);
+          resolve(true); // after the send; or dropped unsent: the writer failed
         },
       );
     });

@@ -493,3 +493,44 @@ Deno.test("nbd transmission: reads sent from the page cache with sendfile arrive
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("nbd transmission: a client gone during sendfile replies ends only its connection, leaking no descriptor", async () => {
+  const size = 16 * MiB;
+  const dir = await Deno.makeTempDir({ prefix: "blktap-span-" });
+  const model = pattern(size, 5);
+  await Deno.writeFile(`${dir}/disk`, model);
+  const driver = new FileSpanDriver(File.open(`${dir}/disk`, { write: true }), size);
+  const descriptors = () => [...Deno.readDirSync("/proc/self/fd")].length;
+  try {
+    await withNbdServer([{ name: "d", driver }], async (h) => {
+      const before = descriptors();
+      for (let round = 0; round < 3; round++) {
+        const gone = await connected(h.socket, "d", { structured: true });
+        // More than the socket buffers hold: sends wait for room when the client leaves.
+        for (let i = 0; i < 8; i++) {
+          await gone.request(P.NBD_CMD_READ, 0, BigInt(i), i * 2 * MiB, 2 * MiB);
+        }
+        await new Promise((resolve) => setTimeout(resolve, 20));
+        gone.close();
+      }
+      const c = await connected(h.socket, "d", { structured: true });
+      try {
+        assert.deepEqual(await c.read(3 * MiB, 2 * MiB), model.subarray(3 * MiB, 5 * MiB));
+        for (let i = 0; i < 100 && h.server.connectionCount > 1; i++) {
+          await new Promise((resolve) => setTimeout(resolve, 20));
+        }
+        assert.equal(h.server.connectionCount, 1, "the connections whose client left ended");
+        assert.ok(driver.sent > 0);
+      } finally {
+        c.close();
+      }
+      for (let i = 0; i < 100 && h.server.connectionCount > 0; i++) {
+        await new Promise((resolve) => setTimeout(resolve, 20));
+      }
+      assert.equal(descriptors(), before, "every socket descriptor the server took is closed");
+    });
+  } finally {
+    await driver.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
