@@ -18,7 +18,7 @@ import { type NbdExport } from "./export.ts";
 import { HandshakeAbort, negotiate } from "./handshake.ts";
 import { DEFAULT_LIMITS, type NbdLimits } from "./limits.ts";
 import { type PayloadMemory, PayloadPool } from "./payload_pool.ts";
-import { adoptNewSocket, connectedSocketsOn } from "./own_socket.ts";
+import { adoptNewSocket, adoptTcpSocket, connectedSocketsOn } from "./own_socket.ts";
 import { type NbdServerStats, newStats } from "./stats.ts";
 import { ReplyWriter } from "./reply_writer.ts";
 import { ShortReadError, SocketReader } from "./socket_reader.ts";
@@ -238,19 +238,24 @@ class Server implements NbdServer {
       if ("setNoDelay" in conn) (conn as Deno.TcpConn).setNoDelay(true);
       this.stats.connections_total++;
       const connection: Connection = { conn, done: Promise.resolve() };
-      if (before && unixPath) connection.socket = this.#ownSocket(before, unixPath);
+      connection.socket = this.#ownSocket(() => {
+        if (!before || !unixPath) return adoptTcpSocket(conn as Deno.TcpConn);
+        const after = this.#connectedOn(unixPath);
+        return after && adoptNewSocket(before, after);
+      });
       this.#connections.add(connection);
       connection.done = this.#serve(connection).finally(() => this.#connections.delete(connection));
     }
   }
 
   // Synchronously after accept (before the next one): see own_socket.ts.
-  #ownSocket(before: Map<bigint, number>, unixPath: string): SocketFd | undefined {
-    const socket = adoptNewSocket(before, this.#connectedOn(unixPath) ?? new Map());
+  #ownSocket(find: () => SocketFd | undefined): SocketFd | undefined {
+    let socket: SocketFd | undefined;
     try {
+      socket = find();
       socket?.setSendBufferBytes(send_buffer_bytes);
     } catch (error) {
-      this.#log("debug", `send buffer left as it was: ${(error as Error).message}`);
+      this.#log("debug", `connection socket: ${(error as Error).message}`);
     }
     return socket;
   }

@@ -8,7 +8,11 @@
 import assert from "node:assert/strict";
 import { File } from "../../../ffi/file.ts";
 import { SocketFd } from "../../../ffi/socket.ts";
-import { adoptNewSocket, connectedSocketsOn } from "../../../src/frontends/nbd/own_socket.ts";
+import {
+  adoptNewSocket,
+  adoptTcpSocket,
+  connectedSocketsOn,
+} from "../../../src/frontends/nbd/own_socket.ts";
 
 const encoder = new TextEncoder();
 
@@ -122,6 +126,32 @@ Deno.test("own socket: a send waiting for room ends on close, or when the wait r
       a.socket?.close();
       a.conn.close();
       a.client.close();
+    }
+  });
+});
+
+Deno.test("own socket: a TCP connection's descriptor is found by its addresses, each side its own", async () => {
+  await withListener(async (_path, _listener, file, data) => {
+    const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    const client = await Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port });
+    const conn = await listener.accept();
+    const server = adoptTcpSocket(conn);
+    const back = adoptTcpSocket(client);
+    try {
+      assert.ok(server && back, "found");
+      await conn.write(encoder.encode("s"));
+      await server.sendFile(encoder.encode("S"), file, 100, 70_000, 5_000);
+      const received = await readExactly(client, 2 + 70_000);
+      assert.deepEqual(received.subarray(0, 2), encoder.encode("sS"));
+      assert.deepEqual(received.subarray(2), data.subarray(100, 70_100));
+      await back.sendFile(encoder.encode("C"), file, 0, 3, 5_000);
+      assert.deepEqual(await readExactly(conn, 4), Uint8Array.of(67, ...data.subarray(0, 3)));
+    } finally {
+      server?.close();
+      back?.close();
+      conn.close();
+      client.close();
+      listener.close();
     }
   });
 });

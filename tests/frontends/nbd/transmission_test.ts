@@ -7,10 +7,12 @@ import {
   type DriverCapabilities,
 } from "../../../src/formats/driver.ts";
 import * as P from "../../../src/frontends/nbd/protocol.ts";
+import { startNbdServer } from "../../../src/frontends/nbd/server.ts";
 import { LendingMemoryDriver, MemoryDriver } from "../../_helpers/memory_driver.ts";
 import { errorOf, RawNbdClient } from "../../_helpers/nbd_client.ts";
 import { withNbdServer } from "../../_helpers/nbd_harness.ts";
 import { testSeed } from "../../_helpers/random.ts";
+import { missingTools, runOk } from "../../_helpers/tools.ts";
 
 const KiB = 1024;
 const MiB = 1 << 20;
@@ -533,4 +535,31 @@ Deno.test("nbd transmission: a client gone during sendfile replies ends only its
     await driver.close();
     await Deno.remove(dir, { recursive: true });
   }
+});
+
+Deno.test({
+  name: "nbd transmission: over TCP too, nbdcopy gets the file's bytes from sendfile replies",
+  ignore: missingTools("nbdcopy", "qemu-img").length > 0,
+  fn: async () => {
+    const size = 12 * MiB;
+    const dir = await Deno.makeTempDir({ prefix: "blktap-span-" });
+    await Deno.writeFile(`${dir}/disk`, testSeed("nbd sendfile tcp").bytes(size));
+    const driver = new FileSpanDriver(File.open(`${dir}/disk`, { write: true }), size);
+    const nbdExport = { name: "d", driver, readOnly: false };
+    const server = await startNbdServer({
+      tcp: { port: 0 },
+      lookup: (name) => name === "d" ? nbdExport : undefined,
+      list: () => [nbdExport],
+    });
+    try {
+      const uri = `nbd://127.0.0.1:${server.tcp!.port}/d`;
+      await runOk("nbdcopy", ["--requests=8", "--request-size=1048576", uri, `${dir}/copy`]);
+      await runOk("qemu-img", ["compare", "-f", "raw", "-F", "raw", `${dir}/disk`, `${dir}/copy`]);
+      assert.ok(driver.sent > 0, "replies were sent from the file");
+    } finally {
+      await server.close();
+      await driver.close();
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
 });
