@@ -295,7 +295,7 @@ class Server implements NbdServer {
         payloads: this.#pool.account(),
         stats: this.stats,
         limits: this.limits,
-        socket: connection.socket,
+        socket: connection.socket, // raw bytes on the wire: NBD in the clear (TLS is refused)
         shuttingDown: () => this.#closing,
         log,
       });
