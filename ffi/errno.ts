@@ -28,12 +28,15 @@ const ERRNO_NAMES: Record<number, [string, string]> = {
   28: ["ENOSPC", "No space left on device"],
   29: ["ESPIPE", "Illegal seek"],
   30: ["EROFS", "Read-only file system"],
+  32: ["EPIPE", "Broken pipe"],
   38: ["ENOSYS", "Function not implemented"],
   40: ["ELOOP", "Too many levels of symbolic links"],
   61: ["ENODATA", "No data available"],
   74: ["EBADMSG", "Bad message"],
   95: ["EOPNOTSUPP", "Operation not supported"],
+  104: ["ECONNRESET", "Connection reset by peer"],
   110: ["ETIMEDOUT", "Connection timed out"],
+  116: ["ESTALE", "Stale file handle"],
   122: ["EDQUOT", "Disk quota exceeded"],
 };
 

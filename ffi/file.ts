@@ -127,6 +127,12 @@ export class File {
     return this.#cachedBytes(Number(n));
   }
 
+  /** Whether every page of the range is in the page cache (cachestat(2), Linux 6.5). */
+  allCached(offsetBytes: number, lengthBytes: number): boolean {
+    const result = shim.shim_all_cached(this.fd, BigInt(offsetBytes), BigInt(lengthBytes));
+    return check(result, "cachestat", this.path) === 1;
+  }
+
   #cachedBytes(result: number): number {
     return result === -EAGAIN ? 0 : check(result, "preadv2", this.path);
   }

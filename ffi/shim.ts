@@ -11,7 +11,7 @@
  * @module
  */
 
-const SHIM_ABI_VERSION = 7;
+const SHIM_ABI_VERSION = 8;
 
 const SYMBOLS = {
   shim_abi_version: { parameters: [], result: "i32" },
@@ -23,6 +23,16 @@ const SYMBOLS = {
   shim_pread_cached_beside: {
     name: "shim_pread_cached",
     parameters: ["i32", "buffer", "u32", "i64"],
+    result: "i64",
+    nonblocking: true,
+  },
+  shim_all_cached: { parameters: ["i32", "i64", "i64"], result: "i64" },
+  shim_dup_socket: { parameters: ["i32", "u64"], result: "i64" },
+  shim_socket_sndbuf: { parameters: ["i32", "i32"], result: "i64" },
+  shim_shutdown: { parameters: ["i32"], result: "i64" },
+  // Off the JavaScript thread: it may wait for the socket to take bytes.
+  shim_send_file: {
+    parameters: ["i32", "buffer", "u32", "i32", "i64", "u32", "i32"],
     result: "i64",
     nonblocking: true,
   },

@@ -20,13 +20,15 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/sendfile.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
-#define SHIM_ABI_VERSION 7
+#define SHIM_ABI_VERSION 8
 
 int32_t shim_abi_version(void) { return SHIM_ABI_VERSION; }
 
@@ -124,6 +126,89 @@ int64_t shim_ofd_lock(int32_t fd, int32_t op, int32_t type, int64_t start, int64
   struct flock fl = {.l_type = (short)type, .l_whence = SEEK_SET, .l_start = start, .l_len = len};
   if (fcntl(fd, op == 1 ? F_OFD_GETLK : F_OFD_SETLK, &fl) < 0) return neg_errno();
   return op == 1 ? fl.l_type : 0;
+}
+
+// Whether every page of [off, off+len) of `fd` is in the page cache: 1 or
+// 0, by cachestat(2) (Linux 6.5; -ENOSYS before).
+int64_t shim_all_cached(int32_t fd, int64_t off, int64_t len) {
+  struct {
+    uint64_t off, len;
+  } range = {(uint64_t)off, (uint64_t)len};
+  struct {
+    uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted;
+  } stat;
+  if (syscall(451 /* cachestat */, fd, &range, &stat, 0) < 0) return neg_errno();
+  uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+  uint64_t pages = (range.off + range.len + page - 1) / page - range.off / page;
+  return stat.nr_cache >= pages;
+}
+
+// ---- sockets -------------------------------------------------------------
+
+// A descriptor of our own for socket `fd`, only if it is the socket whose
+// inode is `ino` (the caller found that number in /proc): -ESTALE if not.
+int64_t shim_dup_socket(int32_t fd, uint64_t ino) {
+  int copy = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (copy < 0) return neg_errno();
+  struct stat st;
+  if (fstat(copy, &st) < 0 || !S_ISSOCK(st.st_mode) || st.st_ino != ino) {
+    close(copy);
+    return -ESTALE;
+  }
+  return copy;
+}
+
+// Asks for a send buffer of `bytes`; returns the size the kernel granted.
+int64_t shim_socket_sndbuf(int32_t fd, int32_t bytes) {
+  if (setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof bytes) < 0) return neg_errno();
+  int granted = 0;
+  socklen_t size = sizeof granted;
+  if (getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &granted, &size) < 0) return neg_errno();
+  return granted;
+}
+
+int64_t shim_shutdown(int32_t fd) { return shutdown(fd, SHUT_RDWR) < 0 ? neg_errno() : 0; }
+
+// Waits until nonblocking socket `fd` takes bytes: 0, or -ETIMEDOUT after `wait_ms`.
+static int64_t wait_writable(int fd, int32_t wait_ms) {
+  struct pollfd p = {.fd = fd, .events = POLLOUT};
+  int n = poll(&p, 1, wait_ms);
+  if (n < 0) return errno == EINTR ? 0 : neg_errno();
+  return n == 0 ? -ETIMEDOUT : 0;
+}
+
+// Writes `head` then `len` bytes of `file` from `off` to socket `sock`
+// (nonblocking: waits for room, at most `wait_ms` each time), the file's
+// bytes by sendfile(2), never through user memory. Returns the bytes
+// written (all of them) or -errno; an error may come after some were
+// written. -EIO where the file ends early.
+int64_t shim_send_file(int32_t sock, const uint8_t *head, uint32_t head_len, int32_t file,
+                       int64_t off, uint32_t len, int32_t wait_ms) {
+  uint64_t done = 0;
+  while (done < head_len) {
+    ssize_t n = send(sock, head + done, head_len - done, MSG_NOSIGNAL | MSG_MORE);
+    if (n >= 0) {
+      done += (uint64_t)n;
+      continue;
+    }
+    if (errno != EAGAIN && errno != EINTR) return neg_errno();
+    int64_t r = wait_writable(sock, wait_ms);
+    if (r < 0) return r;
+  }
+  off_t position = off;
+  uint32_t sent = 0;
+  while (sent < len) {
+    ssize_t n = sendfile(sock, file, &position, len - sent);
+    if (n > 0) {
+      sent += (uint32_t)n;
+      continue;
+    }
+    if (n == 0) return -EIO;
+    if (errno != EAGAIN && errno != EINTR) return neg_errno();
+    int64_t r = wait_writable(sock, wait_ms);
+    if (r < 0) return r;
+  }
+  return (int64_t)done + sent;
 }
 
 // ---- memory --------------------------------------------------------------

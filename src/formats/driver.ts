@@ -10,6 +10,7 @@
  * for block status), so no driver carries its own copy of those.
  * @module
  */
+import type { SocketFd } from "../../ffi/socket.ts";
 
 /**
  * What a driver does; front ends advertise exactly these and nothing else
@@ -108,6 +109,30 @@ export interface ZeroReader {
    * Never waits; the range must lie inside the disk.
    */
   readAsZeros(offsetBytes: number, lengthBytes: number): boolean;
+}
+
+/**
+ * A driver whose bytes may be read straight from the page cache of a file
+ * it names, so a front end can send them to a socket without copying them
+ * (ctrl's ring disk of a raw image, see src/ring/cached_reads.ts).
+ */
+export interface CachedSpanSource {
+  /** The range's bytes, if all of them are cached now; undefined otherwise. */
+  leaseCached(offsetBytes: number, lengthBytes: number): CachedSpan | undefined;
+}
+
+/** Cached bytes of a file, to be sent from it (see {@linkcode CachedSpanSource}). */
+export interface CachedSpan {
+  readonly lengthBytes: number;
+  /**
+   * Writes `head` then the bytes to `socket` (waiting for room at most
+   * `waitMs` at a time); false, with nothing written, when the lease was
+   * refused meanwhile (read them again the usual way). Throws when the
+   * socket failed (some bytes may have been written).
+   */
+  send(socket: SocketFd, head: Uint8Array, waitMs: number): Promise<boolean>;
+  /** Gives the lease back unsent. */
+  drop(): void;
 }
 
 export type BlockErrorCode =

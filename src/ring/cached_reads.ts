@@ -13,10 +13,15 @@
  * and keeps it only if it is the image the minor's record names. Reads use
  * RWF_NOWAIT: what is not cached goes over the ring as before, so ctrl
  * never waits for a device.
+ *
+ * A large read may instead be sent from the file to the client's socket
+ * with sendfile ({@linkcode CachedReads.lease}): the bytes never pass
+ * through ctrl's memory. They are read when sent, not when the read was
+ * answered: like any read, it may see a write that overlaps it in time.
  * @module
  */
 import { File } from "../../ffi/file.ts";
-import type { Extent } from "../formats/driver.ts";
+import type { CachedSpan, Extent } from "../formats/driver.ts";
 import { asDiskExtents } from "../formats/raw/raw.ts";
 
 /** The page cache of one raw image, read without waiting. */
@@ -26,6 +31,8 @@ export class CachedReads {
   /** Reads running on another thread: the descriptor stays open (its number unused) until they end. */
   #beside = 0;
   #closing = false;
+  /** cachestat(2) failed (a kernel before 6.5): no leases. */
+  #noLeases = false;
 
   private constructor(file: File, isBlockDevice: boolean) {
     this.#file = file;
@@ -77,6 +84,43 @@ export class CachedReads {
       this.#beside -= 1;
       if (this.#closing && this.#beside === 0) this.#file.close();
     }
+  }
+
+  /**
+   * A lease on `lengthBytes` at `offsetBytes` if all of it is cached now,
+   * for sending straight from the file; the file stays open until the
+   * lease is sent or dropped. A lease not yet sent when this closes is
+   * refused then ({@linkcode CachedSpan.send} returns false).
+   */
+  lease(offsetBytes: number, lengthBytes: number): CachedSpan | undefined {
+    if (this.#closing || this.#noLeases || this.#isBlockDevice) return undefined;
+    try {
+      if (!this.#file.allCached(offsetBytes, lengthBytes)) return undefined;
+    } catch {
+      this.#noLeases = true;
+      return undefined;
+    }
+    this.#beside += 1;
+    let ended = false;
+    const end = () => {
+      if (ended) return;
+      ended = true;
+      this.#beside -= 1;
+      if (this.#closing && this.#beside === 0) this.#file.close();
+    };
+    return {
+      lengthBytes,
+      send: async (socket, head, waitMs) => {
+        try {
+          if (this.#closing) return false;
+          await socket.sendFile(head, this.#file, offsetBytes, lengthBytes, waitMs);
+          return true;
+        } finally {
+          end();
+        }
+      },
+      drop: end,
+    };
   }
 
   /**

@@ -24,6 +24,8 @@
 import {
   BlockDriverBase,
   type BufferLender,
+  type CachedSpan,
+  type CachedSpanSource,
   type DriverCapabilities,
   type Extent,
   type ZeroReader,
@@ -60,7 +62,8 @@ export interface ServedDisk {
 }
 
 /** A minor seen as a block device. */
-export class RingDisk extends BlockDriverBase implements BufferLender, ZeroReader {
+export class RingDisk extends BlockDriverBase
+  implements BufferLender, CachedSpanSource, ZeroReader {
   readonly format = "ring";
   readonly path: string;
   /** The requests on the ring, held until answered (supervision's handle). */
@@ -72,8 +75,8 @@ export class RingDisk extends BlockDriverBase implements BufferLender, ZeroReade
   #rmwLock: Promise<void> = Promise.resolve();
   readonly #zeros: KnownZeros;
   #cached: CachedReads | undefined;
-  /** Reads answered without the ring: from known zeros, from the page cache. */
-  readonly #answeredHere = { zeroReads: 0, cachedReads: 0, cachedMisses: 0 };
+  /** Reads answered without the ring: from known zeros, from the page cache (copied or sent). */
+  readonly #answeredHere = { zeroReads: 0, cachedReads: 0, cachedMisses: 0, cachedSends: 0 };
 
   constructor(
     name: string,
@@ -174,7 +177,9 @@ export class RingDisk extends BlockDriverBase implements BufferLender, ZeroReade
   }
 
   /** Reads answered in ctrl, without the ring (for `stats`). */
-  answeredHere(): Readonly<Record<"zeroReads" | "cachedReads" | "cachedMisses", number>> {
+  answeredHere(): Readonly<
+    Record<"zeroReads" | "cachedReads" | "cachedMisses" | "cachedSends", number>
+  > {
     return { ...this.#answeredHere };
   }
 
@@ -219,6 +224,29 @@ export class RingDisk extends BlockDriverBase implements BufferLender, ZeroReade
     if (this.producer.failed || !this.#zeros.covers(offsetBytes, lengthBytes)) return false;
     this.#answeredHere.zeroReads += 1;
     return true;
+  }
+
+  // ---- CachedSpanSource -------------------------------------------------
+
+  /**
+   * The range's bytes to send straight from the image's page cache, if ctrl
+   * reads it ({@linkcode CachedReads.lease}) and all of it is cached now.
+   */
+  leaseCached(offsetBytes: number, lengthBytes: number): CachedSpan | undefined {
+    this.checkRange(offsetBytes, lengthBytes);
+    if (!this.#cached || this.producer.failed) return undefined;
+    const span = this.#cached.lease(offsetBytes, lengthBytes);
+    if (!span) return undefined;
+    const answered = this.#answeredHere;
+    return {
+      lengthBytes,
+      send: async (socket, head, waitMs) => {
+        const sent = await span.send(socket, head, waitMs);
+        if (sent) answered.cachedSends++;
+        return sent;
+      },
+      drop: () => span.drop(),
+    };
   }
 
   // ---- BlockDriver ------------------------------------------------------

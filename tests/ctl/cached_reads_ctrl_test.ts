@@ -3,7 +3,8 @@
  * bytes itself (src/ring/cached_reads.ts). qemu-io, the client, must see
  * every answered write and discard, across disk-process restarts; nothing
  * is answered while the minor is paused; a QoS limit sends every read to
- * the disk process, which enforces it.
+ * the disk process, which enforces it. Large cached reads are sent from the
+ * file with sendfile: qemu-io and nbdcopy must get the image's bytes.
  */
 import assert from "node:assert/strict";
 import { assertExportIs, CtrlHarness, waitRunning } from "../_helpers/ctrl_harness.ts";
@@ -12,9 +13,15 @@ import { missingTools, runOk } from "../_helpers/tools.ts";
 const MiB = 1 << 20;
 const ignore = missingTools("qemu-io", "qemu-img").length > 0;
 
-async function cachedReads(h: CtrlHarness): Promise<number> {
+async function answeredInCtrl(h: CtrlHarness): Promise<Record<string, number>> {
   const stats = await h.request({ op: "stats", minor: 0 });
-  return (stats.answeredInCtrl as { cachedReads: number }).cachedReads;
+  return stats.answeredInCtrl as Record<string, number>;
+}
+
+/** Reads ctrl answered from the page cache, copied or sent with sendfile. */
+async function cachedReads(h: CtrlHarness): Promise<number> {
+  const answered = await answeredInCtrl(h);
+  return answered.cachedReads + answered.cachedSends;
 }
 
 function qemuIo(h: CtrlHarness, ...commands: string[]): Promise<string> {
@@ -103,6 +110,52 @@ Deno.test({
       await h.request({ op: "qos", minor: 0, maxIops: 0 });
       await qemuIo(h, "read -P 0x33 0 1M");
       assert.ok(await cachedReads(h) > limited, "without one, ctrl reads again");
+    } finally {
+      await h.close();
+    }
+  },
+});
+
+Deno.test({
+  name: "ctrl writeback: large cached reads sent with sendfile carry the image's bytes",
+  ignore: ignore || missingTools("nbdcopy").length > 0,
+  fn: async () => {
+    const h = await CtrlHarness.start();
+    try {
+      const image = `${h.dir}/disk.raw`;
+      const bytes = new Uint8Array(24 * MiB);
+      for (let i = 0; i < bytes.length; i += 65536) {
+        crypto.getRandomValues(bytes.subarray(i, i + 65536));
+      }
+      bytes.fill(0, 20 * MiB, 22 * MiB); // zeros, still data: sent as data
+      await Deno.writeFile(image, bytes);
+      // A hole: reads over it are sent as data and hole chunks, the usual way.
+      await runOk("fallocate", [
+        "--punch-hole",
+        "--offset",
+        `${4 * MiB}`,
+        "--length",
+        `${MiB}`,
+        image,
+      ]);
+      await h.request({ op: "create", image: `aio:${image}`, cache: "writeback" });
+
+      const copy = `${h.dir}/copy.raw`;
+      await runOk("nbdcopy", ["--requests=8", "--request-size=1048576", h.nbdUri("tap0"), copy]);
+      await runOk("qemu-img", ["compare", "-f", "raw", "-F", "raw", image, copy]);
+      const sent = (await answeredInCtrl(h)).cachedSends;
+      assert.ok(sent > 0, "large reads of cached bytes are sent from the file");
+
+      // An answered write is what the next sent read shows, at odd offsets too.
+      await qemuIo(
+        h,
+        "write -P 0x77 3M 1M",
+        "read -P 0x77 3M 1M",
+        "write -P 0x78 5000k 96k",
+        "read -P 0x78 5000k 96k",
+      );
+      assert.ok((await answeredInCtrl(h)).cachedSends > sent);
+      await assertExportIs(h, "tap0", image);
     } finally {
       await h.close();
     }

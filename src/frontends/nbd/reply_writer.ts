@@ -6,7 +6,9 @@
  * staging buffer so a burst of 4 KiB reads leaves in one `write` (Deno has
  * no writev). Large payloads are written from their own buffer, uncopied.
  * A payload's owner gets it back once its bytes (or their copy) are on the
- * wire, so the payload budget also bounds the copies waiting here.
+ * wire, so the payload budget also bounds the copies waiting here. A reply
+ * written by other means (sendfile on the socket's own descriptor) is
+ * queued as a step of its own, run in its turn: it never overlaps a write.
  * @module
  */
 
@@ -25,6 +27,9 @@ interface Segment {
   release?: () => void;
   /** Not copied: the caller's memory until `release`. */
   owned?: boolean;
+  /** Writes this segment's `lengthBytes` itself (instead of `bytes`). */
+  send?: () => Promise<void>;
+  lengthBytes?: number;
 }
 
 /** The write side of a connection. */
@@ -121,6 +126,24 @@ export class ReplyWriter {
   }
 
   /**
+   * Queues a reply of `lengthBytes` that `send` writes to the socket by
+   * other means, once everything queued before it has been written and
+   * before anything queued after; `release` runs after it, or when it is
+   * dropped (the writer failed). A rejected `send` fails the writer.
+   */
+  pushSend(lengthBytes: number, send: () => Promise<void>, release: () => void): void {
+    if (this.#failure !== undefined) {
+      release();
+      return;
+    }
+    this.#seal();
+    this.#queue.push({ bytes: new Uint8Array(0), send, lengthBytes, release, owned: true });
+    this.#pendingBytes += lengthBytes;
+    this.#pendingOwnedBytes += lengthBytes;
+    this.#kick();
+  }
+
+  /**
    * Runs `release` once every byte queued before this call has been
    * written (or dropped): for a buffer whose parts went out as several
    * segments (a sparse READ's data chunks).
@@ -174,11 +197,14 @@ export class ReplyWriter {
         if (this.#queue.length === 0) this.#seal();
         const segment = this.#queue.shift();
         if (!segment) break;
+        const length = segment.lengthBytes ?? segment.bytes.byteLength;
         try {
-          await this.#writeAll(segment.bytes);
+          if (segment.send) await segment.send();
+          else await this.#writeAll(segment.bytes);
+          this.#progressMs = performance.now();
         } finally {
-          this.#pendingBytes = Math.max(0, this.#pendingBytes - segment.bytes.byteLength);
-          if (segment.owned) this.#pendingOwnedBytes -= segment.bytes.byteLength;
+          this.#pendingBytes = Math.max(0, this.#pendingBytes - length);
+          if (segment.owned) this.#pendingOwnedBytes -= length;
           segment.release?.();
         }
       }

@@ -13,10 +13,12 @@
  * @module
  */
 import { listenPrivateUnix } from "../../../ffi/private_path.ts";
+import type { SocketFd } from "../../../ffi/socket.ts";
 import { type NbdExport } from "./export.ts";
 import { HandshakeAbort, negotiate } from "./handshake.ts";
 import { DEFAULT_LIMITS, type NbdLimits } from "./limits.ts";
 import { type PayloadMemory, PayloadPool } from "./payload_pool.ts";
+import { adoptNewSocket, adoptTcpSocket, connectedSocketsOn } from "./own_socket.ts";
 import { type NbdServerStats, newStats } from "./stats.ts";
 import { ReplyWriter } from "./reply_writer.ts";
 import { ShortReadError, SocketReader } from "./socket_reader.ts";
@@ -81,9 +83,17 @@ export interface NbdServer {
 
 /** Receive buffer per connection: holds a queue depth's worth of 4 KiB writes. */
 const receive_buffer_bytes = 256 << 10;
+/**
+ * Send buffer asked for a connection whose socket we hold: room for a few
+ * 1 MiB replies, so the client's reading and our next write overlap (the
+ * kernel caps it at net.core.wmem_max).
+ */
+const send_buffer_bytes = 4 << 20;
 
 interface Connection {
   conn: Deno.Conn;
+  /** Our own descriptor of its socket, when found: closed with `conn`. */
+  socket?: SocketFd;
   writer?: ReplyWriter;
   exportName?: string;
   transmission?: Transmission;
@@ -201,13 +211,17 @@ class Server implements NbdServer {
         `closing a connection whose replies did not move for ${this.limits.reply_stall_timeout_ms} ms`,
       );
       closeQuietly(c.conn);
+      c.socket?.cut(); // a sendfile waiting for room returns
     }
   }
 
   async #acceptLoop(listener: Deno.Listener): Promise<void> {
+    const unixPath = listener.addr.transport === "unix" ? listener.addr.path : undefined;
     for (;;) {
       let conn: Deno.Conn;
+      let before: Map<bigint, number> | undefined;
       try {
+        before = unixPath ? this.#connectedOn(unixPath) : undefined;
         conn = await listener.accept();
       } catch (error) {
         if (this.#closing) return;
@@ -224,8 +238,34 @@ class Server implements NbdServer {
       if ("setNoDelay" in conn) (conn as Deno.TcpConn).setNoDelay(true);
       this.stats.connections_total++;
       const connection: Connection = { conn, done: Promise.resolve() };
+      connection.socket = this.#ownSocket(() => {
+        if (!before || !unixPath) return adoptTcpSocket(conn as Deno.TcpConn);
+        const after = this.#connectedOn(unixPath);
+        return after && adoptNewSocket(before, after);
+      });
       this.#connections.add(connection);
       connection.done = this.#serve(connection).finally(() => this.#connections.delete(connection));
+    }
+  }
+
+  // Synchronously after accept (before the next one): see own_socket.ts.
+  #ownSocket(find: () => SocketFd | undefined): SocketFd | undefined {
+    let socket: SocketFd | undefined;
+    try {
+      socket = find();
+      socket?.setSendBufferBytes(send_buffer_bytes);
+    } catch (error) {
+      this.#log("debug", `connection socket: ${(error as Error).message}`);
+    }
+    return socket;
+  }
+
+  #connectedOn(unixPath: string): Map<bigint, number> | undefined {
+    try {
+      return connectedSocketsOn(unixPath);
+    } catch (error) {
+      this.#log("debug", `connection sockets not found: ${(error as Error).message}`);
+      return undefined;
     }
   }
 
@@ -255,6 +295,7 @@ class Server implements NbdServer {
         payloads: this.#pool.account(),
         stats: this.stats,
         limits: this.limits,
+        socket: connection.socket, // raw bytes on the wire: NBD in the clear (TLS is refused)
         shuttingDown: () => this.#closing,
         log,
       });
@@ -271,6 +312,7 @@ class Server implements NbdServer {
     } finally {
       clearTimeout(timer);
       closeQuietly(conn);
+      connection.socket?.close();
       // Requests still running hold driver calls and buffers: let them settle (bounded).
       const transmission = connection.transmission;
       if (transmission) await waitAtMost(transmission.drain(), this.limits.close_grace_ms);

@@ -13,9 +13,22 @@
  * payload does not fit the connection's share or the server's budget is
  * not read from the socket until it does: the client waits, the host's
  * memory stays bounded.
+ *
+ * A large READ of bytes the driver finds in a page cache it can name
+ * ({@linkcode CachedSpanSource}) is sent from there with sendfile on the
+ * connection's own socket descriptor, in its turn among the replies: the
+ * data never passes through this process's memory.
  * @module
  */
-import type { BlockDriver, BufferLender, Extent, ZeroReader } from "../../formats/driver.ts";
+import type { SocketFd } from "../../../ffi/socket.ts";
+import type {
+  BlockDriver,
+  BufferLender,
+  CachedSpan,
+  CachedSpanSource,
+  Extent,
+  ZeroReader,
+} from "../../formats/driver.ts";
 import type { Session } from "./handshake.ts";
 import type { NbdLimits } from "./limits.ts";
 import type { NbdServerStats } from "./stats.ts";
@@ -30,6 +43,8 @@ export interface TransmissionContext {
   payloads: PayloadAccount;
   stats: NbdServerStats;
   limits: NbdLimits;
+  /** Our own descriptor of the connection's socket, when it was found (see own_socket.ts). */
+  socket?: SocketFd;
   shuttingDown(): boolean;
   log(level: "debug" | "info" | "warn", message: string): void;
 }
@@ -43,6 +58,8 @@ const sparse_read_bytes_min = 64 << 10;
 const hole_chunk_bytes_min = 4096;
 /** More extents than this in one read: send it as one data chunk. */
 const read_chunks_max = 64;
+/** Reads at least this long are sent from the page cache when they can (a thread hop per reply). */
+const send_cached_bytes_min = 64 << 10;
 const error_message_bytes_max = 1024;
 /**
  * After a WRITE payload at least this long, the next header is read alone:
@@ -88,6 +105,10 @@ function zeroReaderOf(driver: BlockDriver): ZeroReader | undefined {
   return "readAsZeros" in driver ? driver as unknown as ZeroReader : undefined;
 }
 
+function spanSourceOf(driver: BlockDriver): CachedSpanSource | undefined {
+  return "leaseCached" in driver ? driver as unknown as CachedSpanSource : undefined;
+}
+
 /** One connection in the transmission phase. */
 export class Transmission {
   readonly #reader: SocketReader;
@@ -96,6 +117,8 @@ export class Transmission {
   readonly #driver: BlockDriver;
   readonly #lender: BufferLender | undefined;
   readonly #zeroReader: ZeroReader | undefined;
+  /** Where large reads may be sent from with sendfile: only with the socket's own descriptor. */
+  readonly #spans: CachedSpanSource | undefined;
   readonly #structured: boolean;
   readonly #baseAllocation: boolean;
   readonly #readOnly: boolean;
@@ -118,6 +141,7 @@ export class Transmission {
     this.#driver = session.nbdExport.driver;
     this.#lender = lenderOf(this.#driver);
     this.#zeroReader = zeroReaderOf(this.#driver);
+    this.#spans = context.socket ? spanSourceOf(this.#driver) : undefined;
     this.#structured = session.structuredReplies;
     this.#baseAllocation = session.baseAllocation;
     this.#readOnly = (session.transmissionFlags & P.NBD_FLAG_READ_ONLY) !== 0;
@@ -349,6 +373,17 @@ export class Transmission {
     }
     const sparse = this.#structured && (flags & P.NBD_CMD_FLAG_DF) === 0 &&
       length >= sparse_read_bytes_min && this.#driver.capabilities.canExtents;
+    const span = length >= send_cached_bytes_min
+      ? this.#spans?.leaseCached(offset, length)
+      : undefined;
+    if (span) {
+      // Holes are sent as holes: a span goes out only as one data chunk.
+      const chunks = sparse
+        ? await this.#readChunks(offset, length).catch(() => undefined)
+        : undefined;
+      if (chunks) span.drop();
+      else if (await this.#sendSpan(hi, lo, offset, span)) return;
+    }
     if (sparse) return this.#readSparse(hi, lo, offset, length);
     const borrowed = this.#lender?.borrowBuffer(length);
     const payload = borrowed ? undefined : await this.#context.payloads.take(length);
@@ -433,6 +468,34 @@ export class Transmission {
       this.#writer.pushCopy(this.#header.subarray(0, headerBytes));
       this.#writer.pushOwned(data, () => this.#lender!.returnBuffer(data));
     }
+  }
+
+  // Resolves once the reply is on the wire, or the socket failed (the
+  // writer's failure, not the request's: nothing more to send): true; false
+  // when the lease was refused before any of it was written (the read must
+  // go the usual way).
+  #sendSpan(hi: number, lo: number, offset: number, span: CachedSpan): Promise<boolean> {
+    const headerBytes = this.#buildDataHeader(hi, lo, offset, span.lengthBytes);
+    const head = this.#header.slice(0, headerBytes);
+    const socket = this.#context.socket!;
+    const waitMs = this.#context.limits.reply_stall_timeout_ms;
+    return new Promise((resolve) => {
+      this.#writer.pushSend(
+        headerBytes + span.lengthBytes,
+        async () => {
+          try {
+            resolve(await span.send(socket, head, waitMs));
+          } catch (error) {
+            resolve(true);
+            throw error;
+          }
+        },
+        () => {
+          span.drop();
+          resolve(true); // after the send; or dropped unsent: the writer failed
+        },
+      );
+    });
   }
 
   // The data and the allocation map are fetched at once, so a sparse read

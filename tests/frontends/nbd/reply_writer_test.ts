@@ -78,3 +78,55 @@ Deno.test("reply writer: a failed socket drops queued replies and releases their
   assert.equal(released, 3);
   assert.equal(sink.pending, 0);
 });
+
+Deno.test("reply writer: a reply sent by other means runs in its turn, never beside a write", async () => {
+  const sink = new ManualSink();
+  const writer = new ReplyWriter(sink);
+  const events: string[] = [];
+  let finishSend!: () => void;
+  writer.pushCopy(new Uint8Array([1]));
+  writer.pushSend(100, () => {
+    events.push(`send after ${sink.writes.length} writes, ${sink.pending} pending`);
+    return new Promise<void>((resolve) => finishSend = resolve);
+  }, () => events.push("released"));
+  writer.pushCopy(new Uint8Array([2]));
+  assert.equal(writer.pendingBytes, 102);
+  assert.equal(writer.pendingCopiedBytes, 2, "a sent reply holds none of our memory");
+  await tick();
+  assert.deepEqual(events, []);
+  sink.complete();
+  await tick();
+  assert.deepEqual(events, ["send after 1 writes, 0 pending"]);
+  assert.equal(sink.writes.length, 1, "what follows waits for the send");
+  finishSend();
+  await tick();
+  assert.deepEqual(events, ["send after 1 writes, 0 pending", "released"]);
+  assert.deepEqual([...sink.writes[1]], [2]);
+  sink.complete();
+  await writer.idle();
+  assert.deepEqual([writer.pendingBytes, writer.pendingCopiedBytes], [0, 0]);
+});
+
+Deno.test("reply writer: a failed send fails the writer; queued sends are released unsent", async () => {
+  const writer = new ReplyWriter(new ManualSink()); // nothing is written but by the sends
+  const released: number[] = [];
+  let sends = 0;
+  writer.pushSend(10, () => {
+    sends++;
+    return Promise.reject(new Error("EPIPE"));
+  }, () => released.push(1));
+  writer.pushSend(10, () => {
+    sends++;
+    return Promise.resolve();
+  }, () => released.push(2));
+  await writer.idle();
+  assert.equal(writer.failed, true);
+  assert.equal(sends, 1);
+  assert.deepEqual(released.sort(), [1, 2]);
+  writer.pushSend(10, () => {
+    sends++;
+    return Promise.resolve();
+  }, () => released.push(3));
+  assert.equal(sends, 1, "nothing is sent once the writer failed");
+  assert.deepEqual(released, [1, 2, 3]);
+});

@@ -1,9 +1,18 @@
 import assert from "node:assert/strict";
+import { File } from "../../../ffi/file.ts";
+import {
+  BlockDriverBase,
+  type CachedSpan,
+  type CachedSpanSource,
+  type DriverCapabilities,
+} from "../../../src/formats/driver.ts";
 import * as P from "../../../src/frontends/nbd/protocol.ts";
+import { startNbdServer } from "../../../src/frontends/nbd/server.ts";
 import { LendingMemoryDriver, MemoryDriver } from "../../_helpers/memory_driver.ts";
 import { errorOf, RawNbdClient } from "../../_helpers/nbd_client.ts";
 import { withNbdServer } from "../../_helpers/nbd_harness.ts";
 import { testSeed } from "../../_helpers/random.ts";
+import { missingTools, runOk } from "../../_helpers/tools.ts";
 
 const KiB = 1024;
 const MiB = 1 << 20;
@@ -417,4 +426,210 @@ Deno.test("nbd transmission: reads of known zeros are one hole chunk, zeros with
       simple.close();
     }
   });
+});
+
+/**
+ * A driver over a file in the page cache that offers its large reads to
+ * be sent from the file, as ctrl's ring disk of a raw image does; of its
+ * leases some are refused when sent, and some ranges are not offered.
+ */
+class FileSpanDriver extends BlockDriverBase implements CachedSpanSource {
+  readonly format = "file-span";
+  readonly capabilities: DriverCapabilities = {
+    canWrite: true,
+    canFlush: true,
+    canDiscard: false,
+    canZero: false,
+    canExtents: false,
+    canMultiConn: true,
+  };
+  leases = 0;
+  sent = 0;
+  refused = 0;
+
+  constructor(readonly file: File, readonly sizeBytes: number) {
+    super();
+  }
+
+  get path(): string {
+    return this.file.path;
+  }
+
+  leaseCached(offsetBytes: number, lengthBytes: number): CachedSpan | undefined {
+    this.leases++;
+    if (this.leases % 5 === 0) return undefined;
+    const refuse = this.leases % 4 === 0;
+    return {
+      lengthBytes,
+      send: async (socket, head, waitMs) => {
+        if (refuse) {
+          this.refused++;
+          return false;
+        }
+        await socket.sendFile(head, this.file, offsetBytes, lengthBytes, waitMs);
+        this.sent++;
+        return true;
+      },
+      drop: () => {},
+    };
+  }
+
+  protected _read(offsetBytes: number, buffer: Uint8Array): Promise<void> {
+    this.file.pread(buffer, offsetBytes);
+    return Promise.resolve();
+  }
+
+  protected _write(offsetBytes: number, data: Uint8Array): Promise<void> {
+    this.file.pwriteAll(data, offsetBytes);
+    return Promise.resolve();
+  }
+
+  protected _flush(): Promise<void> {
+    return Promise.resolve();
+  }
+
+  close(): Promise<void> {
+    this.file.close();
+    return Promise.resolve();
+  }
+}
+
+Deno.test("nbd transmission: reads sent from the page cache with sendfile arrive whole, among pipelined replies", async () => {
+  const random = testSeed("nbd sendfile reads");
+  const size = 8 * MiB;
+  const dir = await Deno.makeTempDir({ prefix: "blktap-span-" });
+  const model = random.bytes(size);
+  await Deno.writeFile(`${dir}/disk`, model);
+  const driver = new FileSpanDriver(File.open(`${dir}/disk`, { write: true }), size);
+  try {
+    await withNbdServer([{ name: "d", driver }], async (h) => {
+      const structured = await connected(h.socket, "d", { structured: true });
+      const simple = await connected(h.socket, "d");
+      try {
+        for (let step = 0; step < 60; step++) {
+          const data = random.bytes(random.int(1, 300 * KiB));
+          const at = random.int(0, size - data.length);
+          assert.equal(
+            await random.pick([structured, simple]).command(
+              P.NBD_CMD_WRITE,
+              0,
+              at,
+              data.length,
+              data,
+            ),
+            0,
+          );
+          model.set(data, at);
+          // A burst of small and large reads: their replies leave in completion order.
+          const reads = new Map<bigint, { offset: number; out: Uint8Array }>();
+          for (let i = 0; i < random.int(1, 8); i++) {
+            const length = random.pick([random.int(1, 64 * KiB), random.int(64 * KiB, 2 * MiB)]);
+            const offset = random.int(0, size - length);
+            reads.set(BigInt(i + 1), { offset, out: new Uint8Array(length).fill(0xee) });
+            await structured.request(P.NBD_CMD_READ, 0, BigInt(i + 1), offset, length);
+          }
+          for (let done = 0; done < reads.size;) {
+            const chunk = await structured.readReply();
+            const read = reads.get(chunk.handle)!;
+            assert.equal(
+              chunk.type,
+              P.NBD_REPLY_TYPE_OFFSET_DATA,
+              `step ${step} seed ${random.seed}`,
+            );
+            const view = new DataView(chunk.data.buffer, chunk.data.byteOffset);
+            read.out.set(chunk.data.subarray(8), Number(view.getBigUint64(0)) - read.offset);
+            if (chunk.flags & P.NBD_REPLY_FLAG_DONE) done++;
+          }
+          for (const { offset, out } of reads.values()) {
+            assert.deepEqual(
+              out,
+              model.subarray(offset, offset + out.length),
+              `step ${step} seed ${random.seed}`,
+            );
+          }
+          const length = random.int(64 * KiB, MiB);
+          const offset = random.int(0, size - length);
+          assert.deepEqual(
+            await simple.read(offset, length),
+            model.subarray(offset, offset + length),
+          );
+        }
+        assert.ok(driver.sent > 0 && driver.refused > 0, "sent and refused leases were both met");
+      } finally {
+        structured.close();
+        simple.close();
+      }
+    });
+  } finally {
+    await driver.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("nbd transmission: a client gone during sendfile replies ends only its connection, leaking no descriptor", async () => {
+  const size = 16 * MiB;
+  const dir = await Deno.makeTempDir({ prefix: "blktap-span-" });
+  const model = pattern(size, 5);
+  await Deno.writeFile(`${dir}/disk`, model);
+  const driver = new FileSpanDriver(File.open(`${dir}/disk`, { write: true }), size);
+  const descriptors = () => [...Deno.readDirSync("/proc/self/fd")].length;
+  try {
+    await withNbdServer([{ name: "d", driver }], async (h) => {
+      const before = descriptors();
+      for (let round = 0; round < 3; round++) {
+        const gone = await connected(h.socket, "d", { structured: true });
+        // More than the socket buffers hold: sends wait for room when the client leaves.
+        for (let i = 0; i < 8; i++) {
+          await gone.request(P.NBD_CMD_READ, 0, BigInt(i), i * 2 * MiB, 2 * MiB);
+        }
+        await new Promise((resolve) => setTimeout(resolve, 20));
+        gone.close();
+      }
+      const c = await connected(h.socket, "d", { structured: true });
+      try {
+        assert.deepEqual(await c.read(3 * MiB, 2 * MiB), model.subarray(3 * MiB, 5 * MiB));
+        for (let i = 0; i < 100 && h.server.connectionCount > 1; i++) {
+          await new Promise((resolve) => setTimeout(resolve, 20));
+        }
+        assert.equal(h.server.connectionCount, 1, "the connections whose client left ended");
+        assert.ok(driver.sent > 0);
+      } finally {
+        c.close();
+      }
+      for (let i = 0; i < 100 && h.server.connectionCount > 0; i++) {
+        await new Promise((resolve) => setTimeout(resolve, 20));
+      }
+      assert.equal(descriptors(), before, "every socket descriptor the server took is closed");
+    });
+  } finally {
+    await driver.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test({
+  name: "nbd transmission: over TCP too, nbdcopy gets the file's bytes from sendfile replies",
+  ignore: missingTools("nbdcopy", "qemu-img").length > 0,
+  fn: async () => {
+    const size = 12 * MiB;
+    const dir = await Deno.makeTempDir({ prefix: "blktap-span-" });
+    await Deno.writeFile(`${dir}/disk`, testSeed("nbd sendfile tcp").bytes(size));
+    const driver = new FileSpanDriver(File.open(`${dir}/disk`, { write: true }), size);
+    const nbdExport = { name: "d", driver, readOnly: false };
+    const server = await startNbdServer({
+      tcp: { port: 0 },
+      lookup: (name) => name === "d" ? nbdExport : undefined,
+      list: () => [nbdExport],
+    });
+    try {
+      const uri = `nbd://127.0.0.1:${server.tcp!.port}/d`;
+      await runOk("nbdcopy", ["--requests=8", "--request-size=1048576", uri, `${dir}/copy`]);
+      await runOk("qemu-img", ["compare", "-f", "raw", "-F", "raw", `${dir}/disk`, `${dir}/copy`]);
+      assert.ok(driver.sent > 0, "replies were sent from the file");
+    } finally {
+      await server.close();
+      await driver.close();
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
 });
