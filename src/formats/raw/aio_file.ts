@@ -102,15 +102,24 @@ export class AioFile extends FdImageFile {
   }
 
   #aligned(offsetBytes: number, bytes: Uint8Array): boolean {
+    return this.#directAddress(offsetBytes, bytes) !== undefined;
+  }
+
+  // The native address of `bytes` when they go to the kernel as they are
+  // (aligned as O_DIRECT needs), else undefined: one address lookup per request.
+  #directAddress(offsetBytes: number, bytes: Uint8Array): number | undefined {
+    const address = addressOf(bytes);
     const a = this.#alignment;
-    return a === 1 ||
-      (isAligned(offsetBytes, a) && isAligned(bytes.byteLength, a) &&
-        isAligned(addressOf(bytes), a));
+    if (a === 1) return address;
+    const aligned = isAligned(offsetBytes, a) && isAligned(bytes.byteLength, a) &&
+      isAligned(address, a);
+    return aligned ? address : undefined;
   }
 
   async read(offsetBytes: number, buffer: Uint8Array): Promise<void> {
-    if (this.#aligned(offsetBytes, buffer)) {
-      await this.#readFull(offsetBytes, buffer);
+    const address = this.#directAddress(offsetBytes, buffer);
+    if (address !== undefined) {
+      await this.#readFull(offsetBytes, buffer, address);
       return;
     }
     const start = offsetBytes - (offsetBytes % this.#alignment);
@@ -126,8 +135,12 @@ export class AioFile extends FdImageFile {
   }
 
   // Reads all of `buffer`; a short read means end of file: the rest is zeros.
-  async #readFull(offsetBytes: number, buffer: Uint8Array): Promise<void> {
-    const iov: IoVec[] = [{ address: addressOf(buffer), lengthBytes: buffer.byteLength }];
+  async #readFull(
+    offsetBytes: number,
+    buffer: Uint8Array,
+    address = addressOf(buffer),
+  ): Promise<void> {
+    const iov: IoVec[] = [{ address, lengthBytes: buffer.byteLength }];
     const got = await this.#submit(false, offsetBytes, iov, buffer.byteLength);
     if (got < buffer.byteLength) {
       const resumable = (offsetBytes + got) % this.#alignment === 0;
@@ -135,7 +148,7 @@ export class AioFile extends FdImageFile {
         // A short read inside the file: finish it (possible for buffered I/O).
         // Under O_DIRECT a short read ends at the kernel's end of file, which
         // lags `length` while extending writes are in flight: the rest is zeros.
-        return this.#readFull(offsetBytes + got, buffer.subarray(got));
+        return this.#readFull(offsetBytes + got, buffer.subarray(got), address + got);
       }
       buffer.fill(0, got);
     }
@@ -148,8 +161,9 @@ export class AioFile extends FdImageFile {
     this.length = Math.max(this.length, offsetBytes + data.byteLength);
     const release = this.#lockFor(start, end) ?? await this.#writeLocks.acquire(start, end);
     try {
-      if (this.#aligned(offsetBytes, data)) {
-        await this.#writeFull(offsetBytes, data);
+      const address = this.#directAddress(offsetBytes, data);
+      if (address !== undefined) {
+        await this.#writeFull(offsetBytes, data, address);
         this.#flushBehind?.wrote(data.byteLength);
       } else {
         await this.#readModifyWrite(start, end, offsetBytes, data);
@@ -197,11 +211,15 @@ export class AioFile extends FdImageFile {
     }
   }
 
-  async #writeFull(offsetBytes: number, data: Uint8Array): Promise<void> {
+  async #writeFull(
+    offsetBytes: number,
+    data: Uint8Array,
+    address = addressOf(data),
+  ): Promise<void> {
     let done = 0;
     while (done < data.byteLength) {
       const iov: IoVec[] = [{
-        address: addressOf(data) + done,
+        address: address + done,
         lengthBytes: data.byteLength - done,
       }];
       const wrote = await this.#submit(true, offsetBytes + done, iov, data.byteLength - done);

@@ -8,8 +8,8 @@
 interface Held {
   start: number;
   end: number;
-  released: Promise<void>;
-  release: () => void;
+  /** Who waits for this range's release; made only when someone waits (most holds are never contended). */
+  waiters: (() => void)[] | undefined;
 }
 
 /** A set of held ranges; `acquire` waits until no held range overlaps. */
@@ -21,21 +21,28 @@ export class RangeLock {
     for (;;) {
       const release = this.tryAcquire(start, end);
       if (release) return release;
-      await this.#blocker(start, end)!.released;
+      const blocker = this.#blocker(start, end)!;
+      await new Promise<void>((resolve) => (blocker.waiters ??= []).push(resolve));
     }
   }
 
   /** Holds `[start, end)` at once if it is free (no promise turn); else undefined. */
   tryAcquire(start: number, end: number): (() => void) | undefined {
     if (this.#blocker(start, end)) return undefined;
-    let release!: () => void;
-    const released = new Promise<void>((resolve) => (release = resolve));
-    const held: Held = { start, end, released, release };
+    const held: Held = { start, end, waiters: undefined };
     this.#held.push(held);
-    return () => {
-      this.#held.splice(this.#held.indexOf(held), 1);
-      held.release();
-    };
+    return () => this.#release(held);
+  }
+
+  #release(held: Held): void {
+    const list = this.#held;
+    const at = list.indexOf(held);
+    if (at < 0) return; // released already
+    // Order does not matter: any overlapping range blocks.
+    const last = list.pop()!;
+    if (last !== held) list[at] = last;
+    const waiters = held.waiters;
+    if (waiters) { for (const wake of waiters) wake(); }
   }
 
   #blocker(start: number, end: number): Held | undefined {
