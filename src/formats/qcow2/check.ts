@@ -26,6 +26,7 @@ import {
   FIELD_REFCOUNT_TABLE_OFFSET,
   INCOMPAT_CORRUPT,
   INCOMPAT_DIRTY,
+  l1_table_bytes_max,
   Qcow2FormatError,
   type Qcow2Geometry,
   setU64,
@@ -181,7 +182,21 @@ class Checker {
         this.corrupt(`snapshot table entry ${i} is incomplete`);
       }
     });
-    for (const s of table.snapshots) await this.#countL1(s.l1TableOffset, s.l1Size, false);
+    for (const s of table.snapshots) {
+      // QEMU's calculate_refcounts: such an entry is counted as corrupt and its tables skipped.
+      const snapshot = `snapshot ${s.id} (${s.name})`;
+      if (s.l1TableOffset % this.#g.clusterBytes !== 0) {
+        this.corrupt(
+          `${snapshot} l1_offset=0x${
+            s.l1TableOffset.toString(16)
+          }: L1 table is not cluster aligned`,
+        );
+      } else if (s.l1Size > l1_table_bytes_max / 8) {
+        this.corrupt(`${snapshot} l1_size=${s.l1Size}: L1 table is too large`);
+      } else {
+        await this.#countL1(s.l1TableOffset, s.l1Size, false);
+      }
+    }
     this.inc(h.snapshotsOffset, table.lengthBytes);
   }
 

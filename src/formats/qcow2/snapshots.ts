@@ -11,7 +11,7 @@
  * @module
  */
 import type { ImageFile } from "../image_file.ts";
-import { l1_table_bytes_max, Qcow2FormatError, u64 } from "./header.ts";
+import { Qcow2FormatError, u64 } from "./header.ts";
 
 /** One internal snapshot. */
 export interface Qcow2Snapshot {
@@ -43,7 +43,8 @@ const table_bytes_max = 1024 * 65536;
 /**
  * Reads `count` snapshots at `offset`; what lies past the end of the file
  * reads as zeros (as QEMU reads it). Throws {@linkcode Qcow2FormatError} on
- * a table QEMU refuses (too large, too much extra data, huge L1 tables).
+ * a table QEMU refuses (too large, too much extra data). A snapshot's L1
+ * size is not judged here: QEMU opens such an image, and its check counts it.
  */
 export async function readSnapshots(
   file: ImageFile,
@@ -88,7 +89,6 @@ export async function readSnapshots(
       name: text(at + 40 + extraBytes + idBytes, nameBytes),
       extraDataBytes: extraBytes,
     };
-    if (s.l1Size * 8 > l1_table_bytes_max) fail(`snapshot ${i}: L1 table too large`);
     if (extraBytes >= 8) s.vmStateBytes = u64at(at + 40);
     if (extraBytes >= 16) s.diskSizeBytes = u64at(at + 48);
     if (extraBytes >= 24) s.icount = u64at(at + 56);

@@ -99,6 +99,37 @@ const DAMAGE: [string, (b: Uint8Array, l: Layout) => Uint8Array | void][] = [
 ];
 
 Deno.test({
+  name: "qcow2 check: a snapshot whose L1 table is unaligned or too large counts as qemu-img check",
+  ignore: !hasQemu,
+  fn: async () => {
+    await inTempDir(async (dir) => {
+      const base = `${dir}/base.qcow2`;
+      await qemuCreate(base, "8M", { cluster_size: "4K" });
+      await runOk("qemu-io", ["-c", "write -P 7 0 64k", base]);
+      await runOk("qemu-img", ["snapshot", "-c", "s1", base]);
+      const pristine = await Deno.readFile(base);
+      const view = new DataView(pristine.buffer);
+      const entry = u64(view, 64); // the snapshot table: entry 0 is l1_table_offset u64, l1_size u32
+      const damages: [string, (b: Uint8Array) => void][] = [
+        ["unaligned", (b) => setU64(b, entry, BigInt(u64(view, entry) + 512))],
+        ["too large", (b) => new DataView(b.buffer).setUint32(entry + 8, (32 << 20) / 8 + 1)],
+      ];
+      for (const [name, damage] of damages) {
+        const image = `${dir}/${name.replace(" ", "-")}.qcow2`;
+        const bytes = pristine.slice();
+        damage(bytes);
+        await Deno.writeFile(image, bytes);
+        const theirs = await qemuCheck(image);
+        const ours = await checkQcow2(image, { repair: false });
+        assert.equal(theirs.corruptions, 1, `${name}: ${theirs.stderr}`);
+        assert.equal(corruptionCount(ours), theirs.corruptions, `${name}: ${ours.corruptions}`);
+        assert.equal(ours.leakedClusters, theirs.leaks, `${name}: leaks`);
+      }
+    });
+  },
+});
+
+Deno.test({
   name: "qcow2 check: counts as qemu-img check on damaged images; --repair fixes refcounts",
   ignore: !hasQemu,
   fn: async () => {
