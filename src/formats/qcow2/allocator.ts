@@ -57,6 +57,8 @@ const reservation_clusters_min = 16;
 const free_extents_max = 4096;
 /** Refcount slices one scan step reads. */
 const scan_slices_per_step = 64;
+/** Deferred frees queued before writers that add more wait for them (memory bound). */
+export const frees_queued_max = 1024;
 
 interface Reservation {
   next: number;
@@ -456,6 +458,17 @@ export class ClusterAllocator {
           this.#freesQueued -= 1;
         });
     });
+  }
+
+  /**
+   * Backpressure for writers that queued frees: past {@linkcode frees_queued_max}
+   * waits for a barrier and the frees it releases (a guest that discards
+   * and never flushes would otherwise queue them without bound).
+   */
+  async throttleFrees(): Promise<void> {
+    if (this.#freesQueued < frees_queued_max) return;
+    await this.#sync.sync();
+    await this.#freeChain;
   }
 
   async #free1(start: number, count: number, compressed: boolean): Promise<void> {

@@ -610,7 +610,7 @@ export class Qcow2Driver extends BlockDriverBase {
       await this.#sync.sync();
       await this.#publish(prep, published);
     }
-    this.#freeOld(fresh.map((f) => f.old));
+    await this.#freeOld(fresh.map((f) => f.old));
   }
 
   /** Entries of the table at `tableOffset` (0: no table, all unallocated). */
@@ -738,7 +738,7 @@ export class Qcow2Driver extends BlockDriverBase {
   }
 
   /** Drops the references of replaced clusters (behind a later barrier). */
-  #freeOld(old: L2Entry[]): void {
+  #freeOld(old: L2Entry[]): Promise<void> {
     const c = this.#g.clusterBytes;
     for (const e of old) {
       if (e.kind === "normal" || e.kind === "zero-alloc") {
@@ -749,6 +749,7 @@ export class Qcow2Driver extends BlockDriverBase {
         this.#allocator.freeLater(first, last - first + 1, true);
       }
     }
+    return this.#allocator.throttleFrees();
   }
 
   // ---- zeroes, discard, compressed writes ---------------------------------------
@@ -856,7 +857,7 @@ export class Qcow2Driver extends BlockDriverBase {
     // A new or copied table must be durable before the L1 entry names it.
     if (!prep.linked && !prep.orderFree) await this.#sync.sync();
     await this.#publish(prep, values);
-    this.#freeOld(freed);
+    await this.#freeOld(freed);
   }
 
   /**

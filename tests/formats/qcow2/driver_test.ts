@@ -9,6 +9,7 @@ import assert from "node:assert/strict";
 import { openImage } from "../../../src/formats/open_image.ts";
 import { createQcow2 } from "../../../src/formats/qcow2/create.ts";
 import { Qcow2Driver } from "../../../src/formats/qcow2/qcow2.ts";
+import { frees_queued_max } from "../../../src/formats/qcow2/allocator.ts";
 import { checkQcow2 } from "../../../src/formats/qcow2/check.ts";
 import { testSeed } from "../../_helpers/random.ts";
 import { hasTool, runOk } from "../../_helpers/tools.ts";
@@ -120,6 +121,32 @@ Deno.test({
       model.fill(3, 28 << 20, 32 << 20);
       await assertQemuReads(dir, path, model);
       await assertQemuClean(path);
+    });
+  },
+});
+
+Deno.test({
+  name:
+    "qcow2 discard without a flush: queued frees stay bounded, space comes back before the guest flushes",
+  ignore: !hasQemu,
+  fn: async () => {
+    await inTempDir(async (dir) => {
+      const path = `${dir}/d.qcow2`;
+      const clusters = 3 * frees_queued_max;
+      await createQcow2(path, { sizeBytes: clusters * 4096, options: { cluster_size: "4K" } });
+      const driver = await openImage(path);
+      await driver.write(0, new Uint8Array(clusters * 4096).fill(7));
+      await driver.flush();
+      const full = (await Deno.stat(path)).blocks! * 512;
+      await driver.discard(0, clusters * 4096); // one free per cluster, no flush after
+      const freed = full - (await Deno.stat(path)).blocks! * 512;
+      assert.ok(
+        freed >= (clusters - 2 * frees_queued_max) * 4096,
+        `discard waited for queued frees past the bound (${freed} bytes given back)`,
+      );
+      await driver.close();
+      await assertQemuClean(path);
+      await assertQemuReads(dir, path, new Uint8Array(clusters * 4096));
     });
   },
 });
