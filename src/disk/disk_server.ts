@@ -4,10 +4,9 @@
  * publishes them with notification suppression. Independent of how the
  * ring is mapped and how kicks travel, so tests can run it in-process.
  *
- * Batching: the requests of one pass (at most `submit_chunk_requests`) are
- * started in the same JavaScript turn, so the aio layer submits them with
- * one `io_submit`; responses completed in one turn are published with one
- * push (one kick).
+ * Batching: every request found in one pass is started in the same
+ * JavaScript turn, so the aio layer submits them with one `io_submit`;
+ * responses completed in one turn are published with one push (one kick).
  * Ordering: FLUSH_DISKCACHE and WRITE_BARRIER wait until every earlier
  * request has completed, and later requests wait for them.
  *
@@ -66,17 +65,6 @@ export const max_inflight_requests_default = 128;
 
 /** Requests running from which completions, not kicks, bring new requests in. */
 export const busy_requests_min = 8;
-
-/**
- * Most requests taken from the ring in one pass; the next pass follows at
- * once, after the aio layer submitted this one's. A front end's 32 then
- * reach the device in chunks, the first while the rest are still parsed
- * (~2-4 µs each), and completions come back in chunks too, instead of all
- * 32 travelling as one convoy that leaves the device idle while the ring
- * turns it around (bench/results/ring-subchunk-ab-*: the device busy 28%
- * of the time vs 88% under fio; 8 vs unbounded raised both ring/fio ratios).
- */
-export const submit_chunk_requests = 8;
 
 /** Serves one ring. */
 export class DiskServer {
@@ -148,16 +136,9 @@ export class DiskServer {
 
   #pump(): void {
     if (this.#stopped) return;
-    let taken = 0;
     for (;;) {
       if (!this.#startHeld()) break;
       while (this.#canStart() && this.#back.unconsumedRequests() > 0) {
-        if (taken === submit_chunk_requests) {
-          // The started ones are submitted first (their submit is already queued).
-          this.kick();
-          return;
-        }
-        taken += 1;
         const offset = this.#back.takeRequestOffset();
         const parsed = parseRequest(this.#ringView, offset, this.#ctx);
         if (isRejected(parsed)) {

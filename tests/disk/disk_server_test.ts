@@ -5,7 +5,7 @@ import { testSeed } from "../_helpers/random.ts";
 import { DiskModel } from "../_helpers/load_model.ts";
 import { MemoryDriver } from "../_helpers/memory_driver.ts";
 import { ringPair, servedRing } from "../_helpers/ring_pair.ts";
-import { busy_requests_min, submit_chunk_requests } from "../../src/disk/disk_server.ts";
+import { busy_requests_min } from "../../src/disk/disk_server.ts";
 
 /** Front end and back end over one ArrayBuffer, kicks as function calls. */
 function pair(sizeBytes: number, ringPages = 4, poolPages = 4096) {
@@ -178,38 +178,6 @@ Deno.test("disk server: under load the front end is kicked once per batch of res
   assert.equal(disk.outstanding, 0);
   // 32 awaited: a kick per 8 responses while the ring is full (more as it drains).
   assert.ok(kicks <= 1024 / 4, `${kicks} kicks for 1024 responses`);
-});
-
-Deno.test("disk server: a burst of requests reaches the driver in chunks, each submitted before the next is taken", async () => {
-  const size = 1 << 20;
-  // No block status: every read crosses the ring, none is answered as known zeros.
-  const driver = new MemoryDriver(size, { delayMs: 5, extents: false });
-  await Promise.all(
-    Array.from({ length: 32 }, (_, i) => driver.write(i * 4096, new Uint8Array(4096).fill(i))),
-  );
-  // Reads the driver is given in one JavaScript turn form one chunk (one io_submit for aio).
-  const chunks: number[] = [];
-  let chunkOpen = false;
-  const read = driver.read.bind(driver);
-  driver.read = (offsetBytes: number, buffer: Uint8Array) => {
-    if (!chunkOpen) {
-      chunkOpen = true;
-      chunks.push(0);
-      queueMicrotask(() => chunkOpen = false);
-    }
-    chunks[chunks.length - 1] += 1;
-    return read(offsetBytes, buffer);
-  };
-  const { disk, serve } = ringPair("chunks", driver, size);
-  const server = serve();
-  disk.attach(() => server.kick(), { sizeBytes: size, capabilities: driver.capabilities });
-  const buffers = Array.from({ length: 32 }, () => new Uint8Array(4096));
-  await Promise.all(buffers.map((b, i) => disk.read(i * 4096, b)));
-  buffers.forEach((b, i) => assert.ok(b.every((x) => x === i), `read ${i}`));
-  assert.equal(chunks.reduce((a, b) => a + b, 0), 32);
-  assert.ok(chunks.every((n) => n <= submit_chunk_requests), `chunks ${chunks}`);
-  assert.ok(chunks.includes(submit_chunk_requests), `chunks ${chunks}: a burst still batches`);
-  assert.equal(disk.outstanding, 0);
 });
 
 Deno.test("disk server: a response is delivered at once when the server holds the rest back (QoS)", async () => {
