@@ -465,10 +465,9 @@ export class ClusterAllocator {
    * waits for a barrier and the frees it releases (a guest that discards
    * and never flushes would otherwise queue them without bound).
    */
-  async throttleFrees(): Promise<void> {
-    if (this.#freesQueued < frees_queued_max) return;
-    await this.#sync.sync();
-    await this.#freeChain;
+  throttleFrees(): Promise<void> | undefined {
+    if (this.#freesQueued < frees_queued_max) return undefined; // no promise per write
+    return this.#sync.sync().then(() => this.#freeChain);
   }
 
   async #free1(start: number, count: number, compressed: boolean): Promise<void> {

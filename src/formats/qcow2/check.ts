@@ -26,7 +26,7 @@ import {
   FIELD_REFCOUNT_TABLE_OFFSET,
   INCOMPAT_CORRUPT,
   INCOMPAT_DIRTY,
-  l1_table_bytes_max,
+  l1TooLarge,
   Qcow2FormatError,
   type Qcow2Geometry,
   setU64,
@@ -191,7 +191,7 @@ class Checker {
             s.l1TableOffset.toString(16)
           }: L1 table is not cluster aligned`,
         );
-      } else if (s.l1Size > l1_table_bytes_max / 8) {
+      } else if (l1TooLarge(s.l1Size)) {
         this.corrupt(`${snapshot} l1_size=${s.l1Size}: L1 table is too large`);
       } else {
         await this.#countL1(s.l1TableOffset, s.l1Size, false);

@@ -23,8 +23,8 @@ import {
   cluster_bits_min,
   COMPAT_LAZY_REFCOUNTS,
   encodeHeader,
-  l1_table_bytes_max,
   l1EntriesFor,
+  l1TooLarge,
   setU64,
 } from "./header.ts";
 import { setRefcount } from "./refcount_width.ts";
@@ -129,7 +129,7 @@ interface Layout {
 function _layout(sizeBytes: number, s: Qcow2CreateSettings): Layout {
   const c = 2 ** s.clusterBits;
   const l1Entries = l1EntriesFor(sizeBytes, s.clusterBits);
-  if (l1Entries * 8 > l1_table_bytes_max) {
+  if (l1TooLarge(l1Entries)) {
     throw new RangeError(
       "the image size is too large for qcow2 with this cluster size (try a larger cluster_size)",
     );

@@ -29,6 +29,11 @@ export const backing_name_bytes_max = 1023;
 export const l1_table_bytes_max = 32 << 20;
 export const refcount_table_bytes_max = 8 << 20;
 export const snapshots_max = 65536;
+
+/** Whether an L1 table of `entries` is over QEMU's limit (active or snapshot). */
+export function l1TooLarge(entries: number): boolean {
+  return entries * 8 > l1_table_bytes_max;
+}
 /** Bytes of the v3 header this driver writes (fields through compression_type, padded). */
 export const V3_HEADER_BYTES = 112;
 export const V2_HEADER_BYTES = 72;
@@ -329,7 +334,7 @@ function _validateTables(h: Qcow2Header, clusterBytes: number, fail: (p: string)
   if (unaligned(h.refcountTableOffset) || !Number.isSafeInteger(h.refcountTableOffset)) {
     fail("invalid reference count table offset");
   }
-  if (h.l1Size * 8 > l1_table_bytes_max) fail("active L1 table too large");
+  if (l1TooLarge(h.l1Size)) fail("active L1 table too large");
   if (h.l1Size < l1EntriesFor(h.sizeBytes, h.clusterBits)) fail("L1 table is too small");
   if (h.l1Size > 0 && (unaligned(h.l1TableOffset) || !Number.isSafeInteger(h.l1TableOffset))) {
     fail("invalid L1 table offset");

@@ -738,7 +738,7 @@ export class Qcow2Driver extends BlockDriverBase {
   }
 
   /** Drops the references of replaced clusters (behind a later barrier). */
-  #freeOld(old: L2Entry[]): Promise<void> {
+  #freeOld(old: L2Entry[]): Promise<void> | undefined {
     const c = this.#g.clusterBytes;
     for (const e of old) {
       if (e.kind === "normal" || e.kind === "zero-alloc") {
