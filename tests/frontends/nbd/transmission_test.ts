@@ -628,6 +628,52 @@ Deno.test("nbd transmission: a client gone during sendfile replies ends only its
   }
 });
 
+Deno.test("nbd server: disconnectExport ends a client that stopped reading sendfile replies after the close grace, not the stall timeout", async () => {
+  const size = 16 * MiB;
+  const dir = await Deno.makeTempDir({ prefix: "blktap-span-" });
+  await Deno.writeFile(`${dir}/disk`, pattern(size, 6));
+  const driver = new FileSpanDriver(File.open(`${dir}/disk`, { write: true }), size);
+  try {
+    await withNbdServer([{ name: "d", driver }], async (h) => {
+      const stuck = await connected(h.socket, "d", { structured: true });
+      try {
+        // More than the socket buffers hold: a send waits for room the client never makes.
+        for (let i = 0; i < 8; i++) {
+          await stuck.request(P.NBD_CMD_READ, 0, BigInt(i), i * 2 * MiB, 2 * MiB);
+        }
+        for (let i = 0; i < 100 && driver.sent === 0; i++) {
+          await new Promise((resolve) => setTimeout(resolve, 20));
+        }
+        assert.ok(driver.sent > 0, "a sendfile reply is under way");
+        const started = performance.now();
+        await h.server.disconnectExport("d");
+        const tookMs = performance.now() - started;
+        // The close grace (300 ms), not the 60 s a send may wait for room.
+        assert.ok(tookMs < 5_000, `disconnectExport took ${Math.round(tookMs)} ms`);
+        assert.equal(h.server.connectionCount, 0);
+        // The client sees its connection end (what was sent, then end of file).
+        const sink = new Uint8Array(MiB);
+        const deadline = setTimeout(() => stuck.close(), 5_000);
+        let ended = false;
+        try {
+          while (await stuck.conn.read(sink) !== null);
+          ended = true;
+        } catch {
+          // closed by the deadline
+        } finally {
+          clearTimeout(deadline);
+        }
+        assert.ok(ended, "the client's connection still open 5 s after disconnectExport");
+      } finally {
+        stuck.close();
+      }
+    }, { reply_stall_timeout_ms: 60_000, close_grace_ms: 300 });
+  } finally {
+    await driver.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test({
   name: "nbd transmission: over TCP too, nbdcopy gets the file's bytes from sendfile replies",
   ignore: missingTools("nbdcopy", "qemu-img").length > 0,
