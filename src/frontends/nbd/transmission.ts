@@ -376,15 +376,14 @@ export class Transmission {
     const span = length >= send_cached_bytes_min
       ? this.#spans?.leaseCached(offset, length)
       : undefined;
+    let chunks: Extent[] | undefined;
     if (span) {
       // Holes are sent as holes: a span goes out only as one data chunk.
-      const chunks = sparse
-        ? await this.#readChunks(offset, length).catch(() => undefined)
-        : undefined;
+      chunks = sparse ? await this.#readChunks(offset, length).catch(() => undefined) : undefined;
       if (chunks) span.drop();
       else if (await this.#sendSpan(hi, lo, offset, span)) return;
     }
-    if (sparse) return this.#readSparse(hi, lo, offset, length);
+    if (sparse) return this.#readSparse(hi, lo, offset, length, chunks);
     const borrowed = this.#lender?.borrowBuffer(length);
     const payload = borrowed ? undefined : await this.#context.payloads.take(length);
     const data = borrowed ?? payload!.data;
@@ -499,14 +498,15 @@ export class Transmission {
   }
 
   // The data and the allocation map are fetched at once, so a sparse read
-  // costs the slower of the two round trips, not their sum. The data lands
-  // in a lent buffer when the driver has one (ring pages: no bounce copy).
-  async #readSparse(hi: number, lo: number, offset: number, length: number) {
+  // costs the slower of the two round trips, not their sum (`known`: the
+  // map was fetched already). The data lands in a lent buffer when the
+  // driver has one (ring pages: no bounce copy).
+  async #readSparse(hi: number, lo: number, offset: number, length: number, known?: Extent[]) {
     const borrowed = this.#lender?.borrowBuffer(length);
     const payload = borrowed ? undefined : await this.#context.payloads.take(length);
     const data = borrowed ?? payload!.data;
     const [chunks, read] = await Promise.allSettled([
-      this.#readChunks(offset, length),
+      known ?? this.#readChunks(offset, length),
       this.#driver.read(offset, data),
     ]);
     if (read.status === "rejected") {

@@ -6,6 +6,7 @@ import {
   type CachedSpan,
   type CachedSpanSource,
   type DriverCapabilities,
+  type Extent,
 } from "../../../src/formats/driver.ts";
 import * as P from "../../../src/frontends/nbd/protocol.ts";
 import { startNbdServer } from "../../../src/frontends/nbd/server.ts";
@@ -559,6 +560,70 @@ Deno.test("nbd transmission: reads sent from the page cache with sendfile arrive
       } finally {
         structured.close();
         simple.close();
+      }
+    });
+  } finally {
+    await driver.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+// A file whose second half of every MiB is a hole, as its extents say.
+class SparseFileSpanDriver extends FileSpanDriver {
+  override readonly capabilities: DriverCapabilities = {
+    canWrite: true,
+    canFlush: true,
+    canDiscard: false,
+    canZero: false,
+    canExtents: true,
+    canMultiConn: true,
+  };
+  statusAsks = 0;
+
+  protected override _blockStatus(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
+    this.statusAsks++;
+    const extents: Extent[] = [];
+    const end = offsetBytes + lengthBytes;
+    for (let at = offsetBytes; at < end;) {
+      const half = Math.floor(at / (MiB / 2));
+      const next = Math.min(end, (half + 1) * (MiB / 2));
+      const zero = half % 2 === 1;
+      extents.push({ offsetBytes: at, lengthBytes: next - at, hole: zero, zero });
+      at = next;
+    }
+    return Promise.resolve(extents);
+  }
+}
+
+Deno.test("nbd transmission: a sparse read that could go by sendfile asks the allocation map once and sends its holes as holes", async () => {
+  const size = 8 * MiB;
+  const dir = await Deno.makeTempDir({ prefix: "blktap-span-" });
+  const model = pattern(size, 7);
+  for (let at = MiB / 2; at < size; at += MiB) model.fill(0, at, at + MiB / 2);
+  await Deno.writeFile(`${dir}/disk`, model);
+  const driver = new SparseFileSpanDriver(File.open(`${dir}/disk`, { write: true }), size);
+  try {
+    await withNbdServer([{ name: "d", driver }], async (h) => {
+      const c = await connected(h.socket, "d", { structured: true });
+      try {
+        for (let i = 0; i < 4; i++) {
+          const asks = driver.statusAsks;
+          await c.request(P.NBD_CMD_READ, 0, BigInt(i), i * 2 * MiB, 2 * MiB);
+          const chunks = await c.readChunks();
+          assert.equal(driver.statusAsks - asks, 1, "one allocation map per read");
+          const holes = chunks.filter((k) => k.type === P.NBD_REPLY_TYPE_OFFSET_HOLE);
+          assert.equal(holes.length, 2, "each hole half sent as a hole chunk");
+          const got = new Uint8Array(2 * MiB);
+          for (const k of chunks) {
+            if (k.type !== P.NBD_REPLY_TYPE_OFFSET_DATA) continue;
+            const at = Number(new DataView(k.data.buffer, k.data.byteOffset).getBigUint64(0));
+            got.set(k.data.subarray(8), at - i * 2 * MiB);
+          }
+          assert.deepEqual(got, model.subarray(i * 2 * MiB, (i + 1) * 2 * MiB));
+        }
+        assert.ok(driver.leases > 0, "the reads were offered a cached span");
+      } finally {
+        c.close();
       }
     });
   } finally {
