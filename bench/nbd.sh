@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # bench/nbd.sh — blktap's NBD paths vs qemu-nbd and nbdkit (and fio on the
 # bare file), same image file, same client (fio's nbd engine), servers
-# alternated within each repetition. Issue 10's table: ratios, not times.
+# alternated within each repetition (in reverse order on even ones).
+# Issue 10's table: ratios, not times.
 #
 # Configs (label: what serves):
 #   O_DIRECT, raw image
@@ -183,8 +184,16 @@ run_workload() {
   echo "# method: fio nbd engine, workloads: $(printf "%s " "${WORKLOADS[@]%% *}")RUNTIME=$RUNTIME RAMP=$RAMP REPS=$REPS, server cpus '${SERVER_CPUS}', client cpus '${CLIENT_CPUS}'"
 } | tee "$OUT"
 
+# Even repetitions run the configs in reverse: a config measured right
+# after another runs faster or slower for that alone (ctrl writeback, whose
+# reads never reach the code under test, came out at 0.75-0.87x of its base
+# when measured before it and at 1.07-1.28x when after it: bench/results/
+# nbd-chunk-ab-20261202T1455Z, nbd-ringchunk-ab-20261202T1601Z).
+reversed=()
+for ((i = ${#CONFIGS[@]} - 1; i >= 0; i--)); do reversed+=("${CONFIGS[i]}"); done
 for rep in $(seq 1 "$REPS"); do
-  for cfg in "${CONFIGS[@]}"; do
+  order=("${CONFIGS[@]}"); ((rep % 2)) || order=("${reversed[@]}")
+  for cfg in "${order[@]}"; do
     f=$IMG; [[ $cfg == *qcow-* ]] && f=$QCOW; [[ $cfg == *qcow2-* ]] && f=$QCOW2
     sync; timeout 120 cat "$f" >/dev/null # same (warm) page-cache state before every server
     start_cfg "$cfg"; pid=$SERVER_PID

@@ -17,7 +17,7 @@ import type { RingDevice } from "../ring/ring_device.ts";
 import type { ServedDisk } from "../ring/ring_disk.ts";
 import { ShmRingDevice, ShmRingEnd } from "../ring/shm_ring_device.ts";
 import { defaultRunDir } from "../cli/run_dir.ts";
-import { DiskServer } from "./disk_server.ts";
+import { DiskServer, submit_chunk_requests } from "./disk_server.ts";
 import { StatsFile } from "./stats_file.ts";
 import { isNullSpec, openNull } from "./null_driver.ts";
 import { type AttachConfig, DISK_SOCKET_NAME } from "./protocol.ts";
@@ -214,6 +214,8 @@ class DiskProcess {
       },
       qos: config.qos,
       log: (m) => this.#log.warn(m),
+      // O_DIRECT: the device works while the next chunk is parsed.
+      passRequestsMax: config.cache === "none" ? submit_chunk_requests : undefined,
     });
     this.#server = server;
     watchRingWhileWaiting({

@@ -4,9 +4,10 @@
  * publishes them with notification suppression. Independent of how the
  * ring is mapped and how kicks travel, so tests can run it in-process.
  *
- * Batching: every request found in one pass is started in the same
- * JavaScript turn, so the aio layer submits them with one `io_submit`;
- * responses completed in one turn are published with one push (one kick).
+ * Batching: the requests of one pass (all there are, or at most
+ * `passRequestsMax`) are started in the same JavaScript turn, so the aio
+ * layer submits them with one `io_submit`; responses completed in one turn
+ * are published with one push (one kick).
  * Ordering: FLUSH_DISKCACHE and WRITE_BARRIER wait until every earlier
  * request has completed, and later requests wait for them.
  *
@@ -58,6 +59,12 @@ export interface DiskServerOptions {
   log?: (message: string) => void;
   /** Where to count (a minor's stats file); private counters by default. */
   counters?: DiskCounters;
+  /**
+   * Most requests taken from the ring per pass (default: all there are);
+   * {@linkcode submit_chunk_requests} where the device works while this
+   * thread parses the next chunk.
+   */
+  passRequestsMax?: number;
 }
 
 /** Default in-flight bound: a whole 128-entry ring. */
@@ -66,6 +73,18 @@ export const max_inflight_requests_default = 128;
 /** Requests running from which completions, not kicks, bring new requests in. */
 export const busy_requests_min = 8;
 
+/**
+ * Requests per pass for a disk whose I/O runs in the device (O_DIRECT): the
+ * next pass follows at once, after the aio layer submitted this one's. A
+ * front end's 32 then reach the device in chunks, the first while the rest
+ * are still parsed (~2-4 µs each), instead of one convoy that leaves the
+ * device idle while the ring turns it around (bench/results/ring-subchunk-ab-*:
+ * device busy 28% of the time vs 88% under fio). Through the page cache the
+ * submit itself copies the data: nothing overlaps, and chunks would only
+ * add submits and response pushes (see {@linkcode DiskServerOptions.passRequestsMax}).
+ */
+export const submit_chunk_requests = 8;
+
 /** Serves one ring. */
 export class DiskServer {
   readonly counters: DiskCounters;
@@ -73,6 +92,7 @@ export class DiskServer {
   readonly #ringView: DataView;
   readonly #options: DiskServerOptions;
   readonly #maxInflight: number;
+  readonly #passRequestsMax: number;
   #driver: BlockDriver;
   #ctx: ValidationContext;
   #inflight = 0;
@@ -99,6 +119,10 @@ export class DiskServer {
       options.maxInflightRequests ?? max_inflight_requests_default,
       this.#back.entries,
     );
+    this.#passRequestsMax = options.passRequestsMax ?? Infinity;
+    if (!(this.#passRequestsMax >= 1)) {
+      throw new RangeError(`passRequestsMax ${options.passRequestsMax}: at least 1`);
+    }
     this.#driver = options.driver;
     this.#ctx = this.#context(options.driver);
     [this.#iops, this.#bps] = makeBuckets(options.qos);
@@ -136,9 +160,16 @@ export class DiskServer {
 
   #pump(): void {
     if (this.#stopped) return;
+    let taken = 0;
     for (;;) {
       if (!this.#startHeld()) break;
       while (this.#canStart() && this.#back.unconsumedRequests() > 0) {
+        if (taken === this.#passRequestsMax) {
+          // The started ones are submitted first (their submit is already queued).
+          this.kick();
+          return;
+        }
+        taken += 1;
         const offset = this.#back.takeRequestOffset();
         const parsed = parseRequest(this.#ringView, offset, this.#ctx);
         if (isRejected(parsed)) {

@@ -15,6 +15,8 @@ export interface RingPairOptions {
   poolPages?: number;
   qos?: QosSettings;
   readOnly?: boolean;
+  /** DiskServerOptions.passRequestsMax. */
+  passRequestsMax?: number;
 }
 
 const noFence = () => {};
@@ -46,6 +48,7 @@ export function ringPair(
       readOnly,
       notify: () => disk.onKick(),
       qos: options.qos,
+      passRequestsMax: options.passRequestsMax,
     });
   return { disk, ring, pool, serve };
 }

@@ -5,7 +5,7 @@ import { testSeed } from "../_helpers/random.ts";
 import { DiskModel } from "../_helpers/load_model.ts";
 import { MemoryDriver } from "../_helpers/memory_driver.ts";
 import { ringPair, servedRing } from "../_helpers/ring_pair.ts";
-import { busy_requests_min } from "../../src/disk/disk_server.ts";
+import { busy_requests_min, submit_chunk_requests } from "../../src/disk/disk_server.ts";
 
 /** Front end and back end over one ArrayBuffer, kicks as function calls. */
 function pair(sizeBytes: number, ringPages = 4, poolPages = 4096) {
@@ -178,6 +178,52 @@ Deno.test("disk server: under load the front end is kicked once per batch of res
   assert.equal(disk.outstanding, 0);
   // 32 awaited: a kick per 8 responses while the ring is full (more as it drains).
   assert.ok(kicks <= 1024 / 4, `${kicks} kicks for 1024 responses`);
+});
+
+// Reads the driver is given per JavaScript turn (each turn's go to the kernel in one submit).
+async function burstTurns(passRequestsMax: number | undefined): Promise<number[]> {
+  const size = 1 << 20;
+  // No block status: every read crosses the ring, none is answered as known zeros.
+  const driver = new MemoryDriver(size, { delayMs: 5, extents: false });
+  await Promise.all(
+    Array.from({ length: 32 }, (_, i) => driver.write(i * 4096, new Uint8Array(4096).fill(i))),
+  );
+  const turns: number[] = [];
+  let turnOpen = false;
+  const read = driver.read.bind(driver);
+  driver.read = (offsetBytes: number, buffer: Uint8Array) => {
+    if (!turnOpen) {
+      turnOpen = true;
+      turns.push(0);
+      queueMicrotask(() => turnOpen = false);
+    }
+    turns[turns.length - 1] += 1;
+    return read(offsetBytes, buffer);
+  };
+  const { disk, serve } = ringPair("chunks", driver, size, { passRequestsMax });
+  const server = serve();
+  disk.attach(() => server.kick(), { sizeBytes: size, capabilities: driver.capabilities });
+  const buffers = Array.from({ length: 32 }, () => new Uint8Array(4096));
+  await Promise.all(buffers.map((b, i) => disk.read(i * 4096, b)));
+  buffers.forEach((b, i) => assert.ok(b.every((x) => x === i), `read ${i}`));
+  assert.equal(disk.outstanding, 0);
+  return turns;
+}
+
+Deno.test("disk server: with a per-pass bound (O_DIRECT) a burst reaches the driver in chunks, each submitted before the next is taken", async () => {
+  const turns = await burstTurns(submit_chunk_requests);
+  assert.equal(turns.reduce((a, b) => a + b, 0), 32);
+  assert.ok(turns.every((n) => n <= submit_chunk_requests), `turns ${turns}`);
+  assert.ok(turns.includes(submit_chunk_requests), `turns ${turns}: a burst still batches`);
+});
+
+Deno.test("disk server: without a per-pass bound (page cache) a burst reaches the driver in one turn", async () => {
+  assert.deepEqual(await burstTurns(undefined), [32]);
+});
+
+Deno.test("disk server: a per-pass bound below 1 is refused", () => {
+  const { serve } = ringPair("bound", new MemoryDriver(1 << 20), 1 << 20, { passRequestsMax: 0 });
+  assert.throws(() => serve(), RangeError);
 });
 
 Deno.test("disk server: a response is delivered at once when the server holds the rest back (QoS)", async () => {
