@@ -496,14 +496,34 @@ class FileSpanDriver extends BlockDriverBase implements CachedSpanSource {
   }
 }
 
+const fileSpanDriver = (file: File, sizeBytes: number) => new FileSpanDriver(file, sizeBytes);
+
+// `bytes` as the file `disk` of a new directory, served by the driver `open`
+// makes of it; the driver is closed and the directory removed after `body`.
+async function withSpanFile<D extends FileSpanDriver>(
+  bytes: Uint8Array,
+  open: (file: File, sizeBytes: number) => D,
+  body: (driver: D, dir: string) => Promise<void>,
+): Promise<void> {
+  const dir = await Deno.makeTempDir({ prefix: "blktap-span-" });
+  try {
+    await Deno.writeFile(`${dir}/disk`, bytes);
+    const driver = open(File.open(`${dir}/disk`, { write: true }), bytes.byteLength);
+    try {
+      await body(driver, dir);
+    } finally {
+      await driver.close();
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
 Deno.test("nbd transmission: reads sent from the page cache with sendfile arrive whole, among pipelined replies", async () => {
   const random = testSeed("nbd sendfile reads");
   const size = 8 * MiB;
-  const dir = await Deno.makeTempDir({ prefix: "blktap-span-" });
   const model = random.bytes(size);
-  await Deno.writeFile(`${dir}/disk`, model);
-  const driver = new FileSpanDriver(File.open(`${dir}/disk`, { write: true }), size);
-  try {
+  await withSpanFile(model, fileSpanDriver, async (driver) => {
     await withNbdServer([{ name: "d", driver }], async (h) => {
       const structured = await connected(h.socket, "d", { structured: true });
       const simple = await connected(h.socket, "d");
@@ -562,10 +582,7 @@ Deno.test("nbd transmission: reads sent from the page cache with sendfile arrive
         simple.close();
       }
     });
-  } finally {
-    await driver.close();
-    await Deno.remove(dir, { recursive: true });
-  }
+  });
 });
 
 // A file whose second half of every MiB is a hole, as its extents say.
@@ -597,12 +614,10 @@ class SparseFileSpanDriver extends FileSpanDriver {
 
 Deno.test("nbd transmission: a sparse read that could go by sendfile asks the allocation map once and sends its holes as holes", async () => {
   const size = 8 * MiB;
-  const dir = await Deno.makeTempDir({ prefix: "blktap-span-" });
   const model = pattern(size, 7);
   for (let at = MiB / 2; at < size; at += MiB) model.fill(0, at, at + MiB / 2);
-  await Deno.writeFile(`${dir}/disk`, model);
-  const driver = new SparseFileSpanDriver(File.open(`${dir}/disk`, { write: true }), size);
-  try {
+  const sparse = (file: File, sizeBytes: number) => new SparseFileSpanDriver(file, sizeBytes);
+  await withSpanFile(model, sparse, async (driver) => {
     await withNbdServer([{ name: "d", driver }], async (h) => {
       const c = await connected(h.socket, "d", { structured: true });
       try {
@@ -626,18 +641,12 @@ Deno.test("nbd transmission: a sparse read that could go by sendfile asks the al
         c.close();
       }
     });
-  } finally {
-    await driver.close();
-    await Deno.remove(dir, { recursive: true });
-  }
+  });
 });
 
 Deno.test("nbd transmission: a client gone during sendfile replies ends only its connection, leaking no descriptor", async () => {
   const size = 16 * MiB;
-  const dir = await Deno.makeTempDir({ prefix: "blktap-span-" });
   const model = pattern(size, 5);
-  await Deno.writeFile(`${dir}/disk`, model);
-  const driver = new FileSpanDriver(File.open(`${dir}/disk`, { write: true }), size);
   // Test modules run in parallel in this process: count only the descriptors the server took.
   const taken: { fd: number; link: string }[] = [];
   const adopt = SocketFd.adopt;
@@ -655,50 +664,49 @@ Deno.test("nbd transmission: a client gone during sendfile replies ends only its
       }
     });
   try {
-    await withNbdServer([{ name: "d", driver }], async (h) => {
-      for (let round = 0; round < 3; round++) {
-        const gone = await connected(h.socket, "d", { structured: true });
-        // More than the socket buffers hold: sends wait for room when the client leaves.
-        for (let i = 0; i < 8; i++) {
-          await gone.request(P.NBD_CMD_READ, 0, BigInt(i), i * 2 * MiB, 2 * MiB);
-        }
-        await new Promise((resolve) => setTimeout(resolve, 20));
-        gone.close();
-      }
-      const c = await connected(h.socket, "d", { structured: true });
-      try {
-        assert.deepEqual(await c.read(3 * MiB, 2 * MiB), model.subarray(3 * MiB, 5 * MiB));
-        for (let i = 0; i < 100 && h.server.connectionCount > 1; i++) {
-          await new Promise((resolve) => setTimeout(resolve, 20));
-        }
-        assert.equal(h.server.connectionCount, 1, "the connections whose client left ended");
-        assert.ok(driver.sent > 0);
-      } finally {
-        c.close();
-      }
-      for (let i = 0; i < 100 && h.server.connectionCount > 0; i++) {
-        await new Promise((resolve) => setTimeout(resolve, 20));
-      }
-      assert.equal(taken.length, 4, "the server took a descriptor for each connection");
-      // A send still on its thread closes the descriptor when it returns.
-      for (let i = 0; i < 100 && stillOpen().length > 0; i++) {
-        await new Promise((resolve) => setTimeout(resolve, 20));
-      }
-      assert.deepEqual(stillOpen(), [], "every socket descriptor the server took is closed");
-    });
+    await withSpanFile(
+      model,
+      fileSpanDriver,
+      (driver) =>
+        withNbdServer([{ name: "d", driver }], async (h) => {
+          for (let round = 0; round < 3; round++) {
+            const gone = await connected(h.socket, "d", { structured: true });
+            // More than the socket buffers hold: sends wait for room when the client leaves.
+            for (let i = 0; i < 8; i++) {
+              await gone.request(P.NBD_CMD_READ, 0, BigInt(i), i * 2 * MiB, 2 * MiB);
+            }
+            await new Promise((resolve) => setTimeout(resolve, 20));
+            gone.close();
+          }
+          const c = await connected(h.socket, "d", { structured: true });
+          try {
+            assert.deepEqual(await c.read(3 * MiB, 2 * MiB), model.subarray(3 * MiB, 5 * MiB));
+            for (let i = 0; i < 100 && h.server.connectionCount > 1; i++) {
+              await new Promise((resolve) => setTimeout(resolve, 20));
+            }
+            assert.equal(h.server.connectionCount, 1, "the connections whose client left ended");
+            assert.ok(driver.sent > 0);
+          } finally {
+            c.close();
+          }
+          for (let i = 0; i < 100 && h.server.connectionCount > 0; i++) {
+            await new Promise((resolve) => setTimeout(resolve, 20));
+          }
+          assert.equal(taken.length, 4, "the server took a descriptor for each connection");
+          // A send still on its thread closes the descriptor when it returns.
+          for (let i = 0; i < 100 && stillOpen().length > 0; i++) {
+            await new Promise((resolve) => setTimeout(resolve, 20));
+          }
+          assert.deepEqual(stillOpen(), [], "every socket descriptor the server took is closed");
+        }),
+    );
   } finally {
     SocketFd.adopt = adopt;
-    await driver.close();
-    await Deno.remove(dir, { recursive: true });
   }
 });
 
 Deno.test("nbd server: disconnectExport ends a client that stopped reading sendfile replies after the close grace, not the stall timeout", async () => {
-  const size = 16 * MiB;
-  const dir = await Deno.makeTempDir({ prefix: "blktap-span-" });
-  await Deno.writeFile(`${dir}/disk`, pattern(size, 6));
-  const driver = new FileSpanDriver(File.open(`${dir}/disk`, { write: true }), size);
-  try {
+  await withSpanFile(pattern(16 * MiB, 6), fileSpanDriver, async (driver) => {
     await withNbdServer([{ name: "d", driver }], async (h) => {
       const stuck = await connected(h.socket, "d", { structured: true });
       try {
@@ -733,35 +741,37 @@ Deno.test("nbd server: disconnectExport ends a client that stopped reading sendf
         stuck.close();
       }
     }, { reply_stall_timeout_ms: 60_000, close_grace_ms: 300 });
-  } finally {
-    await driver.close();
-    await Deno.remove(dir, { recursive: true });
-  }
+  });
 });
 
 Deno.test({
   name: "nbd transmission: over TCP too, nbdcopy gets the file's bytes from sendfile replies",
   ignore: missingTools("nbdcopy", "qemu-img").length > 0,
   fn: async () => {
-    const size = 12 * MiB;
-    const dir = await Deno.makeTempDir({ prefix: "blktap-span-" });
-    await Deno.writeFile(`${dir}/disk`, testSeed("nbd sendfile tcp").bytes(size));
-    const driver = new FileSpanDriver(File.open(`${dir}/disk`, { write: true }), size);
-    const nbdExport = { name: "d", driver, readOnly: false };
-    const server = await startNbdServer({
-      tcp: { port: 0 },
-      lookup: (name) => name === "d" ? nbdExport : undefined,
-      list: () => [nbdExport],
+    const bytes = testSeed("nbd sendfile tcp").bytes(12 * MiB);
+    await withSpanFile(bytes, fileSpanDriver, async (driver, dir) => {
+      const nbdExport = { name: "d", driver, readOnly: false };
+      const server = await startNbdServer({
+        tcp: { port: 0 },
+        lookup: (name) => name === "d" ? nbdExport : undefined,
+        list: () => [nbdExport],
+      });
+      try {
+        const uri = `nbd://127.0.0.1:${server.tcp!.port}/d`;
+        await runOk("nbdcopy", ["--requests=8", "--request-size=1048576", uri, `${dir}/copy`]);
+        await runOk("qemu-img", [
+          "compare",
+          "-f",
+          "raw",
+          "-F",
+          "raw",
+          `${dir}/disk`,
+          `${dir}/copy`,
+        ]);
+        assert.ok(driver.sent > 0, "replies were sent from the file");
+      } finally {
+        await server.close();
+      }
     });
-    try {
-      const uri = `nbd://127.0.0.1:${server.tcp!.port}/d`;
-      await runOk("nbdcopy", ["--requests=8", "--request-size=1048576", uri, `${dir}/copy`]);
-      await runOk("qemu-img", ["compare", "-f", "raw", "-F", "raw", `${dir}/disk`, `${dir}/copy`]);
-      assert.ok(driver.sent > 0, "replies were sent from the file");
-    } finally {
-      await server.close();
-      await driver.close();
-      await Deno.remove(dir, { recursive: true });
-    }
   },
 });
