@@ -14,6 +14,7 @@ const O_EXCL = 0o200;
 const O_DIRECT = 0o40000;
 const O_NOFOLLOW = 0o400000;
 const EAGAIN = 11;
+const EIO = 5;
 const SEEK_DATA = 3;
 const SEEK_HOLE = 4;
 const FALLOC_FL_KEEP_SIZE = 0x01;
@@ -151,6 +152,23 @@ export class File {
         "pwrite",
         this.path,
       );
+    }
+  }
+
+  /** {@linkcode pwriteAll} on another thread: `bytes` must stay put until it settles. */
+  async pwriteAllBeside(bytes: Uint8Array, offsetBytes: number): Promise<void> {
+    const address = addressOf(bytes);
+    let done = 0;
+    while (done < bytes.byteLength) {
+      const n = await shim.shim_pwrite_beside(
+        this.fd,
+        BigInt(address + done),
+        BigInt(bytes.byteLength - done),
+        BigInt(offsetBytes + done),
+      );
+      const wrote = check(n, "pwrite", this.path);
+      if (wrote === 0) throw new SysError("pwrite", EIO, this.path); // no progress: never spin
+      done += wrote;
     }
   }
 

@@ -37,6 +37,13 @@ const SYMBOLS = {
     nonblocking: true,
   },
   shim_pwrite: { parameters: ["i32", "u64", "u64", "i64"], result: "i64" },
+  // The same off the JavaScript thread: a page-cache write may wait (dirty throttling).
+  shim_pwrite_beside: {
+    name: "shim_pwrite",
+    parameters: ["i32", "u64", "u64", "i64"],
+    result: "i64",
+    nonblocking: true,
+  },
   shim_fdatasync: { parameters: ["i32"], result: "i64" },
   shim_fsync: { parameters: ["i32"], result: "i64" },
   shim_ftruncate: { parameters: ["i32", "i64"], result: "i64" },

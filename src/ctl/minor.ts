@@ -24,7 +24,7 @@ import type { DriverCapabilities } from "../formats/driver.ts";
 import type { KickChannel } from "../ring/kick_channel.ts";
 import type { MinorLifetime, MinorRecord } from "./registry.ts";
 import type { RingDisk, ServedDisk } from "../ring/ring_disk.ts";
-import { CachedReads } from "../ring/cached_reads.ts";
+import { PageCache } from "../ring/page_cache.ts";
 import { parseImageSpec } from "../formats/open_image.ts";
 import type { MinorFrontend } from "./minor_frontend.ts";
 
@@ -346,14 +346,16 @@ export class Minor {
     if (
       fd === undefined || pid === undefined || this.record.qos.maxIops || this.record.qos.maxBps
     ) {
-      disk.readCachedFrom(undefined);
+      disk.usePageCache(undefined);
       return;
     }
     try {
       const path = parseImageSpec(this.record.image).path;
-      disk.readCachedFrom(CachedReads.open(`/proc/${pid}/fd/${fd}`, path));
+      disk.usePageCache(
+        PageCache.open(`/proc/${pid}/fd/${fd}`, path, !this.record.readOnly),
+      );
     } catch (error) {
-      disk.readCachedFrom(undefined);
+      disk.usePageCache(undefined);
       this.#host.log.warn(
         `minor ${this.record.minor}: reads go over the ring: ${(error as Error).message}`,
       );
@@ -364,6 +366,8 @@ export class Minor {
   // what ctrl's ring disk knows reads as zeros.
   async #holdRequests(): Promise<void> {
     this.frontend.disk?.paused();
+    // Writes ctrl put in the page cache are the disk's too: the pause's flush covers them.
+    await this.frontend.disk?.cachedWritesDrained();
     await this.call("pause");
   }
 

@@ -114,7 +114,7 @@ export interface ZeroReader {
 /**
  * A driver whose bytes may be read straight from the page cache of a file
  * it names, so a front end can send them to a socket without copying them
- * (ctrl's ring disk of a raw image, see src/ring/cached_reads.ts).
+ * (ctrl's ring disk of a raw image, see src/ring/page_cache.ts).
  */
 export interface CachedSpanSource {
   /** The range's bytes, if all of them are cached now; undefined otherwise. */
@@ -166,7 +166,7 @@ export interface BlockDriver {
    * Optional: the descriptor of a file whose bytes are the disk's at the
    * same offsets, read and written through the page cache (no O_DIRECT), so
    * that another reader of the file sees every answered write. ctrl reads
-   * cached bytes there itself (src/ring/cached_reads.ts).
+   * cached bytes there itself (src/ring/page_cache.ts).
    */
   readonly pageCacheFd?: number;
   /**

@@ -1,6 +1,7 @@
 /**
  * A killed disk process loses no answered write, for the formats that keep
- * metadata (qcow, vmdk): clients write over NBD through ctrl — no flush at
+ * metadata (qcow, vmdk), and for a raw image through the page cache, whose
+ * large writes ctrl answers itself (src/ring/page_cache.ts): clients write over NBD through ctrl — no flush at
  * all — while the disk process is SIGKILLed again and again; ctrl restarts
  * it and re-issues what it had not answered (it keeps no copy of answered
  * writes). Every write is answered in the end, so the disk must equal the
@@ -74,9 +75,10 @@ async function loadWithKills(
   image: string,
   name: string,
   check: (path: string) => Promise<CheckReport>,
+  cache?: "writeback",
 ) {
   const rng = testSeed(`kill answered ${name}`);
-  const { minor } = await h.request({ op: "create", image, name }) as { minor: number };
+  const { minor } = await h.request({ op: "create", image, name, cache }) as { minor: number };
   const model = new Uint8Array(size_bytes);
   const clients = await Promise.all(Array.from({ length: connections }, async () => {
     const client = await RawNbdClient.connect(`${h.runDir}/nbd.sock`);
@@ -101,6 +103,11 @@ async function loadWithKills(
     }
   } finally {
     for (const client of clients) client.close();
+  }
+  if (cache === "writeback") {
+    const stats = await h.request({ op: "stats", minor });
+    const { cachedWrites } = stats.answeredInCtrl as { cachedWrites: number };
+    assert.ok(cachedWrites > 0, `${name}: ctrl answered some writes itself`);
   }
   await h.request({ op: "destroy", minor });
   const path = image.slice(image.indexOf(":") + 1);
@@ -129,6 +136,19 @@ Deno.test("ctrl: SIGKILLed qcow and vmdk disk processes lose no answered write (
       "v",
       (p) => vmdkCheck(p, { repair: false }),
     );
+  } finally {
+    await h.close();
+  }
+});
+
+Deno.test("ctrl: a SIGKILLed raw writeback disk process loses no answered write, ctrl's or its own", async () => {
+  const h = await CtrlHarness.start(["--restart-limit", "1000"]);
+  try {
+    const raw = `${h.dir}/disk.raw`;
+    await Deno.writeFile(raw, new Uint8Array(size_bytes));
+    const noMetadata = (): Promise<CheckReport> =>
+      Promise.resolve({ corruptions: [], leakedClusters: 0 });
+    await loadWithKills(h, `aio:${raw}`, "r", noMetadata, "writeback");
   } finally {
     await h.close();
   }

@@ -1,10 +1,12 @@
 /**
  * `blktap ctrl --cache writeback` on a raw image answers reads of cached
- * bytes itself (src/ring/cached_reads.ts). qemu-io, the client, must see
- * every answered write and discard, across disk-process restarts; nothing
- * is answered while the minor is paused; a QoS limit sends every read to
- * the disk process, which enforces it. Large cached reads are sent from the
- * file with sendfile: qemu-io and nbdcopy must get the image's bytes.
+ * bytes and large writes itself (src/ring/page_cache.ts). qemu-io, the
+ * client, must see every answered write and discard, across disk-process
+ * restarts; a write ctrl answered is in the file and survives a SIGKILLed
+ * disk process; nothing is answered while the minor is paused; a QoS limit
+ * sends every request to the disk process, which enforces it. Large cached
+ * reads are sent from the file with sendfile: qemu-io and nbdcopy must get
+ * the image's bytes.
  */
 import assert from "node:assert/strict";
 import { assertExportIs, CtrlHarness, waitRunning } from "../_helpers/ctrl_harness.ts";
@@ -22,6 +24,10 @@ async function answeredInCtrl(h: CtrlHarness): Promise<Record<string, number>> {
 async function cachedReads(h: CtrlHarness): Promise<number> {
   const answered = await answeredInCtrl(h);
   return answered.cachedReads + answered.cachedSends;
+}
+
+async function cachedWrites(h: CtrlHarness): Promise<number> {
+  return (await answeredInCtrl(h)).cachedWrites;
 }
 
 function qemuIo(h: CtrlHarness, ...commands: string[]): Promise<string> {
@@ -79,6 +85,34 @@ Deno.test({
 });
 
 Deno.test({
+  name:
+    "ctrl writeback: large writes answered in ctrl are in the file and survive a SIGKILLed disk",
+  ignore,
+  fn: async () => {
+    const h = await CtrlHarness.start(["--restart-limit", "10"]);
+    try {
+      const image = `${h.dir}/disk.raw`;
+      await Deno.writeFile(image, new Uint8Array(8 * MiB).fill(0x5a));
+      await h.request({ op: "create", image: `aio:${image}`, cache: "writeback" });
+      await qemuIo(h, "write -P 0x41 1M 1M", "write -P 0x42 3M 64k", "write -P 0x43 5M 4k");
+      assert.equal(await cachedWrites(h), 2, "the two large writes, not the 4 KiB one");
+
+      // The disk process that would have written them is gone: ctrl put them in the file.
+      Deno.kill(await h.diskPid(0), "SIGKILL");
+      const file = await Deno.readFile(image);
+      assert.ok(file.subarray(MiB, 2 * MiB).every((b) => b === 0x41), "1 MiB write in the file");
+      assert.ok(file.subarray(3 * MiB, 3 * MiB + 65536).every((b) => b === 0x42));
+      assert.ok(file.subarray(5 * MiB, 5 * MiB + 4096).every((b) => b === 0x43));
+      assert.ok(file.subarray(0, MiB).every((b) => b === 0x5a), "nothing else written");
+      await qemuIo(h, "read -P 0x41 1M 1M", "read -P 0x42 3M 64k", "read -P 0x5a 2M 1M");
+      await assertExportIs(h, "tap0", image);
+    } finally {
+      await h.close();
+    }
+  },
+});
+
+Deno.test({
   name: "ctrl writeback: a paused minor answers no cached read; a QoS limit turns them off",
   ignore,
   fn: async () => {
@@ -100,13 +134,21 @@ Deno.test({
         h.nbdUri("tap0"),
       ]);
       assert.equal(await settlesWithin(held, 500), false, "a read is held while paused");
+      const writesBefore = await cachedWrites(h);
+      const heldWrite = qemuIo(h, "write -P 0x34 1M 1M");
+      assert.equal(await settlesWithin(heldWrite, 500), false, "a write is held while paused");
       await h.request({ op: "resume", minor: 0 });
       await held;
+      await heldWrite;
+      assert.equal(await cachedWrites(h), writesBefore, "the held write went to the disk process");
+      await qemuIo(h, "read -P 0x34 1M 1M");
 
       await h.request({ op: "qos", minor: 0, maxIops: 100_000 });
       const limited = await cachedReads(h);
-      await qemuIo(h, "read -P 0x33 0 1M", "read -P 0x33 64k 4k");
+      const limitedWrites = await cachedWrites(h);
+      await qemuIo(h, "read -P 0x33 0 1M", "read -P 0x33 64k 4k", "write -P 0x35 2M 1M");
       assert.equal(await cachedReads(h), limited, "with a limit, the disk process reads");
+      assert.equal(await cachedWrites(h), limitedWrites, "and writes");
       await h.request({ op: "qos", minor: 0, maxIops: 0 });
       await qemuIo(h, "read -P 0x33 0 1M");
       assert.ok(await cachedReads(h) > limited, "without one, ctrl reads again");

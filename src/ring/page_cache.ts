@@ -1,21 +1,27 @@
 /**
- * Reads ctrl answers from the page cache of a raw image, so a read of
- * cached bytes does not cross the ring: two processes and four wakeups for
- * a copy the kernel can make in place (nbdkit's file plugin answers such a
- * read with one `pread`).
+ * Reads and large writes ctrl answers in the page cache of a raw image, so
+ * they do not cross the ring: two processes and four wakeups for a copy the
+ * kernel can make in place (nbdkit's file plugin answers such a read with
+ * one `pread`, such a write with one `pwrite`).
  *
  * Only where the disk's bytes are the file's bytes at the same offsets and
  * the disk process reads and writes them through the page cache (a raw
  * image without O_DIRECT): then every write it answered is in the page
  * cache, and a discard it answered dropped the pages. Its `ready` message
  * names the descriptor ({@linkcode ServedDisk.pageCacheFd}); ctrl opens that
- * very file through `/proc/PID/fd/N` of the child it started, read-only,
- * and keeps it only if it is the image the minor's record names. Reads use
- * RWF_NOWAIT: what is not cached goes over the ring as before, so ctrl
- * never waits for a device.
+ * very file through `/proc/PID/fd/N` of the child it started (read-write
+ * only for a writable minor) and keeps it only if it is the image the
+ * minor's record names. Reads use RWF_NOWAIT: what is not cached goes over
+ * the ring as before, so ctrl never waits for a device.
+ *
+ * A large write is copied into the page cache on another thread
+ * ({@linkcode PageCache.writeBeside}; ext4 has no non-blocking buffered
+ * write, and one may wait for writeback). It is the disk's write as much as
+ * one the disk process made: the disk process's flush (fdatasync of the
+ * same file) makes it durable, and a SIGKILLed disk process cannot lose it.
  *
  * A large read may instead be sent from the file to the client's socket
- * with sendfile ({@linkcode CachedReads.lease}): the bytes never pass
+ * with sendfile ({@linkcode PageCache.lease}): the bytes never pass
  * through ctrl's memory. They are read when sent, not when the read was
  * answered: like any read, it may see a write that overlaps it in time.
  * @module
@@ -24,8 +30,10 @@ import { File } from "../../ffi/file.ts";
 import type { CachedSpan, Extent } from "../formats/driver.ts";
 import { asDiskExtents } from "../formats/raw/raw.ts";
 
-/** The page cache of one raw image, read without waiting. */
-export class CachedReads {
+/** The page cache of one raw image: reads that never wait, writes beside the event loop. */
+export class PageCache {
+  /** Opened for writing: large writes may go here too ({@linkcode writeBeside}). */
+  readonly writable: boolean;
   readonly #file: File;
   readonly #isBlockDevice: boolean;
   /** Reads running on another thread: the descriptor stays open (its number unused) until they end. */
@@ -34,8 +42,9 @@ export class CachedReads {
   /** cachestat(2) failed (a kernel before 6.5): no leases. */
   #noLeases = false;
 
-  private constructor(file: File, isBlockDevice: boolean) {
+  private constructor(file: File, isBlockDevice: boolean, writable: boolean) {
     this.#file = file;
+    this.writable = writable;
     this.#isBlockDevice = isBlockDevice;
   }
 
@@ -44,8 +53,8 @@ export class CachedReads {
    * read-only; throws unless it is the same file as `imagePath` (the
    * disk process is less trusted than ctrl: it parses guest data).
    */
-  static open(servedPath: string, imagePath: string): CachedReads {
-    const file = File.open(servedPath);
+  static open(servedPath: string, imagePath: string, writable = false): PageCache {
+    const file = File.open(servedPath, { write: writable });
     let isBlockDevice: boolean;
     try {
       const opened = Deno.statSync(`/proc/self/fd/${file.fd}`);
@@ -61,7 +70,7 @@ export class CachedReads {
       file.close();
       throw error;
     }
-    return new CachedReads(file, isBlockDevice);
+    return new PageCache(file, isBlockDevice, writable);
   }
 
   /**
@@ -80,6 +89,20 @@ export class CachedReads {
     this.#beside += 1;
     try {
       return await this.#file.preadCachedBeside(buffer, offsetBytes) === buffer.byteLength;
+    } finally {
+      this.#beside -= 1;
+      if (this.#closing && this.#beside === 0) this.#file.close();
+    }
+  }
+
+  /**
+   * Writes all of `data` at `offsetBytes` into the page cache, on another
+   * thread (a page-cache write may wait for writeback). Throws on an error.
+   */
+  async writeBeside(offsetBytes: number, data: Uint8Array): Promise<void> {
+    this.#beside += 1;
+    try {
+      await this.#file.pwriteAllBeside(data, offsetBytes);
     } finally {
       this.#beside -= 1;
       if (this.#closing && this.#beside === 0) this.#file.close();

@@ -1,10 +1,11 @@
 /**
- * ctrl's reads of a raw image's page cache: only the image the minor names
- * is read, what is read is the file's bytes, and block status is what the
- * raw driver itself reports.
+ * ctrl's reads and writes of a raw image's page cache: only the image the
+ * minor names is opened, what is read is the file's bytes, what is written
+ * is what the disk process reads, only a writable opening writes, and
+ * block status is what the raw driver itself reports.
  */
 import assert from "node:assert/strict";
-import { CachedReads } from "../../src/ring/cached_reads.ts";
+import { PageCache } from "../../src/ring/page_cache.ts";
 import { openImage } from "../../src/formats/open_image.ts";
 import { blktap, inTempDir } from "../_helpers/tools.ts";
 
@@ -22,9 +23,39 @@ Deno.test("cached reads: a descriptor that is not the minor's image is refused",
     try {
       // As a disk process naming another of its files would.
       const named = `/proc/self/fd/${fdOf(`${dir}/secret`)}`;
-      assert.throws(() => CachedReads.open(named, `${dir}/image.raw`), /is not/);
+      assert.throws(() => PageCache.open(named, `${dir}/image.raw`), /is not/);
     } finally {
       secret.close();
+    }
+  });
+});
+
+Deno.test("page cache writes: the disk process's driver reads them; a read-only opening refuses them", async () => {
+  await withDir(async (dir) => {
+    const path = `${dir}/image.raw`;
+    await Deno.writeFile(path, new Uint8Array(4 * MiB).fill(0x11));
+    const driver = await openImage(`aio:${path}`, { cache: "writeback" });
+    const served = `/proc/self/fd/${driver.pageCacheFd}`;
+    const writable = PageCache.open(served, path, true);
+    const readOnly = PageCache.open(served, path);
+    try {
+      const data = new Uint8Array(MiB + 512).map((_, i) => (i * 13) & 0xff);
+      await writable.writeBeside(MiB + 512, data);
+      const got = new Uint8Array(data.byteLength + 1024);
+      await driver.read(MiB, got);
+      assert.ok(got.subarray(0, 512).every((b) => b === 0x11), "before the write");
+      assert.deepEqual(got.subarray(512, 512 + data.byteLength), data);
+      assert.ok(got.subarray(512 + data.byteLength).every((b) => b === 0x11), "after it");
+
+      assert.equal(readOnly.writable, false);
+      await assert.rejects(readOnly.writeBeside(0, data), /pwrite.*EBADF|Bad file descriptor/);
+      const first = new Uint8Array(4096);
+      await driver.read(0, first);
+      assert.ok(first.every((b) => b === 0x11), "a refused write changed nothing");
+    } finally {
+      writable.close();
+      readOnly.close();
+      await driver.close();
     }
   });
 });
@@ -43,7 +74,7 @@ Deno.test("cached reads: cached bytes are the file's; block status is the raw dr
     const driver = await openImage(`aio:${path}`, { cache: "writeback" });
     const fd = driver.pageCacheFd;
     assert.ok(fd !== undefined, "a raw image through the page cache names its descriptor");
-    const cached = CachedReads.open(`/proc/self/fd/${fd}`, path);
+    const cached = PageCache.open(`/proc/self/fd/${fd}`, path);
     try {
       const buffer = new Uint8Array(256 << 10);
       // Written through the page cache a moment ago: there without I/O.
