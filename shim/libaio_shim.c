@@ -569,8 +569,9 @@ int64_t shim_io_reap(uint64_t handle) {
 // returns 0 (spurious returns are allowed: the caller reaps and may find
 // nothing). Consumes no completion, so it may run on another thread
 // (a non-blocking FFI symbol) while the JavaScript thread reaps.
-int64_t shim_io_wait(uint64_t handle, int64_t timeout_us) {
-  struct shim_io *q = (struct shim_io *)handle;
+// Sleeps until completions may be there or timeout_us passed: 1 when woken
+// by completions, 0 at the timeout (or a signal), or -errno.
+static int64_t io_sleep(struct shim_io *q, int64_t timeout_us) {
   struct timespec ts = {timeout_us / 1000000, (long)(timeout_us % 1000000) * 1000L};
   if (q->kind == SHIM_IO_URING) {
     struct io_uring_getevents_arg arg;
@@ -578,14 +579,19 @@ int64_t shim_io_wait(uint64_t handle, int64_t timeout_us) {
     arg.ts = (uint64_t)(uintptr_t)&ts;
     int r = uring_enter(q->u.fd, 0, 1, IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG, &arg,
                         sizeof arg);
-    return r == -ETIME || r == -EINTR ? 0 : (r < 0 ? r : 0);
+    return r == -ETIME || r == -EINTR ? 0 : (r < 0 ? r : 1);
   }
   struct pollfd p = {q->efd, POLLIN, 0};
   int r = ppoll(&p, 1, &ts, NULL);
   if (r < 0) return errno == EINTR ? 0 : -errno;
   uint64_t count;
   if (r > 0 && read(q->efd, &count, sizeof count) < 0 && errno != EAGAIN) return -errno;
-  return 0;
+  return r > 0;
+}
+
+int64_t shim_io_wait(uint64_t handle, int64_t timeout_us) {
+  int64_t r = io_sleep((struct shim_io *)handle, timeout_us);
+  return r < 0 ? r : 0;
 }
 
 // ---- waiting for completions or a shared ring's requests -----------------
@@ -593,6 +599,11 @@ int64_t shim_io_wait(uint64_t handle, int64_t timeout_us) {
 // The disk process waits for its I/O on its own thread; meanwhile the front
 // end may publish requests on the shared ring without a kick (it is not
 // asked for one while the disk is busy). shim_io_wait_ring watches both.
+
+// Longest sleep of shim_io_wait_ring between two looks at the watched index.
+#ifndef RING_SLEEP_SLICE_US
+#define RING_SLEEP_SLICE_US 50
+#endif
 
 // Whether completions are there to reap (no system call; false when the
 // kernel's libaio ring cannot be read directly: the sleep catches them).
@@ -614,9 +625,9 @@ static int64_t monotonic_us(void) {
 // Like shim_io_wait, but returns 1 as soon as the u32 at watch_addr (a blkif
 // ring's req_prod, written by another process) differs from `seen`. It spins
 // first, for at most spin_us (bounded by the caller; no system call), looking
-// at the index and at the completion ring, then sleeps for completions alone
-// for the rest of timeout_us (a front end that wants this process awake
-// kicks it through its ring device). Returns 0 when completions may be there
+// at the index and at the completion ring, then sleeps for completions for
+// the rest of timeout_us, looking at the index again every
+// RING_SLEEP_SLICE_US. Returns 0 when completions may be there
 // or the time passed, 1 when the watched index moved, or -errno.
 int64_t shim_io_wait_ring(uint64_t handle, int64_t timeout_us, uint64_t watch_addr, uint32_t seen,
                           int64_t spin_us) {
@@ -633,6 +644,14 @@ int64_t shim_io_wait_ring(uint64_t handle, int64_t timeout_us, uint64_t watch_ad
     for (int i = 0; i < 32; i++) __builtin_ia32_pause();
   }
   if (moved || __atomic_load_n(watch, __ATOMIC_ACQUIRE) != seen) return 1;
-  int64_t left = timeout_us - (monotonic_us() - start);
-  return shim_io_wait(handle, left > 0 ? left : 0);
+  // The sleep is cut in slices with a look at the index between them: the
+  // front end is not asked to kick a busy disk, so requests it publishes
+  // meanwhile are otherwise seen only at the next completion.
+  for (;;) {
+    int64_t left = timeout_us - (monotonic_us() - start);
+    if (left <= 0) return 0;
+    int64_t r = io_sleep(q, left < RING_SLEEP_SLICE_US ? left : RING_SLEEP_SLICE_US);
+    if (r != 0) return r < 0 ? r : 0;
+    if (__atomic_load_n(watch, __ATOMIC_ACQUIRE) != seen) return 1;
+  }
 }

@@ -215,22 +215,45 @@ engineTest(
   },
 );
 
+interface PendingRead {
+  file: File;
+  queue: AioQueue;
+  memory: NativeMemory;
+  /** The watched u32 (second page of `memory`). */
+  word: Uint32Array;
+}
+
+// An io_uring queue whose reads of a FIFO wait in the kernel until data is
+// written to it; everything is released after `fn`.
+async function withPendingRead(fn: (p: PendingRead, fifo: string) => Promise<void>): Promise<void> {
+  const dir = await Deno.makeTempDir({ prefix: "blktap-aio-" });
+  const fifo = `${dir}/fifo`;
+  assert.equal((await new Deno.Command("mkfifo", { args: [fifo] }).output()).code, 0);
+  // Read and write ends in one descriptor: a read waits for data, in the kernel.
+  const file = File.open(fifo, { write: true });
+  const queue = new AioQueue(4, "io_uring");
+  const memory = NativeMemory.allocate(2 * 4096);
+  const word = new Uint32Array(memory.bytes.buffer, memory.bytes.byteOffset + 4096, 1);
+  try {
+    await fn({ file, queue, memory, word }, fifo);
+  } finally {
+    watchRingWhileWaiting(undefined);
+    waitOnThisThread(0);
+    queue.close();
+    memory.release();
+    file.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
 Deno.test({
   name: "io_uring: a ring index moved while I/O is in flight is seen at once, without a kick, once",
   ignore: !engineAvailable("io_uring"),
-  fn: async () => {
-    const dir = await Deno.makeTempDir({ prefix: "blktap-aio-" });
-    const fifo = `${dir}/fifo`;
-    assert.equal((await new Deno.Command("mkfifo", { args: [fifo] }).output()).code, 0);
-    // Read and write ends in one descriptor: a read waits for data, in the kernel.
-    const file = File.open(fifo, { write: true });
-    const queue = new AioQueue(4, "io_uring");
-    const memory = NativeMemory.allocate(2 * 4096);
-    const word = new Uint32Array(memory.bytes.buffer, memory.bytes.byteOffset + 4096, 1);
-    let seen = 0;
-    const movedAt: number[] = [];
-    waitOnThisThread(20_000);
-    try {
+  fn: () =>
+    withPendingRead(async ({ file, queue, memory, word }, fifo) => {
+      let seen = 0;
+      const movedAt: number[] = [];
+      waitOnThisThread(20_000);
       watchRingWhileWaiting({
         address: memory.address + 4096,
         seen: () => seen,
@@ -247,15 +270,50 @@ Deno.test({
       assert.equal(await read, 4096);
       assert.equal(memory.bytes[0], 1);
       assert.equal(movedAt.length, 1);
-    } finally {
-      watchRingWhileWaiting(undefined);
-      waitOnThisThread(0);
-      queue.close();
-      memory.release();
-      file.close();
-      await Deno.remove(dir, { recursive: true });
-    }
-  },
+    }),
+});
+
+// Writes 1 to the u32 at an address 30 ms after being told to, from its own
+// thread (a front end publishing while this thread sleeps in the shim).
+const delayed_writer = `self.onmessage = (e) => {
+  setTimeout(() => {
+    const bytes = Deno.UnsafePointerView.getArrayBuffer(Deno.UnsafePointer.create(BigInt(e.data)), 4);
+    Atomics.store(new Uint32Array(bytes), 0, 1);
+  }, 30);
+};
+self.postMessage("ready");`;
+
+Deno.test({
+  name: "io_uring: a ring index moved while the waiting thread sleeps is seen within the sleep",
+  ignore: !engineAvailable("io_uring"),
+  fn: () =>
+    withPendingRead(async ({ file, queue, memory, word }, fifo) => {
+      const url = URL.createObjectURL(new Blob([delayed_writer], { type: "text/javascript" }));
+      const writer = new Worker(url, { type: "module" });
+      try {
+        await new Promise((resolve) => writer.onmessage = resolve);
+        let movedAt: number | undefined;
+        // No spin, and a thread wait of a second: only a look during the sleep sees the move.
+        waitOnThisThread(1_000_000);
+        watchRingWhileWaiting({
+          address: memory.address + 4096,
+          seen: () => movedAt === undefined ? 0 : word[0],
+          moved: () => movedAt ??= performance.now(),
+          spinUs: 0,
+        });
+        const started = performance.now();
+        writer.postMessage(memory.address + 4096);
+        const read = queue.readv(file.fd, 0, [{ address: memory.address, lengthBytes: 4096 }]);
+        await new Promise((resolve) => setTimeout(resolve, 50));
+        assert.ok(movedAt !== undefined, "not seen");
+        assert.ok(movedAt - started < 500, `seen after ${movedAt - started} ms`);
+        await Deno.writeFile(fifo, new Uint8Array(4096).fill(1));
+        assert.equal(await read, 4096);
+      } finally {
+        writer.terminate();
+        URL.revokeObjectURL(url);
+      }
+    }),
 });
 
 engineTest(
