@@ -36,7 +36,7 @@ export class PageCache {
   readonly writable: boolean;
   readonly #file: File;
   readonly #isBlockDevice: boolean;
-  /** Reads running on another thread: the descriptor stays open (its number unused) until they end. */
+  /** Reads and writes running on another thread: the descriptor stays open (its number unused) until they end. */
   #beside = 0;
   #closing = false;
   /** cachestat(2) failed (a kernel before 6.5): no leases. */
@@ -49,8 +49,8 @@ export class PageCache {
   }
 
   /**
-   * Opens `servedPath` (the disk process's descriptor, `/proc/PID/fd/N`)
-   * read-only; throws unless it is the same file as `imagePath` (the
+   * Opens `servedPath` (the disk process's descriptor, `/proc/PID/fd/N`),
+   * read-write only when `writable`; throws unless it is the same file as `imagePath` (the
    * disk process is less trusted than ctrl: it parses guest data).
    */
   static open(servedPath: string, imagePath: string, writable = false): PageCache {
@@ -86,23 +86,23 @@ export class PageCache {
    * beside the event loop (which copies the previous one into the socket).
    */
   async readBeside(offsetBytes: number, buffer: Uint8Array): Promise<boolean> {
-    this.#beside += 1;
-    try {
-      return await this.#file.preadCachedBeside(buffer, offsetBytes) === buffer.byteLength;
-    } finally {
-      this.#beside -= 1;
-      if (this.#closing && this.#beside === 0) this.#file.close();
-    }
+    return await this.#runBeside(() => this.#file.preadCachedBeside(buffer, offsetBytes)) ===
+      buffer.byteLength;
   }
 
   /**
    * Writes all of `data` at `offsetBytes` into the page cache, on another
    * thread (a page-cache write may wait for writeback). Throws on an error.
    */
-  async writeBeside(offsetBytes: number, data: Uint8Array): Promise<void> {
+  writeBeside(offsetBytes: number, data: Uint8Array): Promise<void> {
+    return this.#runBeside(() => this.#file.pwriteAllBeside(data, offsetBytes));
+  }
+
+  // Keeps the descriptor open while `work` runs on another thread.
+  async #runBeside<T>(work: () => Promise<T>): Promise<T> {
     this.#beside += 1;
     try {
-      await this.#file.pwriteAllBeside(data, offsetBytes);
+      return await work();
     } finally {
       this.#beside -= 1;
       if (this.#closing && this.#beside === 0) this.#file.close();
